@@ -1,0 +1,195 @@
+"""Megatron-LM checkpoint directories: layout, metadata, atomic publication.
+
+::
+
+    CKPT_DIR/
+      latest_checkpointed_iteration.txt      written last: its presence means "complete"
+      iter_0000001/
+        sft_metadata.json                    architecture, HF config, layout, dtype
+        mp_rank_00_000/model_optim_rng.pt    {"model" | "model0".., "iteration", ...}
+
+Every writer builds an iteration in ``iter_NNNNNNN.partial`` and renames it into place before
+the tracker file is updated, so an interrupted save never looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron.sft.bridge.layout import ParallelLayout, iteration_dir_name, rank_dir_name
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "sft_metadata.json"
+RANK_FILE = "model_optim_rng.pt"
+FORMAT = "megatron-sft/1"
+CHECKPOINT_VERSION = 3.0
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class CheckpointMetadata:
+    """What is needed to rebuild and export the model without repeating model flags."""
+
+    architecture: str
+    hf_config: dict[str, Any]
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: Optional[int]
+    make_vocab_size_divisible_by: int
+    padded_vocab_size: int
+    params_dtype: str
+    format: str = FORMAT
+
+    @property
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(
+            self.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size,
+            self.virtual_pipeline_model_parallel_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointMetadata":
+        if d.get("format") != FORMAT:
+            raise CheckpointError(f"unknown checkpoint metadata format {d.get('format')!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    value = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use fp32, bf16 or fp16)")
+    return value
+
+
+def read_latest_iteration(ckpt_dir: Path) -> int:
+    tracker = Path(ckpt_dir) / TRACKER_FILE
+    if not tracker.exists():
+        raise CheckpointError(
+            f"{ckpt_dir} has no {TRACKER_FILE}: not a Megatron checkpoint directory, or a save "
+            "that never completed"
+        )
+    text = tracker.read_text().strip()
+    if text == "release":
+        raise CheckpointError(f"{tracker} says 'release'; pass the iteration explicitly")
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number") from None
+
+
+def iteration_dir(ckpt_dir: Path, iteration: Optional[int] = None) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    if iteration is None:
+        iteration = read_latest_iteration(ckpt_dir)
+    path = ckpt_dir / iteration_dir_name(iteration)
+    if not path.is_dir():
+        have = sorted(p.name for p in ckpt_dir.glob("iter_*") if p.is_dir())
+        raise CheckpointError(f"{path} does not exist (available: {have or 'none'})")
+    return path
+
+
+def read_metadata(iter_dir: Path) -> CheckpointMetadata:
+    path = Path(iter_dir) / METADATA_FILE
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} is missing: this checkpoint was not written by Megatron-SFT, so its model "
+            "cannot be rebuilt automatically; convert from HF with convert_hf_to_megatron.sh"
+        )
+    return CheckpointMetadata.from_dict(json.loads(path.read_text()))
+
+
+def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
+    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size) / RANK_FILE
+
+
+def load_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int,
+                    mmap: bool = True) -> dict[str, Any]:
+    """``weights_only`` load; ``mmap`` keeps untouched tensors on disk."""
+    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def save_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int,
+                    state: dict[str, Any]) -> Path:
+    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_metadata(iter_dir: Path, meta: CheckpointMetadata) -> None:
+    path = Path(iter_dir) / METADATA_FILE
+    path.write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def partial_iteration_dir(ckpt_dir: Path, iteration: int) -> Path:
+    return Path(ckpt_dir) / (iteration_dir_name(iteration) + ".partial")
+
+
+def publish_iteration(ckpt_dir: Path, iteration: int) -> Path:
+    """Rename the finished ``.partial`` directory into place, then update the tracker."""
+    ckpt_dir = Path(ckpt_dir)
+    partial = partial_iteration_dir(ckpt_dir, iteration)
+    final = ckpt_dir / iteration_dir_name(iteration)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    tracker_tmp = ckpt_dir / (TRACKER_FILE + ".tmp")
+    tracker_tmp.write_text(f"{iteration}\n")
+    os.replace(tracker_tmp, ckpt_dir / TRACKER_FILE)
+    return final
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse to overwrite anything unless asked, before any work starts."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not force:
+            raise FileExistsError(
+                f"output directory {out_dir} already exists and is not empty; "
+                "choose another path or pass --force to replace it"
+            )
+
+
+def publish_directory(tmp_dir: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the fully written ``tmp_dir`` (same filesystem, so a rename)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        trash = out_dir.with_name(out_dir.name + ".old")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(out_dir, trash)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(trash)
+    else:
+        os.replace(tmp_dir, out_dir)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A sibling of ``out_dir`` on the same filesystem whose name never looks complete."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")

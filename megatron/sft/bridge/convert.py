@@ -1,0 +1,144 @@
+"""HuggingFace safetensors directory -> Megatron-LM checkpoint split for TP x PP (x VPP).
+
+Memory: tensors are read one at a time (positioned reads, no mmap) and each pipeline stage is
+written and freed before the next, so peak memory is about one stage (all its TP ranks) plus one
+source tensor, never a multiple of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron.sft.bridge.architectures import shape_of
+from megatron.sft.bridge.checkpoint_io import (
+    CHECKPOINT_VERSION,
+    CheckpointMetadata,
+    check_output_dir,
+    dtype_name,
+    partial_iteration_dir,
+    publish_directory,
+    publish_iteration,
+    save_rank_state,
+    staging_dir,
+    write_metadata,
+)
+from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.bridge.rules import ShardContext
+from megatron.sft.bridge.safetensors_io import SafetensorsSource
+from megatron.sft.bridge.stage_mapping import build_stage, required_hf_names
+from megatron.sft.bridge.transforms import padded_vocab_size
+
+
+class CoverageError(ValueError):
+    """Source tensors and the architecture table disagree."""
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    layout: ParallelLayout = dataclasses.field(default_factory=ParallelLayout)
+    #: Megatron pads the vocabulary to a multiple of this x TP (Megatron-LM's flag of that name).
+    make_vocab_size_divisible_by: int = 128
+    #: cast floating-point weights; ``None`` keeps the checkpoint's own dtype
+    params_dtype: Optional[torch.dtype] = None
+    iteration: int = 1
+    force: bool = False
+    progress: bool = True
+
+
+def load_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {hf_dir} is not a HuggingFace model directory")
+    return json.loads(path.read_text())
+
+
+def check_coverage(source: SafetensorsSource, required: list[str], spec, shape) -> None:
+    """Every needed tensor present; every present tensor used (or known to be ignorable)."""
+    needed = set(required)
+    missing = [n for n in required if n not in source]
+    unexpected = [
+        n for n in source.names()
+        if n not in needed and not spec.is_ignored(n)
+        and not (shape.tie_word_embeddings and n == "lm_head.weight")
+    ]
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
+                         + (" ..." if len(unexpected) > 8 else ""))
+        raise CoverageError(
+            f"weights in {source.dir} do not match {spec.hf_architecture} with "
+            f"{shape.num_layers} layers: " + "; ".join(lines)
+        )
+
+
+def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
+                           options: Optional[ConvertOptions] = None) -> CheckpointMetadata:
+    opts = options or ConvertOptions()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = load_hf_config(hf_dir)
+    spec, shape = shape_of(config)
+    layout = opts.layout
+    layout.validate(shape)
+    check_output_dir(out_dir, opts.force)
+
+    source = SafetensorsSource(hf_dir)
+    required = required_hf_names(spec, shape)
+    check_coverage(source, required, spec, shape)
+    dtype = opts.params_dtype or source.dtype(required[0])
+    ctx = ShardContext(shape, layout.tp,
+                       padded_vocab_size(shape.vocab_size, opts.make_vocab_size_divisible_by, layout.tp))
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    # Dry run on meta tensors: every shape problem surfaces before anything is written.
+    for pp_rank in range(layout.pp):
+        build_stage(lambda n: cast(source.meta(n)), spec, shape, layout, pp_rank, ctx)
+
+    meta = CheckpointMetadata(
+        architecture=spec.hf_architecture,
+        hf_config=config,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
+        padded_vocab_size=ctx.padded_vocab_size,
+        params_dtype=dtype_name(dtype),
+    )
+    staging = staging_dir(out_dir)
+    if staging.exists():
+        shutil.rmtree(staging)
+    total = len(required) + (1 if shape.tie_word_embeddings and layout.pp > 1 else 0)
+    bar = tqdm(total=total, unit="tensor", desc=f"convert TP{layout.tp}PP{layout.pp}",
+               disable=not opts.progress)
+    try:
+        partial = partial_iteration_dir(staging, opts.iteration)
+        partial.mkdir(parents=True)
+        for pp_rank in range(layout.pp):
+            ranks = build_stage(lambda n: cast(source.read(n)), spec, shape, layout, pp_rank, ctx,
+                                on_tensor=lambda n: bar.update(1))
+            for tp_rank, models in enumerate(ranks):
+                state = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": opts.iteration,
+                         "sft_metadata": meta.to_dict(), **models}
+                save_rank_state(partial, tp_rank, pp_rank, layout.pp, state)
+            del ranks
+        write_metadata(partial, meta)
+        publish_iteration(staging, opts.iteration)
+        publish_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return meta

@@ -1,0 +1,177 @@
+"""Megatron checkpoint (any TP x PP x VPP) -> HuggingFace safetensors directory.
+
+Two passes over the checkpoint, both through ``mmap``: the first runs the merge on ``meta``
+copies to learn every output tensor's name, dtype and shape (so shard headers can be written
+up front and coverage is checked before any output exists); the second streams real tensors
+into those shards one at a time, one pipeline stage mapped at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron.sft.bridge.architectures import shape_of
+from megatron.sft.bridge.checkpoint_io import (
+    CheckpointError,
+    CheckpointMetadata,
+    check_output_dir,
+    dtype_name,
+    iteration_dir,
+    load_rank_state,
+    publish_directory,
+    read_metadata,
+    staging_dir,
+)
+from megatron.sft.bridge.convert import CoverageError, load_hf_config
+from megatron.sft.bridge.rules import ShardContext
+from megatron.sft.bridge.safetensors_io import (
+    StreamingShardWriter,
+    parse_size,
+    plan_shards,
+    shard_file_names,
+)
+from megatron.sft.bridge.stage_mapping import required_hf_names, stage_to_hf
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: config fields that must agree between the checkpoint and a reference HF directory
+_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "vocab_size")
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    iteration: Optional[int] = None
+    #: cast floating-point weights; ``None`` keeps the checkpoint's dtype
+    dtype: Optional[torch.dtype] = None
+    max_shard_size: str = "5GB"
+    force: bool = False
+    progress: bool = True
+
+
+def _as_meta(state: dict) -> dict:
+    return {k: (_as_meta(v) if isinstance(v, dict) else
+                torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v)
+            for k, v in state.items()}
+
+
+class CheckpointReader:
+    """Yields the HF tensors of a Megatron checkpoint, one pipeline stage mapped at a time."""
+
+    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None):
+        self.iter_dir = iteration_dir(Path(ckpt_dir), iteration)
+        self.meta: CheckpointMetadata = read_metadata(self.iter_dir)
+        self.spec, self.shape = shape_of(self.meta.hf_config)
+        self.layout = self.meta.layout
+        self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size)
+
+    def stage_states(self, pp_rank: int) -> list[dict]:
+        return [load_rank_state(self.iter_dir, tp, pp_rank, self.layout.pp)
+                for tp in range(self.layout.tp)]
+
+    def tensors(self, meta_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        for pp_rank in range(self.layout.pp):
+            states = self.stage_states(pp_rank)
+            if meta_only:
+                states = [_as_meta(s) for s in states]
+            yield from stage_to_hf(states, self.spec, self.shape, self.layout, pp_rank, self.ctx)
+            del states
+
+    def check_coverage(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """Meta pass: the planned output tensors, after checking each needed one appears once."""
+        entries = [(n, t.dtype, tuple(t.shape)) for n, t in self.tensors(meta_only=True)]
+        names = [e[0] for e in entries]
+        required = required_hf_names(self.spec, self.shape)
+        missing = sorted(set(required) - set(names))
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if missing or dupes:
+            raise CoverageError(f"checkpoint {self.iter_dir} cannot be exported: missing {missing}, "
+                                f"duplicated {dupes}")
+        return entries
+
+
+def _check_reference(meta: CheckpointMetadata, ref_dir: Path) -> None:
+    ref = load_hf_config(ref_dir)
+    arch = (ref.get("architectures") or [None])[0]
+    diffs = [f"architecture {meta.architecture} vs {arch}"] if arch != meta.architecture else []
+    diffs += [f"{k} {meta.hf_config.get(k)} vs {ref.get(k)}" for k in _SHAPE_KEYS
+              if k in ref and meta.hf_config.get(k) != ref.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"reference {ref_dir} is a different model than the checkpoint ({'; '.join(diffs)}); "
+            "pass the HF directory the checkpoint was converted from"
+        )
+
+
+def _copy_reference_files(ref_dir: Path, out: Path) -> list[str]:
+    """Tokenizer, generation config, chat template... everything but weights and config.json."""
+    copied = []
+    for path in sorted(ref_dir.iterdir()):
+        if (not path.is_file() or path.name == "config.json" or path.name in WEIGHT_INDEX_NAMES
+                or path.name.endswith(WEIGHT_SUFFIXES) or path.name.startswith(".")):
+            continue
+        shutil.copy2(path, out / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def export_megatron_to_hf(ckpt_dir: "str | Path", out_dir: "str | Path",
+                          hf_ref_dir: "str | Path | None" = None,
+                          options: Optional[ExportOptions] = None) -> Path:
+    opts = options or ExportOptions()
+    out_dir = Path(out_dir)
+    reader = CheckpointReader(ckpt_dir, opts.iteration)
+    if hf_ref_dir is not None:
+        _check_reference(reader.meta, Path(hf_ref_dir))
+    check_output_dir(out_dir, opts.force)
+    entries = reader.check_coverage()
+    cast_to = opts.dtype
+    if cast_to is not None:
+        entries = [(n, cast_to if d.is_floating_point else d, s) for n, d, s in entries]
+    shards = plan_shards(entries, parse_size(opts.max_shard_size))
+    files = shard_file_names(len(shards))
+
+    staging = staging_dir(out_dir)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    bar = tqdm(total=len(entries), unit="tensor", desc="export", disable=not opts.progress)
+    try:
+        stream = reader.tensors()
+        weight_map, total = {}, 0
+        for fname, shard in zip(files, shards):
+            writer = StreamingShardWriter(staging / fname, shard, {"format": "pt"})
+            for name, _, _ in shard:
+                got_name, tensor = next(stream)
+                if cast_to is not None and tensor.is_floating_point():
+                    tensor = tensor.to(cast_to)
+                writer.write(got_name, tensor)
+                weight_map[got_name] = fname
+                bar.update(1)
+            writer.close()
+            total += writer.nbytes
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if hf_ref_dir is not None:
+            _copy_reference_files(Path(hf_ref_dir), staging)
+        config = dict(reader.meta.hf_config)
+        out_dtype = dtype_name(cast_to or entries[0][1])
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = out_dtype
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        publish_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return out_dir

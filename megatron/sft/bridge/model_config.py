@@ -1,0 +1,79 @@
+"""ModelShape -> megatron-core ``TransformerConfig`` and ``GPTModel`` arguments.
+
+Reuses megatron-core's own config dataclass; callers pass any extra ``TransformerConfig`` field
+(recompute, bf16, ...) through ``overrides``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.bridge.model_shape import ModelShape, UnsupportedModelError
+
+
+def transformer_config(shape: ModelShape, layout: ParallelLayout, *, params_dtype: torch.dtype,
+                       cpu: bool, spec_kind: str, **overrides: Any):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if cpu and overrides.get("sequence_parallel"):
+        raise ValueError("--sequence-parallel is not supported on CPU (torch norms lack it); "
+                         "drop the flag or run on GPU with Transformer Engine")
+    fused = spec_kind == "te" and not cpu
+    kwargs: dict[str, Any] = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=shape.qkv_bias,
+        qk_layernorm=shape.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=cpu,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused,
+        persist_layer_norm=fused,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def gpt_model_kwargs(shape: ModelShape, padded_vocab_size: int,
+                     max_sequence_length: Optional[int] = None) -> dict[str, Any]:
+    seq = max_sequence_length or shape.max_position_embeddings
+    if shape.sliding_window is not None and seq > shape.sliding_window:
+        raise UnsupportedModelError(
+            f"sliding_window={shape.sliding_window} is shorter than the sequence length {seq}; "
+            "megatron-core's attention here has no sliding window, so results would differ from "
+            f"HF. Use --seq-length <= {shape.sliding_window}"
+        )
+    return dict(
+        vocab_size=padded_vocab_size,
+        max_sequence_length=seq,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope.theta) if float(shape.rope.theta).is_integer() else shape.rope.theta,
+        rope_scaling=shape.rope.llama3_factor is not None,
+        rope_scaling_factor=shape.rope.llama3_factor or 8.0,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+    )

@@ -1,0 +1,126 @@
+"""HF ``config.json`` -> the architecture-independent shape of a dense decoder (pure).
+
+Reads the raw JSON dict rather than a ``transformers`` config object so conversion works with
+any ``transformers`` version: hub checkpoints carry ``rope_theta``/``rope_scaling`` while
+``transformers`` 5 writes ``rope_parameters``; both spellings are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+
+class UnsupportedModelError(ValueError):
+    """The HF model uses a feature megatron-core (or this bridge) cannot reproduce exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    #: llama3-style frequency scaling (Llama 3.1/3.2); ``None`` for plain RoPE.
+    llama3_factor: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """Everything the bridge and the model builder need to know about a checkpoint's model."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_epsilon: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_layernorm: bool
+    #: Mistral-style sliding-window attention width, ``None`` for full causal attention.
+    sliding_window: Optional[int] = None
+
+    def flag(self, name: str) -> bool:
+        """Conditions used by weight tables (``when=...``)."""
+        conditions = {
+            "qkv_bias": self.qkv_bias,
+            "qk_layernorm": self.qk_layernorm,
+            "untied": not self.tie_word_embeddings,
+            "tied": self.tie_word_embeddings,
+        }
+        return conditions[name]
+
+
+# Llama 3.1/3.2 rope scaling as implemented by megatron-core's RotaryEmbedding._apply_scaling:
+# only the factor is a parameter there, the rest is fixed.
+_MCORE_LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def _rope_from_config(cfg: dict[str, Any]) -> RopeConfig:
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    if not params and scaling:
+        params = dict(scaling)
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    if rope_type == "llama3":
+        for key, expected in _MCORE_LLAMA3_FIXED.items():
+            if key in params and float(params[key]) != float(expected):
+                raise UnsupportedModelError(
+                    f"rope scaling 'llama3' with {key}={params[key]} is not supported: "
+                    f"megatron-core implements it with {key}={expected} only"
+                )
+        return RopeConfig(theta=float(theta), llama3_factor=float(params["factor"]))
+    raise UnsupportedModelError(
+        f"rope_type {rope_type!r} is not supported (supported: default, llama3)"
+    )
+
+
+def _require(cfg: dict[str, Any], key: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise UnsupportedModelError(f"config.json has no {key!r}")
+    return cfg[key]
+
+
+def shape_from_hf_config(
+    cfg: dict[str, Any], *, architecture: str, qkv_bias: "bool | str", qk_layernorm: bool
+) -> ModelShape:
+    """Build a :class:`ModelShape`; ``qkv_bias`` is a constant or the config key that holds it."""
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only SwiGLU/silu)")
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true is not supported")
+    heads = int(_require(cfg, "num_attention_heads"))
+    hidden = int(_require(cfg, "hidden_size"))
+    head_dim = cfg.get("head_dim") or hidden // heads
+    bias = bool(cfg.get(qkv_bias, False)) if isinstance(qkv_bias, str) else bool(qkv_bias)
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:
+        window = None
+    return ModelShape(
+        architecture=architecture,
+        num_layers=int(_require(cfg, "num_hidden_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_require(cfg, "intermediate_size")),
+        num_attention_heads=heads,
+        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        vocab_size=int(_require(cfg, "vocab_size")),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope=_rope_from_config(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bias,
+        qk_layernorm=qk_layernorm,
+        sliding_window=int(window) if window else None,
+    )

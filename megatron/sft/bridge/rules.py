@@ -1,0 +1,123 @@
+"""Weight-mapping rules: one Megatron tensor <-> one or more HF tensors, with the TP math.
+
+A rule is data (names + a kind); the kinds below are the only places that know how a tensor is
+fused and split. Names use ``{i}`` for the layer index: global in HF names, stage-local in
+Megatron names (Megatron stores each pipeline stage's layers from 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from megatron.sft.bridge import transforms as T
+from megatron.sft.bridge.model_shape import ModelShape
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardContext:
+    shape: ModelShape
+    tp_size: int
+    padded_vocab_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRule:
+    megatron: str
+    hf: tuple[str, ...]
+    #: ``ModelShape.flag`` name; the rule applies only when it is true.
+    when: Optional[str] = None
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.megatron
+
+    @property
+    def stage(self) -> str:
+        """Which pipeline stage owns a non-layer tensor: ``first``, ``last`` or ``layer``."""
+        if self.per_layer:
+            return "layer"
+        return "first" if self.megatron.startswith("embedding.") else "last"
+
+    def applies(self, shape: ModelShape) -> bool:
+        return self.when is None or shape.flag(self.when)
+
+    def to_megatron(self, hf: tuple[torch.Tensor, ...], ctx: ShardContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def to_hf(self, shards: list[torch.Tensor], ctx: ShardContext) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicated(WeightRule):
+    """Same tensor on every TP rank (norms)."""
+
+    def to_megatron(self, hf, ctx):
+        return [hf[0]] * ctx.tp_size
+
+    def to_hf(self, shards, ctx):
+        return (shards[0],)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParallel(WeightRule):
+    """Split along ``dim``: 0 for column-parallel outputs, 1 for row-parallel inputs."""
+
+    dim: int = 0
+
+    def to_megatron(self, hf, ctx):
+        return T.split_tp(hf[0], ctx.tp_size, self.dim)
+
+    def to_hf(self, shards, ctx):
+        return (T.merge_tp(shards, self.dim),)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabParallel(WeightRule):
+    """Embedding / output layer: padded to the Megatron vocab size, then split by rows."""
+
+    def to_megatron(self, hf, ctx):
+        if hf[0].shape[0] != ctx.shape.vocab_size:
+            raise ValueError(
+                f"{self.hf[0]} has {hf[0].shape[0]} rows but vocab_size is {ctx.shape.vocab_size}"
+            )
+        return T.split_tp(T.pad_vocab(hf[0], ctx.padded_vocab_size), ctx.tp_size, 0)
+
+    def to_hf(self, shards, ctx):
+        return (T.merge_tp(shards, 0)[: ctx.shape.vocab_size].contiguous(),)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedQKV(WeightRule):
+    """``hf = (q, k, v)`` -> Megatron ``linear_qkv`` (weight or bias)."""
+
+    def to_megatron(self, hf, ctx):
+        s = ctx.shape
+        q, k, v = hf
+        expected = (s.num_attention_heads * s.head_dim, s.num_query_groups * s.head_dim)
+        if q.shape[0] != expected[0] or k.shape[0] != expected[1] or v.shape[0] != expected[1]:
+            raise ValueError(
+                f"q/k/v rows {q.shape[0]}/{k.shape[0]}/{v.shape[0]} do not match "
+                f"{s.num_attention_heads} heads, {s.num_query_groups} KV heads, head_dim {s.head_dim}"
+            )
+        return T.split_tp(T.fuse_qkv(q, k, v, s.num_query_groups), ctx.tp_size, 0)
+
+    def to_hf(self, shards, ctx):
+        s = ctx.shape
+        return T.unfuse_qkv(
+            T.merge_tp(shards, 0), s.num_attention_heads, s.num_query_groups, s.head_dim
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedGateUp(WeightRule):
+    """``hf = (gate, up)`` -> Megatron gated ``linear_fc1``."""
+
+    def to_megatron(self, hf, ctx):
+        return T.fuse_gate_up(hf[0], hf[1], ctx.tp_size)
+
+    def to_hf(self, shards, ctx):
+        return T.unfuse_gate_up(shards)

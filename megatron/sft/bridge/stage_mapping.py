@@ -1,0 +1,106 @@
+"""Map between HF tensors and one pipeline stage's per-TP-rank Megatron state dicts.
+
+Both directions take the tensors through callables/dicts, so the same code runs on real
+tensors and on ``meta`` tensors (the converter's dry run that validates names and shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from megatron.sft.bridge.architectures.base import ArchitectureSpec
+from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.bridge.model_shape import ModelShape
+from megatron.sft.bridge.rules import ShardContext, VocabParallel, WeightRule
+
+TIED_OUTPUT = "output_layer.weight"
+
+
+def _chunk_rules(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
+                 pp_rank: int, chunk: int) -> Iterator[tuple[WeightRule, str, tuple[str, ...]]]:
+    """Yield ``(rule, megatron_name, hf_names)`` for everything one model chunk holds."""
+    rules = spec.active_rules(shape)
+    if layout.has_embedding(pp_rank, chunk):
+        for r in rules:
+            if r.stage == "first":
+                yield r, r.megatron, r.hf
+    for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
+        for r in rules:
+            if r.per_layer:
+                yield r, r.megatron.format(i=local), tuple(h.format(i=layer) for h in r.hf)
+    if layout.has_output(pp_rank, chunk):
+        for r in rules:
+            if r.stage == "last":
+                yield r, r.megatron, r.hf
+        # Tied embeddings with PP>1: the last stage keeps its own copy of the embedding as
+        # output_layer.weight (megatron-core keeps the two in sync through the embedding group).
+        if shape.tie_word_embeddings and layout.pp > 1:
+            emb = next(r for r in rules if r.stage == "first" and isinstance(r, VocabParallel))
+            yield emb, TIED_OUTPUT, emb.hf
+
+
+def required_hf_names(spec: ArchitectureSpec, shape: ModelShape) -> list[str]:
+    """Every HF tensor the model needs, in a stable order (PP=1 traversal)."""
+    names: list[str] = []
+    for _, _, hf in _chunk_rules(spec, shape, ParallelLayout(), 0, 0):
+        names.extend(h for h in hf if h not in names)
+    return names
+
+
+def build_stage(
+    get_hf: Callable[[str], torch.Tensor],
+    spec: ArchitectureSpec,
+    shape: ModelShape,
+    layout: ParallelLayout,
+    pp_rank: int,
+    ctx: ShardContext,
+    on_tensor: Callable[[str], None] = lambda name: None,
+) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Per TP rank: ``{"model" | "model0".. : state_dict}`` for pipeline stage ``pp_rank``."""
+    ranks: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(layout.tp)]
+    for chunk in range(layout.chunks):
+        key = layout.model_key(chunk)
+        for sd in ranks:
+            sd[key] = {}
+        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk):
+            tensors = tuple(get_hf(h) for h in hf_names)
+            try:
+                shards = rule.to_megatron(tensors, ctx)
+            except (ValueError, RuntimeError) as e:
+                shapes = ", ".join(f"{h} {tuple(t.shape)}" for h, t in zip(hf_names, tensors))
+                raise ValueError(f"cannot build {mname} from {shapes}: {e}") from None
+            for tp_rank, shard in enumerate(shards):
+                ranks[tp_rank][key][mname] = shard
+            for h in hf_names:
+                on_tensor(h)
+    return ranks
+
+
+def stage_to_hf(
+    rank_states: list[dict[str, dict[str, torch.Tensor]]],
+    spec: ArchitectureSpec,
+    shape: ModelShape,
+    layout: ParallelLayout,
+    pp_rank: int,
+    ctx: ShardContext,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`build_stage`: yield ``(hf_name, tensor)`` for one stage."""
+    for chunk in range(layout.chunks):
+        key = layout.model_key(chunk)
+        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk):
+            if mname == TIED_OUTPUT and shape.tie_word_embeddings:
+                continue  # the embedding already produced this HF tensor
+            try:
+                shards = [sd[key][mname] for sd in rank_states]
+            except KeyError:
+                raise KeyError(
+                    f"checkpoint stage pp={pp_rank} ({key}) has no tensor {mname!r}"
+                ) from None
+            yield from zip(hf_names, rule.to_hf(shards, ctx))
+
+
+def megatron_names(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
+                   pp_rank: int, chunk: int) -> list[str]:
+    return [m for _, m, _ in _chunk_rules(spec, shape, layout, pp_rank, chunk)]

@@ -1,0 +1,1 @@
+"""Process-level runtime: torch.distributed + megatron-core parallel state, CPU mode, layer specs."""

@@ -1,0 +1,1 @@
+"""Model construction, loss, the training loop and checkpointing on megatron-core."""

@@ -1,0 +1,104 @@
+"""Build this rank's megatron-core ``GPTModel`` chunk(s) from a checkpoint's metadata and load
+its weights, so nobody repeats model-shape flags that the checkpoint already knows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megatron.sft.bridge.architectures import shape_of
+from megatron.sft.bridge.checkpoint_io import (
+    CheckpointError,
+    CheckpointMetadata,
+    iteration_dir,
+    load_rank_state,
+    read_metadata,
+)
+from megatron.sft.bridge.model_config import gpt_model_kwargs, transformer_config
+from megatron.sft.bridge.naming import checkpoint_to_model
+from megatron.sft.runtime.cpu_mode import cpu_mode_active
+from megatron.sft.runtime.layer_spec import gpt_layer_spec, resolve_spec_kind
+
+
+def check_layout_matches(meta: CheckpointMetadata) -> None:
+    from megatron.core import parallel_state as ps
+
+    running = (ps.get_tensor_model_parallel_world_size(),
+               ps.get_pipeline_model_parallel_world_size(),
+               ps.get_virtual_pipeline_model_parallel_world_size())
+    saved = (meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size,
+             meta.virtual_pipeline_model_parallel_size)
+    if running != saved:
+        raise CheckpointError(
+            f"checkpoint is split TP={saved[0]} PP={saved[1]} VPP={saved[2]} but this run uses "
+            f"TP={running[0]} PP={running[1]} VPP={running[2]}; run with the checkpoint's sizes or "
+            "re-split it with scripts/checkpoints/reshard_checkpoint.sh"
+        )
+
+
+def build_model(meta: CheckpointMetadata, *, params_dtype: Optional[torch.dtype] = None,
+                use_te: Optional[bool] = None, seq_length: Optional[int] = None,
+                parallel_output: bool = True, **config_overrides: Any) -> tuple[list, str]:
+    """Return ``(chunks, spec_kind)``: one ``GPTModel`` per virtual pipeline chunk."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    _, shape = shape_of(meta.hf_config)
+    spec_kind = resolve_spec_kind(use_te)
+    dtype = params_dtype or getattr(torch, meta.params_dtype)
+    config = transformer_config(shape, meta.layout, params_dtype=dtype, cpu=cpu_mode_active(),
+                                spec_kind=spec_kind, **config_overrides)
+    layer_spec = gpt_layer_spec(spec_kind, shape.qk_layernorm)
+    kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
+    vpp = meta.virtual_pipeline_model_parallel_size
+    chunks = []
+    for chunk in range(vpp or 1):
+        vp_stage = chunk if vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+            parallel_output=parallel_output,
+            vp_stage=vp_stage,
+            **kwargs,
+        )
+        if not cpu_mode_active() and torch.cuda.is_available():
+            model = model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks, spec_kind
+
+
+def load_weights(chunks: list, spec_kind: str, iter_dir: Path, meta: CheckpointMetadata) -> int:
+    """Load this rank's file into the chunks; returns the checkpoint's iteration."""
+    from megatron.core import parallel_state as ps
+
+    state = load_rank_state(iter_dir, ps.get_tensor_model_parallel_rank(),
+                            ps.get_pipeline_model_parallel_rank(),
+                            meta.pipeline_model_parallel_size, mmap=True)
+    for chunk, model in enumerate(chunks):
+        key = meta.layout.model_key(chunk)
+        if key not in state:
+            raise CheckpointError(f"{iter_dir}: rank file has no {key!r} entry")
+        wanted = checkpoint_to_model(state[key], spec_kind)
+        result = model.load_state_dict(wanted, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"{iter_dir} does not fit the model built from its metadata: missing "
+                f"{missing[:6]}, unexpected {list(result.unexpected_keys)[:6]}"
+            )
+    return int(state.get("iteration", 0))
+
+
+def build_model_from_checkpoint(ckpt_dir: "str | Path", iteration: Optional[int] = None,
+                                **build_kwargs: Any) -> tuple[list, CheckpointMetadata, int]:
+    iter_dir = iteration_dir(Path(ckpt_dir), iteration)
+    meta = read_metadata(iter_dir)
+    check_layout_matches(meta)
+    build_kwargs.setdefault("perform_initialization", False)  # every weight is loaded below
+    chunks, spec_kind = build_model(meta, **build_kwargs)
+    it = load_weights(chunks, spec_kind, iter_dir, meta)
+    return chunks, meta, it

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Compare a Megatron checkpoint's logits with the HuggingFace model it came from.
+
+Launch with one process per model-parallel rank of the checkpoint, e.g. for TP2 x PP2:
+
+    torchrun --nproc-per-node 4 tools/check_hf_parity.py --load CKPT --hf-model HF_DIR
+
+Builds the megatron-core model from the checkpoint's metadata (TE spec on GPU when available,
+local spec otherwise), runs random tokens through the real pipeline schedule, and reports the
+largest absolute logit difference against ``transformers``. Exits 1 above ``--atol``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory")
+    p.add_argument("--hf-model", required=True, help="HuggingFace model directory to compare with")
+    p.add_argument("--iteration", type=int, default=None, help="default: latest")
+    p.add_argument("--seq-length", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--num-microbatches", type=int, default=None,
+                   help="default: PP when virtual pipeline stages are used, else 1")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--transformer-impl", choices=["auto", "transformer_engine", "local"],
+                   default="auto")
+    p.add_argument("--output-json", default=None, help="write the measured differences here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
+    from megatron.sft.runtime.distributed import (
+        ParallelConfig,
+        destroy_distributed,
+        initialize_distributed,
+    )
+
+    meta = read_metadata(iteration_dir(args.load, args.iteration))
+    info = initialize_distributed(ParallelConfig(
+        meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size,
+        meta.virtual_pipeline_model_parallel_size, seed=args.seed))
+    from megatron.core import parallel_state as ps
+
+    from megatron.sft.training.forward_logits import pipeline_logits
+    from megatron.sft.training.model_builder import build_model_from_checkpoint
+
+    use_te = {"auto": None, "transformer_engine": True, "local": False}[args.transformer_impl]
+    chunks, meta, _ = build_model_from_checkpoint(args.load, args.iteration, use_te=use_te,
+                                                  seq_length=args.seq_length)
+    vocab = meta.hf_config["vocab_size"]
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, vocab, (args.batch_size, args.seq_length), generator=gen)
+    nmb = args.num_microbatches or (meta.pipeline_model_parallel_size
+                                    if meta.virtual_pipeline_model_parallel_size else 1)
+    logits = pipeline_logits(chunks, tokens, vocab, num_microbatches=nmb)
+    status = 0
+    if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(
+            args.hf_model, dtype=getattr(torch, meta.params_dtype), attn_implementation="eager"
+        ).to(info.device)
+        with torch.no_grad():
+            ref = hf(tokens.to(info.device)).logits.float()
+        diff = (logits - ref).abs().max().item()
+        ok = diff <= args.atol
+        print(f"[parity] {meta.architecture} TP{meta.tensor_model_parallel_size} "
+              f"PP{meta.pipeline_model_parallel_size} VPP{meta.virtual_pipeline_model_parallel_size}"
+              f" {meta.params_dtype}: max|logits - HF| = {diff:.3e} (atol {args.atol}) "
+              f"{'OK' if ok else 'FAIL'}", flush=True)
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump({"max_abs_diff": diff, "ok": ok, "architecture": meta.architecture}, f)
+        status = 0 if ok else 1
+    import torch.distributed as dist
+
+    flag = torch.tensor([status], dtype=torch.int64, device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    destroy_distributed()
+    return int(flag.item())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
