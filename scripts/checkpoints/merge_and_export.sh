@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Merge a Megatron checkpoint (any TP x PP) into a HuggingFace model directory.
+#
+# Usage: scripts/checkpoints/merge_and_export.sh CKPT_DIR HF_REF_DIR OUT_DIR [ITER]
+#   CKPT_DIR    Megatron checkpoint (training --save dir or a converted checkpoint)
+#   HF_REF_DIR  the HF model it came from: tokenizer files, generation config are copied
+#   OUT_DIR     created: safetensors shards (+ index), config.json, tokenizer files
+#   ITER        iteration to export (default: latest_checkpointed_iteration.txt)
+# Environment: DTYPE=bf16|fp16|fp32 (default: checkpoint dtype), MAX_SHARD_SIZE (default 5GB),
+#              FORCE=1 to replace OUT_DIR, PYTHON (default python3)
+set -euo pipefail
+
+if [[ $# -lt 3 || "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+: "${PYTHON:=python3}"
+: "${MAX_SHARD_SIZE:=5GB}"
+: "${FORCE:=0}"
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+args=(--load-dir "$1" --hf-reference "$2" --save-dir "$3" --max-shard-size "$MAX_SHARD_SIZE")
+[[ $# -ge 4 ]] && args+=(--iteration "$4")
+[[ -n "${DTYPE:-}" ]] && args+=(--dtype "$DTYPE")
+[[ "$FORCE" == "1" ]] && args+=(--force)
+
+# --- merge TP/PP shards stream-wise into HF safetensors
+exec "$PYTHON" "$REPO/tools/export_megatron_to_hf.py" "${args[@]}"

@@ -1,0 +1,53 @@
+"""torchrun worker: for each (checkpoint, HF dir) pair, build the megatron-core model across the
+ranks from the checkpoint and write the max |logits - transformers logits| to a JSON file.
+
+All pairs must share one TP x PP x VPP layout, so one process group serves them all (starting
+processes is the expensive part of these tests on a 2-core CI machine).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+
+def main() -> None:
+    pairs_file, out_file = sys.argv[1], sys.argv[2]
+    pairs = json.loads(Path(pairs_file).read_text())
+    import torch
+
+    from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
+    from megatron.sft.runtime.distributed import ParallelConfig, initialize_distributed
+
+    meta = read_metadata(iteration_dir(pairs[0]["ckpt"]))
+    initialize_distributed(ParallelConfig(meta.tensor_model_parallel_size,
+                                          meta.pipeline_model_parallel_size,
+                                          meta.virtual_pipeline_model_parallel_size))
+    from megatron.core import parallel_state as ps
+    from transformers import AutoModelForCausalLM
+
+    from megatron.sft.training.forward_logits import pipeline_logits
+    from megatron.sft.training.model_builder import build_model_from_checkpoint
+
+    results = {}
+    for pair in pairs:
+        chunks, meta, _ = build_model_from_checkpoint(pair["ckpt"], seq_length=24)
+        vocab = meta.hf_config["vocab_size"]
+        tokens = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(7))
+        nmb = meta.pipeline_model_parallel_size if meta.virtual_pipeline_model_parallel_size else 2
+        logits = pipeline_logits(chunks, tokens, vocab, num_microbatches=nmb)
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+            hf = AutoModelForCausalLM.from_pretrained(pair["hf"], dtype=torch.float32,
+                                                      attn_implementation="eager")
+            with torch.no_grad():
+                ref = hf(tokens).logits
+            results[pair["name"]] = {"max_abs_diff": (logits - ref).abs().max().item(),
+                                     "ref_abs_max": ref.abs().max().item(),
+                                     "shape": list(logits.shape)}
+    if results:
+        Path(out_file).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Convert a HuggingFace model directory (safetensors) into a Megatron-LM checkpoint split for
+tensor x pipeline parallelism.
+
+Output layout (what Megatron-LM and our training/export tools read):
+
+  SAVE_DIR/latest_checkpointed_iteration.txt
+  SAVE_DIR/iter_0000001/sft_metadata.json
+  SAVE_DIR/iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt
+
+Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+Qwen3ForCausalLM. Everything is validated (architecture, TP/PP divisibility, every tensor name
+and shape) before anything is written; output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.sft.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-dir", required=True, help="HuggingFace model directory")
+    p.add_argument("--save-dir", required=True, help="Megatron checkpoint directory to create")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   metavar="N", help="interleaved pipeline: layers per virtual stage "
+                   "(checkpoint then holds model0, model1, ... per rank)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP (default: 128)")
+    p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="cast weights (default: keep the HF checkpoint's dtype)")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron.sft.bridge.architectures import shape_of
+    from megatron.sft.bridge.checkpoint_io import dtype_from_name
+    from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron, load_hf_config
+    from megatron.sft.bridge.layout import ParallelLayout
+
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    vpp = None
+    if args.target_num_layers_per_virtual_pipeline_stage:
+        _, shape = shape_of(load_hf_config(args.load_dir))
+        per_stage = args.target_num_layers_per_virtual_pipeline_stage
+        if shape.num_layers % (pp * per_stage):
+            raise ValueError(
+                f"--target-num-layers-per-virtual-pipeline-stage {per_stage} x PP {pp} does not "
+                f"divide num_hidden_layers={shape.num_layers}")
+        vpp = shape.num_layers // (pp * per_stage)
+    opts = ConvertOptions(
+        layout=ParallelLayout(tp, pp, vpp),
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        params_dtype=dtype_from_name(args.params_dtype) if args.params_dtype else None,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    meta = convert_hf_to_megatron(args.load_dir, args.save_dir, opts)
+    print(f"wrote {args.save_dir}: {meta.architecture} TP{tp} PP{pp}"
+          + (f" VPP{vpp}" if vpp else "") + f", {meta.params_dtype}, "
+          f"vocab {meta.hf_config['vocab_size']} padded to {meta.padded_vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

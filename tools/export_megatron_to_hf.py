@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Merge a Megatron checkpoint (any TP x PP x VPP) back into a HuggingFace model directory.
+
+Writes safetensors shards (with model.safetensors.index.json when more than one), config.json
+(dtype set), and copies the tokenizer files, generation config and chat template from the
+reference HF directory. The checkpoint's own metadata supplies the architecture and config; the
+reference is checked to be the same model. Output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.sft.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load-dir", required=True, help="Megatron checkpoint directory")
+    p.add_argument("--save-dir", required=True, help="HuggingFace directory to create")
+    p.add_argument("--hf-reference", default=None,
+                   help="HF directory the checkpoint came from (tokenizer files are copied)")
+    p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="cast weights (default: the checkpoint's dtype)")
+    p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default: 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron.sft.bridge.checkpoint_io import dtype_from_name
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+
+    out = export_megatron_to_hf(args.load_dir, args.save_dir, args.hf_reference, ExportOptions(
+        iteration=args.iteration,
+        dtype=dtype_from_name(args.dtype) if args.dtype else None,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        progress=not args.no_progress,
+    ))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

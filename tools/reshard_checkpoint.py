@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Re-split a Megatron checkpoint for another TP x PP (x VPP) layout (e.g. to continue on a
+different number of GPUs). Model weights and the iteration number are carried; optimizer state
+is layout-specific and is not (continue with --finetune or a fresh optimizer)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.sft.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--load-dir", required=True, help="source Megatron checkpoint directory")
+    p.add_argument("--save-dir", required=True, help="checkpoint directory to create")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   metavar="N")
+    p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron.sft.bridge.export import CheckpointReader
+    from megatron.sft.bridge.layout import ParallelLayout
+    from megatron.sft.bridge.reshard import reshard_checkpoint
+
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    vpp = None
+    if args.target_num_layers_per_virtual_pipeline_stage:
+        layers = CheckpointReader(args.load_dir, args.iteration).shape.num_layers
+        per_stage = args.target_num_layers_per_virtual_pipeline_stage
+        if layers % (pp * per_stage):
+            raise ValueError(f"{per_stage} layers per virtual stage x PP {pp} does not divide "
+                             f"{layers} layers")
+        vpp = layers // (pp * per_stage)
+    meta = reshard_checkpoint(args.load_dir, args.save_dir, ParallelLayout(tp, pp, vpp),
+                              args.iteration, args.force, progress=not args.no_progress)
+    print(f"wrote {args.save_dir}: TP{meta.tensor_model_parallel_size} "
+          f"PP{meta.pipeline_model_parallel_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
