@@ -1,25 +1,22 @@
-"""Shared fixtures: tiny random HF models for every supported architecture, and a launcher for
-multi-process (gloo) runs of our tools under torchrun."""
+"""Shared fixtures: tiny random HF models for every supported architecture."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+TESTS = Path(__file__).resolve().parent
+for p in (str(TESTS.parent), str(TESTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from sft_testing import ARCHITECTURES  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
-
-ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"]
 
 
 @pytest.fixture(scope="session")
@@ -32,23 +29,20 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
             for i, arch in enumerate(ARCHITECTURES)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    """Tiny BPE tokenizers trained in-process, one per chat-template shape."""
+    from megatron.sft.data.tiny_tokenizer import TEMPLATES, save_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        name: save_tiny_tokenizer(root / name, template=name, extra_tokens=["<short>"])
+        for name in TEMPLATES
+    }
 
 
-def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` gloo ranks; returns the completed process (never raises)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+@pytest.fixture(scope="session")
+def tokenizers(tokenizer_dirs):
+    from transformers import AutoTokenizer
 
-
-def run_tool(script: str, *args: str, env: dict | None = None, timeout: int = 300):
-    """Run one of our CLIs the way a user does."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", **(env or {}))
-    cmd = ([sys.executable] if script.endswith(".py") else ["bash"]) + [str(REPO / script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=REPO)
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in tokenizer_dirs.items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_tool
+from sft_testing import run_tool
 from megatron.sft.bridge import checkpoint_io
 from megatron.sft.bridge.checkpoint_io import CheckpointError
 from megatron.sft.bridge.convert import ConvertOptions, CoverageError, convert_hf_to_megatron

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARCHITECTURES, REPO, run_torchrun
+from sft_testing import ARCHITECTURES, REPO, run_torchrun
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.layout import ParallelLayout
 from megatron.sft.bridge.reshard import reshard_checkpoint

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ARCHITECTURES, run_tool
+from sft_testing import ARCHITECTURES, run_tool
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
 from megatron.sft.bridge.layout import ParallelLayout

@@ -1,0 +1,223 @@
+"""Pre-tokenise an SFT file into the megatron-core (tokens, loss mask) indexed dataset pair.
+
+Pipeline (streaming, constant memory)::
+
+    reader (main process)      workers (N processes)                       writer (main process)
+    raw lines, file:line  ->   parse JSON -> Conversation -> text -> ids+mask  ->  .bin/.idx pair
+                  chunks of ``chunk_size`` records, at most ``2N+2`` chunks in flight,
+                  results consumed in submission order => identical output for any N.
+
+Example::
+
+    stats = preprocess(PreprocessConfig(input="data/chat.jsonl", tokenizer_model="tok/",
+                                         render=RenderConfig(max_length=4096), workers=8))
+    # -> data/Tokenized-chat-tok-4096_{text,loss_mask}_document.{bin,idx} + ..._stats.json
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from megatron.sft.data.formats import RecordError
+from megatron.sft.data.readers import RawRecord, iter_records, parse_payload
+from megatron.sft.data.render import ConversationRenderer, RenderConfig
+from megatron.sft.data.stats import PreprocessStats
+
+#: Drops that are a policy decision, not bad input: ``--strict`` does not stop on them.
+POLICY_DROPS = ("too_long", "no_loss_tokens")
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything one pre-tokenisation run needs."""
+
+    input: str
+    """File or folder to read (see ``readers.py`` for the formats)."""
+    tokenizer_model: str
+    """HF tokenizer folder (``tokenizer.json`` + ``tokenizer_config.json``)."""
+    output_prefix: str | None = None
+    """Output prefix; default ``<input dir>/Tokenized-{dataset}-{tokenizer}-{max_len}``."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    workers: int = 1
+    """Worker processes; the output is byte-identical for any value."""
+    chunk_size: int = 256
+    """Records per task sent to a worker."""
+    strict: bool = False
+    """Stop at the first bad record instead of skipping and counting it."""
+    split: str | None = None
+    """Split of an HF ``DatasetDict`` folder."""
+    progress: bool = True
+    max_logged_errors: int = 20
+    """Bad records printed one per line; the rest are only counted."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}.")
+
+
+class PreprocessError(RuntimeError):
+    """A run that must exit non-zero (strict-mode stop, nothing valid, unusable tokenizer)."""
+
+
+def default_output_prefix(input_path: str, tokenizer_model: str, max_length: int | None) -> str:
+    """``assets/data/X/X.json`` + ``ckpt/tok`` + 16384 -> ``assets/data/X/Tokenized-X-tok-16384``."""
+    src = Path(input_path)
+    dataset = src.name if src.is_dir() else src.stem
+    tokenizer = Path(tokenizer_model.rstrip("/")).name
+    parts = ["Tokenized", dataset, tokenizer] + ([str(max_length)] if max_length else [])
+    folder = src if src.is_dir() else src.parent
+    return str(folder / "-".join(parts))
+
+
+def load_tokenizer(tokenizer_model: str):
+    """``AutoTokenizer`` for a local folder (or cached hub name), with an actionable error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_model)
+    except Exception as exc:  # OSError, ValueError, JSON errors... all mean "not a tokenizer"
+        raise PreprocessError(
+            f"cannot load a tokenizer from {tokenizer_model!r} ({type(exc).__name__}: {exc}); pass "
+            "the HF model folder that holds tokenizer.json and tokenizer_config.json."
+        ) from None
+
+
+# -- worker side ------------------------------------------------------------------------------
+_RENDERER: ConversationRenderer | None = None
+
+
+def _init_worker(tokenizer_model: str, render: RenderConfig) -> None:
+    global _RENDERER
+    _RENDERER = ConversationRenderer(load_tokenizer(tokenizer_model), render)
+
+
+def process_chunk(payloads: list[Any]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """Payloads -> (per-record status, concatenated ids, concatenated masks, lengths).
+
+    A status is ``None`` for a kept sample (``"truncated"`` if it was cut) or ``(reason, message)``
+    for a dropped one. Concatenating keeps the result to three arrays, cheap to send back.
+    """
+    assert _RENDERER is not None, "process_chunk runs in a worker set up by _init_worker"
+    statuses: list = [None] * len(payloads)
+    records, where = [], []
+    for i, payload in enumerate(payloads):
+        try:
+            records.append(parse_payload(payload))
+            where.append(i)
+        except RecordError as err:
+            statuses[i] = (err.reason, str(err))
+    ids, masks, lengths = [], [], []
+    for i, result in zip(where, _RENDERER.render_batch(records)):
+        if isinstance(result, RecordError):
+            statuses[i] = (result.reason, str(result))
+            continue
+        statuses[i] = "truncated" if result.truncated else None
+        ids.append(result.ids)
+        masks.append(result.mask)
+        lengths.append(len(result.ids))
+    if not ids:
+        return statuses, np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    return statuses, np.concatenate(ids), np.concatenate(masks), np.asarray(lengths, np.int64)
+
+
+# -- main process -----------------------------------------------------------------------------
+def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    it = iter(records)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _ordered_results(chunks: Iterator[list[RawRecord]], workers: int, config: PreprocessConfig):
+    """Yield ``(chunk, result)`` in input order, with bounded look-ahead (constant memory)."""
+    if workers == 1:
+        _init_worker(config.tokenizer_model, config.render)
+        for chunk in chunks:
+            yield chunk, process_chunk([r.payload for r in chunk])
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    with ctx.Pool(workers, _init_worker, (config.tokenizer_model, config.render)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(process_chunk, ([r.payload for r in chunk],))))
+            if len(pending) >= 2 * workers + 2:
+                head, result = pending.popleft()
+                yield head, result.get()
+        while pending:
+            head, result = pending.popleft()
+            yield head, result.get()
+
+
+def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = None) -> PreprocessStats:
+    """Run the whole pipeline; returns the stats also written to ``<prefix>_stats.json``."""
+    from tqdm import tqdm
+
+    from megatron.sft.data.indexed_writer import IndexedPairWriter
+
+    if config.workers > 1:
+        # N processes already use the cores; Rust threads inside each would only contend.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tokenizer = load_tokenizer(config.tokenizer_model)
+    ConversationRenderer(tokenizer, config.render)  # fail fast on a bad tokenizer/style pair
+    prefix = config.output_prefix or default_output_prefix(
+        config.input, config.tokenizer_model, config.render.max_length
+    )
+    records = iter_records(config.input, config.split)  # raises InputError for a bad path
+    stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
+                            tokenizer=config.tokenizer_model)
+    bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
+    say = log or (lambda msg: bar.write(msg, file=sys.stderr))
+    start = time.perf_counter()
+    with IndexedPairWriter(prefix, len(tokenizer)) as writer:
+        for chunk, (statuses, ids, masks, lengths) in _ordered_results(
+            _chunks(records, config.chunk_size), config.workers, config
+        ):
+            offset, k = 0, 0
+            for record, status in zip(chunk, statuses):
+                stats.samples_read += 1
+                if status is None or status == "truncated":
+                    n = int(lengths[k])
+                    sample_mask = masks[offset:offset + n]
+                    writer.add(ids[offset:offset + n], sample_mask)
+                    stats.add_sample(n, int(sample_mask.sum()), truncated=status == "truncated")
+                    offset, k = offset + n, k + 1
+                    continue
+                reason, message = status
+                where = f"{record.source}:{record.line}"
+                stats.add_drop(reason, f"{where}: {message}")
+                if config.strict and reason not in POLICY_DROPS:
+                    raise PreprocessError(
+                        f"{where}: {message} [{reason}]. --strict stops at the first bad record; "
+                        "drop --strict to skip and count bad records instead."
+                    )
+                if reason not in POLICY_DROPS and stats.bad_records <= config.max_logged_errors:
+                    say(f"warning: {where}: skipped ({reason}): {message}")
+                    if stats.bad_records == config.max_logged_errors:
+                        say("warning: further bad records are only counted (see the stats JSON)")
+            elapsed = time.perf_counter() - start
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+        bar.close()
+        stats.elapsed_s = time.perf_counter() - start
+        stats.token_dtype = np.dtype(writer.token_dtype).name
+        if stats.samples_written == 0:
+            raise PreprocessError(
+                f"no valid sample in {config.input!r}: read {stats.samples_read}, dropped "
+                f"{dict(stats.dropped)}; nothing written. Check --format/--prompt-style/--seq-length."
+            )
+        writer.commit()
+    stats.write_json(prefix + "_stats.json")
+    return stats

@@ -1,0 +1,80 @@
+"""Counters of one pre-tokenisation run, written as ``<prefix>_stats.json``.
+
+The length histogram uses power-of-two buckets keyed by their upper bound, e.g. a 300-token
+sample counts in ``"512"`` (257..512 tokens), a 1-token sample in ``"1"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+_POLICY = ("too_long", "no_loss_tokens")
+_MAX_EXAMPLES = 20
+
+
+@dataclass
+class PreprocessStats:
+    input: str = ""
+    output_prefix: str = ""
+    tokenizer: str = ""
+    samples_read: int = 0
+    samples_written: int = 0
+    samples_truncated: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    max_sample_tokens: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    length_histogram: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    token_dtype: str = ""
+
+    @property
+    def bad_records(self) -> int:
+        """Drops caused by bad input (not by the length policy)."""
+        return sum(n for reason, n in self.dropped.items() if reason not in _POLICY)
+
+    def add_sample(self, n_tokens: int, n_loss: int, truncated: bool) -> None:
+        self.samples_written += 1
+        self.samples_truncated += truncated
+        self.tokens += n_tokens
+        self.loss_tokens += n_loss
+        self.max_sample_tokens = max(self.max_sample_tokens, n_tokens)
+        self.length_histogram[str(1 << max(0, (n_tokens - 1).bit_length()))] += 1
+
+    def add_drop(self, reason: str, where_and_message: str) -> None:
+        self.dropped[reason] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"[{reason}] {where_and_message}")
+
+    def to_dict(self) -> dict:
+        rate = self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return {
+            "input": self.input,
+            "output_prefix": self.output_prefix,
+            "tokenizer": self.tokenizer,
+            "samples_read": self.samples_read,
+            "samples_written": self.samples_written,
+            "samples_dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(sorted(self.dropped.items())),
+            "samples_truncated": self.samples_truncated,
+            "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
+            "max_sample_tokens": self.max_sample_tokens,
+            "token_dtype": self.token_dtype,
+            "length_histogram": {k: self.length_histogram[k] for k in sorted(self.length_histogram, key=int)},
+            "elapsed_s": round(self.elapsed_s, 3),
+            "tokens_per_s": round(rate, 1),
+            "samples_per_s": round(self.samples_read / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0,
+            "drop_examples": self.examples,
+        }
+
+    def write_json(self, path: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)

@@ -1,0 +1,69 @@
+"""Record formats -> one Conversation form; every bad-record reason has a case."""
+
+import pytest
+
+from megatron.sft.data.formats import FieldMap, Message, RecordError, detect_format, to_conversation
+
+EXPECTED = [Message("system", "Be brief."), Message("user", "2+3?"), Message("assistant", "5")]
+
+
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+                       {"role": "assistant", "content": "5"}]}, "messages"),
+        ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+3?"},
+                            {"from": "gpt", "value": "5"}]}, "sharegpt"),
+        ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "user", "value": "2+3?"},
+                            {"from": "assistant", "value": "5"}]}, "sharegpt"),
+        ({"system": "Be brief.", "instruction": "2+3?", "output": "5"}, "alpaca"),
+        ({"system": "Be brief.", "question": "2+3?", "answer": "5"}, "alpaca"),
+        ({"system": "Be brief.", "prompt": "2+3?", "response": "5"}, "alpaca"),
+    ],
+)
+def test_every_format_becomes_the_same_conversation(record, fmt):
+    assert detect_format(record) == fmt
+    assert to_conversation(record) == EXPECTED
+    assert to_conversation(record, fmt) == EXPECTED
+
+
+def test_alpaca_input_is_kept_apart_and_joined_for_templates():
+    [user, reply] = to_conversation({"instruction": "Summarise", "input": "A long text.", "output": "Short."})
+    assert (user.content, user.context) == ("Summarise", "A long text.")
+    assert user.full_text() == "Summarise\n\nA long text."
+    assert reply == Message("assistant", "Short.")
+
+
+def test_custom_fields_for_both_shapes():
+    fields = FieldMap(prompt="q", response="a", system="sys")
+    assert to_conversation({"q": "2+3?", "a": "5", "sys": "Be brief."}, fields=fields) == EXPECTED
+    fields = FieldMap(messages="dialog", role="speaker", content="text")
+    record = {"dialog": [{"speaker": "system", "text": "Be brief."}, {"speaker": "human", "text": "2+3?"},
+                         {"speaker": "bot", "text": "5"}]}
+    assert to_conversation(record, fields=fields) == EXPECTED
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ([1, 2], "wrong_type"),
+        ({"text": "plain pretraining text"}, "unknown_format"),
+        ({"messages": "hello"}, "wrong_type"),
+        ({"messages": ["hello"]}, "wrong_type"),
+        ({"messages": [{"role": "user"}]}, "missing_field"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "wrong_type"),
+        ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
+        ({"messages": [{"role": None, "content": "x"}]}, "unknown_role"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no_assistant"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}, "empty_assistant"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]}, "empty_assistant"),
+        ({"instruction": "x"}, "missing_field"),
+        ({"instruction": "x", "output": ["a"]}, "wrong_type"),
+        ({"instruction": "x", "output": ""}, "empty_assistant"),
+    ],
+)
+def test_bad_records_raise_with_a_reason(record, reason):
+    with pytest.raises(RecordError) as err:
+        to_conversation(record)
+    assert err.value.reason == reason
+    assert str(err.value)  # a human-readable message, not just the code

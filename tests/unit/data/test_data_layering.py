@@ -1,0 +1,16 @@
+"""Pure data modules stay pure: no torch, no megatron-core, no torch.distributed on import."""
+
+import subprocess
+import sys
+
+
+def test_pure_modules_import_without_torch_or_megatron_core():
+    code = (
+        "import sys\n"
+        "import megatron.sft.data.formats, megatron.sft.data.prompt_styles, megatron.sft.data.chat_template\n"
+        "import megatron.sft.data.render, megatron.sft.data.packing, megatron.sft.data.readers\n"
+        "bad = [m for m in ('torch', 'torch.distributed', 'megatron.core') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
