@@ -32,7 +32,7 @@ from megatron.sft.bridge.checkpoint_io import (
 from megatron.sft.bridge.layout import ParallelLayout
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
-from megatron.sft.bridge.stage_mapping import build_stage, required_hf_names
+from megatron.sft.bridge.stage_mapping import build_stage, expected_hf_shapes
 from megatron.sft.bridge.transforms import padded_vocab_size
 
 
@@ -59,16 +59,20 @@ def load_hf_config(hf_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def check_coverage(source: SafetensorsSource, required: list[str], spec, shape) -> None:
-    """Every needed tensor present; every present tensor used (or known to be ignorable)."""
-    needed = set(required)
-    missing = [n for n in required if n not in source]
+def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...]], spec,
+                   shape) -> None:
+    """Every needed tensor present with its expected shape; every present tensor used (or known
+    to be ignorable). All problems are reported at once."""
+    needed = set(expected)
+    missing = [n for n in expected if n not in source]
     unexpected = [
         n for n in source.names()
         if n not in needed and not spec.is_ignored(n)
         and not (shape.tie_word_embeddings and n == "lm_head.weight")
     ]
-    if missing or unexpected:
+    wrong = [f"{n} has shape {tuple(source.meta(n).shape)}, expected {dims}"
+             for n, dims in expected.items() if n in source and tuple(source.meta(n).shape) != dims]
+    if missing or unexpected or wrong:
         lines = []
         if missing:
             lines.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
@@ -76,6 +80,9 @@ def check_coverage(source: SafetensorsSource, required: list[str], spec, shape) 
         if unexpected:
             lines.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
                          + (" ..." if len(unexpected) > 8 else ""))
+        if wrong:
+            lines.append(f"{len(wrong)} with the wrong shape: {'; '.join(wrong[:8])}"
+                         + (" ..." if len(wrong) > 8 else ""))
         raise CoverageError(
             f"weights in {source.dir} do not match {spec.hf_architecture} with "
             f"{shape.num_layers} layers: " + "; ".join(lines)
@@ -93,18 +100,15 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
     check_output_dir(out_dir, opts.force)
 
     source = SafetensorsSource(hf_dir)
-    required = required_hf_names(spec, shape)
-    check_coverage(source, required, spec, shape)
+    expected = expected_hf_shapes(spec, shape)
+    check_coverage(source, expected, spec, shape)
+    required = list(expected)
     dtype = opts.params_dtype or source.dtype(required[0])
     ctx = ShardContext(shape, layout.tp,
                        padded_vocab_size(shape.vocab_size, opts.make_vocab_size_divisible_by, layout.tp))
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-
-    # Dry run on meta tensors: every shape problem surfaces before anything is written.
-    for pp_rank in range(layout.pp):
-        build_stage(lambda n: cast(source.meta(n)), spec, shape, layout, pp_rank, ctx)
 
     meta = CheckpointMetadata(
         architecture=spec.hf_architecture,

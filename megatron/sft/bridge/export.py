@@ -1,9 +1,9 @@
 """Megatron checkpoint (any TP x PP x VPP) -> HuggingFace safetensors directory.
 
-Two passes over the checkpoint, both through ``mmap``: the first runs the merge on ``meta``
-copies to learn every output tensor's name, dtype and shape (so shard headers can be written
-up front and coverage is checked before any output exists); the second streams real tensors
-into those shards one at a time, one pipeline stage mapped at a time.
+The architecture table gives every output tensor's name and shape, and the (``mmap``-opened,
+so unread) rank files give dtypes and prove every needed tensor is present, before any output
+exists; shard headers are then written up front and real tensors streamed into them one at a
+time, one pipeline stage mapped at a time.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from megatron.sft.bridge.safetensors_io import (
     plan_shards,
     shard_file_names,
 )
-from megatron.sft.bridge.stage_mapping import required_hf_names, stage_to_hf
+from megatron.sft.bridge.stage_mapping import export_plan, required_hf_names, stage_to_hf
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -56,12 +56,6 @@ class ExportOptions:
     progress: bool = True
 
 
-def _as_meta(state: dict) -> dict:
-    return {k: (_as_meta(v) if isinstance(v, dict) else
-                torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v)
-            for k, v in state.items()}
-
-
 class CheckpointReader:
     """Yields the HF tensors of a Megatron checkpoint, one pipeline stage mapped at a time."""
 
@@ -76,24 +70,29 @@ class CheckpointReader:
         return [load_rank_state(self.iter_dir, tp, pp_rank, self.layout.pp)
                 for tp in range(self.layout.tp)]
 
-    def tensors(self, meta_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for pp_rank in range(self.layout.pp):
             states = self.stage_states(pp_rank)
-            if meta_only:
-                states = [_as_meta(s) for s in states]
             yield from stage_to_hf(states, self.spec, self.shape, self.layout, pp_rank, self.ctx)
             del states
 
     def check_coverage(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """Meta pass: the planned output tensors, after checking each needed one appears once."""
-        entries = [(n, t.dtype, tuple(t.shape)) for n, t in self.tensors(meta_only=True)]
+        """The planned output ``(name, dtype, shape)`` list, after checking that every rank file
+        holds every tensor the table needs (nothing is read but the pickles' structure)."""
+        entries, absent = [], []
+        for pp_rank in range(self.layout.pp):
+            states = self.stage_states(pp_rank)
+            for name, key, mname, dims in export_plan(self.spec, self.shape, self.layout, pp_rank):
+                have = [s.get(key, {}).get(mname) for s in states]
+                if any(t is None for t in have):
+                    absent.append(f"{mname} (pp={pp_rank}, {key})")
+                    continue
+                entries.append((name, have[0].dtype, dims))
         names = [e[0] for e in entries]
-        required = required_hf_names(self.spec, self.shape)
-        missing = sorted(set(required) - set(names))
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if missing or dupes:
-            raise CoverageError(f"checkpoint {self.iter_dir} cannot be exported: missing {missing}, "
-                                f"duplicated {dupes}")
+        missing = sorted(set(required_hf_names(self.spec, self.shape)) - set(names))
+        if absent or missing:
+            raise CoverageError(f"checkpoint {self.iter_dir} cannot be exported: rank files lack "
+                                f"{sorted(set(absent))[:8]}; HF tensors not produced {missing[:8]}")
         return entries
 
 

@@ -43,6 +43,19 @@ class ModelShape:
     #: Mistral-style sliding-window attention width, ``None`` for full causal attention.
     sliding_window: Optional[int] = None
 
+    def dim(self, symbol: str) -> int:
+        """Sizes named in weight tables: ``hidden``, ``ffn``, ``vocab``, ``head_dim``, ``q``
+        (all query heads), ``kv`` (all key or value heads)."""
+        sizes = {
+            "hidden": self.hidden_size,
+            "ffn": self.ffn_hidden_size,
+            "vocab": self.vocab_size,
+            "head_dim": self.head_dim,
+            "q": self.num_attention_heads * self.head_dim,
+            "kv": self.num_query_groups * self.head_dim,
+        }
+        return sizes[symbol]
+
     def flag(self, name: str) -> bool:
         """Conditions used by weight tables (``when=...``)."""
         conditions = {

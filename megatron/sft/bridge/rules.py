@@ -27,6 +27,9 @@ class ShardContext:
 class WeightRule:
     megatron: str
     hf: tuple[str, ...]
+    #: symbolic HF shape of each ``hf`` tensor, resolved by ``ModelShape.dim`` (e.g.
+    #: ``("kv", "hidden")`` for ``k_proj.weight``); checked before anything is converted
+    dims: tuple[tuple[str, ...], ...] = ()
     #: ``ModelShape.flag`` name; the rule applies only when it is true.
     when: Optional[str] = None
 
@@ -43,6 +46,12 @@ class WeightRule:
 
     def applies(self, shape: ModelShape) -> bool:
         return self.when is None or shape.flag(self.when)
+
+    def hf_shapes(self, shape: ModelShape) -> tuple[tuple[int, ...], ...]:
+        if len(self.dims) != len(self.hf):
+            raise ValueError(f"table error: {self.megatron} declares {len(self.dims)} shapes "
+                             f"for {len(self.hf)} HF tensors")
+        return tuple(tuple(shape.dim(d) for d in dims) for dims in self.dims)
 
     def to_megatron(self, hf: tuple[torch.Tensor, ...], ctx: ShardContext) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -41,12 +41,31 @@ def _chunk_rules(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayo
             yield emb, TIED_OUTPUT, emb.hf
 
 
+def expected_hf_shapes(spec: ArchitectureSpec, shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the model needs and its shape, in a stable order (PP=1 traversal)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule, _, hf in _chunk_rules(spec, shape, ParallelLayout(), 0, 0):
+        for name, dims in zip(hf, rule.hf_shapes(shape)):
+            shapes.setdefault(name, dims)
+    return shapes
+
+
 def required_hf_names(spec: ArchitectureSpec, shape: ModelShape) -> list[str]:
-    """Every HF tensor the model needs, in a stable order (PP=1 traversal)."""
-    names: list[str] = []
-    for _, _, hf in _chunk_rules(spec, shape, ParallelLayout(), 0, 0):
-        names.extend(h for h in hf if h not in names)
-    return names
+    return list(expected_hf_shapes(spec, shape))
+
+
+def export_plan(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
+                pp_rank: int) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """``(hf_name, chunk_key, megatron_name, hf_shape)`` in the order :func:`stage_to_hf`
+    yields them; planning an export needs no tensor math."""
+    plan = []
+    for chunk in range(layout.chunks):
+        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk):
+            if mname == TIED_OUTPUT and shape.tie_word_embeddings:
+                continue
+            for name, dims in zip(hf_names, rule.hf_shapes(shape)):
+                plan.append((name, layout.model_key(chunk), mname, dims))
+    return plan
 
 
 def build_stage(

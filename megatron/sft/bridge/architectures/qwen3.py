@@ -11,8 +11,10 @@ QWEN3 = ArchitectureSpec(
     hf_architecture="Qwen3ForCausalLM",
     rules=DENSE_DECODER_RULES
     + (
-        Replicated(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",)),
-        Replicated(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",)),
+        Replicated(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",),
+                   (("head_dim",),)),
+        Replicated(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",),
+                   (("head_dim",),)),
     ),
     qkv_bias="attention_bias",
     qk_layernorm=True,

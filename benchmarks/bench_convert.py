@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Benchmark HF -> Megatron conversion and Megatron -> HF export on a ~0.5B Qwen2-shaped model.
+
+Measures wall time, peak RSS (each step in its own process, read from wait4) and bytes on
+disk, against two references: the model's own byte size (goal: peak RSS <= 1.5x) and the time
+to read and write those bytes once with plain file I/O (goal: wall time <= 3x).
+
+  python benchmarks/bench_convert.py [--workdir /tmp/bench_convert] [--dtype bf16] [--tp 1 --pp 1]
+
+The random model is written straight to safetensors from the architecture's shapes (making it
+through transformers would itself take several GB); conversion coverage checks prove it has
+exactly the tensors transformers would create.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_model(out: Path, dtype_name: str) -> int:
+    import torch
+
+    from megatron.sft.bridge.architectures import get_architecture
+    from megatron.sft.bridge.random_hf_model import QWEN2_0_5B_CONFIG
+    from megatron.sft.bridge.safetensors_io import StreamingShardWriter
+    from megatron.sft.bridge.stage_mapping import required_hf_names
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    cfg = dict(QWEN2_0_5B_CONFIG, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+               hidden_act="silu", torch_dtype=str(dtype).replace("torch.", ""))
+    spec = get_architecture("Qwen2ForCausalLM")
+    shape = spec.shape(cfg)
+    h, f, d = shape.hidden_size, shape.ffn_hidden_size, shape.head_dim
+    q, kv = shape.num_attention_heads * d, shape.num_query_groups * d
+    shapes = {"embed_tokens": (shape.vocab_size, h), "q_proj.weight": (q, h),
+              "k_proj.weight": (kv, h), "v_proj.weight": (kv, h), "q_proj.bias": (q,),
+              "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj": (h, q), "gate_proj": (f, h),
+              "up_proj": (f, h), "down_proj": (h, f), "norm": (h,), "lm_head": (shape.vocab_size, h)}
+
+    def shape_of(name):
+        for key, s in shapes.items():
+            if key in name:
+                return s
+        raise KeyError(name)
+
+    names = required_hf_names(spec, shape)
+    out.mkdir(parents=True)
+    writer = StreamingShardWriter(out / "model.safetensors",
+                                  [(n, dtype, shape_of(n)) for n in names])
+    gen = torch.Generator().manual_seed(0)
+    for n in names:
+        writer.write(n, (torch.randn(shape_of(n), generator=gen) * 0.02).to(dtype))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return writer.nbytes
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one child process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-3000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def copy_once(src: Path, dst: Path) -> float:
+    """Read every byte into memory in 64 MiB blocks and write it out, fsync'd (the reference)."""
+    t0 = time.perf_counter()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while block := fi.read(64 << 20):
+            fo.write(block)
+        fo.flush()
+        os.fsync(fo.fileno())
+    return time.perf_counter() - t0
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/bench_convert")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.make_model:  # child mode: keeps the big random tensors out of the parent's RSS
+        print(make_model(Path(args.make_model), args.dtype))
+        return 0
+    work = Path(args.workdir)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    hf, ckpt, export = work / "hf", work / "megatron", work / "export"
+
+    # Everything heavy runs in child processes: Linux carries a parent's peak RSS into a forked
+    # child's ru_maxrss, so the parent must stay small for the readings to mean anything.
+    run_measured([sys.executable, __file__, "--make-model", str(hf), "--dtype", args.dtype])
+    model_bytes = (hf / "model.safetensors").stat().st_size
+    ref_time = min(copy_once(hf / "model.safetensors", work / "copy.bin") for _ in range(2))
+    (work / "copy.bin").unlink()
+    py = sys.executable
+    conv_t, conv_rss = run_measured([py, str(REPO / "tools/convert_hf_to_megatron.py"),
+                                     "--load-dir", str(hf), "--save-dir", str(ckpt),
+                                     "--target-tensor-parallel-size", str(args.tp),
+                                     "--target-pipeline-parallel-size", str(args.pp),
+                                     "--no-progress"])
+    exp_t, exp_rss = run_measured([py, str(REPO / "tools/export_megatron_to_hf.py"),
+                                   "--load-dir", str(ckpt), "--save-dir", str(export),
+                                   "--hf-reference", str(hf), "--no-progress"])
+    _, idle_rss = run_measured([py, "-c", "import torch, megatron.sft.bridge.convert"])
+    gib = 1 << 30
+    print(f"model: Qwen2-0.5B-shaped, {args.dtype}, {model_bytes / gib:.3f} GiB of tensors; "
+          f"layout TP{args.tp} PP{args.pp}; {os.cpu_count()} CPUs")
+    print(f"reference: read+write the bytes once = {ref_time:.2f} s; "
+          f"python+torch import baseline RSS = {idle_rss / gib:.3f} GiB")
+    for name, t, rss, out in (("convert", conv_t, conv_rss, ckpt), ("export", exp_t, exp_rss, export)):
+        print(f"{name:8s} wall {t:6.2f} s ({t / ref_time:.2f}x ref, goal <= 3x) | peak RSS "
+              f"{rss / gib:.3f} GiB ({rss / model_bytes:.2f}x model, goal <= 1.5x) | on disk "
+              f"{du(out) / gib:.3f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
