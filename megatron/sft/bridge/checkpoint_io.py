@@ -132,9 +132,21 @@ def load_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int,
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
+def compact_views(state: Any) -> Any:
+    """Clone tensors that view a larger storage: ``torch.save`` writes whole storages, so a
+    TP shard that is a slice of the full tensor would otherwise carry all of it to disk."""
+    if isinstance(state, dict):
+        return {k: compact_views(v) for k, v in state.items()}
+    if isinstance(state, torch.Tensor):
+        if state.untyped_storage().nbytes() != state.numel() * state.element_size():
+            return state.clone(memory_format=torch.contiguous_format)
+    return state
+
+
 def save_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int,
                     state: dict[str, Any]) -> Path:
     path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    state = compact_views(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     # Zip CRCs cost ~5x the write itself and torch.load never checks them.

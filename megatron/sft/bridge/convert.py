@@ -89,6 +89,18 @@ def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...
         )
 
 
+def save_stage(iter_dir: Path, pp_rank: int, pp_size: int, iteration: int,
+               meta: CheckpointMetadata, ranks: list[dict]) -> None:
+    """Write one pipeline stage's TP rank files, releasing each rank's tensors once saved."""
+    while ranks:
+        tp_rank = len(ranks) - 1
+        models = ranks.pop()
+        save_rank_state(iter_dir, tp_rank, pp_rank, pp_size, {
+            "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+            "sft_metadata": meta.to_dict(), **models})
+        del models
+
+
 def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
                            options: Optional[ConvertOptions] = None) -> CheckpointMetadata:
     opts = options or ConvertOptions()
@@ -130,13 +142,10 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
         partial = partial_iteration_dir(staging, opts.iteration)
         partial.mkdir(parents=True)
         for pp_rank in range(layout.pp):
-            ranks = build_stage(lambda n: cast(source.read(n)), spec, shape, layout, pp_rank, ctx,
-                                on_tensor=lambda n: bar.update(1))
-            for tp_rank, models in enumerate(ranks):
-                state = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": opts.iteration,
-                         "sft_metadata": meta.to_dict(), **models}
-                save_rank_state(partial, tp_rank, pp_rank, layout.pp, state)
-            del ranks
+            # One stage in memory at a time: save_stage's locals die with it.
+            save_stage(partial, pp_rank, layout.pp, opts.iteration, meta, build_stage(
+                lambda n: cast(source.read(n)), spec, shape, layout, pp_rank, ctx,
+                on_tensor=lambda n: bar.update(1)))
         write_metadata(partial, meta)
         publish_iteration(staging, opts.iteration)
         publish_directory(staging, out_dir)

@@ -16,16 +16,15 @@ import torch
 from tqdm import tqdm
 
 from megatron.sft.bridge.checkpoint_io import (
-    CHECKPOINT_VERSION,
     CheckpointMetadata,
     check_output_dir,
     partial_iteration_dir,
     publish_directory,
     publish_iteration,
-    save_rank_state,
     staging_dir,
     write_metadata,
 )
+from megatron.sft.bridge.convert import save_stage
 from megatron.sft.bridge.export import CheckpointReader
 from megatron.sft.bridge.layout import ParallelLayout
 from megatron.sft.bridge.rules import ShardContext
@@ -61,11 +60,8 @@ def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: Pa
         partial = partial_iteration_dir(staging, it)
         partial.mkdir(parents=True)
         for pp_rank in tqdm(range(target.pp), desc="reshard stages", disable=not progress):
-            ranks = build_stage(hf.__getitem__, spec, shape, target, pp_rank, ctx)
-            for tp_rank, models in enumerate(ranks):
-                save_rank_state(partial, tp_rank, pp_rank, target.pp, {
-                    "checkpoint_version": CHECKPOINT_VERSION, "iteration": it,
-                    "sft_metadata": meta.to_dict(), **models})
+            save_stage(partial, pp_rank, target.pp, it, meta,
+                       build_stage(hf.__getitem__, spec, shape, target, pp_rank, ctx))
         write_metadata(partial, meta)
         publish_iteration(staging, it)
         publish_directory(staging, Path(out_dir))

@@ -46,13 +46,18 @@ def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
 
 
 def split_tp(tensor: torch.Tensor, tp_size: int, dim: int) -> list[torch.Tensor]:
-    """Even TP split along ``dim``; each shard is contiguous so it serialises compactly."""
+    """Even TP split along ``dim``."""
     if tensor.shape[dim] % tp_size:
         raise ValueError(
             f"dimension {dim} of a tensor of shape {tuple(tensor.shape)} is not divisible by "
             f"tensor-parallel size {tp_size}"
         )
-    return [t.contiguous() for t in torch.chunk(tensor, tp_size, dim=dim)]
+    if tp_size == 1:
+        return [tensor.contiguous()]
+    # Clones, not views: each shard must own its memory so the full tensor can be freed at
+    # once and ``torch.save`` writes only the shard.
+    return [t.clone(memory_format=torch.contiguous_format)
+            for t in torch.chunk(tensor, tp_size, dim=dim)]
 
 
 def merge_tp(shards: list[torch.Tensor], dim: int) -> torch.Tensor:

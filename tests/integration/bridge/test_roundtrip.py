@@ -35,6 +35,10 @@ def test_tp2pp2_roundtrip_is_bit_identical(arch, tiny_hf_models, tmp_path):
                                                                 progress=False))
     export_megatron_to_hf(tmp_path / "mg", tmp_path / "hf", src, ExportOptions(progress=False))
     _assert_identical(src, tmp_path / "hf")
+    # Rank files hold only their shard: no TP slice may drag its whole parent storage along.
+    for f in (tmp_path / "mg").rglob("model_optim_rng.pt"):
+        for name, t in torch.load(f, weights_only=True)["model"].items():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (f, name)
     assert json.loads((src / "config.json").read_text()) == \
         json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (tmp_path / "hf" / "generation_config.json").exists()
