@@ -30,7 +30,10 @@ def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = 600) -> su
 
 def run_tool(script: str, *args: str, env: dict | None = None, timeout: int = 300):
     """Run one of our CLIs the way a user does."""
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", **(env or {}))
+    # Launchers run $PYTHON (default python3); point it at this interpreter, as an activated
+    # virtualenv or the container's python would be.
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
+                    PYTHON=sys.executable, **(env or {}))
     cmd = ([sys.executable] if script.endswith(".py") else ["bash"]) + [str(REPO / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
