@@ -46,3 +46,25 @@ def tokenizers(tokenizer_dirs):
     from transformers import AutoTokenizer
 
     return {name: AutoTokenizer.from_pretrained(path) for name, path in tokenizer_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def sft_assets(tmp_path_factory):
+    """A ChatML tokenizer, a pre-tokenized arithmetic SFT dataset, and a tiny Qwen2 model whose
+    vocabulary matches the tokenizer (HF dir + Megatron TP1PP1 checkpoint)."""
+    from transformers import AutoTokenizer
+
+    from megatron.sft.bridge.random_hf_model import make_random_hf_model
+    from megatron.sft.data.preprocess import PreprocessConfig, preprocess
+    from megatron.sft.data.tiny_tokenizer import save_tiny_tokenizer
+    from sft_testing import write_arithmetic_conversations
+
+    root = tmp_path_factory.mktemp("sft")
+    tok_dir = save_tiny_tokenizer(root / "tokenizer", template="chatml")
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    write_arithmetic_conversations(root / "chat.jsonl", 400, seed=0)
+    preprocess(PreprocessConfig(input=str(root / "chat.jsonl"), tokenizer_model=str(tok_dir),
+                                output_prefix=str(root / "ds"), progress=False))
+    hf = make_random_hf_model("Qwen2ForCausalLM", root / "hf", seed=0,
+                              overrides=dict(vocab_size=vocab))
+    return {"root": root, "tokenizer": tok_dir, "data": str(root / "ds"), "hf": hf}

@@ -37,3 +37,21 @@ def run_tool(script: str, *args: str, env: dict | None = None, timeout: int = 30
     cmd = ([sys.executable] if script.endswith(".py") else ["bash"]) + [str(REPO / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
+
+
+def write_arithmetic_conversations(path: Path, count: int, seed: int) -> Path:
+    """Multi-turn chats with checkable answers ("What is 3 plus 4?" -> "3 plus 4 is 7.")."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(count):
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            msgs = [{"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            if i % 3 == 0:
+                msgs += [{"role": "user", "content": "And doubled?"},
+                         {"role": "assistant", "content": f"Doubled it is {2 * (a + b)}."}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path

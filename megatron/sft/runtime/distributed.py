@@ -43,7 +43,11 @@ class RuntimeInfo:
 def quiet_megatron_import_warnings() -> None:
     """megatron-core warns at import time about missing TE/Apex; on CPU that is expected."""
     for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                    ".*transformer_engine.*", ".*Torch Norm.*"):
+                    ".*transformer_engine.*", ".*Torch Norm.*", ".*full scope is deprecated.*",
+                    ".*CUDA_DEVICE_MAX_CONNECTIONS.*", ".*reduce_scatter_tensor. is deprecated.*",
+                    ".*_all_gather_base.*is.*deprecated.*",
+                    # megatron-core reads .grad of the main-param views it builds on purpose
+                    ".*The .grad attribute of a Tensor that is not a leaf Tensor.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

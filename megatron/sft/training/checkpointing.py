@@ -1,0 +1,175 @@
+"""Save and resume training checkpoints in the Megatron-LM layout the export script reads.
+
+Each rank writes ``iter_N.partial/mp_rank_TT[_PPP]/model_optim_rng.pt`` (model chunks in the
+checkpoint naming, optimizer, LR schedule, RNG, iteration); with the distributed optimizer
+each data-parallel group also writes ``distrib_optim.pt`` there. After a barrier, rank 0 renames
+the directory into place, then updates ``latest_checkpointed_iteration.txt`` and prunes old
+iterations. A crash mid-save leaves only a ``.partial`` directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from megatron.sft.bridge.checkpoint_io import (
+    CHECKPOINT_VERSION,
+    CheckpointMetadata,
+    dtype_name,
+    iteration_dir,
+    load_rank_state,
+    partial_iteration_dir,
+    publish_iteration,
+    rank_file,
+    save_rank_state,
+    write_metadata,
+)
+from megatron.sft.bridge.naming import model_to_checkpoint
+
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # Plain types and tensors only, so the file loads with torch.load(weights_only=True).
+    state = {"random": random.getstate(),
+             "np": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    kind, keys, pos, has_gauss, cached = state["np"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, scheduler,
+                    meta: CheckpointMetadata, spec_kind: str, train_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    save = Path(save_dir)
+    partial = partial_iteration_dir(save, iteration)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    dtype = next(_unwrap(model[0]).parameters()).dtype
+    meta_now = CheckpointMetadata(**{**meta.to_dict(), "params_dtype": dtype_name(dtype)})
+    rank_path = rank_file(partial, tp, pp, meta.pipeline_model_parallel_size)
+    rank_path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(optimizer, "save_parameter_state"):
+        # Collective over the data-parallel group; DP rank 0 writes the gathered shards.
+        optimizer.save_parameter_state(str(rank_path.with_name(DISTRIB_OPTIM_FILE)))
+    if ps.get_data_parallel_rank() == 0:
+        state: dict[str, Any] = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "sft_metadata": meta_now.to_dict(),
+            "optimizer": optimizer.state_dict(),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "rng_state": rng_state(),
+            "train_state": dict(train_state),
+        }
+        for chunk, m in enumerate(model):
+            state[meta.layout.model_key(chunk)] = model_to_checkpoint(_unwrap(m).state_dict(),
+                                                                      spec_kind)
+        save_rank_state(partial, tp, pp, meta.pipeline_model_parallel_size, state)
+    dist.barrier()
+    if rank0:
+        write_metadata(partial, meta_now)
+        final = publish_iteration(save, iteration)
+        _prune(save, keep_last)
+    dist.barrier()
+    return save / final.name if rank0 else iteration_dir(save, iteration)
+
+
+def _prune(save: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    iters = sorted(p for p in save.glob("iter_*") if p.is_dir() and not p.name.endswith("partial"))
+    for old in iters[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> bool:
+    """Converted checkpoints hold weights only; a run's checkpoints hold optimizer state too."""
+    from megatron.core import parallel_state as ps
+
+    state = load_rank_state(iteration_dir(Path(load_dir), iteration),
+                            ps.get_tensor_model_parallel_rank(),
+                            ps.get_pipeline_model_parallel_rank(),
+                            ps.get_pipeline_model_parallel_world_size())
+    return "optimizer" in state
+
+
+@contextlib.contextmanager
+def _step_state_hidden(optimizer):
+    """megatron-core 0.16's distributed optimizer, with torch's Adam (no TE/Apex), copies every
+    per-parameter state key from the saved shards, but torch keeps a per-parameter ``step`` that
+    the shards do not hold (megatron restores it from the param groups in ``load_state_dict``).
+    Hide ``step`` during the copy and put it back afterwards."""
+    hidden = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else []):
+            if "step" in state:
+                hidden.append((state, state.pop("step")))
+    try:
+        yield
+    finally:
+        # megatron-core also gives every parameter the *same* step tensor, which torch's Adam
+        # increments in place once per parameter; each parameter needs its own.
+        for state, step in hidden:
+            state["step"] = step.detach().clone()
+
+
+def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional[int] = None
+                        ) -> dict[str, Any]:
+    """Restore optimizer, LR schedule and RNG (model weights were loaded at build time);
+    returns the saved ``train_state`` with ``iteration``."""
+    from megatron.core import parallel_state as ps
+
+    it_dir = iteration_dir(Path(load_dir), iteration)
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    state = load_rank_state(it_dir, tp, pp, pp_size, mmap=False)
+    # With fp32 params the optimizer's "main params" are views of the model parameters, which
+    # megatron-core fills in place: that must not be recorded by autograd.
+    with torch.no_grad():
+        optimizer.load_state_dict(state["optimizer"])
+        if hasattr(optimizer, "load_parameter_state"):
+            with _step_state_hidden(optimizer):
+                optimizer.load_parameter_state(str(rank_file(it_dir, tp, pp, pp_size)
+                                                   .with_name(DISTRIB_OPTIM_FILE)))
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    restore_rng_state(state["rng_state"])
+    return {**state.get("train_state", {}), "iteration": int(state["iteration"])}

@@ -1,0 +1,341 @@
+"""The SFT training loop on megatron-core: model from checkpoint metadata, DDP (+ distributed
+optimizer), the real pipeline schedules, per-token loss over the global batch, evaluation,
+logging, checkpoints and preemption handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron.sft.training.arguments import TrainConfig
+from megatron.sft.training.batch import masked_loss_sum, packed_attention_mask
+from megatron.sft.training.loss import vocab_parallel_token_loss
+
+
+def microbatch_rows(iteration: int, global_batch: int, micro_batch: int, dp_rank: int,
+                    dp_size: int) -> list[list[int]]:
+    """Dataset rows of each micro-batch this DP rank runs at ``iteration`` (pure).
+
+    The global batch ``iteration`` is rows ``[iteration*G, (iteration+1)*G)``; DP rank ``r``
+    takes the ``r``-th contiguous ``G/dp`` of them. Example: G=4, m=1, dp=2, iteration 1 ->
+    rank 0 ``[[4], [5]]``, rank 1 ``[[6], [7]]``. Resuming at an iteration therefore resumes the
+    exact data position.
+    """
+    per_rank = global_batch // dp_size
+    base = iteration * global_batch + dp_rank * per_rank
+    return [list(range(base + j * micro_batch, base + (j + 1) * micro_batch))
+            for j in range(per_rank // micro_batch)]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    grad_norm: Optional[float]
+    skipped: bool
+    seconds: float
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    log: Callable[[str], None] = print
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
+        from megatron.sft.bridge.architectures import shape_of
+        from megatron.sft.runtime.distributed import ParallelConfig, initialize_distributed
+
+        cfg = self.cfg
+        meta = read_metadata(iteration_dir(Path(cfg.load)))
+        _, shape = shape_of(meta.hf_config)
+        import os
+
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), shape.num_layers)
+        vpp = (shape.num_layers // (cfg.pipeline_model_parallel_size *
+                                    cfg.num_layers_per_virtual_pipeline_stage)
+               if cfg.num_layers_per_virtual_pipeline_stage else None)
+        self.info = initialize_distributed(ParallelConfig(
+            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp, seed=cfg.seed))
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        self.shape = shape
+        self._build_model(vpp)
+        self._build_optimizer()
+        self._build_data()
+        self.iteration = 0
+        self.consumed_samples = 0
+        from megatron.sft.training.checkpointing import is_training_checkpoint, load_training_state
+
+        if not cfg.finetune and is_training_checkpoint(cfg.load):
+            state = load_training_state(cfg.load, self.optimizer, self.scheduler)
+            self.iteration = state["iteration"]
+            self.consumed_samples = state.get("consumed_samples", 0)
+            self.log(f"resumed from {cfg.load} at iteration {self.iteration}")
+
+    def _build_model(self, vpp: Optional[int]) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+
+        from megatron.sft.training.model_builder import build_model_from_checkpoint
+
+        cfg = self.cfg
+        overrides: dict[str, Any] = dict(calculate_per_token_loss=True,
+                                         sequence_parallel=cfg.sequence_parallel)
+        if cfg.recompute_granularity:
+            overrides.update(recompute_granularity=cfg.recompute_granularity)
+            if cfg.recompute_granularity == "full":
+                overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        use_te = {"auto": None, "transformer_engine": True, "local": False}[cfg.transformer_impl]
+        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
+        from megatron.sft.training.model_builder import check_layout_matches
+
+        meta = read_metadata(iteration_dir(Path(cfg.load)))
+        check_layout_matches(meta)
+        chunks, meta, _ = build_model_from_checkpoint(
+            cfg.load, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, use_te=use_te,
+            seq_length=cfg.seq_length, **overrides)
+        from megatron.sft.runtime.layer_spec import resolve_spec_kind
+
+        self.spec_kind = resolve_spec_kind(use_te)
+        self.meta = meta
+        tcfg = chunks[0].config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            average_in_collective=False)
+        self.model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=m,
+                                              disable_bucketing=i > 0)
+                      for i, m in enumerate(chunks)]
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tconfig = tcfg
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16
+            else torch.float32, use_distributed_optimizer=cfg.use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(ocfg, self.model)
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss
+        self.train_iters = self._train_iters()
+        gbs = cfg.global_batch_size
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if cfg.warmup_iters(self.train_iters) else cfg.lr,
+            max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.warmup_iters(self.train_iters) * gbs,
+            lr_decay_steps=max(self.train_iters * gbs, 1), lr_decay_style=cfg.lr_decay_style,
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters * gbs,
+            wd_incr_style="constant")
+
+    def _train_iters(self) -> int:
+        cfg = self.cfg
+        if cfg.train_iters is not None:
+            return cfg.train_iters
+        from megatron.sft.data.sft_dataset import SFTDatasetConfig, build_sft_datasets
+
+        one_epoch, _, _ = build_sft_datasets(self._data_config())
+        return max(1, math.ceil(len(one_epoch) * cfg.train_epochs / cfg.global_batch_size))
+
+    def _data_config(self):
+        from megatron.sft.data.sft_dataset import SFTDatasetConfig
+
+        cfg = self.cfg
+        return SFTDatasetConfig(data_path=cfg.data_path, seq_length=cfg.seq_length,
+                                seed=cfg.seed, packing=cfg.packing, split=cfg.split,
+                                valid_data_path=cfg.valid_data_path)
+
+    def _build_data(self) -> None:
+        from megatron.sft.data.sft_dataset import build_sft_datasets
+
+        cfg = self.cfg
+        self.train_ds, self.valid_ds, _ = build_sft_datasets(
+            self._data_config(), train_samples=self.train_iters * cfg.global_batch_size)
+        self.log(f"train rows {len(self.train_ds)} (packing efficiency "
+                 f"{self.train_ds.efficiency:.1%}), valid rows "
+                 f"{len(self.valid_ds) if self.valid_ds else 0}")
+
+    # ------------------------------------------------------------------ steps
+    def _microbatches(self, dataset, rows: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+        from megatron.sft.data.sft_dataset import collate_sft
+
+        device = self.info.device
+        out = []
+        for micro in rows:
+            batch = collate_sft([dataset[r % len(dataset)] for r in micro])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if self.cfg.packing:
+                batch["attention_mask"] = packed_attention_mask(batch["cu_seqlens"],
+                                                                self.cfg.seq_length)
+            else:
+                batch["attention_mask"] = None
+            out.append(batch)
+        return out
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"],
+                       attention_mask=batch["attention_mask"])
+        vocab = self.shape.vocab_size
+
+        def loss_func(output_tensor):
+            per_token = vocab_parallel_token_loss(output_tensor, batch["labels"], vocab)
+            loss_sum, count = masked_loss_sum(per_token, batch["loss_mask"])
+            return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(),
+                                                             count.to(loss_sum.dtype)])}
+
+        return output, loss_func
+
+    def _run_schedule(self, micro: list, forward_only: bool) -> torch.Tensor:
+        """Returns ``[loss_sum, token_count]`` summed over micro-batches and DP ranks, on every
+        rank (pipeline stages other than the last receive it)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        iters = [iter(micro) for _ in self.model]
+        out = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(self.model) > 1 else iters[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro), seq_length=self.cfg.seq_length,
+            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+        total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        if self.ps.is_pipeline_last_stage(ignore_virtual=True):
+            for item in out:
+                total += item["lm loss"].to(total)
+        dist = torch.distributed
+        dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+        dist.all_reduce(total, group=self.ps.get_pipeline_model_parallel_group())
+        return total
+
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        rows = microbatch_rows(self.iteration, cfg.global_batch_size, cfg.micro_batch_size,
+                               self.dp_rank, self.dp_size)
+        total = self._run_schedule(self._microbatches(self.train_ds, rows), forward_only=False)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        if not math.isfinite(loss):
+            if not cfg.skip_nan_steps:
+                raise FloatingPointError(
+                    f"loss is {loss} at iteration {self.iteration + 1}; stopping (pass "
+                    "--skip-nan-steps to skip such steps, or lower --lr)")
+            self.iteration += 1
+            self.consumed_samples += cfg.global_batch_size
+            return StepResult(loss, int(total[1].item()), None, True, time.perf_counter() - t0)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=cfg.global_batch_size)
+        self.iteration += 1
+        self.consumed_samples += cfg.global_batch_size
+        return StepResult(loss, int(total[1].item()), grad_norm, not ok, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict[str, float]]:
+        if self.valid_ds is None:
+            return None
+        cfg = self.cfg
+        for m in self.model:
+            m.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        for i in range(cfg.eval_iters):
+            rows = microbatch_rows(i, cfg.global_batch_size, cfg.micro_batch_size,
+                                   self.dp_rank, self.dp_size)
+            total += self._run_schedule(self._microbatches(self.valid_ds, rows), True)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------ loop
+    def save(self) -> None:
+        from megatron.sft.training.checkpointing import save_checkpoint
+
+        path = save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer,
+                               self.scheduler, self.meta, self.spec_kind,
+                               {"consumed_samples": self.consumed_samples}, self.cfg.keep_last)
+        self.log(f"saved checkpoint {path}")
+
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):
+            stop["signal"] = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = None
+        if self.is_logger and not cfg.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.train_iters, initial=self.iteration, unit="it", desc="train")
+        start_time = time.perf_counter()
+        try:
+            while self.iteration < self.train_iters:
+                step = self.train_step()
+                record = {"iteration": self.iteration, "loss": step.loss,
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "grad_norm": None if step.grad_norm is None else float(step.grad_norm),
+                          "consumed_samples": self.consumed_samples, "loss_tokens": step.tokens,
+                          "ms_per_iter": step.seconds * 1e3,
+                          "tokens_per_s": cfg.global_batch_size * cfg.seq_length / step.seconds,
+                          "skipped": step.skipped}
+                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
+                    record.update(self.evaluate() or {})
+                self.history.append(record)
+                if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
+                    self._log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step.loss:.4f}")
+                if cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0 \
+                        and self.iteration < self.train_iters:
+                    self.save()
+                if stop["signal"] is not None:
+                    self.log(f"received signal {stop['signal']}: saving and exiting")
+                    break
+                if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                    self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
+                    break
+            if cfg.save:
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
+        return self.history
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_logger:
+            return
+        parts = [f"iter {record['iteration']}/{self.train_iters}",
+                 f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}"]
+        if record["grad_norm"] is not None:
+            parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        parts += [f"samples {record['consumed_samples']}", f"{record['ms_per_iter']:.0f} ms/it",
+                  f"{record['tokens_per_s']:.0f} tok/s"]
+        if "valid_loss" in record:
+            parts.append(f"valid_loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f}")
+        self.log(" | ".join(parts))
+        if self.cfg.log_json:
+            with open(self.cfg.log_json, "a") as f:
+                f.write(json.dumps(record) + "\n")

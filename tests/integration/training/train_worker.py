@@ -1,0 +1,79 @@
+"""torchrun worker for training tests.
+
+``train_worker.py SPEC.json``: SPEC holds ``mode`` ("hf_loss" or "train"), ``out`` (JSON
+written by the logging rank) and ``config`` (TrainConfig fields).
+
+- ``hf_loss``: the masked loss of global batch 0 through megatron-core's real schedule, and the
+  same loss from ``transformers`` (labels -100 outside the mask); packed rows are split back into
+  their samples, each run through HF on its own.
+- ``train``: run the loop; write the per-iteration history.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+
+def hf_reference_loss(hf_dir, dataset, rows) -> tuple[float, int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron.sft.training.batch import valid_cu_seqlens
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            item = dataset[r]
+            cu = valid_cu_seqlens(item["cu_seqlens"]).tolist()
+            for start, end in zip(cu[:-1], cu[1:]):
+                tokens = item["tokens"][start:end].unsqueeze(0)
+                labels = item["labels"][start:end].clone()
+                mask = item["loss_mask"][start:end] > 0
+                labels[~mask] = -100
+                logits = model(tokens).logits[0].float()
+                loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100,
+                                                         reduction="sum")
+                total += loss.item()
+                count += int(mask.sum())
+    return total, count
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+
+    from megatron.sft.training.arguments import TrainConfig
+    from megatron.sft.training.trainer import Trainer, microbatch_rows
+
+    cfg = TrainConfig(**spec["config"])
+    trainer = Trainer(cfg, log=lambda m: None)
+    trainer.setup()
+    rank = torch.distributed.get_rank()
+    if spec["mode"] == "hf_loss":
+        rows = microbatch_rows(0, cfg.global_batch_size, cfg.micro_batch_size,
+                               trainer.dp_rank, trainer.dp_size)
+        total = trainer._run_schedule(trainer._microbatches(trainer.train_ds, rows), True)
+        if rank == 0:
+            ref_sum, ref_count = hf_reference_loss(spec["hf"], trainer.train_ds,
+                                                   range(cfg.global_batch_size))
+            Path(spec["out"]).write_text(json.dumps({
+                "megatron": (total[0] / total[1]).item(), "megatron_tokens": int(total[1]),
+                "hf": ref_sum / ref_count, "hf_tokens": ref_count,
+                "packed_samples_per_row": float(sum(
+                    len(trainer.train_ds.sample_ids(r)) for r in range(cfg.global_batch_size))
+                    / cfg.global_batch_size)}))
+    else:
+        history = trainer.train()
+        if trainer.is_logger:
+            Path(spec["out"]).write_text(json.dumps(history))
+    from megatron.sft.runtime.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
