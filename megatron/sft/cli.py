@@ -7,7 +7,8 @@ import sys
 from typing import Callable
 
 #: errors that mean "bad input"; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, KeyError)
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, KeyError,
+               FloatingPointError)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:

@@ -41,6 +41,15 @@ def _unwrap(model):
     return model
 
 
+def uses_distributed_optimizer(optimizer) -> bool:
+    """Sharded optimizer state lives in ``distrib_optim.pt`` (megatron-core's ChainedOptimizer
+    exposes the save/load methods whatever it wraps, so ask the wrapped optimizers)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer)
+               for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -86,7 +95,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
     meta_now = CheckpointMetadata(**{**meta.to_dict(), "params_dtype": dtype_name(dtype)})
     rank_path = rank_file(partial, tp, pp, meta.pipeline_model_parallel_size)
     rank_path.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(optimizer, "save_parameter_state"):
+    if uses_distributed_optimizer(optimizer):
         # Collective over the data-parallel group; DP rank 0 writes the gathered shards.
         optimizer.save_parameter_state(str(rank_path.with_name(DISTRIB_OPTIM_FILE)))
     if ps.get_data_parallel_rank() == 0:
@@ -166,7 +175,7 @@ def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional
     # megatron-core fills in place: that must not be recorded by autograd.
     with torch.no_grad():
         optimizer.load_state_dict(state["optimizer"])
-        if hasattr(optimizer, "load_parameter_state"):
+        if uses_distributed_optimizer(optimizer):
             with _step_state_hidden(optimizer):
                 optimizer.load_parameter_state(str(rank_file(it_dir, tp, pp, pp_size)
                                                    .with_name(DISTRIB_OPTIM_FILE)))

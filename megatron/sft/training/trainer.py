@@ -76,6 +76,15 @@ class Trainer:
         self._build_model(vpp)
         self._build_optimizer()
         self._build_data()
+        from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops_per_token
+
+        self.flops_per_token = training_flops_per_token(shape, cfg.seq_length)
+        self.peak_tflops = (peak_tflops(torch.cuda.get_device_name())
+                            if self.info.device.type == "cuda" else None)
+        import dataclasses as _dc
+
+        self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, _dc.asdict(cfg))
+                      if self.is_logger else None)
         self.iteration = 0
         self.consumed_samples = 0
         from megatron.sft.training.checkpointing import is_training_checkpoint, load_training_state
@@ -297,6 +306,7 @@ class Trainer:
                           "ms_per_iter": step.seconds * 1e3,
                           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / step.seconds,
                           "skipped": step.skipped}
+                record.update(self._device_metrics(step))
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                     record.update(self.evaluate() or {})
                 self.history.append(record)
@@ -319,20 +329,42 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.sinks is not None:
+                self.sinks.close()
             for s, h in previous.items():
                 signal.signal(s, h)
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history
 
+    def _device_metrics(self, step: StepResult) -> dict[str, float]:
+        """TFLOP/s per GPU, MFU and peak memory on GPU (model FLOPs, padding included)."""
+        if self.info.device.type != "cuda":
+            return {}
+        world = torch.distributed.get_world_size()
+        tflops = (self.flops_per_token * self.cfg.global_batch_size * self.cfg.seq_length
+                  / step.seconds / world / 1e12)
+        out = {"tflops_per_gpu": tflops,
+               "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        return out
+
     def _log(self, record: dict[str, Any]) -> None:
         if not self.is_logger:
             return
+        if self.sinks is not None:
+            self.sinks.log(record)
         parts = [f"iter {record['iteration']}/{self.train_iters}",
                  f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}"]
         if record["grad_norm"] is not None:
             parts.append(f"grad_norm {record['grad_norm']:.3f}")
         parts += [f"samples {record['consumed_samples']}", f"{record['ms_per_iter']:.0f} ms/it",
                   f"{record['tokens_per_s']:.0f} tok/s"]
+        if "tflops_per_gpu" in record:
+            parts.append(f"{record['tflops_per_gpu']:.1f} TFLOP/s/GPU")
+            if "mfu" in record:
+                parts.append(f"MFU {record['mfu']:.1%}")
+            parts.append(f"mem {record['max_memory_gib']:.1f} GiB")
         if "valid_loss" in record:
             parts.append(f"valid_loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f}")
         self.log(" | ".join(parts))

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Tiny SFT run on CPU (gloo, 2 processes, TP=2): the recipe `make demo` prepares assets for.
+#
+# Usage: bash scripts/sft/SFT_tiny_cpu.sh train
+#
+# Reads  $DEMO_DIR/megatron_TP2PP1 (converted tiny model) and $DEMO_DIR/data/Tokenized-* (from make demo)
+# Writes $DEMO_DIR/sft_tiny (checkpoints, train_log.jsonl). Re-running resumes.
+# Environment: DEMO_DIR (default runs/demo), TRAIN_ITERS, LR, GBS, MBS, SEQ_LEN, NPROC, TP, PP.
+set -euo pipefail
+
+if [[ "${1:-}" != "train" ]]; then
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+: "${PYTHON:=$REPO/.venv/bin/python}"
+: "${DEMO_DIR:=$REPO/runs/demo}"
+: "${NPROC:=2}"
+: "${TP:=2}"
+: "${PP:=1}"
+: "${SEQ_LEN:=256}"
+: "${MBS:=4}"
+: "${GBS:=16}"
+: "${TRAIN_ITERS:=60}"
+: "${LR:=3e-3}"
+: "${CKPT:=$DEMO_DIR/megatron_TP${TP}PP${PP}}"
+: "${DATA_PATH:=$(ls "$DEMO_DIR"/data/Tokenized-*_text_document.idx 2>/dev/null | head -1 | sed 's/_text_document.idx$//')}"
+: "${SAVE_DIR:=$DEMO_DIR/sft_tiny}"
+
+if [[ -z "$DATA_PATH" || ! -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then
+  echo "error: demo assets not found under $DEMO_DIR; run 'make demo' first" >&2
+  exit 2
+fi
+LOAD=$CKPT
+[[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]] && LOAD=$SAVE_DIR
+
+# --- gloo on CPU: real megatron-core TP code paths, one process per TP rank
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+  "$REPO/tools/train_sft.py" --load "$LOAD" --save "$SAVE_DIR" --save-interval 20 \
+  --data-path "$DATA_PATH" --seq-length "$SEQ_LEN" --split 95,5,0 \
+  --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS" \
+  --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5 --clip-grad 1.0 \
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+  --eval-interval 20 --eval-iters 2 --log-interval 5 --log-json "$SAVE_DIR.log.jsonl"

@@ -1,0 +1,113 @@
+"""tools/train_sft.py as a user runs it: preemption, divergence, bad flags, logs and plots."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sft_testing import REPO, run_tool
+from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+
+
+@pytest.fixture(scope="module")
+def ckpt(sft_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tp1pp1"
+    convert_hf_to_megatron(sft_assets["hf"], out, ConvertOptions(progress=False))
+    return str(out)
+
+
+def _args(ckpt, data, **extra):
+    base = {"--load": ckpt, "--data-path": data, "--seq-length": "128",
+            "--micro-batch-size": "2", "--global-batch-size": "4", "--lr": "1e-3",
+            "--train-iters": "3", "--no-progress": None}
+    base.update(extra)
+    out = []
+    for k, v in base.items():
+        out += [k] if v is None else [k, str(v)]
+    return out
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_sigterm_saves_then_exits_cleanly(ckpt, sft_assets, tmp_path):
+    save = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools/train_sft.py"),
+                             *_args(ckpt, sft_assets["data"], **{"--train-iters": "100000",
+                                                                 "--save": str(save)})],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("iter 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=120)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text[-3000:]
+    assert "received signal 15: saving and exiting" in text
+    saved = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved < 100000
+    assert (save / f"iter_{saved:07d}" / "mp_rank_00" / "model_optim_rng.pt").exists()
+    assert not list(save.glob("*.partial"))
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_nan_loss_stops_with_the_iteration_or_is_skipped(ckpt, sft_assets, tmp_path):
+    import shutil
+
+    import torch
+
+    bad = tmp_path / "nan_ckpt"
+    shutil.copytree(ckpt, bad)
+    rank_file = bad / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank_file, weights_only=True)
+    state["model"]["decoder.final_layernorm.weight"][0] = float("nan")
+    torch.save(state, rank_file)
+
+    r = run_tool("tools/train_sft.py", *_args(str(bad), sft_assets["data"]), timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "error: loss is nan at iteration 1; stopping" in r.stderr
+    assert "--skip-nan-steps" in r.stderr
+
+    log = tmp_path / "log.jsonl"
+    r = run_tool("tools/train_sft.py", *_args(str(bad), sft_assets["data"], **{
+        "--skip-nan-steps": None, "--log-json": str(log)}), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [rec["skipped"] for rec in records] == [True, True, True]
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_bad_flags_fail_before_training(ckpt, sft_assets, tmp_path):
+    r = run_tool("tools/train_sft.py", *_args(ckpt, sft_assets["data"], **{
+        "--global-batch-size": "3"}))
+    assert r.returncode == 2
+    assert "--global-batch-size 3 is not divisible by --micro-batch-size 2" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_tool("tools/train_sft.py", *_args(ckpt, str(tmp_path / "nothing")))
+    assert r.returncode == 2 and "no SFT dataset at" in r.stderr
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_logs_tensorboard_and_plot(ckpt, sft_assets, tmp_path):
+    log = tmp_path / "log.jsonl"
+    r = run_tool("tools/train_sft.py", *_args(ckpt, sft_assets["data"], **{
+        "--tensorboard-dir": str(tmp_path / "tb"), "--log-json": str(log),
+        "--eval-interval": "3", "--eval-iters": "1"}), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [rec["iteration"] for rec in records] == [1, 2, 3]
+    assert "valid_loss" in records[-1] and records[-1]["valid_ppl"] > 1
+    assert "iter 3/3 | loss" in r.stdout
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    png = tmp_path / "curve.png"
+    p = run_tool("tools/plot_training_log.py", str(log), str(png))
+    assert p.returncode == 0, p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,62 @@
+"""Training configuration: Megatron-LM flag names, YAML with command-line override, clear
+errors for invalid combinations."""
+
+import pytest
+
+from megatron.sft.training.arguments import TrainConfig, build_parser, parse_config
+
+MEGATRON_FLAGS = [
+    "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+    "--num-layers-per-virtual-pipeline-stage", "--sequence-parallel", "--micro-batch-size",
+    "--global-batch-size", "--seq-length", "--lr", "--min-lr", "--lr-decay-style",
+    "--lr-warmup-iters", "--lr-warmup-fraction", "--train-iters", "--weight-decay",
+    "--adam-beta1", "--adam-beta2", "--clip-grad", "--bf16", "--use-distributed-optimizer",
+    "--recompute-granularity", "--load", "--finetune", "--save", "--save-interval",
+    "--eval-interval", "--eval-iters", "--data-path", "--split", "--seed", "--log-interval",
+    "--tensorboard-dir", "--wandb-project", "--exit-interval",
+]
+
+
+def test_flag_names_match_megatron_lm():
+    options = build_parser()._option_string_actions
+    missing = [f for f in MEGATRON_FLAGS if f not in options]
+    assert not missing
+
+
+def test_yaml_then_command_line(tmp_path):
+    cfg_file = tmp_path / "sft.yaml"
+    cfg_file.write_text("load: /ckpt\nlr: 2.0e-5\nmicro-batch-size: 2\ntrain_iters: 10\n"
+                        "data-path: /data\n")
+    cfg = parse_config(["--config", str(cfg_file), "--lr", "3e-5"])
+    assert cfg.lr == 3e-5 and cfg.micro_batch_size == 2 and cfg.train_iters == 10
+    assert cfg.load == "/ckpt" and cfg.data_path == "/data"
+    cfg_file.write_text("load: /ckpt\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
+        parse_config(["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("overrides, world, layers, message", [
+    (dict(global_batch_size=6, micro_batch_size=4), 2, 4,
+     "--global-batch-size 6 is not divisible by --micro-batch-size 4 x data-parallel size 1"),
+    (dict(global_batch_size=8, micro_batch_size=1), 3, 4,
+     "world size 3 is not divisible by --tensor-model-parallel-size 2"),
+    (dict(train_iters=None), 2, 4, "exactly one of --train-iters and --train-epochs"),
+    (dict(lr_warmup_iters=1, lr_warmup_fraction=0.1), 2, 4,
+     "can't give both --lr-warmup-iters and --lr-warmup-fraction"),
+    (dict(pipeline_model_parallel_size=2, tensor_model_parallel_size=1), 2, 3,
+     "num_layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    (dict(num_layers_per_virtual_pipeline_stage=1), 2, 4,
+     "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2"),
+    (dict(save_interval=5), 2, 4, "--save-interval needs --save"),
+    (dict(min_lr=1.0), 2, 4, "--min-lr 1.0 is larger than --lr"),
+])
+def test_invalid_combinations(overrides, world, layers, message):
+    base = dict(load="/c", data_path="/d", train_iters=5, tensor_model_parallel_size=2)
+    cfg = TrainConfig(**{**base, **overrides})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg.validate(world, layers)
+
+
+def test_warmup_fraction():
+    cfg = TrainConfig(load="/c", lr_warmup_fraction=0.1)
+    assert cfg.warmup_iters(100) == 10 and TrainConfig(load="/c").warmup_iters(100) == 0
