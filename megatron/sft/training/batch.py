@@ -51,3 +51,24 @@ def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor
     data-parallel ranks are summed (megatron-core's per-token loss mode)."""
     mask = loss_mask.to(per_token_loss.dtype)
     return (per_token_loss.float() * mask.float()).sum(), mask.sum().to(torch.int64)
+
+
+def thd_cu_seqlens(cu_seqlens: torch.Tensor, seq_length: int) -> tuple[torch.Tensor, int]:
+    """Flatten a micro-batch of packed rows into one THD sequence for Transformer Engine.
+
+    Every row becomes ``seq_length`` consecutive tokens; its boundaries are shifted by the row's
+    offset, and trailing padding becomes a segment of its own so it attends only to itself.
+    Returns ``(cu_seqlens int32 [n+1], max_seqlen)``.
+
+    >>> thd_cu_seqlens(torch.tensor([[0, 3, 5], [0, 6, -1]]), 6)
+    (tensor([ 0,  3,  5,  6, 12], dtype=torch.int32), 6)
+    """
+    bounds: list[int] = [0]
+    for row, cu in enumerate(cu_seqlens.tolist()):
+        offset = row * seq_length
+        ends = [c for c in cu if c > 0]
+        if not ends or ends[-1] != seq_length:
+            ends.append(seq_length)
+        bounds.extend(offset + e for e in ends)
+    out = torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device)
+    return out, int((out[1:] - out[:-1]).max())

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron.sft.training.arguments import TrainConfig
-from megatron.sft.training.batch import masked_loss_sum, packed_attention_mask
+from megatron.sft.training.batch import masked_loss_sum, packed_attention_mask, thd_cu_seqlens
 from megatron.sft.training.loss import vocab_parallel_token_loss
 
 
@@ -190,22 +190,39 @@ class Trainer:
         for micro in rows:
             batch = collate_sft([dataset[r % len(dataset)] for r in micro])
             batch = {k: v.to(device) for k, v in batch.items()}
-            if self.cfg.packing:
+            batch["attention_mask"] = None
+            batch["packed_seq_params"] = None
+            if self.cfg.packing and self.spec_kind == "te":
+                batch["packed_seq_params"] = self._thd_params(batch["cu_seqlens"])
+            elif self.cfg.packing:
                 batch["attention_mask"] = packed_attention_mask(batch["cu_seqlens"],
                                                                 self.cfg.seq_length)
-            else:
-                batch["attention_mask"] = None
             out.append(batch)
         return out
 
+    def _thd_params(self, cu_seqlens: torch.Tensor):
+        """Transformer Engine's packed (THD) attention: the micro-batch's rows are flattened
+        into one sequence whose sample boundaries isolate attention (see ``thd_cu_seqlens``)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu, max_len = thd_cu_seqlens(cu_seqlens, self.cfg.seq_length)
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                               max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"],
-                       attention_mask=batch["attention_mask"])
+        tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
+        thd = batch.get("packed_seq_params")
+        if thd is not None:  # [b, s] -> [1, b*s]: one THD sequence
+            tokens, positions = tokens.reshape(1, -1), positions.reshape(1, -1)
+        output = model(tokens, positions, attention_mask=batch["attention_mask"],
+                       packed_seq_params=thd)
         vocab = self.shape.vocab_size
 
         def loss_func(output_tensor):
-            per_token = vocab_parallel_token_loss(output_tensor, batch["labels"], vocab)
+            if thd is not None:
+                output_tensor = output_tensor.reshape(labels.shape + output_tensor.shape[-1:])
+            per_token = vocab_parallel_token_loss(output_tensor, labels, vocab)
             loss_sum, count = masked_loss_sum(per_token, batch["loss_mask"])
             return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(),
                                                              count.to(loss_sum.dtype)])}

@@ -7,6 +7,7 @@ from megatron.sft.training.batch import (
     masked_loss_sum,
     packed_attention_mask,
     segment_ids,
+    thd_cu_seqlens,
     valid_cu_seqlens,
 )
 from megatron.sft.training.trainer import microbatch_rows
@@ -61,3 +62,17 @@ def test_microbatch_rows_cover_each_global_batch_once(dp, mbs):
 def test_documented_example():
     assert microbatch_rows(1, 4, 1, 0, 2) == [[4], [5]]
     assert microbatch_rows(1, 4, 1, 1, 2) == [[6], [7]]
+
+
+def test_thd_boundaries_agree_with_the_mask():
+    cu = torch.tensor([[0, 3, 5, -1], [0, 6, -1, -1]])
+    flat, max_len = thd_cu_seqlens(cu, 6)
+    assert flat.tolist() == [0, 3, 5, 6, 12] and max_len == 6
+    # Same isolation as the block-diagonal mask: segment ids along the flattened sequence.
+    seg = segment_ids(cu, 6)
+    flat_seg = torch.bucketize(torch.arange(12), flat[1:-1].long(), right=True)
+    for a in range(12):
+        for b in range(12):
+            same_row = a // 6 == b // 6
+            same_mask_segment = same_row and seg[a // 6, a % 6] == seg[b // 6, b % 6]
+            assert (flat_seg[a] == flat_seg[b]).item() == same_mask_segment
