@@ -327,6 +327,7 @@ class Trainer:
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                     record.update(self.evaluate() or {})
                 self.history.append(record)
+                self._record(record)
                 if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
                     self._log(record)
                 if bar is not None:
@@ -366,11 +367,20 @@ class Trainer:
             out["mfu"] = tflops / self.peak_tflops
         return out
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _record(self, record: dict[str, Any]) -> None:
+        """Every iteration goes to the JSON log and TensorBoard/W&B; the console gets every
+        ``--log-interval``-th."""
         if not self.is_logger:
             return
         if self.sinks is not None:
             self.sinks.log(record)
+        if self.cfg.log_json:
+            with open(self.cfg.log_json, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_logger:
+            return
         parts = [f"iter {record['iteration']}/{self.train_iters}",
                  f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}"]
         if record["grad_norm"] is not None:
@@ -385,6 +395,3 @@ class Trainer:
         if "valid_loss" in record:
             parts.append(f"valid_loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f}")
         self.log(" | ".join(parts))
-        if self.cfg.log_json:
-            with open(self.cfg.log_json, "a") as f:
-                f.write(json.dumps(record) + "\n")

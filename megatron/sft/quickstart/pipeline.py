@@ -1,0 +1,234 @@
+"""The whole pipeline on a built-in tiny default, offline on a CPU: what `make demo` runs.
+
+tokenizer (BPE trained here, ChatML template) -> tiny Qwen2 HF model -> synthetic multi-turn
+data with held-out prompts -> accuracy before SFT -> convert to Megatron TP=2 -> logits parity
+-> pre-tokenize -> SFT on 2 gloo ranks -> export to HF -> logits parity of the export ->
+accuracy after SFT -> loss-curve PNG. Each stage is timed; the summary says what happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron.sft.quickstart.task import TaskConfig, make_task, tokenizer_corpus
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    workdir: Path
+    tensor_model_parallel_size: int = 2
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    hidden_size: int = 128
+    num_layers: int = 4
+    seq_length: int = 128
+    micro_batch_size: int = 16
+    global_batch_size: int = 32
+    train_iters: int = 400
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    eval_interval: int = 100
+    log_interval: int = 20
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _torchrun(nproc: int, script: str, args: list[str], log: Path) -> None:
+    """Run one of our tools on ``nproc`` local ranks; its output goes to ``log``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), str(REPO / script), *args]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise StageFailed(f"{script} failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+@dataclasses.dataclass
+class Demo:
+    cfg: DemoConfig
+    say: Callable[[str], None] = print
+    rows: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def stage(self, name: str, fn: Callable[[], str]) -> None:
+        self.say(f"==> {name}")
+        t0 = time.perf_counter()
+        detail = fn() or ""
+        seconds = time.perf_counter() - t0
+        self.rows.append((name, seconds, detail))
+        self.say(f"    {detail} ({seconds:.1f}s)")
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def w(self) -> Path:
+        return self.cfg.workdir
+
+    def run(self) -> dict[str, Any]:
+        c = self.cfg
+        if self.w.exists():
+            shutil.rmtree(self.w)
+        (self.w / "logs").mkdir(parents=True)
+        tp = c.tensor_model_parallel_size
+        paths = dict(tokenizer=self.w / "tokenizer", hf=self.w / "hf_tiny_qwen2",
+                     data=self.w / "data" / "repeat.jsonl", ckpt=self.w / f"megatron_TP{tp}PP1",
+                     run=self.w / "sft_run", export=self.w / "export_hf",
+                     log=self.w / "train_log.jsonl", png=self.w / "loss_curve.png")
+        self.results["paths"] = {k: str(v) for k, v in paths.items()}
+        records, heldout = make_task(c.task)
+
+        def tokenizer():
+            from megatron.sft.data.tiny_tokenizer import save_tiny_tokenizer
+
+            save_tiny_tokenizer(paths["tokenizer"], template="chatml", corpus=tokenizer_corpus(),
+                                vocab_size=400)
+            from transformers import AutoTokenizer
+
+            self.vocab = len(AutoTokenizer.from_pretrained(paths["tokenizer"]))
+            return f"byte-level BPE, {self.vocab} tokens, ChatML template"
+
+        def model():
+            from megatron.sft.bridge.random_hf_model import make_random_hf_model
+
+            make_random_hf_model("Qwen2ForCausalLM", paths["hf"], seed=c.task.seed, overrides=dict(
+                vocab_size=self.vocab, hidden_size=c.hidden_size,
+                intermediate_size=3 * c.hidden_size, num_hidden_layers=c.num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(paths["tokenizer"] / name, paths["hf"] / name)
+            return f"Qwen2-shaped, {c.num_layers} layers, hidden {c.hidden_size}, random weights"
+
+        def data():
+            paths["data"].parent.mkdir(parents=True)
+            with open(paths["data"], "w") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+            (self.w / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1))
+            return (f"{len(records)} conversations ('Repeat: w1 w2 ...'), {len(heldout)} held-out "
+                    "prompts never seen in training")
+
+        def accuracy_before():
+            from megatron.sft.quickstart.evaluate import generation_accuracy
+
+            acc, _ = generation_accuracy(paths["hf"], paths["tokenizer"], heldout)
+            self.results["accuracy_before"] = acc
+            return f"exact match {acc:.0%} on held-out prompts"
+
+        def convert():
+            from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+            from megatron.sft.bridge.layout import ParallelLayout
+
+            meta = convert_hf_to_megatron(paths["hf"], paths["ckpt"], ConvertOptions(
+                layout=ParallelLayout(tp, 1), progress=False))
+            return f"TP{tp}: vocab padded {self.vocab} -> {meta.padded_vocab_size}"
+
+        def parity(ckpt: Path, hf: Path, tag: str):
+            def run():
+                out = self.w / "logs" / f"parity_{tag}.json"
+                _torchrun(tp, "tools/check_hf_parity.py", ["--load", str(ckpt), "--hf-model",
+                          str(hf), "--output-json", str(out)], self.w / "logs" / f"parity_{tag}.log")
+                diff = json.loads(out.read_text())["max_abs_diff"]
+                self.results[f"parity_{tag}"] = diff
+                return f"megatron-core on {tp} gloo ranks vs transformers: max |dlogits| {diff:.1e}"
+            return run
+
+        def tokenize():
+            from megatron.sft.data.preprocess import PreprocessConfig, preprocess
+            from megatron.sft.data.render import RenderConfig
+
+            stats = preprocess(PreprocessConfig(
+                input=str(paths["data"]), tokenizer_model=str(paths["tokenizer"]),
+                render=RenderConfig(max_length=c.seq_length), progress=False))
+            self.data_prefix = stats.output_prefix
+            self.results["tokens"] = stats.tokens
+            return (f"{stats.samples_written} samples, {stats.tokens} tokens, {stats.loss_tokens} "
+                    f"loss tokens -> {Path(stats.output_prefix).name}_*.bin/.idx")
+
+        def train():
+            args = ["--load", str(paths["ckpt"]), "--save", str(paths["run"]),
+                    "--data-path", self.data_prefix, "--split", "98,2,0",
+                    "--seq-length", str(c.seq_length), "--micro-batch-size", str(c.micro_batch_size),
+                    "--global-batch-size", str(c.global_batch_size), "--train-iters", str(c.train_iters),
+                    "--lr", str(c.lr), "--min-lr", str(c.min_lr), "--lr-decay-style", "cosine",
+                    "--lr-warmup-iters", str(max(1, c.train_iters // 20)),
+                    "--tensor-model-parallel-size", str(tp), "--eval-interval", str(c.eval_interval),
+                    "--eval-iters", "2", "--log-interval", str(c.log_interval),
+                    "--log-json", str(paths["log"]), "--no-progress"]
+            _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / "train.log")
+            log = [json.loads(line) for line in paths["log"].read_text().splitlines()]
+            self.results["loss_start"], self.results["loss_end"] = log[0]["loss"], log[-1]["loss"]
+            rows = next((line for line in (self.w / "logs" / "train.log").read_text().splitlines()
+                         if "packing efficiency" in line), "")
+            eff = rows.split("packing efficiency ")[-1].split(")")[0] if rows else "?"
+            self.results["packing_efficiency"] = eff
+            return (f"{c.train_iters} iterations, TP{tp} on {tp} gloo ranks, packing efficiency "
+                    f"{eff}; loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
+
+        def export():
+            from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+
+            export_megatron_to_hf(paths["run"], paths["export"], paths["hf"],
+                                  ExportOptions(progress=False))
+            return f"{paths['export']}"
+
+        def accuracy_after():
+            from megatron.sft.quickstart.evaluate import generation_accuracy
+
+            acc, examples = generation_accuracy(paths["export"], paths["export"], heldout)
+            self.results["accuracy_after"] = acc
+            self.results["examples"] = examples[:3]
+            sample = "; ".join(f"{p!r} -> {g!r}" for p, _, g in examples[:2])
+            return f"exact match {acc:.0%} on held-out prompts (e.g. {sample})"
+
+        def plot():
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            subprocess.run([sys.executable, str(REPO / "tools" / "plot_training_log.py"),
+                            str(paths["log"]), str(paths["png"]), "--title",
+                            "Megatron-SFT demo: tiny Qwen2 learns 'Repeat:'"],
+                           check=True, env=env, capture_output=True)
+            return str(paths["png"])
+
+        self.stage("make tokenizer", tokenizer)
+        self.stage("make tiny HF model", model)
+        self.stage("make SFT data", data)
+        self.stage("accuracy before SFT", accuracy_before)
+        self.stage("convert HF -> Megatron", convert)
+        self.stage("logits parity (converted)", parity(paths["ckpt"], paths["hf"], "converted"))
+        self.stage("pre-tokenize", tokenize)
+        self.stage("SFT training", train)
+        self.stage("export Megatron -> HF", export)
+        self.stage("logits parity (exported)", parity(paths["run"], paths["export"], "exported"))
+        self.stage("accuracy after SFT", accuracy_after)
+        self.stage("loss curve", plot)
+        self.results["stages"] = [{"name": n, "seconds": s, "detail": d} for n, s, d in self.rows]
+        (self.w / "summary.json").write_text(json.dumps(self.results, indent=2))
+        return self.results
+
+    def summary(self) -> str:
+        width = max(len(r[0]) for r in self.rows)
+        lines = ["", "Summary"] + [f"  {n:<{width}}  {t:6.1f}s  {d}" for n, t, d in self.rows]
+        r = self.results
+        lines += [
+            f"  {'total':<{width}}  {sum(x[1] for x in self.rows):6.1f}s",
+            "",
+            f"  loss: {r['loss_start']:.3f} -> {r['loss_end']:.3f}   packing efficiency: "
+            f"{r['packing_efficiency']}",
+            f"  held-out exact match: {r['accuracy_before']:.0%} before SFT -> "
+            f"{r['accuracy_after']:.0%} after SFT",
+            f"  loss curve: {r['paths']['png']}",
+            f"  exported model: {r['paths']['export']}",
+        ]
+        return "\n".join(lines)

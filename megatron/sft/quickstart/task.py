@@ -1,0 +1,63 @@
+"""A synthetic SFT task whose answers can be checked exactly (pure).
+
+"Repeat: tiger piano lemon" -> "tiger piano lemon". Conversations have one or two such turns;
+held-out prompts are word sequences that never occur in the training set, so exact-match
+accuracy on them measures learning, not lookup. An untrained model scores ~0.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+WORDS = tuple("apple river stone cloud tiger piano lemon rocket forest candle mirror garden "
+              "silver ocean pencil dragon window castle button meadow".split())
+PROMPT = "Repeat: "
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    train_conversations: int = 6000
+    heldout_prompts: int = 100
+    min_words: int = 2
+    max_words: int = 5
+    seed: int = 0
+
+
+def _sequence(rng: random.Random, cfg: TaskConfig) -> tuple[str, ...]:
+    return tuple(rng.choice(WORDS) for _ in range(rng.randint(cfg.min_words, cfg.max_words)))
+
+
+def make_task(cfg: TaskConfig) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``(train_records, heldout)``: records in the OpenAI ``messages`` format; held-out items
+    are ``(prompt, expected_answer)`` pairs whose word sequence is absent from training."""
+    rng = random.Random(cfg.seed)
+    seen: set[tuple[str, ...]] = set()
+    records = []
+    for _ in range(cfg.train_conversations):
+        messages = []
+        for _turn in range(rng.randint(1, 2)):
+            words = _sequence(rng, cfg)
+            seen.add(words)
+            messages += [{"role": "user", "content": PROMPT + " ".join(words)},
+                         {"role": "assistant", "content": " ".join(words)}]
+        records.append({"messages": messages})
+    heldout: list[tuple[str, str]] = []
+    heldout_rng = random.Random(cfg.seed + 1)
+    chosen: set[tuple[str, ...]] = set()
+    while len(heldout) < cfg.heldout_prompts:
+        words = _sequence(heldout_rng, cfg)
+        if words in seen or words in chosen:
+            continue
+        chosen.add(words)
+        heldout.append((PROMPT + " ".join(words), " ".join(words)))
+    return records, heldout
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the demo's BPE tokenizer is trained on, so every task word is one token."""
+    return [" ".join(WORDS)] * 20 + [PROMPT + " ".join(WORDS)] * 5
+
+
+def is_correct(generated: str, expected: str) -> bool:
+    return generated.strip() == expected

@@ -1,0 +1,46 @@
+"""The quickstart pipeline at reduced size: every stage's output exists and is valid, the
+exported model loads in transformers and matches the Megatron model's logits."""
+
+import json
+
+import pytest
+
+from megatron.sft.quickstart.pipeline import Demo, DemoConfig
+from megatron.sft.quickstart.task import TaskConfig, make_task
+
+
+def test_task_heldout_prompts_are_unseen():
+    records, heldout = make_task(TaskConfig(train_conversations=500, heldout_prompts=50))
+    seen = {m["content"] for r in records for m in r["messages"] if m["role"] == "user"}
+    assert len(heldout) == 50 and not {p for p, _ in heldout} & seen
+    assert all(p == "Repeat: " + a for p, a in heldout)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_reduced_quickstart_pipeline(tmp_path):
+    demo = Demo(DemoConfig(workdir=tmp_path / "demo", train_iters=6, eval_interval=3,
+                           log_interval=3, task=TaskConfig(train_conversations=300,
+                                                           heldout_prompts=4)),
+                say=lambda m: None)
+    r = demo.run()
+    paths = {k: tmp_path / "demo" / v.split("/demo/")[-1] for k, v in r["paths"].items()}
+    # Every stage ran and left valid output.
+    assert [s["name"] for s in r["stages"]][-1] == "loss curve"
+    assert (paths["tokenizer"] / "tokenizer.json").exists()
+    assert (paths["ckpt"] / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert (paths["run"] / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    log = [json.loads(line) for line in paths["log"].read_text().splitlines()]
+    assert [x["iteration"] for x in log] == list(range(1, 7))
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = next(paths["data"].parent.glob("Tokenized-*_text_document.idx"))
+    assert len(IndexedDataset(str(prefix)[: -len(".idx")])) == 300
+    # Exported model: loads in transformers and matches megatron-core's logits from the run.
+    assert r["parity_converted"] <= 1e-4
+    assert r["parity_exported"] <= 1e-4
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(paths["export"])
+    assert AutoTokenizer.from_pretrained(paths["export"]).chat_template
+    assert 0.0 <= r["accuracy_after"] <= 1.0 and r["loss_end"] < r["loss_start"]
