@@ -4,6 +4,7 @@
 #   docker build -t megatron-sft .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
 #       -v "$PWD":"$PWD" -w "$PWD" -it --rm megatron-sft
+#   docker run --gpus all --rm megatron-sft python tools/self_check.py   # TE/Apex/mcore + GPU model
 #
 # 25.01 ships Python 3.12 / torch 2.6 / TE 1.14; megatron-core 0.16 supports both.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3
@@ -19,3 +20,4 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constr
 
 COPY . .
 ENV PYTHONPATH=/opt/megatron-sft
+CMD ["python", "tools/self_check.py"]

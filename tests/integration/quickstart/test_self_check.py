@@ -1,0 +1,14 @@
+"""The environment self-check (what the Docker image runs) passes here and reports versions."""
+
+import pytest
+
+from sft_testing import run_tool
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_self_check_passes():
+    r = run_tool("tools/self_check.py", timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "megatron-core 0.16" in r.stdout
+    assert "model build + logits (local): OK" in r.stdout
+    assert r.stdout.rstrip().endswith("self-check passed")
