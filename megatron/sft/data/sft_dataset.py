@@ -85,15 +85,21 @@ def _strip_suffix(prefix: str) -> str:
 
 
 def open_pair(prefix: str):
-    """Open ``<prefix>_text_document`` and ``<prefix>_loss_mask_document`` and check they match."""
+    """Open ``<prefix>_text_document`` and ``<prefix>_loss_mask_document`` and check they match.
+
+    A text dataset without a loss-mask file (e.g. from Megatron-LM's ``preprocess_data.py``) is
+    continued-pretraining data: the mask is ``None`` and every token is learned.
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = _strip_suffix(prefix)
-    if not IndexedDataset.exists(prefix + TEXT_SUFFIX) or not IndexedDataset.exists(prefix + LOSS_MASK_SUFFIX):
+    if not IndexedDataset.exists(prefix + TEXT_SUFFIX):
         raise FileNotFoundError(
             f"no SFT dataset at {prefix!r}: expected {prefix}{TEXT_SUFFIX}.bin/.idx and "
             f"{prefix}{LOSS_MASK_SUFFIX}.bin/.idx (run tools/preprocess_data_sft.py first)."
         )
+    if not IndexedDataset.exists(prefix + LOSS_MASK_SUFFIX):
+        return IndexedDataset(prefix + TEXT_SUFFIX), None
     text, mask = IndexedDataset(prefix + TEXT_SUFFIX), IndexedDataset(prefix + LOSS_MASK_SUFFIX)
     if not np.array_equal(text.sequence_lengths, mask.sequence_lengths):
         raise ValueError(
@@ -113,9 +119,17 @@ class SFTDataset(torch.utils.data.Dataset):
         all_lengths = self.text.sequence_lengths.astype(np.int64)
         indices = np.arange(len(all_lengths)) if indices is None else np.asarray(indices, np.int64)
         positions = all_lengths[indices] - 1  # slots a sample takes after the shift
+        self.pretraining = self.mask is None
+        if self.pretraining:
+            # Documents are cut into pieces of seq_length positions (one token of overlap, so no
+            # prediction is lost at a cut); pieces are packed like SFT samples.
+            indices, starts, positions = split_documents(indices, positions, config.seq_length)
+        else:
+            starts = np.zeros_like(indices)
         fits = (positions >= 1) & (positions <= config.seq_length)
         self.skipped_too_long = int((~fits).sum())
         self.indices, self.positions = indices[fits], positions[fits]
+        self.starts = starts[fits]
         if self.indices.size == 0:
             raise ValueError(
                 f"{name} split of {prefix!r} has no sample of 2..{config.seq_length + 1} tokens "
@@ -151,10 +165,35 @@ class SFTDataset(torch.utils.data.Dataset):
         items = self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]
         return self.indices[items]
 
+    def _sample(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        doc = int(self.indices[item])
+        if not self.pretraining:
+            return self.text[doc], self.mask[doc]
+        ids = self.text.get(doc, offset=int(self.starts[item]), length=int(self.positions[item]) + 1)
+        return ids, np.ones(len(ids), np.uint8)
+
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        samples = [(self.text[int(d)], self.mask[int(d)]) for d in self.sample_ids(row)]
+        items = self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]
+        samples = [self._sample(int(i)) for i in items]
         arrays = assemble_pack(samples, self.config.seq_length, self.config.pad_token_id)
         return {key: torch.from_numpy(value) for key, value in arrays.items()}
+
+
+def split_documents(docs: np.ndarray, positions: np.ndarray, seq_length: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut documents into pieces of at most ``seq_length`` positions (pure).
+
+    Returns ``(doc, start_token, positions)`` per piece; piece ``j`` of a document reads tokens
+    ``[j*S, j*S + positions + 1)``, so consecutive pieces share one token and every next-token
+    prediction of the document is made exactly once. Example, S=4, one document of 10 tokens
+    (9 positions): starts ``[0, 4, 8]``, positions ``[4, 4, 1]``.
+    """
+    counts = np.maximum(1, -(-positions // seq_length))
+    doc = np.repeat(docs, counts)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    start = within * seq_length
+    pos = np.minimum(seq_length, np.repeat(positions, counts) - start)
+    return doc.astype(np.int64), start.astype(np.int64), pos.astype(np.int64)
 
 
 def build_sft_datasets(config: SFTDatasetConfig, train_samples: int | None = None):

@@ -118,3 +118,19 @@ def test_tiny_model_learns(sft_assets, checkpoints, tmp_path):
     start, end = hist[0]["loss"], hist[-1]["loss"]
     assert math.isfinite(end) and end < 0.5 * start, (start, end)
     assert hist[-1]["valid_loss"] < 0.6 * start
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_continued_pretraining_loss_covers_every_token(sft_assets, checkpoints, tmp_path):
+    import shutil
+
+    # The same token file without its loss-mask twin is plain pretraining data.
+    for ext in (".bin", ".idx"):
+        shutil.copy(sft_assets["data"] + "_text_document" + ext,
+                    str(tmp_path / ("cpt_text_document" + ext)))
+    r = _launch(tmp_path, "cpt", 1, "hf_loss", _config(checkpoints[(1, 1)], str(tmp_path / "cpt")),
+                hf=str(sft_assets["hf"]))
+    sft = _launch(tmp_path, "sft", 1, "hf_loss", _config(checkpoints[(1, 1)], sft_assets["data"]),
+                  hf=str(sft_assets["hf"]))
+    assert r["megatron_tokens"] == r["hf_tokens"] > 2 * sft["hf_tokens"]
+    assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r
