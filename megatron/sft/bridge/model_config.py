@@ -54,6 +54,10 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, *, params_dtyp
         persist_layer_norm=fused,
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
+        # gloo matches a batch of isend/irecv to the same peer by posting order only; with PP=2
+        # (previous stage == next stage) the interleaved schedule's activations and gradients
+        # then land in each other's buffers. The unbatched path orders them by rank parity.
+        batch_p2p_comm=not cpu,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -22,6 +22,9 @@ def checkpoints(sft_assets, tmp_path_factory):
         out[(tp, pp)] = str(root / f"tp{tp}pp{pp}")
         convert_hf_to_megatron(sft_assets["hf"], out[(tp, pp)],
                                ConvertOptions(layout=ParallelLayout(tp, pp), progress=False))
+    out["vpp"] = str(root / "tp1pp2vpp2")
+    convert_hf_to_megatron(sft_assets["hf"], out["vpp"],
+                           ConvertOptions(layout=ParallelLayout(1, 2, 2), progress=False))
     return out
 
 
@@ -75,13 +78,19 @@ def test_global_batch_split_does_not_change_loss_or_grads(sft_assets, checkpoint
 
 
 @pytest.mark.xdist_group("multiprocess")
-def test_tp2pp2_curve_matches_tp1pp1(sft_assets, checkpoints, tmp_path):
+@pytest.mark.parametrize("layout", ["TP2PP2", "PP2VPP2"])
+def test_parallel_curve_matches_tp1pp1(layout, sft_assets, checkpoints, tmp_path):
     common = dict(train_iters=5)
     single = _launch(tmp_path, "s", 1, "train", _config(checkpoints[(1, 1)], sft_assets["data"],
                                                         **common))
-    split = _launch(tmp_path, "p", 4, "train", _config(
-        checkpoints[(2, 2)], sft_assets["data"], tensor_model_parallel_size=2,
-        pipeline_model_parallel_size=2, **common))
+    if layout == "TP2PP2":
+        split = _launch(tmp_path, "p", 4, "train", _config(
+            checkpoints[(2, 2)], sft_assets["data"], tensor_model_parallel_size=2,
+            pipeline_model_parallel_size=2, **common))
+    else:  # interleaved 1F1B: 4 layers as 2 virtual stages of 1 layer on each of 2 ranks
+        split = _launch(tmp_path, "p", 2, "train", _config(
+            checkpoints["vpp"], sft_assets["data"], pipeline_model_parallel_size=2,
+            num_layers_per_virtual_pipeline_stage=1, **common))
     assert len(single) == len(split) == 5
     for a, b in zip(single, split):
         assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
