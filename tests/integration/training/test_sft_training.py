@@ -143,3 +143,13 @@ def test_continued_pretraining_loss_covers_every_token(sft_assets, checkpoints, 
                   hf=str(sft_assets["hf"]))
     assert r["megatron_tokens"] == r["hf_tokens"] > 2 * sft["hf_tokens"]
     assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_activation_recompute_keeps_the_curve(sft_assets, checkpoints, tmp_path):
+    plain = _launch(tmp_path, "plain", 1, "train", _config(checkpoints[(1, 1)], sft_assets["data"]))
+    for granularity in ("full", "selective"):
+        rec = _launch(tmp_path, granularity, 1, "train", _config(
+            checkpoints[(1, 1)], sft_assets["data"], recompute_granularity=granularity))
+        for a, b in zip(plain, rec):
+            assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (granularity, a, b)
