@@ -65,6 +65,11 @@ def build_model(meta: CheckpointMetadata, *, params_dtype: Optional[torch.dtype]
             vp_stage=vp_stage,
             **kwargs,
         )
+        # megatron-core's local-spec norms (torch RMSNorm) ignore params_dtype and stay fp32.
+        # TE's norms and HF's bf16 checkpoints keep them in the model dtype, and the distributed
+        # optimizer mis-indexes fp32 params mixed into bf16 groups, so make the model uniform.
+        if dtype != torch.float32:
+            model = model.to(dtype)
         if not cpu_mode_active() and torch.cuda.is_available():
             model = model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -98,10 +98,12 @@ def test_parallel_curve_matches_tp1pp1(layout, sft_assets, checkpoints, tmp_path
 
 
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.parametrize("distributed_optimizer", [True, False])
-def test_resume_is_exact(distributed_optimizer, sft_assets, checkpoints, tmp_path):
+@pytest.mark.parametrize("distributed_optimizer, bf16", [(True, False), (False, False),
+                                                         (True, True)])
+def test_resume_is_exact(distributed_optimizer, bf16, sft_assets, checkpoints, tmp_path):
+    # bf16: model weights in bf16, fp32 master weights in the optimizer state; both must resume.
     common = dict(train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1,
-                  use_distributed_optimizer=distributed_optimizer)
+                  use_distributed_optimizer=distributed_optimizer, bf16=bf16)
     straight = _launch(tmp_path, "straight", 2, "train", _config(
         checkpoints[(1, 1)], sft_assets["data"], **common))
     save = str(tmp_path / "run")
