@@ -6,7 +6,7 @@
 #       -v "$PWD":"$PWD" -w "$PWD" -it --rm megatron-sft
 #   docker run --gpus all --rm megatron-sft python tools/self_check.py   # TE/Apex/mcore + GPU model
 #
-# 25.01 ships Python 3.12 / torch 2.6 / TE 1.14; megatron-core 0.16 supports both.
+# Any recent NVIDIA PyTorch container works: megatron-core 0.16 needs torch >= 2.6 and Python 3.10-3.12.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.01-py3
 FROM ${BASE_IMAGE}
 
