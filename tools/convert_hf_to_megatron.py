@@ -48,18 +48,13 @@ def main(argv=None) -> int:
     from megatron.sft.bridge.architectures import shape_of
     from megatron.sft.bridge.checkpoint_io import dtype_from_name
     from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron, load_hf_config
-    from megatron.sft.bridge.layout import ParallelLayout
+    from megatron.sft.bridge.layout import ParallelLayout, virtual_stages
 
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
     vpp = None
     if args.target_num_layers_per_virtual_pipeline_stage:
         _, shape = shape_of(load_hf_config(args.load_dir))
-        per_stage = args.target_num_layers_per_virtual_pipeline_stage
-        if shape.num_layers % (pp * per_stage):
-            raise ValueError(
-                f"--target-num-layers-per-virtual-pipeline-stage {per_stage} x PP {pp} does not "
-                f"divide num_hidden_layers={shape.num_layers}")
-        vpp = shape.num_layers // (pp * per_stage)
+        vpp = virtual_stages(shape.num_layers, pp, args.target_num_layers_per_virtual_pipeline_stage)
     opts = ConvertOptions(
         layout=ParallelLayout(tp, pp, vpp),
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

@@ -31,18 +31,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.sft.bridge.export import CheckpointReader
-    from megatron.sft.bridge.layout import ParallelLayout
+    from megatron.sft.bridge.layout import ParallelLayout, virtual_stages
     from megatron.sft.bridge.reshard import reshard_checkpoint
 
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
     vpp = None
     if args.target_num_layers_per_virtual_pipeline_stage:
         layers = CheckpointReader(args.load_dir, args.iteration).shape.num_layers
-        per_stage = args.target_num_layers_per_virtual_pipeline_stage
-        if layers % (pp * per_stage):
-            raise ValueError(f"{per_stage} layers per virtual stage x PP {pp} does not divide "
-                             f"{layers} layers")
-        vpp = layers // (pp * per_stage)
+        vpp = virtual_stages(layers, pp, args.target_num_layers_per_virtual_pipeline_stage)
     meta = reshard_checkpoint(args.load_dir, args.save_dir, ParallelLayout(tp, pp, vpp),
                               args.iteration, args.force, progress=not args.no_progress)
     print(f"wrote {args.save_dir}: TP{meta.tensor_model_parallel_size} "

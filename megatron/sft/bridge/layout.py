@@ -88,6 +88,25 @@ class ParallelLayout:
         return "model" if self.vpp is None else f"model{chunk}"
 
 
+def virtual_stages(num_layers: int, pp: int, layers_per_virtual_stage: Optional[int]
+                   ) -> Optional[int]:
+    """Megatron-LM's ``--num-layers-per-virtual-pipeline-stage`` -> chunks per pipeline rank.
+
+    >>> virtual_stages(8, 2, 2)
+    2
+    >>> virtual_stages(8, 2, 4) is None
+    True
+    """
+    if not layers_per_virtual_stage:
+        return None
+    if num_layers % (pp * layers_per_virtual_stage):
+        raise LayoutError(
+            f"{layers_per_virtual_stage} layers per virtual pipeline stage x PP {pp} does not "
+            f"divide the model's {num_layers} layers")
+    chunks = num_layers // (pp * layers_per_virtual_stage)
+    return chunks if chunks > 1 else None  # one chunk per rank is plain (non-interleaved) PP
+
+
 def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
     """``mp_rank_01`` (PP=1) or ``mp_rank_01_002`` (PP>1), as Megatron-LM names them."""
     if pp_size == 1:

@@ -61,9 +61,10 @@ class Trainer:
         import os
 
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), shape.num_layers)
-        vpp = (shape.num_layers // (cfg.pipeline_model_parallel_size *
-                                    cfg.num_layers_per_virtual_pipeline_stage)
-               if cfg.num_layers_per_virtual_pipeline_stage else None)
+        from megatron.sft.bridge.layout import virtual_stages
+
+        vpp = virtual_stages(shape.num_layers, cfg.pipeline_model_parallel_size,
+                             cfg.num_layers_per_virtual_pipeline_stage)
         self.info = initialize_distributed(ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp, seed=cfg.seed))
         from megatron.core import parallel_state as ps

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron.sft.bridge.architectures import get_architecture, supported_architectures
-from megatron.sft.bridge.layout import LayoutError, ParallelLayout, rank_dir_name
+from megatron.sft.bridge.layout import LayoutError, ParallelLayout, rank_dir_name, virtual_stages
 from megatron.sft.bridge.model_shape import UnsupportedModelError
 
 
@@ -86,3 +86,11 @@ def test_architecture_flags():
     assert get_architecture("LlamaForCausalLM").shape(dict(cfg, attention_bias=True)).qkv_bias
     assert get_architecture("MistralForCausalLM").shape(
         dict(cfg, head_dim=16)).head_dim == 16
+
+
+def test_virtual_stages_from_layers_per_stage():
+    assert virtual_stages(8, 2, None) is None
+    assert virtual_stages(8, 2, 2) == 2 and virtual_stages(24, 4, 1) == 6
+    assert virtual_stages(8, 2, 4) is None
+    with pytest.raises(LayoutError, match="3 layers per virtual pipeline stage x PP 2 does not divide"):
+        virtual_stages(8, 2, 3)
