@@ -44,7 +44,7 @@ def content_candidates(content: str) -> list[str]:
     return unique
 
 
-def _find_one(text: str, needle: str, start: int, anchors: Sequence[str]) -> int:
+def _find_one(text: str, needle: str, start: int, anchors: tuple[str, ...]) -> int:
     first = -1
     pos = text.find(needle, start)
     for _ in range(_MAX_OCCURRENCES):
@@ -53,7 +53,7 @@ def _find_one(text: str, needle: str, start: int, anchors: Sequence[str]) -> int
         if first < 0:
             first = pos
         end = pos + len(needle)
-        if end == len(text) or any(text.startswith(a, end) for a in anchors):
+        if end == len(text) or text.startswith(anchors, end):  # a tuple: any of them
             return pos
         pos = text.find(needle, pos + 1)
     return first
@@ -65,6 +65,7 @@ def locate_messages(
     """Character span of each content in ``text``, searched left to right; ``None`` if absent."""
     spans: list[tuple[int, int] | None] = []
     cursor = 0
+    anchors = tuple(anchors)
     for content in contents:
         found = None
         for form in content_candidates(content):
@@ -85,6 +86,10 @@ class ChatTemplate:
     Jinja rendering itself; we call the same compiled template with the same variables (the
     tokenizer's special tokens) directly, and fall back to ``apply_chat_template`` if this
     ``transformers`` version does not expose the compiler.
+
+    ``Template.render(**vars)`` would also flatten the template's globals (a ``ChainMap``) into a
+    new dict on every call; we flatten them once and hand each call a ready context
+    (``new_context(..., shared=True)``), then finish exactly as ``render`` does.
     """
 
     def __init__(self, tokenizer):
@@ -97,12 +102,21 @@ class ChatTemplate:
             self.compiled = _compile_jinja_template(source)
         except Exception:  # private API moved: stay correct, just slower
             self.compiled = None
+        if self.compiled is not None:
+            # = what render(messages=..., **fixed) puts in its context, minus the messages
+            self._fixed = dict(self.compiled.globals, tools=None, documents=None,
+                               add_generation_prompt=False, **self.variables)
 
     def __call__(self, messages: list[dict]) -> str:
         if self.compiled is None:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        return self.compiled.render(messages=messages, tools=None, documents=None,
-                                    add_generation_prompt=False, **self.variables)
+        template = self.compiled
+        context = template.new_context(dict(self._fixed, messages=messages), shared=True)
+        try:
+            return template.environment.concat(template.root_render_func(context))
+        except Exception:
+            template.environment.handle_exception()  # re-raises, as Template.render does
+            raise  # not reached
 
 
 def render_chat_template(

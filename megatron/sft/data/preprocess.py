@@ -31,7 +31,7 @@ import numpy as np
 
 from megatron.sft.data.formats import RecordError
 from megatron.sft.data.readers import RawRecord, iter_records, parse_payload
-from megatron.sft.data.render import ConversationRenderer, RenderConfig
+from megatron.sft.data.render import ConversationRenderer, RenderConfig, TokenizedChunk
 from megatron.sft.data.stats import PreprocessStats
 
 #: Drops that are a policy decision, not bad input: ``--strict`` does not stop on them.
@@ -104,33 +104,25 @@ def _init_worker(tokenizer_model: str, render: RenderConfig) -> None:
     _RENDERER = ConversationRenderer(load_tokenizer(tokenizer_model), render)
 
 
-def process_chunk(payloads: list[Any]) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
-    """Payloads -> (per-record status, concatenated ids, concatenated masks, lengths).
+def process_chunk(payloads: list[Any]) -> TokenizedChunk:
+    """Payloads -> the chunk's kept samples, concatenated, and its dropped records.
 
-    A status is ``None`` for a kept sample (``"truncated"`` if it was cut) or ``(reason, message)``
-    for a dropped one. Concatenating keeps the result to three arrays, cheap to send back.
+    Parsing errors and rendering errors are merged into one list in input order.
     """
     assert _RENDERER is not None, "process_chunk runs in a worker set up by _init_worker"
-    statuses: list = [None] * len(payloads)
-    records, where = [], []
+    records, where, errors = [], [], []
     for i, payload in enumerate(payloads):
         try:
             records.append(parse_payload(payload))
             where.append(i)
         except RecordError as err:
-            statuses[i] = (err.reason, str(err))
-    ids, masks, lengths = [], [], []
-    for i, result in zip(where, _RENDERER.render_batch(records)):
-        if isinstance(result, RecordError):
-            statuses[i] = (result.reason, str(result))
-            continue
-        statuses[i] = "truncated" if result.truncated else None
-        ids.append(result.ids)
-        masks.append(result.mask)
-        lengths.append(len(result.ids))
-    if not ids:
-        return statuses, np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64)
-    return statuses, np.concatenate(ids), np.concatenate(masks), np.asarray(lengths, np.int64)
+            errors.append((i, err.reason, str(err)))
+    chunk = _RENDERER.tokenize_chunk(records)
+    if errors:
+        chunk.errors = sorted(errors + [(where[i], *rest) for i, *rest in chunk.errors])
+    else:
+        chunk.errors = [(where[i], *rest) for i, *rest in chunk.errors]
+    return chunk
 
 
 # -- main process -----------------------------------------------------------------------------
@@ -180,22 +172,16 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
                             tokenizer=config.tokenizer_model)
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))
-    start = time.perf_counter()
+    # The clock starts once the writer is open: like the tokenizer load above, importing
+    # megatron-core (~2 s, torch included) is set-up, not throughput.
     with IndexedPairWriter(prefix, len(tokenizer)) as writer:
-        for chunk, (statuses, ids, masks, lengths) in _ordered_results(
+        start = time.perf_counter()
+        for records_chunk, result in _ordered_results(
             _chunks(records, config.chunk_size), config.workers, config
         ):
-            offset, k = 0, 0
-            for record, status in zip(chunk, statuses):
-                stats.samples_read += 1
-                if status is None or status == "truncated":
-                    n = int(lengths[k])
-                    sample_mask = masks[offset:offset + n]
-                    writer.add(ids[offset:offset + n], sample_mask)
-                    stats.add_sample(n, int(sample_mask.sum()), truncated=status == "truncated")
-                    offset, k = offset + n, k + 1
-                    continue
-                reason, message = status
+            stats.samples_read += len(records_chunk)
+            for i, reason, message in result.errors:
+                record = records_chunk[i]
                 where = f"{record.source}:{record.line}"
                 stats.add_drop(reason, f"{where}: {message}")
                 if config.strict and reason not in POLICY_DROPS:
@@ -207,8 +193,10 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
                     say(f"warning: {where}: skipped ({reason}): {message}")
                     if stats.bad_records == config.max_logged_errors:
                         say("warning: further bad records are only counted (see the stats JSON)")
+            writer.add_batch(result.ids, result.mask, result.lengths)
+            stats.add_samples(result.lengths, result.loss_tokens, result.truncated)
             elapsed = time.perf_counter() - start
-            bar.update(len(chunk))
+            bar.update(len(records_chunk))
             bar.set_postfix_str(f"{stats.tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
         bar.close()
         stats.elapsed_s = time.perf_counter() - start

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from megatron.sft.data.chat_template import ChatTemplate, render_chat_template
 from megatron.sft.data.formats import FieldMap, RecordError, to_conversation
+from megatron.sft.data.loss_mask import (  # noqa: F401  (build_ids_and_mask: public here too)
+    EncodingOffsets,
+    TokenOffsets,
+    build_ids_and_mask,
+    learn_ranges,
+    mask_from_ranges,
+)
 from megatron.sft.data.prompt_styles import PROMPT_STYLES, RenderedText, render_alpaca, render_chatml
 
 LOSS_ON = ("assistant", "last-assistant", "all")
@@ -71,40 +78,26 @@ class Sample:
     truncated: bool = False
 
 
-def build_ids_and_mask(
-    ids: np.ndarray,
-    offsets: np.ndarray,
-    spans: Sequence[tuple[int, int]],
-    eot_ok: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Assemble ``(ids, mask)`` run by run with one ``add(tokens, mask_value)`` helper.
+@dataclass
+class TokenizedChunk:
+    """The samples of one chunk of records, concatenated: a few arrays, cheap to pickle and write.
 
-    ``offsets`` is ``(n, 2)`` character ``[start, end)`` per token; ``spans`` are the character
-    ranges to learn, in order. ``eot_ok[j]`` says token ``j`` may serve as an end-of-turn marker.
-
-    >>> ids = np.array([7, 8, 9, 2]); offs = np.array([[0, 3], [3, 5], [5, 9], [9, 19]])
-    >>> build_ids_and_mask(ids, offs, [(3, 9)], eot_ok=np.array([0, 0, 0, 1], bool))[1]
-    array([0, 1, 1, 1], dtype=uint8)
+    ``errors`` lists ``(index in the chunk, reason, message)`` of dropped records, in order; the
+    kept samples are the other records, in order. With lengths ``[3, 2]``, sample 0 is
+    ``ids[0:3]`` and sample 1 ``ids[3:5]`` (same for ``mask``).
     """
-    out_ids: list[np.ndarray] = []
-    out_mask: list[np.ndarray] = []
 
-    def add(tokens: np.ndarray, mask_value: int) -> None:
-        out_ids.append(tokens)
-        out_mask.append(np.full(len(tokens), mask_value, dtype=np.uint8))
-
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    n, cursor = len(ids), 0
-    for start, end in spans:
-        first = max(int(ends.searchsorted(start, side="right")), cursor)
-        stop = max(int(starts.searchsorted(end, side="left")), first)
-        if eot_ok is not None and stop < n and eot_ok[stop] and starts[stop] == end:
-            stop += 1
-        add(ids[cursor:first], 0)
-        add(ids[first:stop], 1)
-        cursor = stop
-    add(ids[cursor:], 0)
-    return np.concatenate(out_ids).astype(np.int32), np.concatenate(out_mask)
+    errors: list[tuple[int, str, str]]
+    ids: np.ndarray
+    """int32, all kept samples back to back."""
+    mask: np.ndarray
+    """uint8, aligned with ``ids``."""
+    lengths: np.ndarray
+    """int64 tokens per kept sample."""
+    loss_tokens: np.ndarray
+    """int64 learned tokens per kept sample."""
+    truncated: int
+    """How many kept samples were cut to ``max_length``."""
 
 
 class ConversationRenderer:
@@ -130,8 +123,7 @@ class ConversationRenderer:
         special = {i: t for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self.anchors = tuple(sorted({t.content for t in special.values()}, key=len, reverse=True))
         vocab = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
-        self.is_special = np.zeros(max(vocab, max(special, default=0) + 1), dtype=bool)
-        self.is_special[list(special)] = True
+        self.special_ids = frozenset(special)
         self.bos_id = tokenizer.bos_token_id
         self.template = ChatTemplate(tokenizer) if config.prompt_style == "chat-template" else None
 
@@ -162,22 +154,63 @@ class ConversationRenderer:
             )
         return spans  # type: ignore[return-value]
 
-    def _eot_ok(self, ids: np.ndarray, offsets: np.ndarray, rendered: RenderedText) -> np.ndarray:
-        ok = self.is_special[ids]
-        if self.bos_id is not None:
-            ok &= ids != self.bos_id
-        ends = offsets[:, 1]
+    def _eot_rule(self, ids: list[int], offsets: TokenOffsets, rendered: RenderedText) -> Callable[[int], bool]:
+        """Token ``j`` may end a turn: a special token, not BOS, and not a role header.
+
+        A role header is a special token that ends exactly where some message's content starts
+        (``<｜User｜>`` in DeepSeek templates); every occurrence of that token id is excluded.
+        """
+        special, bos = self.special_ids, self.bos_id
+        headers = set()
         for span in rendered.message_spans:
             if span is None:
                 continue
-            j = int(ends.searchsorted(span[0], side="right")) - 1
-            if j >= 0 and ends[j] == span[0] and ok[j]:
-                ok &= ids != ids[j]  # a header token such as <｜User｜>, never an end-of-turn
-        return ok
+            j = offsets.ends_right(span[0]) - 1
+            if j >= 0 and offsets.end(j) == span[0] and ids[j] in special and ids[j] != bos:
+                headers.add(ids[j])
+        return lambda j: ids[j] in special and ids[j] != bos and ids[j] not in headers
 
     # -- samples ------------------------------------------------------------------------------
     def render_batch(self, records: Sequence[Any]) -> list[Sample | RecordError]:
-        results: list[Sample | RecordError | None] = [None] * len(records)
+        """One ``Sample`` (or the ``RecordError`` that drops it) per record."""
+        out: list[Sample | RecordError] = []
+        for result in self._tokenize(records):
+            if isinstance(result, RecordError):
+                out.append(result)
+                continue
+            ids, n, ranges, truncated = result
+            out.append(Sample(np.asarray(ids[:n], dtype=np.int32), mask_from_ranges(n, ranges), truncated))
+        return out
+
+    def tokenize_chunk(self, records: Sequence[Any]) -> TokenizedChunk:
+        """``render_batch`` with the kept samples concatenated: what a worker sends back."""
+        errors, kept = [], []
+        for i, result in enumerate(self._tokenize(records)):
+            if isinstance(result, RecordError):
+                errors.append((i, result.reason, str(result)))
+            else:
+                kept.append(result)
+        lengths = np.fromiter((n for _, n, _, _ in kept), dtype=np.int64, count=len(kept))
+        total = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(t if len(t) == n else t[:n] for t, n, _, _ in kept),
+                          dtype=np.int32, count=total)
+        mask = np.zeros(total, dtype=np.uint8)
+        loss_tokens = np.zeros(len(kept), dtype=np.int64)
+        offset = 0
+        for k, (_, n, ranges, _) in enumerate(kept):
+            for first, stop in ranges:
+                mask[offset + first:offset + stop] = 1
+                loss_tokens[k] += stop - first
+            offset += n
+        truncated = sum(t for _, _, _, t in kept)
+        return TokenizedChunk(errors, ids, mask, lengths, loss_tokens, truncated)
+
+    def _tokenize(self, records: Sequence[Any]) -> list[tuple | RecordError]:
+        """Per record: ``(ids list, kept length, learned token ranges, truncated)`` or the error.
+
+        All texts of the batch go through one ``encode_batch`` call.
+        """
+        results: list[tuple | RecordError | None] = [None] * len(records)
         texts, rendered_ok = [], []
         for i, record in enumerate(records):
             try:
@@ -190,26 +223,27 @@ class ConversationRenderer:
             rendered_ok.append((i, rendered, spans))
         encodings = self.backend.encode_batch(texts, add_special_tokens=False) if texts else []
         for (i, rendered, spans), enc in zip(rendered_ok, encodings):
-            results[i] = self._to_sample(enc, rendered, spans)
+            results[i] = self._learned(enc, rendered, spans)
         return results  # type: ignore[return-value]
 
-    def _to_sample(self, enc, rendered: RenderedText, spans) -> Sample | RecordError:
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        pairs = enc.offsets  # list of (start, end) tuples; fromiter avoids a slow nested asarray
-        offsets = np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
-        eot_ok = None if rendered.eot_in_spans else self._eot_ok(ids, offsets, rendered)
-        ids32, mask = build_ids_and_mask(ids, offsets, spans, eot_ok)
+    def _learned(self, enc: Any, rendered: RenderedText, spans) -> tuple | RecordError:
+        ids = enc.ids
+        n = len(ids)
+        offsets = EncodingOffsets(enc, n)
+        eot_ok = None if rendered.eot_in_spans else self._eot_rule(ids, offsets, rendered)
+        ranges = learn_ranges(offsets, spans, eot_ok)
         truncated = False
         limit = self.config.max_length
-        if limit is not None and len(ids32) > limit:
+        if limit is not None and n > limit:
             if not self.config.truncate:
                 return RecordError(
-                    "too_long", f"{len(ids32)} tokens exceed --seq-length {limit} (use --truncate to keep a prefix)"
+                    "too_long", f"{n} tokens exceed --seq-length {limit} (use --truncate to keep a prefix)"
                 )
-            ids32, mask, truncated = ids32[:limit], mask[:limit], True
-        if not mask.any():
+            n, truncated = limit, True
+            ranges = [(first, min(stop, limit)) for first, stop in ranges if first < limit]
+        if not any(stop > first for first, stop in ranges):
             return RecordError(
                 "no_loss_tokens",
                 "no token would be learned (truncated before the first assistant token?)",
             )
-        return Sample(ids32, mask, truncated)
+        return ids, n, ranges, truncated

@@ -145,18 +145,18 @@ def test_interrupted_run_leaves_no_valid_looking_files(tokenizer_dirs, tmp_path,
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in good_records(10)))
     calls = {"n": 0}
-    real_add = indexed_writer.IndexedPairWriter.add
+    real_add_batch = indexed_writer.IndexedPairWriter.add_batch
 
-    def add_then_die(self, ids, mask):
+    def add_then_die(self, ids, mask, lengths):  # the writer gets one call per chunk of 2 records
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 3:
             raise KeyboardInterrupt
-        real_add(self, ids, mask)
+        real_add_batch(self, ids, mask, lengths)
 
-    monkeypatch.setattr(indexed_writer.IndexedPairWriter, "add", add_then_die)
+    monkeypatch.setattr(indexed_writer.IndexedPairWriter, "add_batch", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         preprocess(PreprocessConfig(input=str(path), tokenizer_model=str(tokenizer_dirs["chatml"]),
-                                    output_prefix=str(tmp_path / "x"), progress=False))
+                                    output_prefix=str(tmp_path / "x"), progress=False, chunk_size=2))
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
 
 
@@ -185,3 +185,28 @@ def test_shell_wrapper_and_cli_exit_codes(tokenizer_dirs, tmp_path):
     assert run.returncode == 1 and f"{bad}:1: malformed JSON" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run(cli + ["--input", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "does not exist" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_writer_add_batch_is_byte_identical_to_add_document_per_sample(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron.sft.data.indexed_writer import IndexedPairWriter, pair_prefixes
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, 40)
+    ids = rng.integers(0, 60000, int(lengths.sum())).astype(np.int32)
+    mask = rng.integers(0, 2, len(ids)).astype(np.uint8)
+    with IndexedPairWriter(str(tmp_path / "fast"), 60000) as writer:
+        writer.add_batch(ids[:lengths[:25].sum()], mask[:lengths[:25].sum()], lengths[:25])
+        writer.add_batch(ids[:0], mask[:0], lengths[:0])
+        writer.add_batch(ids[lengths[:25].sum():], mask[lengths[:25].sum():], lengths[25:])
+        writer.commit()
+    for prefix, values, dtype in zip(pair_prefixes(str(tmp_path / "ref")), (ids, mask), (writer.token_dtype, np.uint8)):
+        builder, offset = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype), 0
+        for n in lengths.tolist():
+            builder.add_document(values[offset:offset + n], [n])
+            offset += n
+        builder.finalize(prefix + ".idx")
+    for fast, ref in zip(pair_prefixes(str(tmp_path / "fast")), pair_prefixes(str(tmp_path / "ref"))):
+        for ext in (".bin", ".idx"):
+            assert Path(fast + ext).read_bytes() == Path(ref + ext).read_bytes()
