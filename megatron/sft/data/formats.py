@@ -198,6 +198,14 @@ def _from_alpaca(record: dict, fields: FieldMap) -> Conversation:
 
 
 def _validate(conversation: Conversation) -> None:
+    for i, m in enumerate(conversation):
+        try:
+            m.content.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON may escape a lone UTF-16 surrogate ("\ud800"); no tokenizer can encode it.
+            raise RecordError(
+                "non_utf8", f"turn {i} ({m.role}) holds an unpaired surrogate "
+                f"U+{ord(m.content[exc.start]):04X} at character {exc.start}") from None
     assistants = [m for m in conversation if m.role == "assistant"]
     if not assistants:
         raise RecordError("no_assistant", "the conversation has no assistant turn to learn from")
