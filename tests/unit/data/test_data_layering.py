@@ -9,6 +9,7 @@ def test_pure_modules_import_without_torch_or_megatron_core():
         "import sys\n"
         "import megatron.sft.data.formats, megatron.sft.data.prompt_styles, megatron.sft.data.chat_template\n"
         "import megatron.sft.data.render, megatron.sft.data.packing, megatron.sft.data.readers\n"
+        "import megatron.sft.data.tokenizer_edit, megatron.sft.data.loss_mask\n"
         "bad = [m for m in ('torch', 'torch.distributed', 'megatron.core') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
