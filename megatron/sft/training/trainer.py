@@ -4,8 +4,10 @@ logging, checkpoints and preemption handling."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -51,15 +53,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
         from megatron.sft.bridge.architectures import shape_of
+        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
         from megatron.sft.runtime.distributed import ParallelConfig, initialize_distributed
 
         cfg = self.cfg
         meta = read_metadata(iteration_dir(Path(cfg.load)))
         _, shape = shape_of(meta.hf_config)
-        import os
-
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), shape.num_layers)
         from megatron.sft.bridge.layout import virtual_stages
 
@@ -84,9 +84,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(shape, cfg.seq_length)
         self.peak_tflops = (peak_tflops(torch.cuda.get_device_name())
                             if self.info.device.type == "cuda" else None)
-        import dataclasses as _dc
-
-        self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, _dc.asdict(cfg))
+        self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, dataclasses.asdict(cfg))
                       if self.is_logger else None)
         self.iteration = 0
         self.consumed_samples = 0
@@ -112,11 +110,6 @@ class Trainer:
             if cfg.recompute_granularity == "full":
                 overrides.update(recompute_method="uniform", recompute_num_layers=1)
         use_te = {"auto": None, "transformer_engine": True, "local": False}[cfg.transformer_impl]
-        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-        from megatron.sft.training.model_builder import check_layout_matches
-
-        meta = read_metadata(iteration_dir(Path(cfg.load)))
-        check_layout_matches(meta)
         chunks, meta, _ = build_model_from_checkpoint(
             cfg.load, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, use_te=use_te,
             seq_length=cfg.seq_length, **overrides)
@@ -161,7 +154,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train_iters is not None:
             return cfg.train_iters
-        from megatron.sft.data.sft_dataset import SFTDatasetConfig, build_sft_datasets
+        from megatron.sft.data.sft_dataset import build_sft_datasets
 
         one_epoch, _, _ = build_sft_datasets(self._data_config())
         return max(1, math.ceil(len(one_epoch) * cfg.train_epochs / cfg.global_batch_size))
