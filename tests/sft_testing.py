@@ -32,8 +32,8 @@ def run_tool(script: str, *args: str, env: dict | None = None, timeout: int = 30
     """Run one of our CLIs the way a user does."""
     # Launchers run $PYTHON (default python3); point it at this interpreter, as an activated
     # virtualenv or the container's python would be.
-    full_env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
-                    PYTHON=sys.executable, **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "",
+                "PYTHON": sys.executable, **(env or {})}
     cmd = ([sys.executable] if script.endswith(".py") else ["bash"]) + [str(REPO / script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)

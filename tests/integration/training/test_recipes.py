@@ -1,0 +1,47 @@
+"""Launch recipes: usage, clear errors for missing inputs, and the torchrun command they build
+(PYTHON=echo prints it instead of running it)."""
+
+from sft_testing import run_tool
+
+RECIPE = "scripts/sft/SFT_Hybrid_R1_1.5B_OpenThoughts_1M.sh"
+
+
+def test_recipe_needs_the_train_mode():
+    r = run_tool(RECIPE)
+    assert r.returncode == 2 and "Usage: bash scripts/sft/SFT_Hybrid_R1_1.5B" in r.stdout
+
+
+def test_recipe_explains_missing_checkpoint(tmp_path):
+    r = run_tool(RECIPE, "train", env={"ASSETS_DIR": str(tmp_path)})
+    assert r.returncode == 2
+    assert "convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 1.5B 1 1" in r.stderr
+
+
+def test_recipe_builds_the_multinode_command(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP2PP1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
+    data = tmp_path / "data" / "Vinnnf-Hybrid-OpenThoughts2-1M-1.5B"
+    data.mkdir(parents=True)
+    prefix = data / "Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B-16384"
+    (prefix.parent / (prefix.name + "_text_document.idx")).write_text("")
+    env = {"ASSETS_DIR": str(tmp_path), "PYTHON": "echo", "TP": "2", "NNODES": "2",
+           "NODE_RANK": "1", "MASTER_ADDR": "node0", "GBS": "128", "TRAIN_ITERS": "10"}
+    r = run_tool(RECIPE, "train", env=env)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    def value(flag):
+        return cmd[cmd.index(flag) + 1]
+    assert value("--nnodes") == "2" and value("--node-rank") == "1"
+    assert value("--master-addr") == "node0" and value("--nproc-per-node") == "8"
+    assert value("--load") == str(ckpt) and value("--tensor-model-parallel-size") == "2"
+    assert value("--global-batch-size") == "128" and value("--train-iters") == "10"
+    assert value("--data-path") == str(prefix) and value("--seq-length") == "16384"
+    assert "--sequence-parallel" in cmd and "--bf16" in cmd and "--use-distributed-optimizer" in cmd
+    assert "--train-epochs" not in cmd
+    # A second run resumes from the run's own checkpoints once they exist.
+    save = tmp_path / "checkpoints" / "SFT_Hybrid_R1_1.5B"
+    (save / "latest_checkpointed_iteration.txt").write_text("5\n")
+    r = run_tool(RECIPE, "train", env=env)
+    cmd = r.stdout.split()
+    assert cmd[cmd.index("--load") + 1] == str(save)
