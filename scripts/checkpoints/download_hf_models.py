@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-#: what a Megatron-SFT run needs; PyTorch pickles (*.bin) are never fetched
+#: what a Megatron-SFT run needs; PyTorch pickles (*.bin) and remote code (*.py) are never fetched
 ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model",
-                  "*.tiktoken", "*.jinja", "*.py"]
+                  "*.tiktoken", "*.jinja"]
 
 
 def local_name(model_card: str) -> str:
