@@ -135,20 +135,25 @@ class SFTDataset(torch.utils.data.Dataset):
                 f"{name} split of {prefix!r} has no sample of 2..{config.seq_length + 1} tokens "
                 f"({self.skipped_too_long} skipped); raise --seq-length or check the split."
             )
-        rows: list[np.ndarray] = []
-        epoch = 0
-        while True:
-            rows.extend(self._epoch_rows(epoch))
-            epoch += 1
-            if num_samples is None or len(rows) >= num_samples:
-                break
-        if num_samples is not None:
-            rows = rows[:num_samples]
-        self.epochs = epoch
+        self._packed: list[np.ndarray] = []  # every row packed so far, epoch after epoch
+        self.epochs = 0
+        self.epoch_rows = 0
+        self.extend_to(num_samples)
+
+    def extend_to(self, num_samples: int | None) -> None:
+        """Hold exactly ``num_samples`` rows (one epoch when ``None``). Each further epoch is
+        packed with its own shuffle; training for ``--train-epochs`` counts one epoch's rows,
+        then extends the same dataset instead of building it twice."""
+        while not self._packed or (num_samples is not None and len(self._packed) < num_samples):
+            epoch = self._epoch_rows(self.epochs)
+            self.epoch_rows = self.epoch_rows or len(epoch)
+            self._packed.extend(epoch)
+            self.epochs += 1
+        rows = self._packed if num_samples is None else self._packed[:num_samples]
         self._row_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
         self._row_items = np.concatenate(rows)  # positions into self.indices
         self.efficiency = packing_efficiency(
-            [int(self.positions[r].sum()) for r in rows], config.seq_length
+            [int(self.positions[r].sum()) for r in rows], self.config.seq_length
         )
 
     def _epoch_rows(self, epoch: int) -> list[np.ndarray]:
@@ -164,6 +169,11 @@ class SFTDataset(torch.utils.data.Dataset):
         """Document indices (into the indexed dataset) packed in ``row``."""
         items = self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]
         return self.indices[items]
+
+    def document_lengths(self, row: int) -> np.ndarray:
+        """Positions (tokens after the shift) of each sample packed in ``row``; attention FLOPs
+        grow with the sum of their squares, not with ``seq_length`` squared."""
+        return self.positions[self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]]
 
     def _sample(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         doc = int(self.indices[item])
