@@ -48,7 +48,7 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     dtype = params_dtype or getattr(torch, meta.params_dtype)
     config = transformer_config(
         shape, meta.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
-        architecture_overrides=getattr(spec, "transformer_overrides", {}), **config_overrides)
+        architecture_overrides=spec.transformer_overrides, **config_overrides)
     layer_spec = impl.layer_spec(shape.qk_layernorm, shape.sliding_window)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
     vpp = meta.virtual_pipeline_model_parallel_size
