@@ -257,9 +257,10 @@ def dense_reference_attention(q, k, v, bounds: tuple[int, ...], scale: float,
                                                device=q.device))
     allowed = (doc[:, None] == doc[None, :]) & banded_causal_mask(t, window, q.device)
     kr, vr = _repeat_kv(k, q.shape[-2]), _repeat_kv(v, q.shape[-2])
-    scores = torch.einsum("qhd,khd->hqk", q.float(), kr.float()) * scale
+    dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 inputs: softmax in fp32
+    scores = torch.einsum("qhd,khd->hqk", q.to(dtype), kr.to(dtype)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vr.float()).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vr.to(dtype)).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------- module
