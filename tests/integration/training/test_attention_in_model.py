@@ -63,3 +63,23 @@ def test_tp_larger_than_kv_heads(tmp_path):
     # One KV head at TP2: megatron-core gives the KV head to both ranks.
     _check(_run(tmp_path, ParallelLayout(2, 1),
                 [("llama-one-kv-head", "LlamaForCausalLM", {"num_key_value_heads": 1})]))
+
+
+def test_tp_larger_than_kv_heads_exports_and_reshards_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+    from megatron.sft.bridge.reshard import reshard_checkpoint
+
+    hf = make_random_hf_model("LlamaForCausalLM", tmp_path / "hf", seed=5,
+                              overrides={"num_key_value_heads": 1})
+    convert_hf_to_megatron(hf, tmp_path / "tp2", ConvertOptions(layout=ParallelLayout(2, 1),
+                                                                progress=False))
+    reshard_checkpoint(tmp_path / "tp2", tmp_path / "tp4", ParallelLayout(4, 1), progress=False)
+    source = load_file(hf / "model.safetensors")
+    for ckpt in ("tp2", "tp4"):
+        out = export_megatron_to_hf(tmp_path / ckpt, tmp_path / f"export-{ckpt}", hf,
+                                    ExportOptions(progress=False))
+        exported = load_file(out / "model.safetensors")
+        assert set(exported) == set(source)
+        assert all(exported[k].equal(source[k]) for k in source), ckpt
