@@ -21,11 +21,12 @@ from megatron.sft.runtime.attention import (
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-#: (bounds over 2 rows of 512, hq, hkv, window): a 1-token document, uneven ones, a full row
+#: (collate_sft-style cu_seqlens of 2 rows of 512, hq, hkv, window): a 1-token document, uneven
+#: ones, a document filling its row, a row ending in padding
 CASES = [
-    ([0, 1, 200, 512, 1024], 8, 2, None),
-    ([0, 300, 301, 700, 1024], 8, 8, None),
-    ([0, 1, 200, 512, 1024], 8, 1, 64),
+    ([[0, 1, 200, 512], [0, 512, -1, -1]], 8, 2, None),
+    ([[0, 300, 301, 488], [0, 512, -1, -1]], 8, 8, None),
+    ([[0, 1, 200, 450], [0, 512, -1, -1]], 8, 1, 64),
 ]
 
 
@@ -35,26 +36,23 @@ def _inputs(t, hq, hkv, d=64, seed=0):
             .requires_grad_() for h in (hq, hkv, hkv)]
 
 
-def _run(fn, bounds, hq, hkv, window):
-    q, k, v = _inputs(bounds[-1], hq, hkv)
-    seg = document_segments(torch.tensor([bounds[:3] + [512]]), 1, 512, torch.device("cuda"))
-    seg = type(seg)(**{**seg.__dict__, "bounds": tuple(bounds), "rows": 2,
-                       "cu_seqlens_q": torch.tensor(bounds, dtype=torch.int32, device="cuda"),
-                       "cu_seqlens_kv": torch.tensor(bounds, dtype=torch.int32, device="cuda")})
-    arg = tuple(bounds) if fn in (sdpa_attention, dense_reference_attention) else seg
+def _run(fn, cu, hq, hkv, window):
+    seg = document_segments(torch.tensor(cu), len(cu), 512, torch.device("cuda"))
+    q, k, v = _inputs(seg.bounds[-1], hq, hkv)
+    arg = seg.bounds if fn in (sdpa_attention, dense_reference_attention) else seg
     out = fn(q, k, v, arg, 0.125, window)
     weights = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
     (out.float() * weights).sum().backward()
     return out.float(), [x.grad.float() for x in (q, k, v)]
 
 
-@pytest.mark.parametrize("bounds, hq, hkv, window", CASES)
+@pytest.mark.parametrize("cu, hq, hkv, window", CASES)
 @pytest.mark.parametrize("backend", ["varlen", "flex", "sdpa"])
-def test_backend_equals_dense(backend, bounds, hq, hkv, window):
+def test_backend_equals_dense(backend, cu, hq, hkv, window):
     fn = {"varlen": varlen_attention, "flex": flex_attention_packed, "sdpa": sdpa_attention}[backend]
     if backend == "varlen" and not varlen_available():
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    out, grads = _run(fn, bounds, hq, hkv, window)
-    ref_out, ref_grads = _run(dense_reference_attention, bounds, hq, hkv, window)
+    out, grads = _run(fn, cu, hq, hkv, window)
+    ref_out, ref_grads = _run(dense_reference_attention, cu, hq, hkv, window)
     for got, ref in [(out, ref_out)] + list(zip(grads, ref_grads)):
         assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (backend, (got - ref).abs().max())

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -165,6 +166,11 @@ def sdpa_attention(q, k, v, bounds: tuple[int, ...], scale: float,
 
 
 @functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
 def _varlen_signature() -> Optional[frozenset]:
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -187,8 +193,16 @@ def varlen_attention(q, k, v, segments: DocumentSegments, scale: float,
     """
     from torch.nn.attention.varlen import varlen_attn
 
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        # Flash kernels take half precision only; fp32 runs (parity checks) stay exact.
+        _warn_once(f"varlen attention needs bf16/fp16, got {q.dtype}: using sdpa per document")
+        return sdpa_attention(q, k, v, segments.bounds, scale, window)
     params = _varlen_signature()
-    kwargs = {"scale": scale}
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:  # the kernel's default is 1/sqrt(head_dim)
+        q = q * (scale * math.sqrt(q.shape[-1]))
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     else:
@@ -226,8 +240,9 @@ def _flex_block_mask(segments: DocumentSegments, window: Optional[int], device):
             allowed = allowed & (q_idx - kv_idx < window)
         return allowed
 
+    # Compiled on CUDA so the mask is evaluated block by block, never as a t x t tensor.
     return create_block_mask(document_causal, B=None, H=None, Q_LEN=total, KV_LEN=total,
-                             device=device)
+                             device=device, _compile=device.type == "cuda")
 
 
 def flex_attention_packed(q, k, v, segments: DocumentSegments, scale: float,
