@@ -171,6 +171,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from megatron.sft.runtime.distributed import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()
+
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; use --device cpu --tiny for a dry run", file=sys.stderr)
         return 2
