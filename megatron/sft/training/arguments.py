@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 1234
     skip_nan_steps: bool = False
     no_progress: bool = False
+    strict: bool = False
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
@@ -119,7 +120,7 @@ class TrainConfig:
 
 
 _BOOL_FLAGS = {"finetune", "sequence_parallel", "use_distributed_optimizer", "bf16",
-               "skip_nan_steps", "no_progress"}
+               "skip_nan_steps", "no_progress", "strict"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "log_json": "append one JSON line per logged iteration to this file",
         "skip_nan_steps": "skip an optimizer step whose loss is NaN/inf instead of stopping",
         "eval_iters": "validation batches per evaluation",
+        "strict": "stop on data warnings (e.g. samples longer than max_position_embeddings)",
     }
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")

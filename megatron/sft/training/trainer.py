@@ -67,6 +67,9 @@ class Trainer:
                              cfg.num_layers_per_virtual_pipeline_stage)
         self.info = initialize_distributed(ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp, seed=cfg.seed))
+        from megatron.sft.training.run_guard import acquire_run_lock, check_training_data
+
+        self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
         from megatron.core import parallel_state as ps
 
         self.ps = ps
@@ -79,6 +82,7 @@ class Trainer:
         self._build_model(vpp)
         self._build_optimizer()
         self._build_data()
+        check_training_data(self)  # vocabulary, lengths, objective: before any step
         from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops_per_token
 
         self.flops_per_token = training_flops_per_token(shape, cfg.seq_length)
