@@ -83,6 +83,7 @@ def check_training_data(trainer) -> dict[str, Any]:
     import torch.distributed as dist
 
     cfg, shape, meta = trainer.cfg, trainer.shape, trainer.meta
+    rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1))
     strict = getattr(cfg, "strict", False)
     vocab = ModelVocabulary(shape.vocab_size, meta.padded_vocab_size, f"the model in {cfg.load}")
     warnings: list[str] = []
@@ -112,14 +113,14 @@ def check_training_data(trainer) -> dict[str, Any]:
         else trainer.train_ds.prefix + LOSS_MASK_SUFFIX,
         "data_path": cfg.data_path, "valid_data_path": cfg.valid_data_path, "load": cfg.load,
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "host": os.uname().nodename, "pid": os.getpid(), "world_size": dist.get_world_size(),
+        "host": os.uname().nodename, "pid": os.getpid(), "world_size": world,
         "command": " ".join(sys.argv),
         "model_vocab_size": vocab.size, "padded_vocab_size": vocab.padded,
         "max_token_id": stats.get("max_token_id"), "tokenizer": stats.get("tokenizer"),
         "tokenizer_vocab_size": stats.get("tokenizer_vocab_size"),
         "max_position_embeddings": shape.max_position_embeddings, "warnings": warnings,
     }
-    if cfg.save and dist.get_rank() == 0:
+    if cfg.save and rank == 0:
         path = Path(cfg.save) / RUN_METADATA_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
