@@ -102,15 +102,14 @@ def test_partial_of_a_killed_conversion_is_removed_by_the_next(qwen2, tmp_path, 
 
 
 def test_concurrent_conversion_to_the_same_output_is_refused(qwen2, tmp_path):
-    from megatron.sft.runtime.locks import DirectoryLock
+    from megatron.sft.runtime.locks import DirectoryLock, LockedError
 
     out = tmp_path / "out"
-    with DirectoryLock.acquire(out, "conversion"):
-        r = run_tool("tools/convert_hf_to_megatron.py", "--load-dir", str(qwen2),
-                     "--save-dir", str(out), "--no-progress")
-    assert r.returncode == 2
-    assert f"{out} is in use by another conversion: host {this_host()}, pid {os.getpid()}" \
-        in r.stderr
+    with DirectoryLock.acquire(out, "conversion"):  # flock: a second open file conflicts
+        with pytest.raises(LockedError, match=f"{out} is in use by another conversion: host "
+                                              f"{this_host()}, pid {os.getpid()}"):
+            convert_hf_to_megatron(qwen2, out, ConvertOptions(progress=False, force=True))
+        assert lock_path(out).exists()  # the refused writer leaves the holder's lock alone
     assert not out.exists() and not lock_path(out).exists()
 
 
