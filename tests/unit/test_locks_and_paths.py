@@ -72,7 +72,8 @@ def test_stale_partials_are_removed_live_and_foreign_ones_kept(tmp_path):
     assert "removed 2 unfinished output(s)" in said[0] and names["dead"] in said[0]
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {names["live"], names["other_host"], names["download"], names["iteration"]}
-    assert remove_stale_partials(tmp_path, said.append, locked_iterations=True) == [names["iteration"]]
+    under_lock = remove_stale_partials(tmp_path, said.append, locked_iterations=True)
+    assert under_lock == [names["iteration"]]
 
 
 @pytest.mark.parametrize("out, src, how", [

@@ -34,7 +34,8 @@ def check_bin_size(dataset, path_prefix: str) -> None:
     index = dataset.index
     n = len(index.sequence_lengths)
     itemsize = np.dtype(index.dtype).itemsize
-    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if n else 0
+    expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize
+                if n else 0)
     bin_path = path_prefix + ".bin"
     actual = os.path.getsize(bin_path)
     if actual == expected:
@@ -73,7 +74,8 @@ class ModelVocabulary:
     source: str = "the model"
 
     def describe(self) -> str:
-        return f"{self.source} has a vocabulary of {self.size} tokens (embedding padded to {self.padded})"
+        return (f"{self.source} has a vocabulary of {self.size} tokens "
+                f"(embedding padded to {self.padded})")
 
 
 def out_of_vocabulary_error(bin_path: str, sample: int, token_id: int, vocab: ModelVocabulary,

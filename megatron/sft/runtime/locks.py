@@ -65,9 +65,15 @@ def lock_path(directory: "str | Path") -> Path:
     return directory.with_name(directory.name + ".lock")
 
 
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def describe_holder(info: dict) -> str:
+    """``host node3, pid 4242, started 2026-01-01T10:00:00Z (tools/train_sft.py ...)``"""
+    command = f" ({info['command']})" if info.get("command") else ""
     return (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, started "
-            f"{info.get('started', '?')}" + (f" ({info['command']})" if info.get("command") else ""))
+            f"{info.get('started', '?')}{command}")
 
 
 def _read_info(path: Path) -> dict:
@@ -97,7 +103,7 @@ class DirectoryLock:
         path = lock_path(directory)
         path.parent.mkdir(parents=True, exist_ok=True)
         info = {"host": this_host(), "pid": os.getpid(),
-                "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "started": _utc_now(),
                 "purpose": purpose, "command": " ".join(sys.argv)[:300]}
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -126,7 +132,8 @@ class DirectoryLock:
                 continue
             break
         previous = _read_info(path)
-        if previous.get("pid") not in (None, info["pid"]) or previous.get("host") not in (None, info["host"]):
+        if (previous.get("pid"), previous.get("host")) not in ((None, None),
+                                                              (info["pid"], info["host"])):
             log(f"taking over the lock {path} from a writer that is no longer running "
                 f"({describe_holder(previous)}; purpose: {previous.get('purpose', '?')})")
         os.ftruncate(fd, 0)

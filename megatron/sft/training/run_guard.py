@@ -28,7 +28,12 @@ from megatron.sft.data.validation import (
     long_sample_report,
     read_stats,
 )
-from megatron.sft.runtime.locks import DirectoryLock, LockedError, remove_stale_partials
+from megatron.sft.runtime.locks import (
+    DirectoryLock,
+    LockedError,
+    remove_stale_partials,
+    this_host,
+)
 
 RUN_METADATA_FILE = "run_metadata.json"
 
@@ -113,7 +118,7 @@ def check_training_data(trainer) -> dict[str, Any]:
         else trainer.train_ds.prefix + LOSS_MASK_SUFFIX,
         "data_path": cfg.data_path, "valid_data_path": cfg.valid_data_path, "load": cfg.load,
         "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "host": os.uname().nodename, "pid": os.getpid(), "world_size": world,
+        "host": this_host(), "pid": os.getpid(), "world_size": world,
         "command": " ".join(sys.argv),
         "model_vocab_size": vocab.size, "padded_vocab_size": vocab.padded,
         "max_token_id": stats.get("max_token_id"), "tokenizer": stats.get("tokenizer"),
