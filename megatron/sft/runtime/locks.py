@@ -28,6 +28,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -111,7 +112,13 @@ class DirectoryLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                cls._refuse(directory, path, _read_info(path))
+                holder = _read_info(path)
+                for _ in range(20):  # the holder may not have written who it is yet
+                    if holder:
+                        break
+                    time.sleep(0.05)
+                    holder = _read_info(path)
+                cls._refuse(directory, path, holder)
             except OSError as exc:  # no flock on this filesystem: trust the recorded pid
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     os.close(fd)
