@@ -29,6 +29,7 @@ import torch
 
 from megatron.sft.data.indexed_writer import LOSS_MASK_SUFFIX, TEXT_SUFFIX
 from megatron.sft.data.packing import assemble_pack, pack_best_fit, packing_efficiency
+from megatron.sft.data.validation import VocabularyGuard, check_bin_size
 
 
 @dataclass
@@ -98,9 +99,12 @@ def open_pair(prefix: str):
             f"no SFT dataset at {prefix!r}: expected {prefix}{TEXT_SUFFIX}.bin/.idx and "
             f"{prefix}{LOSS_MASK_SUFFIX}.bin/.idx (run tools/preprocess_data_sft.py first)."
         )
+    text = IndexedDataset(prefix + TEXT_SUFFIX)
+    check_bin_size(text, prefix + TEXT_SUFFIX)
     if not IndexedDataset.exists(prefix + LOSS_MASK_SUFFIX):
-        return IndexedDataset(prefix + TEXT_SUFFIX), None
-    text, mask = IndexedDataset(prefix + TEXT_SUFFIX), IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+        return text, None
+    mask = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+    check_bin_size(mask, prefix + LOSS_MASK_SUFFIX)
     if not np.array_equal(text.sequence_lengths, mask.sequence_lengths):
         raise ValueError(
             f"{prefix}: token and loss-mask datasets have different sequence lengths; "
@@ -115,7 +119,10 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, config: SFTDatasetConfig, prefix: str, indices: np.ndarray | None = None,
                  name: str = "train", num_samples: int | None = None):
         self.config, self.name = config, name
+        self.prefix = _strip_suffix(prefix)
         self.text, self.mask = open_pair(prefix)
+        #: set by the trainer: checks each sample's ids against the model's vocabulary
+        self.vocab_guard: VocabularyGuard | None = None
         all_lengths = self.text.sequence_lengths.astype(np.int64)
         indices = np.arange(len(all_lengths)) if indices is None else np.asarray(indices, np.int64)
         positions = all_lengths[indices] - 1  # slots a sample takes after the shift
@@ -178,9 +185,14 @@ class SFTDataset(torch.utils.data.Dataset):
     def _sample(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         doc = int(self.indices[item])
         if not self.pretraining:
-            return self.text[doc], self.mask[doc]
-        ids = self.text.get(doc, offset=int(self.starts[item]), length=int(self.positions[item]) + 1)
-        return ids, np.ones(len(ids), np.uint8)
+            ids, mask = self.text[doc], self.mask[doc]
+        else:
+            ids = self.text.get(doc, offset=int(self.starts[item]),
+                                length=int(self.positions[item]) + 1)
+            mask = np.ones(len(ids), np.uint8)
+        if self.vocab_guard is not None:
+            self.vocab_guard.check(ids, doc)
+        return ids, mask
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         items = self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]

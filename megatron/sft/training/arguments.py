@@ -102,6 +102,8 @@ class TrainConfig:
     skip_nan_steps: bool = _field(False, "skip an optimizer step whose loss is NaN/inf instead "
                                          "of stopping")
     no_progress: bool = _field(False, "no progress bar (logs only)")
+    strict: bool = _field(False, "stop on data warnings (e.g. samples longer than "
+                                 "max_position_embeddings) instead of training on")
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""

@@ -34,6 +34,7 @@ from megatron.sft.training.checkpointing import (
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
+from megatron.sft.training.run_guard import acquire_run_lock, check_training_data
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Trainer:
     dp_rank: int
     dp_size: int
     is_logger: bool                     # the last rank: holds the last pipeline stage
+    run_lock: Any                       # exclusive lock on --save for the life of the run
     # --- components
     model: list                         # DDP-wrapped GPTModel chunks (one per virtual stage)
     optimizer: Any                      # megatron-core MegatronOptimizer
@@ -91,6 +93,7 @@ class Trainer:
                              cfg.num_layers_per_virtual_pipeline_stage)
         self.info = initialize_distributed(ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp, seed=cfg.seed))
+        self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
         from megatron.core import parallel_state as ps
 
         self.dp_size = ps.get_data_parallel_world_size()
@@ -102,6 +105,7 @@ class Trainer:
                                        self.info.device.type)
         self.log(f"layers: {self.impl.describe()}")
         self._build_data()
+        check_training_data(self)  # vocabulary, lengths, objective: before building the model
         self._build_model()
         self._build_optimizer()
         self.peak_tflops = (peak_tflops(torch.cuda.get_device_name())
