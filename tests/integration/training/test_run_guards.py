@@ -83,7 +83,8 @@ def test_second_run_on_the_same_save_fails_at_start_naming_the_first(ckpt, sft_a
                  PYTHONUNBUFFERED="1"))
     try:
         deadline = time.time() + 180
-        while "training objective" not in (tmp_path / "first.log").read_text():
+        # Wait for a first step: the run then holds the lock and handles SIGTERM by saving.
+        while "iter 1/" not in (tmp_path / "first.log").read_text():
             assert first.poll() is None and time.time() < deadline, \
                 (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
