@@ -56,6 +56,9 @@ class RecordError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # readers hand some errors to worker processes: pickle both fields
+        return type(self), (self.reason, str(self))
+
 
 @dataclass(frozen=True)
 class Message:

@@ -31,6 +31,8 @@ class PreprocessStats:
     dropped: Counter = field(default_factory=Counter)
     length_histogram: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    notices: Counter = field(default_factory=Counter)
+    """Things worth knowing that drop nothing, e.g. ``reasoning_not_rendered`` turns."""
     elapsed_s: float = 0.0
     token_dtype: str = ""
 
@@ -87,6 +89,7 @@ class PreprocessStats:
             "tokens_per_s": round(rate, 1),
             "samples_per_s": round(self.samples_read / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0,
             "drop_examples": self.examples,
+            "notices": dict(sorted(self.notices.items())),
         }
 
     def write_json(self, path: str) -> None:

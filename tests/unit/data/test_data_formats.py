@@ -67,3 +67,10 @@ def test_bad_records_raise_with_a_reason(record, reason):
         to_conversation(record)
     assert err.value.reason == reason
     assert str(err.value)  # a human-readable message, not just the code
+
+
+def test_record_errors_survive_pickling_to_worker_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RecordError("record_too_large", "the line is 9 bytes")))
+    assert (err.reason, str(err)) == ("record_too_large", "the line is 9 bytes")
