@@ -268,7 +268,8 @@ def _turn(turn: Any, where: str, fields: FieldMap) -> Message:
         raise RecordError("missing_field", f"{where} needs {role_key!r} and {content_key!r}, has {sorted(turn)}")
     raw_role = turn[role_key]
     if raw_role == FUNCTION_CALL_ROLE:
-        return Message("assistant", "", tool_calls=_function_call_value(turn.get(content_key), where))
+        return Message("assistant", "", tool_calls=_function_call_value(turn.get(content_key), where),
+                       loss=_loss_flag(turn, where))
     role = ROLE_ALIASES.get(raw_role.lower()) if isinstance(raw_role, str) else None
     if role is None:
         raise RecordError(

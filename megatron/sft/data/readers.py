@@ -94,6 +94,12 @@ def _kind(file: Path) -> str | None:
     return kind if kind in ("jsonl", "json", "parquet", "arrow") else None
 
 
+def _extension(file: Path) -> str:
+    """``x.parquet.gz`` -> ``.parquet.gz``; ``my.data.csv`` -> ``.csv``."""
+    name, compression = split_compression(file.name)
+    return Path(name).suffix + (compression or "")
+
+
 def open_input(file: Path) -> BinaryIO:
     """A binary stream of ``file``, decompressed on the fly for the suffixes in ``COMPRESSIONS``."""
     compression = split_compression(file.name)[1]
@@ -130,7 +136,7 @@ def list_input_files(path: str | Path, split: str | None = None) -> list[tuple[s
         kind = _kind(path)
         if kind is None:
             raise InputError(
-                f"input {str(path)!r} has an unsupported extension {''.join(path.suffixes[-2:])!r}; use "
+                f"input {str(path)!r} has an unsupported extension {_extension(path)!r}; use "
                 f".jsonl or .json (optionally {'/'.join(COMPRESSIONS)}), .parquet, a folder of those, "
                 f"or an HF save_to_disk folder."
             )

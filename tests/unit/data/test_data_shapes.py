@@ -310,3 +310,45 @@ def test_per_turn_mask_equals_numpy_reference_on_a_batch(tokenizers):
     assert chunk.ids.tolist() == np.concatenate([s.ids for s in kept]).tolist()
     assert chunk.mask.tolist() == np.concatenate([s.mask for s in kept]).tolist()
     assert chunk.loss_tokens.tolist() == [int(s.mask.sum()) for s in kept]
+
+
+# Qwen3's habit, written here: the final assistant turn always opens a <think> block, empty when
+# the message has no reasoning. The marker render then differs from the real one *inside* that
+# block, and the learned text must still start right after the assistant header.
+ALWAYS_THINK_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' and loop.last -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + (m.reasoning_content or '') + '\\n</think>\\n\\n' + m.content -}}"
+    "{%- for call in m.tool_calls or [] -%}{{- '<tool_call>' + call.function.name + '</tool_call>' -}}{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="module")
+def always_think(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from megatron.sft.data.tiny_tokenizer import save_tiny_tokenizer
+
+    path = save_tiny_tokenizer(tmp_path_factory.mktemp("think"), template="chatml_tools")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ALWAYS_THINK_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("last", [
+    {"role": "assistant", "content": "5.", "reasoning_content": "2 plus 3 is 5."},
+    {"role": "assistant", "content": "", "tool_calls": [call("add", {"a": 2, "b": 3})]},
+])
+def test_text_the_template_puts_between_header_and_body_is_learned(always_think, last):
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, last]
+    sample = render_one(always_think, {"messages": messages})
+    text = always_think.apply_chat_template(messages, tokenize=False)
+    assert sample.ids.tolist() == list(always_think.apply_chat_template(messages, tokenize=True, return_dict=False))
+    [run] = masked_runs(always_think, sample.ids, sample.mask)
+    assert run == assistant_blocks(text, "<|im_start|>assistant\n", "<|im_end|>")[0]
+    assert run.startswith("<think>\n") and run.endswith("<|im_end|>")
