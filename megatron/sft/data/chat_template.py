@@ -248,6 +248,11 @@ def _tool_names(items: Sequence[Any]) -> list[str]:
     return names
 
 
+def _no_tools(what: str) -> RecordError:
+    return RecordError("template_no_tools", f"the chat template {what}; use a tokenizer whose chat "
+                                            "template supports tools (Qwen2.5+, Llama 3.1+, ...)")
+
+
 def render_chat_template(
     conversation: Conversation, template: ChatTemplate, anchors: Sequence[str] = ()
 ) -> RenderedText:
@@ -263,32 +268,27 @@ def render_chat_template(
         text = template(messages, tools)
     except Exception as exc:  # a Jinja template may raise on roles it does not support
         if uses_tools:
-            raise RecordError("template_no_tools", f"the chat template failed on a conversation with "
-                                                   f"tools ({exc}); use a tokenizer whose template supports tools") from None
+            raise _no_tools(f"failed on a conversation with tools ({exc})") from None
         raise RecordError("template_error", f"the chat template failed: {exc}") from None
     missing = [n for n in _tool_names(tools) if n not in text]
     if missing:
-        raise RecordError("template_no_tools", f"the chat template does not render the 'tools' list "
-                                               f"(tool {missing[0]!r} is not in its output); use a "
-                                               "tokenizer whose template supports tools")
+        raise _no_tools(f"does not render the 'tools' list (tool {missing[0]!r} is not in its output)")
     anchors = tuple(anchors)
     spans: list[tuple[int, int] | None] = []
     notices: list[str] = []
     cursor = 0
     for k, m in enumerate(conversation):
-        if m.role == "assistant" and (m.tool_calls or m.reasoning is not None):
+        if m.role == "assistant" and (m.tool_calls or (m.reasoning or "").strip()):
             span = locate_turn_body(text, messages, tools, k, template, cursor)
             body = text[span[0]:span[1]] if span else ""
             if span and any(n not in body for n in _tool_names(m.tool_calls)):
-                raise RecordError("template_no_tools", f"the chat template does not render the tool calls of "
-                                                       f"turn {k}; use a tokenizer whose template supports tools")
+                raise _no_tools(f"does not render the tool calls of turn {k}")
             if m.reasoning and m.reasoning.strip() not in body:
                 notices.append(REASONING_NOT_RENDERED)
         else:
             span = locate_content(text, m.full_text(), cursor, anchors)
             if span is None and m.role == "tool" and m.content.strip():
-                raise RecordError("template_no_tools", f"the chat template dropped the tool result of turn {k}; "
-                                                       "use a tokenizer whose template supports tools")
+                raise _no_tools(f"dropped the tool result of turn {k}")
         spans.append(span)
         if span is not None:
             cursor = span[1]

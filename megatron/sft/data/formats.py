@@ -346,7 +346,8 @@ def _function_call_value(value: Any, where: str) -> list[dict]:
     try:
         calls = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as exc:
-        raise RecordError("wrong_type", f"{where} is a function_call whose value is not JSON ({exc.msg})") from None
+        raise RecordError("wrong_type",
+                          f"{where} is a function_call whose value is not JSON ({exc.msg})") from None
     calls = [calls] if isinstance(calls, dict) else calls
     if not calls or not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
         raise RecordError("wrong_type", f"{where} is a function_call; its value must be "

@@ -30,7 +30,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from megatron.sft.data.formats import RecordError
-from megatron.sft.data.readers import DEFAULT_MAX_RECORD_BYTES, RawRecord, iter_records, parse_payload, split_compression
+from megatron.sft.data.readers import (
+    DEFAULT_MAX_RECORD_BYTES,
+    RawRecord,
+    iter_records,
+    parse_payload,
+    split_compression,
+)
 from megatron.sft.data.render import NOTICES, ConversationRenderer, RenderConfig, TokenizedChunk
 from megatron.sft.data.stats import PreprocessStats
 

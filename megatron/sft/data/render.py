@@ -197,14 +197,16 @@ class ConversationRenderer:
             )
         return spans
 
-    def _learn_spans(self, rendered: RenderedText, conversation: Conversation | None = None) -> list[tuple[int, int]]:
+    def _learn_spans(self, rendered: RenderedText,
+                     conversation: Conversation | None = None) -> list[tuple[int, int]]:
         """Character spans to learn (for ``all``: the whole text, see ``_unlearned_spans``)."""
         if self.config.loss_on == "all":
             return [(0, len(rendered.text))]
         learn = self._learned_turns(rendered, conversation)
         return self._located([s for s, keep in zip(rendered.assistant_spans, learn) if keep])
 
-    def _unlearned_spans(self, rendered: RenderedText, conversation: Conversation | None) -> list[tuple[int, int]]:
+    def _unlearned_spans(self, rendered: RenderedText,
+                         conversation: Conversation | None) -> list[tuple[int, int]]:
         """With ``--loss-on all``: the assistant turns the record marks ``loss: false``."""
         if self.config.loss_on != "all" or conversation is None:
             return []
@@ -250,8 +252,8 @@ class ConversationRenderer:
                 kept.append(result)
         lengths = np.fromiter((t.length for t in kept), dtype=np.int64, count=len(kept))
         total = int(lengths.sum())
-        ids = np.fromiter(chain.from_iterable(t.ids if len(t.ids) == t.length else t.ids[:t.length] for t in kept),
-                          dtype=np.int32, count=total)
+        ids = np.fromiter(chain.from_iterable(t.ids if len(t.ids) == t.length else t.ids[:t.length]
+                                              for t in kept), dtype=np.int32, count=total)
         mask = np.zeros(total, dtype=np.uint8)
         loss_tokens = np.fromiter((sum(stop - first for first, stop in t.ranges) for t in kept),
                                   dtype=np.int64, count=len(kept))
