@@ -155,6 +155,21 @@ class ConversationRenderer:
         self.special_ids = frozenset(special)
         self.bos_id = tokenizer.bos_token_id
         self.template = ChatTemplate(tokenizer) if config.prompt_style == "chat-template" else None
+        self.char_limit = self._char_limit(backend, config)
+
+    @staticmethod
+    def _char_limit(backend: Any, config: RenderConfig) -> int | None:
+        """Characters beyond which a text surely has more than ``max_length`` tokens.
+
+        No token covers more characters than its vocabulary string has (byte-level strings count
+        bytes); the factor 4 leaves room for normalizers that shorten text. A 50 MB record is
+        then dropped as ``too_long`` without building its millions of token offsets. Example:
+        ``max_length`` 16384, longest token 128 characters -> 8,388,608 characters.
+        """
+        if config.max_length is None or config.truncate:
+            return None
+        longest = max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=1)
+        return 4 * config.max_length * max(longest, 1)
 
     # -- text ---------------------------------------------------------------------------------
     def render_text(self, record: Any) -> RenderedText:
@@ -280,6 +295,11 @@ class ConversationRenderer:
                 holes = self._unlearned_spans(rendered, conversation)
             except RecordError as err:
                 results[i] = err
+                continue
+            if self.char_limit is not None and len(rendered.text) > self.char_limit:
+                results[i] = RecordError(
+                    "too_long", f"{len(rendered.text):,} characters cannot fit in --seq-length "
+                    f"{self.config.max_length} tokens (use --truncate to keep a prefix)")
                 continue
             texts.append(rendered.text)
             rendered_ok.append((i, rendered, spans, holes))

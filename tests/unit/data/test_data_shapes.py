@@ -207,6 +207,8 @@ def test_per_turn_loss_overrides_loss_on(tokenizers, template):
     eot = tok.eos_token
     sample = render_one(tok, TWO_TURNS)
     assert masked_runs(tok, sample.ids, sample.mask) == ["Final answer." + eot]
+    assert sample.ids.tolist() == list(tok.apply_chat_template(TWO_TURNS["messages"], tokenize=True,
+                                                               return_dict=False))
     weight = json.loads(json.dumps(TWO_TURNS).replace('"loss": false', '"weight": 0'))
     assert render_one(tok, weight).mask.tolist() == render_one(tok, TWO_TURNS).mask.tolist()
     # "loss": true brings an earlier turn back under --loss-on last-assistant
