@@ -152,7 +152,8 @@ class ChatTemplate:
 
     def __call__(self, messages: list[dict], tools: list[dict] | None = None,
                  add_generation_prompt: bool = False) -> str:
-        messages = self._alias(messages)
+        if any("reasoning_content" in m or "thinking" in m or "reasoning" in m for m in messages):
+            messages = self._alias(messages)  # as apply_chat_template does; a no-op otherwise
         if self.compiled is None:
             return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
@@ -263,14 +264,13 @@ def render_chat_template(
     """
     messages = [template_message(m) for m in conversation]
     tools = getattr(conversation, "tools", None)
-    uses_tools = isinstance(conversation, Conversation) and conversation.uses_tools()
     try:
         text = template(messages, tools)
     except Exception as exc:  # a Jinja template may raise on roles it does not support
-        if uses_tools:
+        if isinstance(conversation, Conversation) and conversation.uses_tools():
             raise _no_tools(f"failed on a conversation with tools ({exc})") from None
         raise RecordError("template_error", f"the chat template failed: {exc}") from None
-    missing = [n for n in _tool_names(tools) if n not in text]
+    missing = [n for n in _tool_names(tools) if n not in text] if tools else None
     if missing:
         raise _no_tools(f"does not render the 'tools' list (tool {missing[0]!r} is not in its output)")
     anchors = tuple(anchors)

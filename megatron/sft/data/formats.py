@@ -127,10 +127,15 @@ class FieldMap:
 
     def implied_format(self) -> str | None:
         """A custom conversation key implies ``messages``; a custom prompt/response ``alpaca``."""
+        if self == _NO_CUSTOM_FIELDS:  # the usual case, checked per record: skip the table walk
+            return None
         for fmt in RECORD_FORMATS.values():
             if any(getattr(self, name) for name in fmt.implied_by):
                 return fmt.name
         return None
+
+
+_NO_CUSTOM_FIELDS = FieldMap()
 
 
 # -- the format table ---------------------------------------------------------------------------
@@ -277,10 +282,13 @@ def _turn(turn: Any, where: str, fields: FieldMap) -> Message:
             f"{where}.{role_key} = {raw_role!r} is not a known role "
             f"(expected one of {sorted(ROLE_ALIASES) + [FUNCTION_CALL_ROLE]})",
         )
+    content = turn.get(content_key)
+    if len(turn) == 2 and isinstance(content, str):  # the common {"role", "content"} turn
+        return Message(role, content)
     tool_calls = turn.get("tool_calls") or None
     if content_key not in turn and not tool_calls:  # OpenAI may omit content next to tool_calls
         raise RecordError("missing_field", f"{where} needs {role_key!r} and {content_key!r}, has {sorted(turn)}")
-    content = _text(turn.get(content_key), f"{where}.{content_key}")
+    content = _text(content, f"{where}.{content_key}")
     if tool_calls is not None:
         if role != "assistant":
             raise RecordError("wrong_type", f"{where} has 'tool_calls' but role {raw_role!r}; only "
@@ -396,7 +404,7 @@ FORMATS = ("auto", *RECORD_FORMATS)
 
 def _validate(conversation: Conversation) -> None:
     for i, m in enumerate(conversation):
-        for text in (m.content, m.reasoning or ""):
+        for text in (m.content, m.reasoning) if m.reasoning else (m.content,):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as exc:
