@@ -16,7 +16,8 @@ e.g. ``<｜User｜>`` in DeepSeek templates) or the BOS token.
 
 Which assistant turns are learned: ``--loss-on`` decides, then a turn's own ``"loss": true/false``
 (or ``"weight": 1/0``) in the record overrides it for that turn. With ``--loss-on all`` a turn
-marked ``false`` is left out together with its end-of-turn token. Tool results are never learned.
+marked ``false`` is left out together with its end-of-turn token, and so is every tool result's
+text: tool results are never learned.
 """
 
 from __future__ import annotations
@@ -222,11 +223,14 @@ class ConversationRenderer:
 
     def _unlearned_spans(self, rendered: RenderedText,
                          conversation: Conversation | None) -> list[tuple[int, int]]:
-        """With ``--loss-on all``: the assistant turns the record marks ``loss: false``."""
+        """With ``--loss-on all``: the assistant turns the record marks ``loss: false`` and the
+        tool results (never learned), in text order."""
         if self.config.loss_on != "all" or conversation is None:
             return []
         learn = self._learned_turns(rendered, conversation)
-        return self._located([s for s, keep in zip(rendered.assistant_spans, learn) if not keep])
+        holes = self._located([s for s, keep in zip(rendered.assistant_spans, learn) if not keep])
+        holes += [s for s, m in zip(rendered.message_spans, conversation) if m.role == "tool" and s]
+        return sorted(holes)
 
     def _eot_rule(self, ids: list[int], offsets: TokenOffsets, rendered: RenderedText) -> Callable[[int], bool]:
         """Token ``j`` may end a turn: a special token, not BOS, and not a role header.

@@ -112,6 +112,16 @@ def test_messages_shapes_match_hf_ids_and_mask_the_rendered_assistant_text(token
     check_against_hf(tokenizers[template], template, record, record["messages"], record.get("tools"))
 
 
+def test_tool_results_are_not_learned_even_with_loss_on_all(tokenizers):
+    tok = tokenizers["llama3_tools"]
+    every = render_one(tok, TOOL_RECORD, loss_on="all")
+    assert every.ids.tolist() == render_one(tok, TOOL_RECORD).ids.tolist()
+    assert masked_runs(tok, every.ids, 1 - every.mask) == ["18 C, sunny<|eot_id|>", "14:05<|eot_id|>"]
+    tok = tokenizers["chatml_tools"]
+    every = render_one(tok, TOOL_RECORD, loss_on="all")
+    assert masked_runs(tok, every.ids, 1 - every.mask) == ["18 C, sunny", "14:05"]
+
+
 def test_tool_call_golden_masks(tokenizers):
     """The learned text, written out: the calls as each template prints them, never the results."""
     tok = tokenizers["chatml_tools"]
