@@ -29,10 +29,10 @@ class PreprocessStats:
     loss_tokens: int = 0
     max_sample_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
-    length_histogram: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
     notices: Counter = field(default_factory=Counter)
     """Things worth knowing that drop nothing, e.g. ``reasoning_not_rendered`` turns."""
+    length_histogram: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     token_dtype: str = ""
 
@@ -79,6 +79,7 @@ class PreprocessStats:
             "samples_written": self.samples_written,
             "samples_dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(sorted(self.dropped.items())),
+            "notices": dict(sorted(self.notices.items())),
             "samples_truncated": self.samples_truncated,
             "tokens": self.tokens,
             "loss_tokens": self.loss_tokens,
@@ -89,7 +90,6 @@ class PreprocessStats:
             "tokens_per_s": round(rate, 1),
             "samples_per_s": round(self.samples_read / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0,
             "drop_examples": self.examples,
-            "notices": dict(sorted(self.notices.items())),
         }
 
     def write_json(self, path: str) -> None:
