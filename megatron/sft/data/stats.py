@@ -29,9 +29,9 @@ class PreprocessStats:
     loss_tokens: int = 0
     max_sample_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
+    length_histogram: Counter = field(default_factory=Counter)
     notices: Counter = field(default_factory=Counter)
     """Things worth knowing that drop nothing, e.g. ``reasoning_not_rendered`` turns."""
-    length_histogram: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     token_dtype: str = ""
