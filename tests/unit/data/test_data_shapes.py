@@ -364,3 +364,19 @@ def test_text_the_template_puts_between_header_and_body_is_learned(always_think,
     [run] = masked_runs(always_think, sample.ids, sample.mask)
     assert run == assistant_blocks(text, "<|im_start|>assistant\n", "<|im_end|>")[0]
     assert run.startswith("<think>\n") and run.endswith("<|im_end|>")
+
+
+def test_parquet_rows_with_null_filled_structs_render_like_the_json_records(tokenizers, tmp_path):
+    """Arrow unifies the turn structs: every turn gets every key (tool_calls, loss, ... = None)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron.sft.data.readers import iter_records
+
+    records = [TOOL_RECORD, {"tools": [WEATHER, TIME], "messages": TWO_TURNS["messages"]}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    rows = [r.payload for r in iter_records(tmp_path / "d.parquet")]
+    assert rows[1]["messages"][0]["tool_calls"] is None and rows[0]["messages"][0]["loss"] is None
+    renderer = ConversationRenderer(tokenizers["chatml_tools"], RenderConfig())
+    for got, want in zip(renderer.render_batch(rows), renderer.render_batch(records)):
+        assert got.ids.tolist() == want.ids.tolist() and got.mask.tolist() == want.mask.tolist()
