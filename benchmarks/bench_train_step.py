@@ -64,7 +64,8 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     ckpt, data = make_assets(root, args)
     from megatron.sft.training.arguments import TrainConfig
-    from megatron.sft.training.trainer import Trainer, microbatch_rows
+    from megatron.sft.training.batch import microbatch_rows
+    from megatron.sft.training.trainer import Trainer
 
     total_iters = 2 * (args.iters + args.warmup) + 2
     cfg = TrainConfig(load=ckpt, data_path=data, seq_length=args.seq_length,
@@ -87,8 +88,9 @@ def main() -> int:
 
     def bare_forward_step(data_iterator, model):
         b = next(data_iterator)
-        per_token = model(b["tokens"], b["position_ids"], attention_mask=b["attention_mask"],
-                          labels=b["labels"])
+        per_token = model(b["tokens"], b["position_ids"],
+                          attention_mask=b["attention"].attention_mask,
+                          packed_seq_params=b["attention"].packed_seq_params, labels=b["labels"])
 
         def loss_func(out):
             mask = b["loss_mask"].float()

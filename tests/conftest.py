@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,10 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
     from megatron.sft.bridge.random_hf_model import make_random_hf_model
 
     root = tmp_path_factory.mktemp("hf")
-    return {arch: make_random_hf_model(arch, root / arch, seed=i)
-            for i, arch in enumerate(ARCHITECTURES)}
+    # Seeds derive from the name, not the list position: registering a new architecture must
+    # not change the weights of the others' test models.
+    return {arch: make_random_hf_model(arch, root / arch, seed=zlib.crc32(arch.encode()))
+            for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron.sft.bridge.architectures import supported_architectures
+
 REPO = Path(__file__).resolve().parents[1]
 
-ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"]
+# Every registered architecture, so a new table cannot go untested.
+ARCHITECTURES = supported_architectures()
 
 
 def _free_port() -> int:

@@ -32,7 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--transformer-impl", choices=["auto", "transformer_engine", "local"],
-                   default="auto")
+                   default="auto", help="layer modules (as in tools/train_sft.py)")
+    p.add_argument("--attention-backend", choices=["auto", "te", "varlen", "flex", "sdpa", "dense"],
+                   default="auto", help="core attention (as in tools/train_sft.py)")
     p.add_argument("--output-json", default=None, help="write the measured differences here")
     return p.parse_args(argv)
 
@@ -57,8 +59,10 @@ def main(argv=None) -> int:
     from megatron.sft.training.forward_logits import pipeline_logits
     from megatron.sft.training.model_builder import build_model_from_checkpoint
 
-    use_te = {"auto": None, "transformer_engine": True, "local": False}[args.transformer_impl]
-    chunks, meta, _ = build_model_from_checkpoint(args.load, args.iteration, use_te=use_te,
+    from megatron.sft.runtime.layer_impl import resolve_layer_impl
+
+    impl = resolve_layer_impl(args.transformer_impl, args.attention_backend, info.device.type)
+    chunks, meta, _ = build_model_from_checkpoint(args.load, args.iteration, impl=impl,
                                                   seq_length=args.seq_length)
     vocab = meta.hf_config["vocab_size"]
     gen = torch.Generator().manual_seed(args.seed)
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
         ok = diff <= args.atol
         print(f"[parity] {meta.architecture} TP{meta.tensor_model_parallel_size} "
               f"PP{meta.pipeline_model_parallel_size} VPP{meta.virtual_pipeline_model_parallel_size}"
-              f" {meta.params_dtype}: max|logits - HF| = {diff:.3e} (atol {args.atol}) "
+              f" {meta.params_dtype} ({impl.describe()}): max|logits - HF| = {diff:.3e} (atol {args.atol}) "
               f"{'OK' if ok else 'FAIL'}", flush=True)
         if args.output_json:
             with open(args.output_json, "w") as f:

@@ -44,10 +44,17 @@ def main() -> int:
                          ("transformer-engine", "transformer_engine"), ("apex", "apex"),
                          ("transformers", "transformers")]:
         print(f"{name:<13} {version(module)}")
-    from megatron.sft.runtime.layer_spec import transformer_engine_available
+    from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
 
-    impls = ["local"] + (["transformer_engine"] if torch.cuda.is_available()
-                         and transformer_engine_available() else [])
+    # Every (layer implementation, attention backend) pair that can run on this machine.
+    impls = []
+    for impl in ("local", "transformer_engine"):
+        for backend in ("te", "varlen", "flex", "sdpa", "dense"):
+            try:
+                resolve_layer_impl(impl, backend)
+            except LayerImplError:
+                continue
+            impls.append((impl, backend))
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
@@ -55,18 +62,19 @@ def main() -> int:
 
         hf = make_random_hf_model("Qwen2ForCausalLM", Path(tmp) / "hf", seed=0)
         convert_hf_to_megatron(hf, Path(tmp) / "mg", ConvertOptions(progress=False))
-        for impl in impls:
+        for impl, backend in impls:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc-per-node", "1", str(REPO / "tools" / "check_hf_parity.py"),
                    "--load", str(Path(tmp) / "mg"), "--hf-model", str(hf),
-                   "--transformer-impl", impl, "--atol", "1e-3"]
+                   "--transformer-impl", impl, "--attention-backend", backend, "--atol", "1e-3"]
             env = dict(os.environ, PYTHONPATH=str(REPO))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("[parity]")),
                         proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
             ok = proc.returncode == 0
             failures += not ok
-            print(f"model build + logits ({impl}): {'OK' if ok else 'FAIL'}  {line}")
+            print(f"model build + logits ({impl}, {backend} attention): "
+                  f"{'OK' if ok else 'FAIL'}  {line}")
     print("self-check " + ("passed" if not failures else f"FAILED ({failures})"))
     return 1 if failures else 0
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Merge a Megatron checkpoint (any TP x PP) into a HuggingFace model directory.
+# Export a Megatron checkpoint (any TP x PP x VPP) as one HuggingFace model directory.
+# "Merge" means joining the tensor- and pipeline-parallel shards back into whole HF tensors
+# (un-fusing QKV and gate/up); no adapters or other models are merged in.
 #
 # Usage: scripts/checkpoints/merge_and_export.sh CKPT_DIR HF_REF_DIR OUT_DIR [ITER]
 #   CKPT_DIR    Megatron checkpoint (training --save dir or a converted checkpoint)
@@ -11,7 +13,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 : "${PYTHON:=python3}"

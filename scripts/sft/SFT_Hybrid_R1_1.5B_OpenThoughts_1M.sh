@@ -45,6 +45,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${WEIGHT_DECAY:=0.0}"
 : "${CLIP_GRAD:=1.0}"
 : "${RECOMPUTE:=full}"         # full | selective | none: 16k tokens of 1.5B activations need it
+# auto = te in the NVIDIA container, else varlen (torch flash varlen) on CUDA; flex | sdpa | dense
+: "${ATTENTION_BACKEND:=auto}"
 
 # --- paths
 : "${CKPT:=$ASSETS_DIR/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP${TP}PP${PP}}"
@@ -76,7 +78,7 @@ args=(
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --adam-beta1 0.9 --adam-beta2 0.95
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-  --bf16 --use-distributed-optimizer
+  --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --eval-interval "$EVAL_INTERVAL" --eval-iters 10 --log-interval 1
   --tensorboard-dir "$SAVE_DIR/tensorboard" --log-json "$SAVE_DIR/train_log.jsonl"
 )

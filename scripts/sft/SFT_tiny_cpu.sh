@@ -5,7 +5,8 @@
 #
 # Reads  $DEMO_DIR/megatron_TP2PP1 (converted tiny model) and $DEMO_DIR/data/Tokenized-* (from make demo)
 # Writes $DEMO_DIR/sft_tiny (checkpoints, train_log.jsonl). Re-running resumes.
-# Environment: DEMO_DIR (default runs/demo), TRAIN_ITERS, LR, GBS, MBS, SEQ_LEN, NPROC, TP, PP.
+# Environment: DEMO_DIR (default runs/demo), TRAIN_ITERS, LR, GBS, MBS, SEQ_LEN, NPROC, TP, PP,
+#              ATTENTION_BACKEND (default sdpa: per-document attention, no s x s mask).
 set -euo pipefail
 
 if [[ "${1:-}" != "train" ]]; then
@@ -23,6 +24,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${GBS:=16}"
 : "${TRAIN_ITERS:=60}"
 : "${LR:=3e-3}"
+: "${ATTENTION_BACKEND:=sdpa}"
 : "${CKPT:=$DEMO_DIR/megatron_TP${TP}PP${PP}}"
 : "${DATA_PATH:=$(ls "$DEMO_DIR"/data/Tokenized-*_text_document.idx 2>/dev/null | head -1 | sed 's/_text_document.idx$//')}"
 : "${SAVE_DIR:=$DEMO_DIR/sft_tiny}"
@@ -41,4 +43,5 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS" \
   --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5 --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+  --attention-backend "$ATTENTION_BACKEND" \
   --eval-interval 20 --eval-iters 2 --log-interval 5 --log-json "$SAVE_DIR.log.jsonl"

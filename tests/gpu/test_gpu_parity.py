@@ -17,11 +17,12 @@ from megatron.sft.bridge.random_hf_model import make_random_hf_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _parity(ckpt, hf, out, atol, impl="auto"):
+def _parity(ckpt, hf, out, atol, impl="auto", backend="auto"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
            "--master-port", str(_free_port()), str(REPO / "tools" / "check_hf_parity.py"),
            "--load", str(ckpt), "--hf-model", str(hf), "--atol", str(atol),
-           "--transformer-impl", impl, "--seq-length", "64", "--output-json", str(out)]
+           "--transformer-impl", impl, "--attention-backend", backend, "--seq-length", "64",
+           "--output-json", str(out)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -37,9 +38,10 @@ def test_fp32_logits_match_on_gpu(arch, tmp_path):
     assert result["max_abs_diff"] <= 1e-4
 
 
-def test_bf16_logits_close_on_gpu(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "varlen", "flex", "sdpa", "dense"])
+def test_bf16_logits_close_on_gpu(backend, tmp_path):
     hf = make_random_hf_model("Qwen2ForCausalLM", tmp_path / "hf", seed=4, dtype=torch.bfloat16)
     convert_hf_to_megatron(hf, tmp_path / "mg", ConvertOptions(progress=False))
-    proc, result = _parity(tmp_path / "mg", hf, tmp_path / "r.json", atol=0.1)
+    proc, result = _parity(tmp_path / "mg", hf, tmp_path / "r.json", atol=0.1, backend=backend)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     print(result)

@@ -25,6 +25,7 @@ import torch
 import torch.utils.serialization
 
 from megatron.sft.bridge.layout import ParallelLayout, iteration_dir_name, rank_dir_name
+from megatron.sft.runtime.locks import partial_name
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "sft_metadata.json"
@@ -210,6 +211,7 @@ def publish_directory(tmp_dir: Path, out_dir: Path) -> None:
 
 
 def staging_dir(out_dir: Path) -> Path:
-    """A sibling of ``out_dir`` on the same filesystem whose name never looks complete."""
+    """A sibling of ``out_dir`` on the same filesystem whose name never looks complete and says
+    who writes it (``OUT.partial-HOST-PID``), so a later run can remove it if that one died."""
     out_dir = Path(out_dir)
-    return out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+    return out_dir.with_name(partial_name(out_dir.name))

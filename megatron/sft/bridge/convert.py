@@ -34,6 +34,8 @@ from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
 from megatron.sft.bridge.stage_mapping import build_stage, expected_hf_shapes
 from megatron.sft.bridge.transforms import padded_vocab_size
+from megatron.sft.runtime.locks import exclusive_output
+from megatron.sft.runtime.path_overlap import check_output_separate
 
 
 class CoverageError(ValueError):
@@ -109,8 +111,15 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
     spec, shape = shape_of(config)
     layout = opts.layout
     layout.validate(shape)
-    check_output_dir(out_dir, opts.force)
+    check_output_separate(out_dir, "--save-dir", {"--load-dir": hf_dir})
+    with exclusive_output(out_dir, "conversion"):
+        check_output_dir(out_dir, opts.force)
+        return _convert_locked(hf_dir, out_dir, opts, config, spec, shape)
 
+
+def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: dict, spec,
+                    shape) -> CheckpointMetadata:
+    layout = opts.layout
     source = SafetensorsSource(hf_dir)
     expected = expected_hf_shapes(spec, shape)
     check_coverage(source, expected, spec, shape)

@@ -38,6 +38,8 @@ from megatron.sft.bridge.safetensors_io import (
     shard_file_names,
 )
 from megatron.sft.bridge.stage_mapping import export_plan, required_hf_names, stage_to_hf
+from megatron.sft.runtime.locks import exclusive_output
+from megatron.sft.runtime.path_overlap import check_output_separate
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -109,6 +111,41 @@ def _check_reference(meta: CheckpointMetadata, ref_dir: Path) -> None:
         )
 
 
+def tokenizer_size(ref_dir: Path) -> Optional[int]:
+    """Ids a tokenizer in ``ref_dir`` can produce (its largest id + 1), or None without one.
+
+    Read from ``tokenizer.json`` (base vocabulary and added tokens) when present, else through
+    ``transformers`` (e.g. a sentencepiece-only tokenizer).
+    """
+    path = ref_dir / "tokenizer.json"
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+        return max(ids) + 1 if ids else None
+    if not any((ref_dir / n).exists() for n in ("tokenizer_config.json", "tokenizer.model",
+                                                  "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(ref_dir)))
+
+
+def _check_reference_tokenizer(meta: CheckpointMetadata, ref_dir: Path) -> None:
+    """A tokenizer that can produce ids past the embedding rows would make the exported model
+    index out of range; a smaller one is fine (the extra rows are padding)."""
+    size = tokenizer_size(ref_dir)
+    rows = int(meta.hf_config["vocab_size"])
+    if size is not None and size > rows:
+        raise CheckpointError(
+            f"the tokenizer in {ref_dir} has {size} tokens but the model has only {rows} "
+            f"embedding rows (vocab_size {rows}): ids {rows}..{size - 1} would index past the "
+            "embedding. Pass the HF directory whose tokenizer the model was trained with, or "
+            "resize the model's embeddings first"
+        )
+
+
 def _copy_reference_files(ref_dir: Path, out: Path) -> list[str]:
     """Tokenizer, generation config, chat template... everything but weights and config.json."""
     copied = []
@@ -129,7 +166,16 @@ def export_megatron_to_hf(ckpt_dir: "str | Path", out_dir: "str | Path",
     reader = CheckpointReader(ckpt_dir, opts.iteration)
     if hf_ref_dir is not None:
         _check_reference(reader.meta, Path(hf_ref_dir))
-    check_output_dir(out_dir, opts.force)
+        _check_reference_tokenizer(reader.meta, Path(hf_ref_dir))
+    check_output_separate(out_dir, "--save-dir", {"--load-dir": ckpt_dir,
+                                                  "--hf-reference": hf_ref_dir})
+    with exclusive_output(out_dir, "export"):
+        check_output_dir(out_dir, opts.force)
+        return _export_locked(reader, out_dir, hf_ref_dir, opts)
+
+
+def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | Path | None",
+                   opts: ExportOptions) -> Path:
     entries = reader.check_coverage()
     cast_to = opts.dtype
     if cast_to is not None:

@@ -44,10 +44,16 @@ class ParallelLayout:
                 problems.append(
                     f"TP={self.tp} does not divide num_attention_heads={shape.num_attention_heads}"
                 )
-            if shape.num_query_groups % self.tp:
+            ng = shape.num_query_groups
+            # TP may exceed the KV heads when it is a multiple of them: megatron-core then
+            # gives each KV head to TP/ng ranks (the fused QKV rows are split as usual).
+            if ng % self.tp and self.tp % ng:
                 problems.append(
-                    f"TP={self.tp} does not divide num_key_value_heads={shape.num_query_groups}"
+                    f"TP={self.tp} and num_key_value_heads={ng}: one must divide the other"
                 )
+            elif self.tp > ng and (shape.dim("q") + 2 * shape.dim("kv")) % self.tp:
+                problems.append(f"TP={self.tp} does not divide the fused QKV rows "
+                                f"{shape.dim('q') + 2 * shape.dim('kv')}")
             if shape.ffn_hidden_size % self.tp:
                 problems.append(
                     f"TP={self.tp} does not divide intermediate_size={shape.ffn_hidden_size}"
@@ -59,9 +65,11 @@ class ParallelLayout:
             if self.vpp is not None and self.vpp > 1 and self.pp < 2:
                 problems.append("virtual pipeline stages need PP >= 2")
         if problems:
-            divisors = [d for d in range(1, shape.num_query_groups + 1)
-                        if shape.num_query_groups % d == 0 and shape.num_attention_heads % d == 0
-                        and shape.ffn_hidden_size % d == 0]
+            ng = shape.num_query_groups
+            divisors = [d for d in range(1, shape.num_attention_heads + 1)
+                        if (ng % d == 0 or d % ng == 0) and shape.num_attention_heads % d == 0
+                        and shape.ffn_hidden_size % d == 0
+                        and (d <= ng or (shape.dim("q") + 2 * shape.dim("kv")) % d == 0)]
             layer_divs = [d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]
             raise LayoutError(
                 "cannot shard this model: " + "; ".join(problems)

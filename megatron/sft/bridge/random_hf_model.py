@@ -1,41 +1,27 @@
 """Random-weight HuggingFace models made from a config, for tests, the offline demo and
 benchmarks (nothing is downloaded).
 
-``TINY_CONFIGS`` deliberately vary what the bridge must get right: GQA vs MHA, tied vs untied
-embeddings, q/k/v biases, q/k norms, an explicit ``head_dim`` that differs from
-``hidden/heads``, llama3 rope scaling, and vocabularies that need Megatron padding.
+Each architecture's tiny config lives in its own module (``ArchitectureSpec.tiny_config``); they
+deliberately vary what the bridge must get right: GQA vs MHA, tied vs untied embeddings, q/k/v
+biases, q/k norms, an explicit ``head_dim`` that differs from ``hidden/heads``, llama3 rope
+scaling, and vocabularies that need Megatron padding.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from megatron.sft.bridge.architectures import get_architecture, registered_specs
+
+
+#: ``{hf_architecture: tiny config kwargs}`` for every registered architecture: copies, for
+#: existing callers; each architecture's ``ArchitectureSpec.tiny_config`` is the source.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "LlamaForCausalLM": dict(
-        vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    ),
-    "Qwen2ForCausalLM": dict(
-        vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0,
-    ),
-    "Qwen3ForCausalLM": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=24, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1000000.0,
-    ),
-    "MistralForCausalLM": dict(
-        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=1024,
-    ),
+    name: copy.deepcopy(dict(spec.tiny_config)) for name, spec in registered_specs().items()
 }
 
 #: Roughly Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads / 2 KV heads, tied, 151936 vocab).
@@ -47,15 +33,10 @@ QWEN2_0_5B_CONFIG: dict[str, Any] = dict(
 
 
 def _config_class(architecture: str):
+    """The transformers config class the architecture's spec names (e.g. ``Qwen2Config``)."""
     import transformers
 
-    names = {
-        "LlamaForCausalLM": "LlamaConfig",
-        "Qwen2ForCausalLM": "Qwen2Config",
-        "Qwen3ForCausalLM": "Qwen3Config",
-        "MistralForCausalLM": "MistralConfig",
-    }
-    return getattr(transformers, names[architecture])
+    return getattr(transformers, get_architecture(architecture).hf_config_class)
 
 
 def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
@@ -69,7 +50,9 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
     """
     import transformers
 
-    kwargs = dict(config if config is not None else TINY_CONFIGS[architecture])
+    # Deep copy: transformers may rewrite nested dicts (rope_scaling) it is given.
+    kwargs = copy.deepcopy(dict(config if config is not None
+                                else get_architecture(architecture).tiny_config))
     kwargs.update(overrides or {})
     cfg = _config_class(architecture)(architectures=[architecture], **kwargs)
     torch.manual_seed(seed)

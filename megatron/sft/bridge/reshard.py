@@ -30,6 +30,8 @@ from megatron.sft.bridge.layout import ParallelLayout
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.stage_mapping import build_stage
 from megatron.sft.bridge.transforms import padded_vocab_size
+from megatron.sft.runtime.locks import exclusive_output
+from megatron.sft.runtime.path_overlap import check_output_separate
 
 
 def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: ParallelLayout,
@@ -38,7 +40,15 @@ def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: Pa
     reader = CheckpointReader(ckpt_dir, iteration)
     shape, spec, src = reader.shape, reader.spec, reader.meta
     target.validate(shape)
-    check_output_dir(Path(out_dir), force)
+    check_output_separate(out_dir, "--save-dir", {"--load-dir": ckpt_dir})
+    with exclusive_output(out_dir, "reshard"):
+        check_output_dir(Path(out_dir), force)
+        return _reshard_locked(reader, Path(out_dir), target, progress)
+
+
+def _reshard_locked(reader: CheckpointReader, out_dir: Path, target: ParallelLayout,
+                    progress: bool) -> CheckpointMetadata:
+    shape, spec, src = reader.shape, reader.spec, reader.meta
     reader.check_coverage()
     it = int(reader.iter_dir.name.split("_")[1])
     ctx = ShardContext(shape, target.tp, padded_vocab_size(

@@ -130,3 +130,39 @@ class FusedGateUp(WeightRule):
 
     def to_hf(self, shards, ctx):
         return T.unfuse_gate_up(shards)
+
+
+# --- Named constructors -----------------------------------------------------------------------
+# The fused rules take their HF tensors in a fixed order that the math depends on ((q, k, v),
+# (gate, up)). Naming the parts at the call site makes a swapped pair visible in review instead
+# of only in a logits test.
+
+
+def _fused_dims(megatron: str, weight: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+    """HF dims of a fused rule's parts: ``weight`` for ``*.weight``, their first axis for
+    ``*.bias`` (``(("q", "hidden"),)`` -> ``(("q",),)``)."""
+    if megatron.endswith(".weight"):
+        return weight
+    if megatron.endswith(".bias"):
+        return tuple(d[:1] for d in weight)
+    raise ValueError(f"table error: fused tensor {megatron!r} is neither a .weight nor a .bias; "
+                     f"pass the HF shapes explicitly with FusedQKV/FusedGateUp")
+
+
+def qkv(megatron: str, *, q: str, k: str, v: str, when: Optional[str] = None) -> FusedQKV:
+    """Megatron ``linear_qkv`` weight or bias from separate HF q/k/v projections.
+
+    ``qkv("decoder.layers.{i}.self_attention.linear_qkv.bias", q="…q_proj.bias",
+    k="…k_proj.bias", v="…v_proj.bias", when="qkv_bias")`` is
+    ``FusedQKV(<same name>, (q, k, v), (("q",), ("kv",), ("kv",)), when="qkv_bias")``.
+    """
+    dims = _fused_dims(megatron, (("q", "hidden"), ("kv", "hidden"), ("kv", "hidden")))
+    return FusedQKV(megatron, (q, k, v), dims, when=when)
+
+
+def gate_up(megatron: str, *, gate: str, up: str, when: Optional[str] = None) -> FusedGateUp:
+    """Megatron gated ``linear_fc1`` from HF ``gate_proj`` and ``up_proj`` (SwiGLU: the gate is
+    the half that goes through the activation). Shapes: ``(("ffn", "hidden"),) * 2`` for a weight.
+    """
+    dims = _fused_dims(megatron, (("ffn", "hidden"), ("ffn", "hidden")))
+    return FusedGateUp(megatron, (gate, up), dims, when=when)

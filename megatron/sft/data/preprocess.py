@@ -182,7 +182,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
     )
     records = iter_records(config.input, config.split, config.max_record_bytes)  # InputError: bad path
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
-                            tokenizer=config.tokenizer_model)
+                            tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer))
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))
     # The clock starts once the writer is open: like the tokenizer load above, importing
@@ -211,6 +211,8 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
                     say(f"note: {NOTICES.get(kind, kind)} (counted under 'notices' in the stats JSON)")
                 stats.notices[kind] += count
             writer.add_batch(result.ids, result.mask, result.lengths)
+            if len(result.ids):
+                stats.max_token_id = max(stats.max_token_id, int(np.max(result.ids)))
             stats.add_samples(result.lengths, result.loss_tokens, result.truncated)
             elapsed = time.perf_counter() - start
             bar.update(len(records_chunk))

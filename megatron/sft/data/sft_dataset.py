@@ -29,6 +29,7 @@ import torch
 
 from megatron.sft.data.indexed_writer import LOSS_MASK_SUFFIX, TEXT_SUFFIX
 from megatron.sft.data.packing import assemble_pack, pack_best_fit, packing_efficiency
+from megatron.sft.data.validation import VocabularyGuard, check_bin_size
 
 
 @dataclass
@@ -98,9 +99,12 @@ def open_pair(prefix: str):
             f"no SFT dataset at {prefix!r}: expected {prefix}{TEXT_SUFFIX}.bin/.idx and "
             f"{prefix}{LOSS_MASK_SUFFIX}.bin/.idx (run tools/preprocess_data_sft.py first)."
         )
+    text = IndexedDataset(prefix + TEXT_SUFFIX)
+    check_bin_size(text, prefix + TEXT_SUFFIX)
     if not IndexedDataset.exists(prefix + LOSS_MASK_SUFFIX):
-        return IndexedDataset(prefix + TEXT_SUFFIX), None
-    text, mask = IndexedDataset(prefix + TEXT_SUFFIX), IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+        return text, None
+    mask = IndexedDataset(prefix + LOSS_MASK_SUFFIX)
+    check_bin_size(mask, prefix + LOSS_MASK_SUFFIX)
     if not np.array_equal(text.sequence_lengths, mask.sequence_lengths):
         raise ValueError(
             f"{prefix}: token and loss-mask datasets have different sequence lengths; "
@@ -115,7 +119,10 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, config: SFTDatasetConfig, prefix: str, indices: np.ndarray | None = None,
                  name: str = "train", num_samples: int | None = None):
         self.config, self.name = config, name
+        self.prefix = _strip_suffix(prefix)
         self.text, self.mask = open_pair(prefix)
+        #: set by the trainer: checks each sample's ids against the model's vocabulary
+        self.vocab_guard: VocabularyGuard | None = None
         all_lengths = self.text.sequence_lengths.astype(np.int64)
         indices = np.arange(len(all_lengths)) if indices is None else np.asarray(indices, np.int64)
         positions = all_lengths[indices] - 1  # slots a sample takes after the shift
@@ -135,20 +142,25 @@ class SFTDataset(torch.utils.data.Dataset):
                 f"{name} split of {prefix!r} has no sample of 2..{config.seq_length + 1} tokens "
                 f"({self.skipped_too_long} skipped); raise --seq-length or check the split."
             )
-        rows: list[np.ndarray] = []
-        epoch = 0
-        while True:
-            rows.extend(self._epoch_rows(epoch))
-            epoch += 1
-            if num_samples is None or len(rows) >= num_samples:
-                break
-        if num_samples is not None:
-            rows = rows[:num_samples]
-        self.epochs = epoch
+        self._packed: list[np.ndarray] = []  # every row packed so far, epoch after epoch
+        self.epochs = 0
+        self.epoch_rows = 0
+        self.extend_to(num_samples)
+
+    def extend_to(self, num_samples: int | None) -> None:
+        """Hold exactly ``num_samples`` rows (one epoch when ``None``). Each further epoch is
+        packed with its own shuffle; training for ``--train-epochs`` counts one epoch's rows,
+        then extends the same dataset instead of building it twice."""
+        while not self._packed or (num_samples is not None and len(self._packed) < num_samples):
+            epoch = self._epoch_rows(self.epochs)
+            self.epoch_rows = self.epoch_rows or len(epoch)
+            self._packed.extend(epoch)
+            self.epochs += 1
+        rows = self._packed if num_samples is None else self._packed[:num_samples]
         self._row_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
         self._row_items = np.concatenate(rows)  # positions into self.indices
         self.efficiency = packing_efficiency(
-            [int(self.positions[r].sum()) for r in rows], config.seq_length
+            [int(self.positions[r].sum()) for r in rows], self.config.seq_length
         )
 
     def _epoch_rows(self, epoch: int) -> list[np.ndarray]:
@@ -165,12 +177,22 @@ class SFTDataset(torch.utils.data.Dataset):
         items = self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]
         return self.indices[items]
 
+    def document_lengths(self, row: int) -> np.ndarray:
+        """Positions (tokens after the shift) of each sample packed in ``row``; attention FLOPs
+        grow with the sum of their squares, not with ``seq_length`` squared."""
+        return self.positions[self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]]
+
     def _sample(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         doc = int(self.indices[item])
         if not self.pretraining:
-            return self.text[doc], self.mask[doc]
-        ids = self.text.get(doc, offset=int(self.starts[item]), length=int(self.positions[item]) + 1)
-        return ids, np.ones(len(ids), np.uint8)
+            ids, mask = self.text[doc], self.mask[doc]
+        else:
+            ids = self.text.get(doc, offset=int(self.starts[item]),
+                                length=int(self.positions[item]) + 1)
+            mask = np.ones(len(ids), np.uint8)
+        if self.vocab_guard is not None:
+            self.vocab_guard.check(ids, doc)
+        return ids, mask
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         items = self._row_items[self._row_offsets[row]:self._row_offsets[row + 1]]

@@ -22,6 +22,9 @@ class PreprocessStats:
     input: str = ""
     output_prefix: str = ""
     tokenizer: str = ""
+    tokenizer_vocab_size: int = 0
+    max_token_id: int = -1
+    """Largest token id written: training checks it against the model's vocabulary."""
     samples_read: int = 0
     samples_written: int = 0
     samples_truncated: int = 0
@@ -75,6 +78,8 @@ class PreprocessStats:
             "input": self.input,
             "output_prefix": self.output_prefix,
             "tokenizer": self.tokenizer,
+            "tokenizer_vocab_size": self.tokenizer_vocab_size,
+            "max_token_id": self.max_token_id,
             "samples_read": self.samples_read,
             "samples_written": self.samples_written,
             "samples_dropped": sum(self.dropped.values()),

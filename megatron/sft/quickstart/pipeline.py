@@ -164,7 +164,8 @@ class Demo:
                     "--global-batch-size", str(c.global_batch_size), "--train-iters", str(c.train_iters),
                     "--lr", str(c.lr), "--min-lr", str(c.min_lr), "--lr-decay-style", "cosine",
                     "--lr-warmup-iters", str(max(1, c.train_iters // 20)),
-                    "--tensor-model-parallel-size", str(tp), "--eval-interval", str(c.eval_interval),
+                    "--tensor-model-parallel-size", str(tp), "--attention-backend", "sdpa",
+                    "--eval-interval", str(c.eval_interval),
                     "--eval-iters", "2", "--log-interval", str(c.log_interval),
                     "--log-json", str(paths["log"]), "--no-progress"]
             _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / "train.log")

@@ -132,7 +132,10 @@ def _cpu_rng_set(state, *args, **kwargs) -> None:
 def _stub_torch_cuda() -> None:
     cuda = torch.cuda
     stubs = {
-        "current_device": lambda: 0,
+        # The CPU device itself, not ordinal 0: autograd runs custom backward functions
+        # (megatron-core's TP collectives allocate there) outside the TorchFunctionMode, where
+        # an int device would still mean "cuda:0".
+        "current_device": lambda: torch.device("cpu"),
         "set_device": lambda *a, **k: None,
         "synchronize": lambda *a, **k: None,
         "get_rng_state": _cpu_rng_get,

@@ -1,8 +1,11 @@
 """Command-line / YAML configuration of SFT training.
 
-Flag names are Megatron-LM's (``pretrain_gpt.py``) where the concept is the same. A YAML file
-(``--config``) may hold the same keys with ``-`` or ``_``; flags given on the command line win.
-Invalid combinations fail at start with the values and the fix.
+Flag names are Megatron-LM's (``pretrain_gpt.py``) where the concept is the same. Each
+``TrainConfig`` field carries its help text, and the command line is generated from the fields'
+types (``Optional[int]`` -> an int flag, ``bool`` -> a switch, ``Literal[...]`` -> choices), so a
+new setting is one field. A YAML file (``--config``) may hold the same keys with ``-`` or ``_``;
+flags given on the command line win. Invalid combinations fail at start with the values and the
+fix.
 """
 
 from __future__ import annotations
@@ -11,61 +14,96 @@ import argparse
 import dataclasses
 import math
 import sys
-from typing import Any, Optional
+import typing
+from typing import Any, Literal, Optional
+
+
+def _field(default: Any, help: str, *, flag: Optional[str] = None) -> Any:
+    """A config field with its ``--help`` text; ``flag`` overrides the generated flag name
+    (a ``True``-by-default switch is spelled as its negation, e.g. ``--no-packing``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything ``tools/train_sft.py`` needs; model shape comes from the checkpoint."""
+    """Everything ``tools/train_sft.py`` needs; the model shape comes from the checkpoint."""
 
     # --- model / checkpoints
-    load: str
-    save: Optional[str] = None
-    finetune: bool = False
-    save_interval: Optional[int] = None
-    exit_interval: Optional[int] = None
-    keep_last: int = 2
+    load: str = _field(None, "checkpoint to start from: a converted HF model "
+                             "(convert_hf_to_megatron.sh) or a previous run to resume")
+    save: Optional[str] = _field(None, "directory for this run's checkpoints; a re-run with "
+                                       "--load pointing here resumes")
+    finetune: bool = _field(False, "load weights only: start at iteration 0 with a fresh "
+                                   "optimizer and LR schedule")
+    save_interval: Optional[int] = _field(None, "save every N iterations (and always at the end)")
+    exit_interval: Optional[int] = _field(None, "save and exit after an iteration divisible by N "
+                                                "(for job time limits)")
+    keep_last: int = _field(2, "keep only the newest K checkpoints in --save (0 keeps all)")
     # --- data
-    data_path: Optional[str] = None
-    valid_data_path: Optional[str] = None
-    split: str = "98,2,0"
-    seq_length: int = 4096
-    packing: bool = True
+    data_path: Optional[str] = _field(None, "prefix of a pre-tokenized dataset "
+                                            "(..._text_document.bin/.idx [+ _loss_mask_document])")
+    valid_data_path: Optional[str] = _field(None, "separate validation prefix (then --split is "
+                                                  "ignored)")
+    split: str = _field("98,2,0", "train,valid,test weights over samples")
+    seq_length: int = _field(4096, "tokens per row (packed rows hold several samples)")
+    packing: bool = _field(True, "one sample per row, padded, instead of packing several "
+                                 "samples per row with attention isolated per sample",
+                           flag="--no-packing")
     # --- batch
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
+    micro_batch_size: int = _field(1, "rows per forward/backward pass on one data-parallel rank")
+    global_batch_size: int = _field(8, "rows per optimizer step over all data-parallel ranks and "
+                                       "micro-batches")
     # --- schedule
-    train_iters: Optional[int] = None
-    train_epochs: Optional[float] = None
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_warmup_iters: Optional[int] = None
-    lr_warmup_fraction: Optional[float] = None
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    # --- parallelism and precision
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    num_layers_per_virtual_pipeline_stage: Optional[int] = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    bf16: bool = False
-    recompute_granularity: Optional[str] = None
-    transformer_impl: str = "auto"
+    train_iters: Optional[int] = _field(None, "optimizer steps to train (or --train-epochs)")
+    train_epochs: Optional[float] = _field(None, "passes over the training split, instead of "
+                                                 "--train-iters")
+    lr: float = _field(1e-5, "peak learning rate")
+    min_lr: float = _field(0.0, "learning rate at the end of the decay")
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = _field(
+        "cosine", "learning-rate decay after warmup")
+    lr_warmup_iters: Optional[int] = _field(None, "linear warmup steps (or --lr-warmup-fraction)")
+    lr_warmup_fraction: Optional[float] = _field(None, "warmup as a fraction of the training "
+                                                       "steps")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    adam_beta1: float = _field(0.9, "Adam beta1")
+    adam_beta2: float = _field(0.95, "Adam beta2")
+    adam_eps: float = _field(1e-8, "Adam epsilon")
+    clip_grad: float = _field(1.0, "clip the global gradient norm to this (0 = off)")
+    # --- parallelism, precision, implementation
+    tensor_model_parallel_size: int = _field(1, "TP: split each layer's heads and FFN over this "
+                                                "many ranks (must fit the checkpoint's split)")
+    pipeline_model_parallel_size: int = _field(1, "PP: split the layers into this many stages")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = _field(
+        None, "interleaved pipeline (VPP): layers per virtual stage")
+    sequence_parallel: bool = _field(False, "sequence parallelism for norms/dropout (GPU with "
+                                            "Transformer Engine only)")
+    use_distributed_optimizer: bool = _field(False, "shard optimizer state over data-parallel "
+                                                    "ranks (ZeRO-1)")
+    bf16: bool = _field(False, "bf16 weights and activations, fp32 master weights in the "
+                               "optimizer")
+    recompute_granularity: Optional[Literal["full", "selective"]] = _field(
+        None, "activation recompute: full (whole layers) or selective (core attention)")
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = _field(
+        "auto", "layer modules: Transformer Engine, megatron-core's local ones, or auto (TE on "
+                "GPU when it imports)")
+    attention_backend: Literal["auto", "te", "varlen", "flex", "sdpa", "dense"] = _field(
+        "auto", "core attention for packed rows: te (Transformer Engine THD), varlen (torch "
+                "flash varlen, CUDA), flex (flex_attention, CUDA), sdpa (per document, CPU and "
+                "GPU), dense (s x s mask, reference only); auto = te with TE layers, else "
+                "varlen on CUDA, else sdpa")
     # --- evaluation and logging
-    eval_interval: Optional[int] = None
-    eval_iters: int = 10
-    log_interval: int = 1
-    tensorboard_dir: Optional[str] = None
-    wandb_project: Optional[str] = None
-    log_json: Optional[str] = None
-    seed: int = 1234
-    skip_nan_steps: bool = False
-    no_progress: bool = False
+    eval_interval: Optional[int] = _field(None, "validate every N iterations")
+    eval_iters: int = _field(10, "validation batches per evaluation")
+    log_interval: int = _field(1, "print a log line every N iterations (the JSON log gets all)")
+    tensorboard_dir: Optional[str] = _field(None, "write TensorBoard event files here")
+    wandb_project: Optional[str] = _field(None, "log to this Weights & Biases project")
+    log_json: Optional[str] = _field(None, "append one JSON line per iteration to this file")
+    seed: int = _field(1234, "seed for initialisation, data order and dropout")
+    skip_nan_steps: bool = _field(False, "skip an optimizer step whose loss is NaN/inf instead "
+                                         "of stopping")
+    no_progress: bool = _field(False, "no progress bar (logs only)")
+    strict: bool = _field(False, "stop on data warnings (e.g. samples longer than "
+                                 "max_position_embeddings) instead of training on")
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
@@ -87,9 +125,11 @@ class TrainConfig:
                              "choose one")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
-        if self.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root"):
-            raise ValueError(f"--lr-decay-style {self.lr_decay_style!r}: use constant, linear, "
-                             "cosine or inverse-square-root")
+        for f in dataclasses.fields(self):  # YAML values bypass argparse's choices
+            choices = _choices(f)
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{_flag(f)} {getattr(self, f.name)!r}: use one of "
+                                 f"{', '.join(str(c) for c in choices)}")
         if self.num_layers_per_virtual_pipeline_stage is not None:
             if pp < 2:
                 raise ValueError("--num-layers-per-virtual-pipeline-stage needs "
@@ -104,8 +144,6 @@ class TrainConfig:
                              f"--pipeline-model-parallel-size {pp}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
-        if self.recompute_granularity not in (None, "full", "selective"):
-            raise ValueError("--recompute-granularity must be full or selective")
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")
@@ -118,51 +156,46 @@ class TrainConfig:
         return 0
 
 
-_BOOL_FLAGS = {"finetune", "sequence_parallel", "use_distributed_optimizer", "bf16",
-               "skip_nan_steps", "no_progress"}
+# ------------------------------------------------------------------------------ generated CLI
+def _base_type(field: dataclasses.Field) -> Any:
+    """``Optional[X]`` -> ``X``; a ``Literal`` stays as it is."""
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _choices(field: dataclasses.Field) -> Optional[tuple]:
+    base = _base_type(field)
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        return choices + (None,) if field.default is None else choices
+    return None
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Supervised fine-tuning on megatron-core. Launch with torchrun; the model is "
                     "rebuilt from the checkpoint given to --load.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     p.add_argument("--config", default=None, help="YAML file with the same keys as these flags")
-    defaults = TrainConfig(load="")
-    helps = {
-        "load": "checkpoint to start from (converted HF model, or a previous run to resume)",
-        "save": "directory for checkpoints of this run",
-        "finetune": "load weights only: iteration 0, fresh optimizer and LR schedule",
-        "save_interval": "save every N iterations (and always at the end)",
-        "keep_last": "keep only the newest K checkpoints in --save",
-        "exit_interval": "save and exit after an iteration divisible by N (job time limits)",
-        "data_path": "prefix of a pre-tokenized dataset (..._text_document.bin/.idx [+ loss mask])",
-        "valid_data_path": "separate validation prefix (then --split is ignored)",
-        "split": "train,valid,test weights over samples",
-        "packing": "pack several samples per sequence (attention isolated per sample)",
-        "train_epochs": "train for this many passes over the training split instead of --train-iters",
-        "transformer_impl": "transformer_engine, local, or auto (TE on GPU when installed)",
-        "log_json": "append one JSON line per logged iteration to this file",
-        "skip_nan_steps": "skip an optimizer step whose loss is NaN/inf instead of stopping",
-        "eval_iters": "validation batches per evaluation",
-    }
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in _BOOL_FLAGS:
-            p.add_argument(flag, action="store_true", default=None, help=helps.get(field.name))
-        elif field.name == "packing":
-            p.add_argument("--no-packing", dest="packing", action="store_false", default=None,
-                           help="one sample per sequence, padded (for comparison)")
+        base, flag, help_text = _base_type(field), _flag(field), field.metadata["help"]
+        if base is bool:
+            # A switch flips the default: --bf16 sets True, --no-packing sets False.
+            p.add_argument(flag, dest=field.name, action="store_const",
+                           const=not field.default, default=None, help=help_text)
+        elif typing.get_origin(base) is Literal:
+            p.add_argument(flag, dest=field.name, choices=typing.get_args(base), default=None,
+                           help=f"{help_text} (default: {field.default})")
         else:
-            default = getattr(defaults, field.name) if field.name != "load" else None
-            typ = {int: int, float: float}.get(type(default), str)
-            if field.name in ("save_interval", "exit_interval", "train_iters", "lr_warmup_iters", "eval_interval",
-                              "num_layers_per_virtual_pipeline_stage"):
-                typ = int
-            if field.name in ("train_epochs", "lr_warmup_fraction"):
-                typ = float
-            p.add_argument(flag, type=typ, default=None, help=helps.get(field.name),
-                           required=False)
+            p.add_argument(flag, dest=field.name, type=base, default=None,
+                           required=False, help=help_text if field.default is None
+                           else f"{help_text} (default: {field.default})")
     return p
 
 

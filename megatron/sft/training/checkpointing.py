@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from megatron.sft.runtime.layer_impl import LayerImpl
 from megatron.sft.bridge.checkpoint_io import (
     CHECKPOINT_VERSION,
     CheckpointMetadata,
@@ -30,7 +31,6 @@ from megatron.sft.bridge.checkpoint_io import (
     save_rank_state,
     write_metadata,
 )
-from megatron.sft.bridge.naming import model_to_checkpoint
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 
@@ -77,7 +77,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, scheduler,
-                    meta: CheckpointMetadata, spec_kind: str, train_state: dict[str, Any],
+                    meta: CheckpointMetadata, impl: LayerImpl, train_state: dict[str, Any],
                     keep_last: int) -> Path:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -109,8 +109,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
             "train_state": dict(train_state),
         }
         for chunk, m in enumerate(model):
-            state[meta.layout.model_key(chunk)] = model_to_checkpoint(_unwrap(m).state_dict(),
-                                                                      spec_kind)
+            state[meta.layout.model_key(chunk)] = impl.model_to_checkpoint(_unwrap(m).state_dict())
         save_rank_state(partial, tp, pp, meta.pipeline_model_parallel_size, state)
     dist.barrier()
     if rank0:

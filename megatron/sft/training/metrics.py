@@ -3,7 +3,7 @@ optional TensorBoard / Weights & Biases sinks."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from megatron.sft.bridge.model_shape import ModelShape
 
@@ -11,23 +11,36 @@ from megatron.sft.bridge.model_shape import ModelShape
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
-def training_flops_per_token(shape: ModelShape, seq_length: int, recompute_full: bool = False
-                             ) -> float:
-    """Model FLOPs for one token of one training step (forward + backward = 3x forward; a full
-    activation recompute adds one more forward, which MFU conventions do not count as useful
-    work, so it is reported separately by callers if needed).
-
-    Forward per token: 2 x every matmul weight (QKV, output projection, SwiGLU's three
-    matrices, the LM head) plus causal attention's scores and weighted sum,
-    2 x 2 x (s/2) x (heads x head_dim) per layer. Packed sequences are charged as if one
-    sample filled the row (an upper bound on attention work; its share is small at 4k).
-    """
+def _matmul_flops_per_token(shape: ModelShape) -> float:
+    """Forward FLOPs of every weight matmul for one token: QKV, output projection, SwiGLU's three
+    matrices and the LM head (2 FLOPs per multiply-add)."""
     h, q, kv = shape.hidden_size, shape.dim("q"), shape.dim("kv")
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * shape.ffn_hidden_size
-    matmul = 2 * (shape.num_layers * per_layer + shape.vocab_size * h)
-    attention = 2 * 2 * shape.num_layers * (seq_length / 2) * q
-    del recompute_full  # MFU counts useful model FLOPs only
-    return 3.0 * (matmul + attention)
+    return 2.0 * (shape.num_layers * per_layer + shape.vocab_size * h)
+
+
+def training_flops(shape: ModelShape, document_lengths: Sequence[int]) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward) over documents of
+    these lengths, packed or not.
+
+    Attention is charged per document, causal: a document of ``l`` tokens costs
+    ``2 x 2 x l^2/2 x (heads x head_dim)`` per layer (scores and weighted sum, half the square),
+    so packing many short samples in a row is not credited with one long sequence's quadratic
+    work. Padding is not counted. A full activation recompute adds one more forward, which MFU
+    conventions do not count as useful work.
+
+    Example: two documents of 3 and 1 tokens cost 4 tokens of matmuls and ``3^2 + 1^2 = 10``
+    token pairs of attention.
+    """
+    tokens = float(sum(int(n) for n in document_lengths))
+    squares = float(sum(int(n) * int(n) for n in document_lengths))
+    attention = 2.0 * shape.num_layers * shape.dim("q") * squares
+    return 3.0 * (_matmul_flops_per_token(shape) * tokens + attention)
+
+
+def training_flops_per_token(shape: ModelShape, seq_length: int) -> float:
+    """:func:`training_flops` per token when one document fills each row of ``seq_length``."""
+    return training_flops(shape, [seq_length]) / seq_length
 
 
 def peak_tflops(device_name: str, override: Optional[float] = None) -> Optional[float]:

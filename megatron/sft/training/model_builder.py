@@ -16,10 +16,9 @@ from megatron.sft.bridge.checkpoint_io import (
     load_rank_state,
     read_metadata,
 )
-from megatron.sft.bridge.model_config import gpt_model_kwargs, transformer_config
-from megatron.sft.bridge.naming import checkpoint_to_model
 from megatron.sft.runtime.cpu_mode import cpu_mode_active
-from megatron.sft.runtime.layer_spec import gpt_layer_spec, resolve_spec_kind
+from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
+from megatron.sft.training.model_config import gpt_model_kwargs, transformer_config
 
 
 def check_layout_matches(meta: CheckpointMetadata) -> None:
@@ -38,19 +37,19 @@ def check_layout_matches(meta: CheckpointMetadata) -> None:
         )
 
 
-def build_model(meta: CheckpointMetadata, *, params_dtype: Optional[torch.dtype] = None,
-                use_te: Optional[bool] = None, seq_length: Optional[int] = None,
-                parallel_output: bool = True, **config_overrides: Any) -> tuple[list, str]:
-    """Return ``(chunks, spec_kind)``: one ``GPTModel`` per virtual pipeline chunk."""
+def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
+                params_dtype: Optional[torch.dtype] = None, seq_length: Optional[int] = None,
+                parallel_output: bool = True, **config_overrides: Any) -> list:
+    """One ``GPTModel`` per virtual pipeline chunk, built with ``impl``'s modules."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    _, shape = shape_of(meta.hf_config)
-    spec_kind = resolve_spec_kind(use_te)
+    spec, shape = shape_of(meta.hf_config)
     dtype = params_dtype or getattr(torch, meta.params_dtype)
-    config = transformer_config(shape, meta.layout, params_dtype=dtype, cpu=cpu_mode_active(),
-                                spec_kind=spec_kind, **config_overrides)
-    layer_spec = gpt_layer_spec(spec_kind, shape.qk_layernorm)
+    config = transformer_config(
+        shape, meta.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
+        architecture_overrides=spec.transformer_overrides, **config_overrides)
+    layer_spec = impl.layer_spec(shape.qk_layernorm, shape.sliding_window)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
     vpp = meta.virtual_pipeline_model_parallel_size
     chunks = []
@@ -73,10 +72,10 @@ def build_model(meta: CheckpointMetadata, *, params_dtype: Optional[torch.dtype]
         if not cpu_mode_active() and torch.cuda.is_available():
             model = model.cuda(torch.cuda.current_device())
         chunks.append(model)
-    return chunks, spec_kind
+    return chunks
 
 
-def load_weights(chunks: list, spec_kind: str, iter_dir: Path, meta: CheckpointMetadata) -> int:
+def load_weights(chunks: list, impl: LayerImpl, iter_dir: Path, meta: CheckpointMetadata) -> int:
     """Load this rank's file into the chunks; returns the checkpoint's iteration."""
     from megatron.core import parallel_state as ps
 
@@ -87,7 +86,7 @@ def load_weights(chunks: list, spec_kind: str, iter_dir: Path, meta: CheckpointM
         key = meta.layout.model_key(chunk)
         if key not in state:
             raise CheckpointError(f"{iter_dir}: rank file has no {key!r} entry")
-        wanted = checkpoint_to_model(state[key], spec_kind)
+        wanted = impl.checkpoint_to_model(state[key])
         result = model.load_state_dict(wanted, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
         if missing or result.unexpected_keys:
@@ -99,11 +98,14 @@ def load_weights(chunks: list, spec_kind: str, iter_dir: Path, meta: CheckpointM
 
 
 def build_model_from_checkpoint(ckpt_dir: "str | Path", iteration: Optional[int] = None,
-                                **build_kwargs: Any) -> tuple[list, CheckpointMetadata, int]:
+                                impl: Optional[LayerImpl] = None, **build_kwargs: Any
+                                ) -> tuple[list, CheckpointMetadata, int]:
+    """``impl`` defaults to ``resolve_layer_impl()`` (auto/auto)."""
     iter_dir = iteration_dir(Path(ckpt_dir), iteration)
     meta = read_metadata(iter_dir)
     check_layout_matches(meta)
+    impl = impl or resolve_layer_impl()
     build_kwargs.setdefault("perform_initialization", False)  # every weight is loaded below
-    chunks, spec_kind = build_model(meta, **build_kwargs)
-    it = load_weights(chunks, spec_kind, iter_dir, meta)
+    chunks = build_model(meta, impl, **build_kwargs)
+    it = load_weights(chunks, impl, iter_dir, meta)
     return chunks, meta, it

@@ -10,30 +10,31 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from megatron.sft.bridge.architectures import shape_of
+from megatron.sft.bridge.checkpoint_io import CheckpointMetadata, iteration_dir, read_metadata
+from megatron.sft.bridge.layout import virtual_stages
+from megatron.sft.bridge.model_shape import ModelShape
+from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sft_datasets, \
+    collate_sft
+from megatron.sft.runtime.distributed import ParallelConfig, RuntimeInfo, initialize_distributed
+from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.training.arguments import TrainConfig
-from megatron.sft.training.batch import masked_loss_sum, packed_attention_mask, thd_cu_seqlens
+from megatron.sft.training.batch import masked_loss_sum, microbatch_rows
+from megatron.sft.training.checkpointing import (
+    is_training_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from megatron.sft.training.loss import vocab_parallel_token_loss
-
-
-def microbatch_rows(iteration: int, global_batch: int, micro_batch: int, dp_rank: int,
-                    dp_size: int) -> list[list[int]]:
-    """Dataset rows of each micro-batch this DP rank runs at ``iteration`` (pure).
-
-    The global batch ``iteration`` is rows ``[iteration*G, (iteration+1)*G)``; DP rank ``r``
-    takes the ``r``-th contiguous ``G/dp`` of them. Example: G=4, m=1, dp=2, iteration 1 ->
-    rank 0 ``[[4], [5]]``, rank 1 ``[[6], [7]]``. Resuming at an iteration therefore resumes the
-    exact data position.
-    """
-    per_rank = global_batch // dp_size
-    base = iteration * global_batch + dp_rank * per_rank
-    return [list(range(base + j * micro_batch, base + (j + 1) * micro_batch))
-            for j in range(per_rank // micro_batch)]
+from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
+from megatron.sft.training.model_builder import build_model_from_checkpoint
+from megatron.sft.training.run_guard import acquire_run_lock, check_training_data
 
 
 @dataclass
@@ -45,62 +46,104 @@ class StepResult:
     seconds: float
 
 
-@dataclass
 class Trainer:
+    """``Trainer(cfg).setup()`` builds everything below; ``train()`` runs the loop.
+
+    Tests and tools that need a loss without training call :meth:`forward_loss`.
+    """
+
+    # --- configuration and model description
     cfg: TrainConfig
-    log: Callable[[str], None] = print
-    history: list[dict[str, Any]] = field(default_factory=list)
+    meta: CheckpointMetadata            # the --load checkpoint's metadata
+    shape: ModelShape
+    impl: LayerImpl                     # layer modules + attention backend
+    # --- parallel runtime
+    info: RuntimeInfo
+    dp_rank: int
+    dp_size: int
+    is_logger: bool                     # the last rank: holds the last pipeline stage
+    run_lock: Any                       # exclusive lock on --save for the life of the run
+    # --- components
+    model: list                         # DDP-wrapped GPTModel chunks (one per virtual stage)
+    optimizer: Any                      # megatron-core MegatronOptimizer
+    scheduler: Any                      # megatron-core OptimizerParamScheduler
+    train_ds: SFTDataset
+    valid_ds: Optional[SFTDataset]
+    sinks: Optional[MetricSinks]
+    # --- counters
+    train_iters: int                    # computed once, from --train-iters or --train-epochs
+    iteration: int
+    consumed_samples: int
+    history: list[dict[str, Any]]
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.log = log
+        self.history = []
+        self.iteration = 0
+        self.consumed_samples = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from megatron.sft.bridge.architectures import shape_of
-        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-        from megatron.sft.runtime.distributed import ParallelConfig, initialize_distributed
-
         cfg = self.cfg
-        meta = read_metadata(iteration_dir(Path(cfg.load)))
-        _, shape = shape_of(meta.hf_config)
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), shape.num_layers)
-        from megatron.sft.bridge.layout import virtual_stages
-
-        vpp = virtual_stages(shape.num_layers, cfg.pipeline_model_parallel_size,
+        self.meta = read_metadata(iteration_dir(Path(cfg.load)))
+        _, self.shape = shape_of(self.meta.hf_config)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
+        vpp = virtual_stages(self.shape.num_layers, cfg.pipeline_model_parallel_size,
                              cfg.num_layers_per_virtual_pipeline_stage)
         self.info = initialize_distributed(ParallelConfig(
             cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp, seed=cfg.seed))
+        self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
         from megatron.core import parallel_state as ps
 
-        self.ps = ps
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
-        if not self.is_logger:  # one voice: the last rank holds the last pipeline stage
+        if not self.is_logger:  # one voice
             self.log = lambda message: None
-        self.shape = shape
-        self._build_model(vpp)
-        self._build_optimizer()
+        self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
+                                       self.info.device.type)
+        self.log(f"layers: {self.impl.describe()}")
         self._build_data()
-        from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops_per_token
-
-        self.flops_per_token = training_flops_per_token(shape, cfg.seq_length)
+        check_training_data(self)  # vocabulary, lengths, objective: before building the model
+        self._build_model()
+        self._build_optimizer()
         self.peak_tflops = (peak_tflops(torch.cuda.get_device_name())
                             if self.info.device.type == "cuda" else None)
         self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, dataclasses.asdict(cfg))
                       if self.is_logger else None)
-        self.iteration = 0
-        self.consumed_samples = 0
-        from megatron.sft.training.checkpointing import is_training_checkpoint, load_training_state
-
         if not cfg.finetune and is_training_checkpoint(cfg.load):
             state = load_training_state(cfg.load, self.optimizer, self.scheduler)
             self.iteration = state["iteration"]
             self.consumed_samples = state.get("consumed_samples", 0)
             self.log(f"resumed from {cfg.load} at iteration {self.iteration}")
 
-    def _build_model(self, vpp: Optional[int]) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+    def _build_data(self) -> None:
+        """Datasets are built once; ``--train-epochs`` counts one epoch's rows, then the same
+        dataset is extended to the iterations it implies."""
+        cfg = self.cfg
+        data = SFTDatasetConfig(data_path=cfg.data_path, seq_length=cfg.seq_length,
+                                seed=cfg.seed, packing=cfg.packing, split=cfg.split,
+                                valid_data_path=cfg.valid_data_path)
+        if cfg.train_iters is not None:
+            self.train_iters = cfg.train_iters
+            self.train_ds, self.valid_ds, _ = build_sft_datasets(
+                data, train_samples=self.train_iters * cfg.global_batch_size)
+        else:
+            self.train_ds, self.valid_ds, _ = build_sft_datasets(data)
+            self.train_iters = max(1, math.ceil(self.train_ds.epoch_rows * cfg.train_epochs
+                                                / cfg.global_batch_size))
+            self.train_ds.extend_to(self.train_iters * cfg.global_batch_size)
+        self.log(f"train rows {len(self.train_ds)} (packing efficiency "
+                 f"{self.train_ds.efficiency:.1%}), valid rows "
+                 f"{len(self.valid_ds) if self.valid_ds else 0}")
 
-        from megatron.sft.training.model_builder import build_model_from_checkpoint
+    def _build_model(self) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
 
         cfg = self.cfg
         overrides: dict[str, Any] = dict(calculate_per_token_loss=True,
@@ -109,14 +152,9 @@ class Trainer:
             overrides.update(recompute_granularity=cfg.recompute_granularity)
             if cfg.recompute_granularity == "full":
                 overrides.update(recompute_method="uniform", recompute_num_layers=1)
-        use_te = {"auto": None, "transformer_engine": True, "local": False}[cfg.transformer_impl]
-        chunks, meta, _ = build_model_from_checkpoint(
-            cfg.load, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, use_te=use_te,
+        chunks, self.meta, _ = build_model_from_checkpoint(
+            cfg.load, impl=self.impl, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
             seq_length=cfg.seq_length, **overrides)
-        from megatron.sft.runtime.layer_spec import resolve_spec_kind
-
-        self.spec_kind = resolve_spec_kind(use_te)
-        self.meta = meta
         tcfg = chunks[0].config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -140,83 +178,39 @@ class Trainer:
             else torch.float32, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(ocfg, self.model)
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
-        self.train_iters = self._train_iters()
-        gbs = cfg.global_batch_size
+        gbs, warmup = cfg.global_batch_size, cfg.warmup_iters(self.train_iters)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if cfg.warmup_iters(self.train_iters) else cfg.lr,
-            max_lr=cfg.lr, min_lr=cfg.min_lr,
-            lr_warmup_steps=cfg.warmup_iters(self.train_iters) * gbs,
-            lr_decay_steps=max(self.train_iters * gbs, 1), lr_decay_style=cfg.lr_decay_style,
-            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters * gbs,
+            self.optimizer, init_lr=0.0 if warmup else cfg.lr, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=warmup * gbs, lr_decay_steps=max(self.train_iters * gbs, 1),
+            lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters * gbs,
             wd_incr_style="constant")
 
-    def _train_iters(self) -> int:
-        cfg = self.cfg
-        if cfg.train_iters is not None:
-            return cfg.train_iters
-        from megatron.sft.data.sft_dataset import build_sft_datasets
-
-        one_epoch, _, _ = build_sft_datasets(self._data_config())
-        return max(1, math.ceil(len(one_epoch) * cfg.train_epochs / cfg.global_batch_size))
-
-    def _data_config(self):
-        from megatron.sft.data.sft_dataset import SFTDatasetConfig
-
-        cfg = self.cfg
-        return SFTDatasetConfig(data_path=cfg.data_path, seq_length=cfg.seq_length,
-                                seed=cfg.seed, packing=cfg.packing, split=cfg.split,
-                                valid_data_path=cfg.valid_data_path)
-
-    def _build_data(self) -> None:
-        from megatron.sft.data.sft_dataset import build_sft_datasets
-
-        cfg = self.cfg
-        self.train_ds, self.valid_ds, _ = build_sft_datasets(
-            self._data_config(), train_samples=self.train_iters * cfg.global_batch_size)
-        self.log(f"train rows {len(self.train_ds)} (packing efficiency "
-                 f"{self.train_ds.efficiency:.1%}), valid rows "
-                 f"{len(self.valid_ds) if self.valid_ds else 0}")
-
     # ------------------------------------------------------------------ steps
-    def _microbatches(self, dataset, rows: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-        from megatron.sft.data.sft_dataset import collate_sft
-
+    def _microbatches(self, dataset, rows: list[list[int]]) -> list[dict[str, Any]]:
         device = self.info.device
         out = []
         for micro in rows:
             batch = collate_sft([dataset[r % len(dataset)] for r in micro])
             batch = {k: v.to(device) for k, v in batch.items()}
-            batch["attention_mask"] = None
-            batch["packed_seq_params"] = None
-            if self.cfg.packing and self.spec_kind == "te":
-                batch["packed_seq_params"] = self._thd_params(batch["cu_seqlens"])
-            elif self.cfg.packing:
-                batch["attention_mask"] = packed_attention_mask(batch["cu_seqlens"],
-                                                                self.cfg.seq_length)
+            batch["attention"] = self.impl.attention_inputs(
+                batch["cu_seqlens"] if self.cfg.packing else None, len(micro),
+                self.cfg.seq_length, self.shape.sliding_window)
             out.append(batch)
         return out
-
-    def _thd_params(self, cu_seqlens: torch.Tensor):
-        """Transformer Engine's packed (THD) attention: the micro-batch's rows are flattened
-        into one sequence whose sample boundaries isolate attention (see ``thd_cu_seqlens``)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        cu, max_len = thd_cu_seqlens(cu_seqlens, self.cfg.seq_length)
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
-        thd = batch.get("packed_seq_params")
-        if thd is not None:  # [b, s] -> [1, b*s]: one THD sequence
+        attention = batch["attention"]
+        if attention.flatten_rows:  # [b, s] -> [1, b*s]: one THD sequence
             tokens, positions = tokens.reshape(1, -1), positions.reshape(1, -1)
-        output = model(tokens, positions, attention_mask=batch["attention_mask"],
-                       packed_seq_params=thd)
+        output = model(tokens, positions, attention_mask=attention.attention_mask,
+                       packed_seq_params=attention.packed_seq_params)
         vocab = self.shape.vocab_size
 
         def loss_func(output_tensor):
-            if thd is not None:
+            if attention.flatten_rows:
                 output_tensor = output_tensor.reshape(labels.shape + output_tensor.shape[-1:])
             per_token = vocab_parallel_token_loss(output_tensor, labels, vocab)
             loss_sum, count = masked_loss_sum(per_token, batch["loss_mask"])
@@ -225,11 +219,15 @@ class Trainer:
 
         return output, loss_func
 
-    def _run_schedule(self, micro: list, forward_only: bool) -> torch.Tensor:
-        """Returns ``[loss_sum, token_count]`` summed over micro-batches and DP ranks, on every
-        rank (pipeline stages other than the last receive it)."""
+    def forward_loss(self, dataset, rows: list[list[int]], forward_only: bool = True
+                     ) -> torch.Tensor:
+        """``[loss_sum, token_count]`` of these micro-batches (this DP rank's rows), summed over
+        micro-batches and data-parallel ranks, on every rank; with ``forward_only=False`` the
+        gradients are accumulated into the model's buffers as in a training step."""
+        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        micro = self._microbatches(dataset, rows)
         iters = [iter(micro) for _ in self.model]
         out = get_forward_backward_func()(
             forward_step_func=self._forward_step,
@@ -238,13 +236,18 @@ class Trainer:
             num_microbatches=len(micro), seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        if self.ps.is_pipeline_last_stage(ignore_virtual=True):
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
             for item in out:
                 total += item["lm loss"].to(total)
         dist = torch.distributed
-        dist.all_reduce(total, group=self.ps.get_data_parallel_group())
-        dist.all_reduce(total, group=self.ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
         return total
+
+    def _rows(self, iteration: int) -> list[list[int]]:
+        cfg = self.cfg
+        return microbatch_rows(iteration, cfg.global_batch_size, cfg.micro_batch_size,
+                               self.dp_rank, self.dp_size)
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
@@ -253,9 +256,7 @@ class Trainer:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        rows = microbatch_rows(self.iteration, cfg.global_batch_size, cfg.micro_batch_size,
-                               self.dp_rank, self.dp_size)
-        total = self._run_schedule(self._microbatches(self.train_ds, rows), forward_only=False)
+        total = self.forward_loss(self.train_ds, self._rows(self.iteration), forward_only=False)
         loss = (total[0] / total[1].clamp(min=1)).item()
         if not math.isfinite(loss):
             if not cfg.skip_nan_steps:
@@ -275,23 +276,18 @@ class Trainer:
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.valid_ds is None:
             return None
-        cfg = self.cfg
         for m in self.model:
             m.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        for i in range(cfg.eval_iters):
-            rows = microbatch_rows(i, cfg.global_batch_size, cfg.micro_batch_size,
-                                   self.dp_rank, self.dp_size)
-            total += self._run_schedule(self._microbatches(self.valid_ds, rows), True)
+        for i in range(self.cfg.eval_iters):
+            total += self.forward_loss(self.valid_ds, self._rows(i))
         loss = (total[0] / total[1].clamp(min=1)).item()
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
 
     # ------------------------------------------------------------------ loop
     def save(self) -> None:
-        from megatron.sft.training.checkpointing import save_checkpoint
-
         path = save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer,
-                               self.scheduler, self.meta, self.spec_kind,
+                               self.scheduler, self.meta, self.impl,
                                {"consumed_samples": self.consumed_samples}, self.cfg.keep_last)
         self.log(f"saved checkpoint {path}")
 
@@ -311,6 +307,7 @@ class Trainer:
         start_time = time.perf_counter()
         try:
             while self.iteration < self.train_iters:
+                step_rows = self.iteration
                 step = self.train_step()
                 record = {"iteration": self.iteration, "loss": step.loss,
                           "lr": self.optimizer.param_groups[0]["lr"],
@@ -319,7 +316,7 @@ class Trainer:
                           "ms_per_iter": step.seconds * 1e3,
                           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / step.seconds,
                           "skipped": step.skipped}
-                record.update(self._device_metrics(step))
+                record.update(self._device_metrics(step, step_rows))
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                     record.update(self.evaluate() or {})
                 self.history.append(record)
@@ -350,13 +347,17 @@ class Trainer:
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history
 
-    def _device_metrics(self, step: StepResult) -> dict[str, float]:
-        """TFLOP/s per GPU, MFU and peak memory on GPU (model FLOPs, padding included)."""
+    def _device_metrics(self, step: StepResult, iteration: int) -> dict[str, float]:
+        """TFLOP/s per GPU, MFU and peak memory on GPU. Model FLOPs of the global batch's real
+        documents (attention per document, padding not counted), see ``training_flops``."""
         if self.info.device.type != "cuda":
             return {}
+        gbs = self.cfg.global_batch_size
+        ds = self.train_ds
+        lengths = [n for r in range(iteration * gbs, (iteration + 1) * gbs)
+                   for n in ds.document_lengths(r % len(ds)).tolist()]
         world = torch.distributed.get_world_size()
-        tflops = (self.flops_per_token * self.cfg.global_batch_size * self.cfg.seq_length
-                  / step.seconds / world / 1e12)
+        tflops = training_flops(self.shape, lengths) / step.seconds / world / 1e12
         out = {"tflops_per_gpu": tflops,
                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
         if self.peak_tflops:

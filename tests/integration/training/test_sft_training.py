@@ -46,10 +46,10 @@ def _launch(tmp_path, name, nproc, mode, config, hf=None):
 
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
-@pytest.mark.parametrize("packing", [True, False])
-def test_loss_equals_transformers(tp, pp, packing, sft_assets, checkpoints, tmp_path):
+@pytest.mark.parametrize("packing, backend", [(True, "sdpa"), (False, "sdpa"), (True, "dense")])
+def test_loss_equals_transformers(tp, pp, packing, backend, sft_assets, checkpoints, tmp_path):
     r = _launch(tmp_path, "loss", tp * pp, "hf_loss", _config(
-        checkpoints[(tp, pp)], sft_assets["data"], packing=packing,
+        checkpoints[(tp, pp)], sft_assets["data"], packing=packing, attention_backend=backend,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), hf=str(sft_assets["hf"]))
     assert r["megatron_tokens"] == r["hf_tokens"] > 0
     if packing:

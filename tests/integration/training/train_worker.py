@@ -47,7 +47,8 @@ def main() -> None:
     import torch
 
     from megatron.sft.training.arguments import TrainConfig
-    from megatron.sft.training.trainer import Trainer, microbatch_rows
+    from megatron.sft.training.batch import microbatch_rows
+    from megatron.sft.training.trainer import Trainer
 
     cfg = TrainConfig(**spec["config"])
     trainer = Trainer(cfg, log=lambda m: None)
@@ -56,7 +57,7 @@ def main() -> None:
     if spec["mode"] == "hf_loss":
         rows = microbatch_rows(0, cfg.global_batch_size, cfg.micro_batch_size,
                                trainer.dp_rank, trainer.dp_size)
-        total = trainer._run_schedule(trainer._microbatches(trainer.train_ds, rows), True)
+        total = trainer.forward_loss(trainer.train_ds, rows)
         if rank == 0:
             ref_sum, ref_count = hf_reference_loss(spec["hf"], trainer.train_ds,
                                                    range(cfg.global_batch_size))

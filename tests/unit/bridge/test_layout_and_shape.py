@@ -45,8 +45,8 @@ def test_documented_vpp_example():
 
 
 def test_layout_errors_suggest_valid_sizes():
-    with pytest.raises(LayoutError, match=r"Valid TP sizes: \[1, 2\]; valid PP"):
-        ParallelLayout(4, 1).validate(_shape())
+    with pytest.raises(LayoutError, match=r"Valid TP sizes: \[1, 2, 4\]; valid PP"):
+        ParallelLayout(3, 1).validate(_shape())
     with pytest.raises(LayoutError, match="virtual pipeline stages need PP >= 2"):
         ParallelLayout(1, 1, 2).validate(_shape())
 
@@ -94,3 +94,10 @@ def test_virtual_stages_from_layers_per_stage():
     assert virtual_stages(8, 2, 4) is None
     with pytest.raises(LayoutError, match="3 layers per virtual pipeline stage x PP 2 does not divide"):
         virtual_stages(8, 2, 3)
+
+
+def test_tp_may_exceed_kv_heads_when_it_is_a_multiple():
+    ParallelLayout(2, 1).validate(_shape(heads=4, groups=1))   # megatron-core replicates KV
+    ParallelLayout(4, 1).validate(_shape(heads=4, groups=2))
+    with pytest.raises(LayoutError, match="TP=2 and num_key_value_heads=3: one must divide"):
+        ParallelLayout(2, 1).validate(_shape(heads=6, groups=3, ffn=66))

@@ -60,3 +60,28 @@ def test_invalid_combinations(overrides, world, layers, message):
 def test_warmup_fraction():
     cfg = TrainConfig(load="/c", lr_warmup_fraction=0.1)
     assert cfg.warmup_iters(100) == 10 and TrainConfig(load="/c").warmup_iters(100) == 0
+
+
+def test_every_flag_is_explained_and_typed_from_its_field():
+    import dataclasses
+
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    assert set(actions) == {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, action in actions.items():
+        assert action.help and len(action.help) > 10, name
+    assert actions["attention_backend"].choices == ("auto", "te", "varlen", "flex", "sdpa",
+                                                    "dense")
+    assert actions["recompute_granularity"].choices == ("full", "selective")
+    cfg = parse_config(["--load", "/c", "--no-packing", "--bf16", "--train-iters", "7",
+                        "--lr-warmup-fraction", "0.5", "--attention-backend", "dense"])
+    assert (cfg.packing, cfg.bf16, cfg.train_iters, cfg.lr_warmup_fraction,
+            cfg.attention_backend) == (False, True, 7, 0.5, "dense")
+    with pytest.raises(SystemExit):
+        parse_config(["--load", "/c", "--attention-backend", "flash"])
+
+
+def test_yaml_choices_are_validated(tmp_path):
+    cfg = TrainConfig(load="/c", data_path="/d", train_iters=1, lr_decay_style="cosin")
+    with pytest.raises(ValueError, match="--lr-decay-style 'cosin': use one of constant, linear"):
+        cfg.validate(1, 4)

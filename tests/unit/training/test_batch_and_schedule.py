@@ -3,14 +3,12 @@
 import pytest
 import torch
 
-from megatron.sft.training.batch import (
-    masked_loss_sum,
+from megatron.sft.runtime.attention import (
     packed_attention_mask,
     segment_ids,
-    thd_cu_seqlens,
-    valid_cu_seqlens,
+    segments_from_cu_seqlens,
 )
-from megatron.sft.training.trainer import microbatch_rows
+from megatron.sft.training.batch import masked_loss_sum, microbatch_rows, valid_cu_seqlens
 
 
 def test_segment_ids_and_padding_segment():
@@ -64,10 +62,10 @@ def test_documented_example():
     assert microbatch_rows(1, 4, 1, 1, 2) == [[6], [7]]
 
 
-def test_thd_boundaries_agree_with_the_mask():
+def test_flattened_boundaries_agree_with_the_mask():
     cu = torch.tensor([[0, 3, 5, -1], [0, 6, -1, -1]])
-    flat, max_len = thd_cu_seqlens(cu, 6)
-    assert flat.tolist() == [0, 3, 5, 6, 12] and max_len == 6
+    flat = torch.tensor(segments_from_cu_seqlens(cu, 2, 6))
+    assert flat.tolist() == [0, 3, 5, 6, 12]
     # Same isolation as the block-diagonal mask: segment ids along the flattened sequence.
     seg = segment_ids(cu, 6)
     flat_seg = torch.bucketize(torch.arange(12), flat[1:-1].long(), right=True)
@@ -76,3 +74,13 @@ def test_thd_boundaries_agree_with_the_mask():
             same_row = a // 6 == b // 6
             same_mask_segment = same_row and seg[a // 6, a % 6] == seg[b // 6, b % 6]
             assert (flat_seg[a] == flat_seg[b]).item() == same_mask_segment
+
+
+def test_sliding_window_mask_brute_force():
+    cu = torch.tensor([[0, 6, 9, -1]])
+    mask = packed_attention_mask(cu, 10, window=3)[0, 0]
+    owner = [0] * 6 + [1] * 3 + [2]
+    for q in range(10):
+        for k in range(10):
+            allowed = k <= q and q - k < 3 and owner[q] == owner[k]
+            assert bool(mask[q, k]) == (not allowed), (q, k)

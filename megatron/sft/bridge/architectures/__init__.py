@@ -1,32 +1,46 @@
-"""Registry of supported HF architectures: ``config.json["architectures"][0]`` -> table.
+"""Registry of supported HF architectures: ``config.json["architectures"][0]`` -> spec.
 
-Adding an architecture means adding one module here that defines an :class:`ArchitectureSpec`
-and listing it in ``_TABLES``; the converter, exporter and model builder never change.
+Each module in this package defines one :class:`ArchitectureSpec` and passes it to
+:func:`register` at module level. Importing this package imports every such module (all but
+``base`` and ``_``-prefixed helpers), so a new file is registered by existing; there is no list
+to forget. The how-to for adding one is :class:`ArchitectureSpec`'s docstring.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from megatron.sft.bridge.architectures.base import ArchitectureSpec
-from megatron.sft.bridge.architectures.llama import LLAMA
-from megatron.sft.bridge.architectures.mistral import MISTRAL
-from megatron.sft.bridge.architectures.qwen2 import QWEN2
-from megatron.sft.bridge.architectures.qwen3 import QWEN3
+from megatron.sft.bridge.architectures.base import (
+    ArchitectureSpec,
+    defining_modules,
+    register,
+    registered_specs,
+)
 from megatron.sft.bridge.model_shape import ModelShape, UnsupportedModelError
 
-_TABLES: dict[str, ArchitectureSpec] = {
-    spec.hf_architecture: spec for spec in (LLAMA, QWEN2, QWEN3, MISTRAL)
-}
+#: Modules here that are not architectures.
+_NOT_ARCHITECTURES = frozenset({"base"})
+
+
+def architecture_modules() -> list[str]:
+    """Full names of the modules that must each register one architecture."""
+    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)
+            if m.name not in _NOT_ARCHITECTURES and not m.name.startswith("_")]
+
+
+for _module in architecture_modules():
+    importlib.import_module(_module)
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_TABLES)
+    return list(registered_specs())
 
 
 def get_architecture(name: str) -> ArchitectureSpec:
     try:
-        return _TABLES[name]
+        return registered_specs()[name]
     except KeyError:
         raise UnsupportedModelError(
             f"architecture {name!r} is not supported; supported: "
@@ -47,3 +61,8 @@ def architecture_of(hf_config: dict[str, Any]) -> ArchitectureSpec:
 def shape_of(hf_config: dict[str, Any]) -> tuple[ArchitectureSpec, ModelShape]:
     spec = architecture_of(hf_config)
     return spec, spec.shape(hf_config)
+
+
+__all__ = ["ArchitectureSpec", "architecture_modules", "architecture_of", "defining_modules",
+           "get_architecture", "register", "registered_specs", "shape_of",
+           "supported_architectures"]

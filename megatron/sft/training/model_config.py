@@ -1,28 +1,32 @@
-"""ModelShape -> megatron-core ``TransformerConfig`` and ``GPTModel`` arguments.
+"""ModelShape + layout + layer implementation -> megatron-core ``TransformerConfig`` and
+``GPTModel`` arguments (model construction; the bridge only converts weights).
 
-Reuses megatron-core's own config dataclass; callers pass any extra ``TransformerConfig`` field
-(recompute, bf16, ...) through ``overrides``.
+Reuses megatron-core's own config dataclass. The llama-shaped defaults below (RMSNorm, SwiGLU,
+no linear bias) are what every supported architecture shares; an architecture that differs says
+so in its table (``ArchitectureSpec.transformer_overrides``), and callers pass run settings
+(recompute, per-token loss, ...) through ``overrides``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron.sft.bridge.layout import ParallelLayout
-from megatron.sft.bridge.model_shape import ModelShape, UnsupportedModelError
+from megatron.sft.bridge.model_shape import ModelShape
+from megatron.sft.runtime.layer_impl import LayerImpl
 
 
-def transformer_config(shape: ModelShape, layout: ParallelLayout, *, params_dtype: torch.dtype,
-                       cpu: bool, spec_kind: str, **overrides: Any):
+def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImpl, *,
+                       params_dtype: torch.dtype, cpu: bool,
+                       architecture_overrides: Mapping[str, Any] = (), **overrides: Any):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if cpu and overrides.get("sequence_parallel"):
         raise ValueError("--sequence-parallel is not supported on CPU (torch norms lack it); "
                          "drop the flag or run on GPU with Transformer Engine")
-    fused = spec_kind == "te" and not cpu
     kwargs: dict[str, Any] = dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -47,18 +51,14 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, *, params_dtyp
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=cpu,
-        bias_activation_fusion=fused,
-        bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
-        apply_rope_fusion=fused,
-        persist_layer_norm=fused,
-        gradient_accumulation_fusion=False,
         sequence_parallel=False,
         # gloo matches a batch of isend/irecv to the same peer by posting order only; with PP=2
         # (previous stage == next stage) the interleaved schedule's activations and gradients
         # then land in each other's buffers. The unbatched path orders them by rank parity.
         batch_p2p_comm=not cpu,
     )
+    kwargs.update(impl.config_overrides(cpu=cpu, sliding_window=shape.sliding_window))
+    kwargs.update(dict(architecture_overrides))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -66,12 +66,6 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, *, params_dtyp
 def gpt_model_kwargs(shape: ModelShape, padded_vocab_size: int,
                      max_sequence_length: Optional[int] = None) -> dict[str, Any]:
     seq = max_sequence_length or shape.max_position_embeddings
-    if shape.sliding_window is not None and seq > shape.sliding_window:
-        raise UnsupportedModelError(
-            f"sliding_window={shape.sliding_window} is shorter than the sequence length {seq}; "
-            "megatron-core's attention here has no sliding window, so results would differ from "
-            f"HF. Use --seq-length <= {shape.sliding_window}"
-        )
     return dict(
         vocab_size=padded_vocab_size,
         max_sequence_length=seq,

@@ -1,0 +1,235 @@
+"""One writer per output: exclusive directory locks, and clean-up of partials left by the dead.
+
+A lock on ``DIR`` is the sibling file ``DIR.lock``, held with ``flock`` for the life of the
+writer and holding who that is (host, pid, start time, what it does)::
+
+    runs/sft.lock   {"host": "node3", "pid": 4242, "started": "2026-01-01T10:00:00Z",
+                     "purpose": "training run", "command": "tools/train_sft.py --save runs/sft ..."}
+
+The kernel drops a ``flock`` when its holder dies, even by SIGKILL, so a lock file whose lock
+is free was left by a dead writer: the next writer takes it over and says whose it was. On
+release the owner removes the file. Works on local disks and on NFS (flock is emulated with
+byte-range locks there); where ``flock`` is unsupported, the recorded pid is checked instead.
+
+Staging directories are named ``NAME.partial-HOST-PID`` (see ``partial_name``), so a later
+writer in the same parent can tell a partial whose owner died on this host (removed, with a
+message) from one still being written, or written from another host (kept).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class LockedError(ValueError):
+    """Another live writer holds the output. A ``ValueError`` so CLIs print one clear line."""
+
+
+def this_host() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host (a process of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_path(directory: "str | Path") -> Path:
+    """``runs/sft`` -> ``runs/sft.lock`` (a sibling: the directory itself may be replaced)."""
+    directory = Path(os.path.abspath(directory))
+    return directory.with_name(directory.name + ".lock")
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe_holder(info: dict) -> str:
+    """``host node3, pid 4242, started 2026-01-01T10:00:00Z (tools/train_sft.py ...)``"""
+    command = f" ({info['command']})" if info.get("command") else ""
+    return (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, started "
+            f"{info.get('started', '?')}{command}")
+
+
+def _read_info(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+class DirectoryLock:
+    """An exclusive lock on one output directory; ``acquire`` fails fast, never waits.
+
+    Example::
+
+        lock = DirectoryLock.acquire("runs/sft", "training run")   # LockedError if held
+        ...                                                          # write runs/sft/...
+        lock.release()                                               # also at exit
+    """
+
+    def __init__(self, directory: Path, path: Path, fd: Optional[int], info: dict):
+        self.directory, self.path, self._fd, self.info = directory, path, fd, info
+        self.released = False
+
+    @classmethod
+    def acquire(cls, directory: "str | Path", purpose: str, log: Log = _stderr) -> "DirectoryLock":
+        directory = Path(os.path.abspath(directory))
+        path = lock_path(directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"host": this_host(), "pid": os.getpid(),
+                "started": _utc_now(),
+                "purpose": purpose, "command": " ".join(sys.argv)[:300]}
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = _read_info(path)
+                for _ in range(20):  # the holder may not have written who it is yet
+                    if holder:
+                        break
+                    time.sleep(0.05)
+                    holder = _read_info(path)
+                cls._refuse(directory, path, holder)
+            except OSError as exc:  # no flock on this filesystem: trust the recorded pid
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                previous = _read_info(path)
+                if previous and (previous.get("host") != info["host"]
+                                 or pid_alive(int(previous.get("pid", -1)))):
+                    os.close(fd)
+                    cls._refuse(directory, path, previous)
+            # The previous owner may have removed the file between our open and flock: then we
+            # locked an orphan inode, and must start again on the new file.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            break
+        previous = _read_info(path)
+        if (previous.get("pid"), previous.get("host")) not in ((None, None),
+                                                              (info["pid"], info["host"])):
+            log(f"taking over the lock {path} from a writer that is no longer running "
+                f"({describe_holder(previous)}; purpose: {previous.get('purpose', '?')})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        lock = cls(directory, path, fd, info)
+        atexit.register(lock.release)
+        return lock
+
+    @staticmethod
+    def _refuse(directory: Path, path: Path, holder: dict) -> None:
+        raise LockedError(
+            f"{directory} is in use by another {holder.get('purpose', 'writer')}: "
+            f"{describe_holder(holder)}. Two writers would mix their files; wait for it to "
+            f"finish or stop it, or choose another output directory (lock file: {path})"
+        )
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        try:
+            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                os.unlink(self.path)  # while still locked, so no one can lock the old inode
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
+
+    def __enter__(self) -> "DirectoryLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- partials ---------------------------------------------------------------------------------
+_PARTIAL = re.compile(r"^(?P<name>.+)\.partial-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def partial_name(name: str) -> str:
+    """``model`` -> ``model.partial-node3-4242``: who writes it, for ``remove_stale_partials``."""
+    return f"{name}.partial-{this_host()}-{os.getpid()}"
+
+
+def remove_stale_partials(parent: "str | Path", log: Log = _stderr,
+                          locked_iterations: bool = False) -> list[str]:
+    """Remove the ``*.partial-[HOST-]PID`` directories in ``parent`` whose writer is dead on
+    this host; with ``locked_iterations`` (the caller holds the lock on ``parent``, a training
+    ``--save`` directory) also ``iter_*.partial`` directories, which only that lock's holder
+    writes. Partials of live processes or other hosts are kept. Returns the removed names.
+
+    Example: ``out.partial-node3-999`` (pid 999 dead on node3) is removed;
+    ``out.partial-node3-<a live pid>`` and ``out.partial-node7-999`` are kept.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    host, removed = this_host(), []
+    for entry in sorted(parent.iterdir()):
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        m = _PARTIAL.match(entry.name)
+        if m:
+            owner_host = m.group("host") or host  # the old name form had no host
+            stale = owner_host == host and not pid_alive(int(m.group("pid")))
+        else:
+            stale = locked_iterations and re.fullmatch(r"iter_\d+\.partial", entry.name) is not None
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        log(f"removed {len(removed)} unfinished output(s) left in {parent} by processes that "
+            f"died (e.g. SIGKILL or a node failure): {', '.join(removed)}")
+    return removed
+
+
+class exclusive_output:  # noqa: N801 - used like a function: ``with exclusive_output(out, ...)``
+    """Lock ``out_dir`` and clear stale partials beside it, for a converter's output."""
+
+    def __init__(self, out_dir: "str | Path", purpose: str, log: Log = _stderr):
+        self.out_dir, self.purpose, self.log = Path(out_dir), purpose, log
+        self.lock: Optional[DirectoryLock] = None
+
+    def __enter__(self) -> DirectoryLock:
+        self.lock = DirectoryLock.acquire(self.out_dir, self.purpose, self.log)
+        remove_stale_partials(self.lock.directory.parent, self.log)
+        return self.lock
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()

@@ -1,0 +1,134 @@
+"""What a training run checks before its first step, so that nothing goes silently wrong.
+
+- ``acquire_run_lock``: one run per ``--save`` directory. Rank 0 takes the lock before any
+  rank writes and tells every rank the outcome, so a refused run stops all ranks with the same
+  error (naming the holder) instead of some ranks hanging or writing. Partials left in
+  ``--save`` by a killed run are removed (only the lock holder writes there).
+- ``check_training_data``: token ids against the model's vocabulary (from the pre-tokenizer's
+  stats, plus a per-row backstop), samples longer than ``max_position_embeddings`` (a warning,
+  an error with ``--strict``), and the training objective, printed and recorded in
+  ``SAVE/run_metadata.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron.sft.data.indexed_writer import LOSS_MASK_SUFFIX, TEXT_SUFFIX
+from megatron.sft.data.validation import (
+    DataValidationError,
+    ModelVocabulary,
+    VocabularyGuard,
+    check_token_ids,
+    long_sample_report,
+    read_stats,
+)
+from megatron.sft.runtime.locks import (
+    DirectoryLock,
+    LockedError,
+    remove_stale_partials,
+    this_host,
+)
+
+RUN_METADATA_FILE = "run_metadata.json"
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def acquire_run_lock(save: Optional[str]) -> Optional[DirectoryLock]:
+    """Lock ``save`` on global rank 0; raise ``LockedError`` on every rank if that fails."""
+    import torch.distributed as dist
+
+    if not save:
+        return None
+    lock, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = DirectoryLock.acquire(save, "training run", _say)
+            remove_stale_partials(save, _say, locked_iterations=True)
+        except LockedError as exc:
+            error = str(exc)
+        except Exception as exc:  # e.g. no permission: still every rank must hear of it
+            error = f"cannot lock --save {save}: {type(exc).__name__}: {exc}"
+            if lock is not None:
+                lock.release()
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise LockedError(outcome[0])
+    return lock
+
+
+def objective_of(train_ds) -> tuple[str, str]:
+    """``("assistant-only" | "every-token", a sentence for the log)``."""
+    prefix = train_ds.prefix
+    if train_ds.pretraining:
+        return "every-token", (
+            f"training objective: every token (continued pretraining): {prefix} has no "
+            f"{LOSS_MASK_SUFFIX}.bin/.idx, so the loss covers all tokens, prompts included. For "
+            "assistant-only SFT, pre-tokenize with scripts/data/tokenize_dataset.sh")
+    stats = read_stats(prefix) or {}
+    share = (f" ({stats['loss_tokens']} of {stats['tokens']} tokens)"
+             if stats.get("tokens") else "")
+    return "assistant-only", (
+        f"training objective: assistant-only: loss on the tokens marked in "
+        f"{prefix}{LOSS_MASK_SUFFIX}{share}")
+
+
+def check_training_data(trainer) -> dict[str, Any]:
+    """Validate ``trainer``'s datasets against its model, arm the per-row vocabulary check, log
+    the objective and (rank 0, with ``--save``) write ``run_metadata.json``; returns it."""
+    import torch.distributed as dist
+
+    cfg, shape, meta = trainer.cfg, trainer.shape, trainer.meta
+    rank, world = ((dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1))
+    strict = getattr(cfg, "strict", False)
+    vocab = ModelVocabulary(shape.vocab_size, meta.padded_vocab_size, f"the model in {cfg.load}")
+    warnings: list[str] = []
+    checked: dict[str, Optional[dict]] = {}
+    for ds in (trainer.train_ds, trainer.valid_ds):
+        if ds is None:
+            continue
+        if ds.prefix not in checked:
+            checked[ds.prefix] = read_stats(ds.prefix)
+            warnings += check_token_ids(ds.text, ds.prefix, vocab, checked[ds.prefix])
+        ds.vocab_guard = VocabularyGuard(vocab, ds.prefix + TEXT_SUFFIX + ".bin",
+                                         checked[ds.prefix])
+        report = long_sample_report(ds.positions, shape.max_position_embeddings, ds.name,
+                                    cfg.seq_length)
+        if report and strict:
+            raise DataValidationError(f"{ds.prefix}: {report}. --strict makes this an error")
+        if report:
+            warnings.append(f"{ds.prefix}: {report}; --strict makes this an error")
+    for warning in warnings:
+        trainer.log(f"warning: {warning}")
+    objective, sentence = objective_of(trainer.train_ds)
+    trainer.log(sentence)
+    stats = checked.get(trainer.train_ds.prefix) or {}
+    record = {
+        "objective": objective,
+        "loss_mask": None if trainer.train_ds.pretraining
+        else trainer.train_ds.prefix + LOSS_MASK_SUFFIX,
+        "data_path": cfg.data_path, "valid_data_path": cfg.valid_data_path, "load": cfg.load,
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": this_host(), "pid": os.getpid(), "world_size": world,
+        "command": " ".join(sys.argv),
+        "model_vocab_size": vocab.size, "padded_vocab_size": vocab.padded,
+        "max_token_id": stats.get("max_token_id"), "tokenizer": stats.get("tokenizer"),
+        "tokenizer_vocab_size": stats.get("tokenizer_vocab_size"),
+        "max_position_embeddings": shape.max_position_embeddings, "warnings": warnings,
+    }
+    if cfg.save and rank == 0:
+        path = Path(cfg.save) / RUN_METADATA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    return record
