@@ -15,6 +15,8 @@ Modules (pure ones import neither torch.distributed nor megatron-core):
 - ``stats``             counters written to ``<prefix>_stats.json``
 - ``packing``           best-fit-decreasing packing, label shift, position ids, cu_seqlens    [pure numpy]
 - ``sft_dataset``       the training-side torch ``Dataset`` (packed or padded rows)
+- ``validation``        checks at open: .bin size vs .idx, token ids vs the model's vocabulary,
+                        samples longer than the model's positions                          [IO]
 - ``tiny_tokenizer``    a small in-process BPE tokenizer with ChatML/Llama-3/DeepSeek-R1 and
                         two tool-calling (Qwen-style ChatML, Llama-3.1) templates, for tests
 - ``tokenizer_edit``    renaming added/special tokens and swapping the chat template           [pure]
