@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.sft.data.formats import FORMATS, FieldMap  # noqa: E402
+from megatron.sft.data.formats import FORMATS, RECORD_FORMATS, FieldMap  # noqa: E402
 from megatron.sft.data.prompt_styles import PROMPT_STYLES  # noqa: E402
+from megatron.sft.data.readers import DEFAULT_MAX_RECORD_BYTES  # noqa: E402
 from megatron.sft.data.render import LOSS_ON, RenderConfig  # noqa: E402
 
 
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = p.add_argument_group("input / output")
     io.add_argument("input_pos", nargs="?", metavar="INPUT", help="same as --input")
-    io.add_argument("--input", help=".jsonl, .json (array or JSON lines), .parquet, a folder of "
-                    "those, or an HF save_to_disk folder")
+    io.add_argument("--input", help=".jsonl, .json (array or JSON lines), either one also as .gz/.bz2/"
+                    ".xz/.zst; .parquet; a folder of those; or an HF save_to_disk folder")
     io.add_argument("--split", help="split to read from an HF DatasetDict folder (default: train)")
     io.add_argument("--output-prefix", help="output path prefix (default: "
                     "<input dir>/Tokenized-{dataset}-{tokenizer}-{seq_length})")
@@ -51,17 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the first --seq-length tokens of long samples instead of dropping")
     fmt = p.add_argument_group("record format (auto-detected unless given)")
     fmt.add_argument("--format", default="auto", choices=FORMATS,
-                     help="messages: {'messages': [{'role','content'}]}; sharegpt: "
-                     "{'conversations': [{'from','value'}]}; alpaca: instruction/input/output")
+                     help="; ".join(f"{f.name}: {f.example}" for f in RECORD_FORMATS.values()))
     for name, what in (("messages", "list of turns"), ("role", "role inside a turn"),
                        ("content", "text inside a turn"), ("prompt", "alpaca instruction"),
                        ("input", "alpaca input"), ("response", "alpaca response"),
-                       ("system", "system prompt of alpaca-like records")):
+                       ("system", "top-level system prompt (default: system)"),
+                       ("tools", "top-level tool definitions passed to the chat template "
+                                 "(default: tools)")):
         fmt.add_argument(f"--{name}-field", help=f"custom key of the {what}")
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=1,
                      help="worker processes; output is identical for any value (default 1)")
     run.add_argument("--chunk-size", type=int, default=256, help="records per worker task")
+    run.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES,
+                     help="JSON lines longer than this are dropped as record_too_large without "
+                     f"being parsed or read into memory (default {DEFAULT_MAX_RECORD_BYTES >> 20} MiB)")
     run.add_argument("--strict", action="store_true",
                      help="stop with a non-zero exit at the first bad record (default: skip+count)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = FieldMap(messages=args.messages_field, role=args.role_field,
                           content=args.content_field, prompt=args.prompt_field,
                           input=args.input_field, response=args.response_field,
-                          system=args.system_field)
+                          system=args.system_field, tools=args.tools_field)
         render = RenderConfig(prompt_style=args.prompt_style, loss_on=args.loss_on,
                               max_length=args.seq_length, truncate=args.truncate,
                               format=args.format, fields=fields)
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                   output_prefix=args.output_prefix, render=render,
                                   workers=args.workers, chunk_size=args.chunk_size,
                                   strict=args.strict, split=args.split,
+                                  max_record_bytes=args.max_record_bytes,
                                   progress=not args.no_progress)
         stats = preprocess(config)
     except (ValueError, InputError, PreprocessError) as exc:

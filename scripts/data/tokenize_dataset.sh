@@ -3,7 +3,8 @@
 #
 # Usage: bash scripts/data/tokenize_dataset.sh TOKENIZER_DIR DATA_FILE MAX_LEN [WORKERS]
 #   TOKENIZER_DIR  HF model/tokenizer folder (tokenizer.json + tokenizer_config.json)
-#   DATA_FILE      .jsonl / .json / .parquet file, a folder of those, or an HF save_to_disk folder
+#   DATA_FILE      .jsonl / .json (optionally .gz/.bz2/.xz/.zst) / .parquet file, a folder of those,
+#                  or an HF save_to_disk folder
 #   MAX_LEN        longest sample in tokens (the training --seq-length); longer ones are dropped
 #   WORKERS        worker processes (default: $WORKERS, else all CPU cores)
 #

@@ -2,17 +2,25 @@
 
 Modules (pure ones import neither torch.distributed nor megatron-core):
 
-- ``formats``         record (messages / sharegpt / alpaca / custom) -> ``Conversation``   [pure]
-- ``prompt_styles``   named styles (alpaca, chatml) -> text + assistant character spans    [pure]
-- ``chat_template``   the tokenizer's own template + locating each message in its output   [pure]
-- ``render``          text -> token ids + loss mask via the tokenizer's offset mapping       [pure]
-- ``readers``         streaming .jsonl/.json/.parquet/folder/HF save_to_disk reader          [IO]
-- ``indexed_writer``  atomic megatron-core ``IndexedDatasetBuilder`` pair writer             [IO]
-- ``preprocess``      the N-worker, order-preserving pre-tokenisation pipeline               [IO]
-- ``stats``           counters written to ``<prefix>_stats.json``
-- ``packing``         best-fit-decreasing packing, label shift, position ids, cu_seqlens    [pure numpy]
-- ``sft_dataset``     the training-side torch ``Dataset`` (packed or padded rows)
-- ``tiny_tokenizer``  a small in-process BPE tokenizer with ChatML/Llama-3/DeepSeek-R1 templates
+- ``formats``           record (messages / sharegpt / alpaca / custom) -> ``Conversation``;
+                        the ``RECORD_FORMATS`` table is where a new format is added            [pure]
+- ``prompt_styles``     named styles (alpaca, chatml) -> text + assistant character spans      [pure]
+- ``chat_template``     the tokenizer's own template (with tools) + locating each turn in it   [pure]
+- ``loss_mask``         character spans + token offsets -> learned token ranges and masks      [pure]
+- ``render``            records -> token ids + loss mask, per-turn loss, drops and notices     [pure]
+- ``readers``           streaming .jsonl/.json (plain or .gz/.bz2/.xz/.zst)/.parquet/folder/
+                        HF save_to_disk reader                                                 [IO]
+- ``indexed_writer``    atomic megatron-core ``IndexedDatasetBuilder`` pair writer             [IO]
+- ``preprocess``        the N-worker, order-preserving pre-tokenisation pipeline               [IO]
+- ``stats``             counters written to ``<prefix>_stats.json``
+- ``packing``           best-fit-decreasing packing, label shift, position ids, cu_seqlens    [pure numpy]
+- ``sft_dataset``       the training-side torch ``Dataset`` (packed or padded rows)
+- ``validation``        checks at open: .bin size vs .idx, token ids vs the model's vocabulary,
+                        samples longer than the model's positions                          [IO]
+- ``tiny_tokenizer``    a small in-process BPE tokenizer with ChatML/Llama-3/DeepSeek-R1 and
+                        two tool-calling (Qwen-style ChatML, Llama-3.1) templates, for tests
+- ``tokenizer_edit``    renaming added/special tokens and swapping the chat template           [pure]
+- ``tokenizer_edit_io`` reading, verifying and atomically writing an edited tokenizer folder   [IO]
 
 Nothing is imported here so that ``import megatron.sft.data.formats`` stays cheap.
 """

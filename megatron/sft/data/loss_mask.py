@@ -114,12 +114,37 @@ def learn_ranges(
     return ranges
 
 
-def mask_from_ranges(n: int, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """``n`` = 5, ranges ``[(1, 3)]`` -> ``[0, 1, 1, 0, 0]`` (uint8)."""
-    mask = np.zeros(n, dtype=np.uint8)
+def mask_from_ranges(n: int, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None) -> np.ndarray:
+    """``n`` = 5, ranges ``[(1, 3)]`` -> ``[0, 1, 1, 0, 0]`` (uint8).
+
+    ``out``: a zeroed uint8 array of length ``n`` to fill instead of a new one (e.g. a slice of a
+    chunk's mask, so a worker writes every sample's mask into one buffer).
+    """
+    mask = np.zeros(n, dtype=np.uint8) if out is None else out
     for first, stop in ranges:
         mask[first:stop] = 1
     return mask
+
+
+def subtract_ranges(
+    ranges: Sequence[tuple[int, int]], holes: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Token ranges minus holes, both sorted and non-overlapping; empty pieces are dropped.
+
+    >>> subtract_ranges([(0, 10)], [(2, 4), (6, 7)])
+    [(0, 2), (4, 6), (7, 10)]
+    """
+    out = []
+    for first, stop in ranges:
+        for h_first, h_stop in holes:
+            if h_stop <= first or h_first >= stop:
+                continue
+            if h_first > first:
+                out.append((first, h_first))
+            first = max(first, h_stop)
+        if stop > first:
+            out.append((first, stop))
+    return out
 
 
 def build_ids_and_mask(

@@ -30,8 +30,14 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from megatron.sft.data.formats import RecordError
-from megatron.sft.data.readers import RawRecord, iter_records, parse_payload
-from megatron.sft.data.render import ConversationRenderer, RenderConfig, TokenizedChunk
+from megatron.sft.data.readers import (
+    DEFAULT_MAX_RECORD_BYTES,
+    RawRecord,
+    iter_records,
+    parse_payload,
+    split_compression,
+)
+from megatron.sft.data.render import NOTICES, ConversationRenderer, RenderConfig, TokenizedChunk
 from megatron.sft.data.stats import PreprocessStats
 
 #: Drops that are a policy decision, not bad input: ``--strict`` does not stop on them.
@@ -57,6 +63,8 @@ class PreprocessConfig:
     """Stop at the first bad record instead of skipping and counting it."""
     split: str | None = None
     """Split of an HF ``DatasetDict`` folder."""
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    """JSON lines longer than this are dropped (``record_too_large``) without being parsed."""
     progress: bool = True
     max_logged_errors: int = 20
     """Bad records printed one per line; the rest are only counted."""
@@ -66,6 +74,8 @@ class PreprocessConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}.")
         if self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}.")
+        if self.max_record_bytes < 1:
+            raise ValueError(f"--max-record-bytes must be >= 1, got {self.max_record_bytes}.")
 
 
 class PreprocessError(RuntimeError):
@@ -73,9 +83,12 @@ class PreprocessError(RuntimeError):
 
 
 def default_output_prefix(input_path: str, tokenizer_model: str, max_length: int | None) -> str:
-    """``assets/data/X/X.json`` + ``ckpt/tok`` + 16384 -> ``assets/data/X/Tokenized-X-tok-16384``."""
+    """``assets/data/X/X.json`` + ``ckpt/tok`` + 16384 -> ``assets/data/X/Tokenized-X-tok-16384``.
+
+    A compressed ``X.jsonl.gz`` names the dataset ``X`` as well.
+    """
     src = Path(input_path)
-    dataset = src.name if src.is_dir() else src.stem
+    dataset = src.name if src.is_dir() else Path(split_compression(src.name)[0]).stem
     tokenizer = Path(tokenizer_model.rstrip("/")).name
     parts = ["Tokenized", dataset, tokenizer] + ([str(max_length)] if max_length else [])
     folder = src if src.is_dir() else src.parent
@@ -167,7 +180,7 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
     prefix = config.output_prefix or default_output_prefix(
         config.input, config.tokenizer_model, config.render.max_length
     )
-    records = iter_records(config.input, config.split)  # raises InputError for a bad path
+    records = iter_records(config.input, config.split, config.max_record_bytes)  # InputError: bad path
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
                             tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer))
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
@@ -193,6 +206,10 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
                     say(f"warning: {where}: skipped ({reason}): {message}")
                     if stats.bad_records == config.max_logged_errors:
                         say("warning: further bad records are only counted (see the stats JSON)")
+            for kind, count in result.notices.items():
+                if not stats.notices[kind]:
+                    say(f"note: {NOTICES.get(kind, kind)} (counted under 'notices' in the stats JSON)")
+                stats.notices[kind] += count
             writer.add_batch(result.ids, result.mask, result.lengths)
             if len(result.ids):
                 stats.max_token_id = max(stats.max_token_id, int(np.max(result.ids)))

@@ -41,12 +41,15 @@ class RenderedText:
     ``message_spans`` holds the located span of every message (``None`` when a template dropped
     or rewrote it beyond recognition); ``eot_in_spans`` says whether the end-of-turn marker is
     already inside ``assistant_spans`` (named styles) or must be found after them (templates).
+    ``notices`` names things worth telling the user that do not drop the record (e.g. a
+    ``reasoning_content`` the template did not render), once per occurrence.
     """
 
     text: str
     assistant_spans: list[tuple[int, int] | None]
     message_spans: list[tuple[int, int] | None] = field(default_factory=list)
     eot_in_spans: bool = True
+    notices: list[str] = field(default_factory=list)
 
 
 class _TextBuilder:

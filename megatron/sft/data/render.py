@@ -13,28 +13,44 @@ Worked example (ChatML, one token per piece for readability)::
 The end-of-turn rule: the one special token that starts exactly where the assistant content ends,
 unless that token is a role header (a special token seen right before some message's content,
 e.g. ``<｜User｜>`` in DeepSeek templates) or the BOS token.
+
+Which assistant turns are learned: ``--loss-on`` decides, then a turn's own ``"loss": true/false``
+(or ``"weight": 1/0``) in the record overrides it for that turn. With ``--loss-on all`` a turn
+marked ``false`` is left out together with its end-of-turn token, and so is every tool result's
+text: tool results are never learned.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from megatron.sft.data.chat_template import ChatTemplate, render_chat_template
-from megatron.sft.data.formats import FieldMap, RecordError, to_conversation
+from megatron.sft.data.chat_template import REASONING_NOT_RENDERED, ChatTemplate, render_chat_template
+from megatron.sft.data.formats import Conversation, FieldMap, RecordError, to_conversation
 from megatron.sft.data.loss_mask import (  # noqa: F401  (build_ids_and_mask: public here too)
     EncodingOffsets,
     TokenOffsets,
     build_ids_and_mask,
     learn_ranges,
     mask_from_ranges,
+    subtract_ranges,
 )
 from megatron.sft.data.prompt_styles import PROMPT_STYLES, RenderedText, render_alpaca, render_chatml
 
 LOSS_ON = ("assistant", "last-assistant", "all")
+
+#: What each notice means, for the log line preprocess prints once per kind.
+NOTICES = {
+    REASONING_NOT_RENDERED: (
+        "assistant turns carry reasoning_content that the rendering did not include (the chat "
+        "template ignores it, or keeps it only for some turns as Qwen3's does after the last user "
+        "turn); that reasoning is not trained on"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,20 @@ class TokenizedChunk:
     """int64 learned tokens per kept sample."""
     truncated: int
     """How many kept samples were cut to ``max_length``."""
+    notices: dict[str, int] = field(default_factory=dict)
+    """Counts of ``NOTICES`` kinds seen in this chunk (records kept or not)."""
+
+
+class Tokenized(NamedTuple):
+    """One record after tokenisation, before it joins a chunk."""
+
+    ids: list[int]
+    """Token ids of the whole rendered text (``length`` of them are kept)."""
+    length: int
+    """Tokens kept: ``len(ids)``, or ``max_length`` when truncated."""
+    ranges: list[tuple[int, int]]
+    """Learned token ranges ``[first, stop)`` within the kept tokens."""
+    truncated: bool
 
 
 class ConversationRenderer:
@@ -126,33 +156,81 @@ class ConversationRenderer:
         self.special_ids = frozenset(special)
         self.bos_id = tokenizer.bos_token_id
         self.template = ChatTemplate(tokenizer) if config.prompt_style == "chat-template" else None
+        self.char_limit = self._char_limit(backend, config)
+
+    @staticmethod
+    def _char_limit(backend: Any, config: RenderConfig) -> int | None:
+        """Characters beyond which a text surely has more than ``max_length`` tokens.
+
+        No token covers more characters than its vocabulary string has (byte-level strings count
+        bytes); the factor 4 leaves room for normalizers that shorten text. A 50 MB record is
+        then dropped as ``too_long`` without building its millions of token offsets. Example:
+        ``max_length`` 16384, longest token 128 characters -> 8,388,608 characters.
+        """
+        if config.max_length is None or config.truncate:
+            return None
+        longest = max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=1)
+        return 4 * config.max_length * max(longest, 1)
 
     # -- text ---------------------------------------------------------------------------------
     def render_text(self, record: Any) -> RenderedText:
+        return self._render(record)[1]
+
+    def _render(self, record: Any) -> tuple[Conversation, RenderedText]:
         conversation = to_conversation(record, self.config.format, self.config.fields)
         style = self.config.prompt_style
+        if style == "chat-template":
+            return conversation, render_chat_template(conversation, self.template, self.anchors)
+        if conversation.uses_tools():
+            raise RecordError(
+                "template_no_tools",
+                f"--prompt-style {style} cannot render tools, tool calls or tool results; use "
+                "--prompt-style chat-template with a tokenizer whose template supports tools",
+            )
         if style == "alpaca":
-            return render_alpaca(conversation, self.tokenizer.eos_token)
-        if style == "chatml":
-            return render_chatml(conversation)
-        try:
-            return render_chat_template(conversation, self.template, self.anchors)
-        except Exception as exc:  # a Jinja template may raise on roles it does not support
-            raise RecordError("template_error", f"the chat template failed: {exc}") from None
+            rendered = render_alpaca(conversation, self.tokenizer.eos_token)
+        else:
+            rendered = render_chatml(conversation)
+        rendered.notices += [REASONING_NOT_RENDERED for m in conversation if (m.reasoning or "").strip()]
+        return conversation, rendered
 
-    def _learn_spans(self, rendered: RenderedText) -> list[tuple[int, int]]:
-        if self.config.loss_on == "all":
-            return [(0, len(rendered.text))]
-        spans = rendered.assistant_spans
-        if self.config.loss_on == "last-assistant":
-            spans = spans[-1:]
+    def _learned_turns(self, rendered: RenderedText, conversation: Conversation | None) -> list[bool]:
+        """Per assistant turn: learn it? ``--loss-on`` first, then the record's per-turn flag."""
+        n = len(rendered.assistant_spans)
+        learn = [i == n - 1 for i in range(n)] if self.config.loss_on == "last-assistant" else [True] * n
+        if conversation is None:
+            return learn
+        flags = [m.loss for m in conversation if m.role == "assistant"]
+        return [default if flag is None else flag for default, flag in zip(learn, flags)]
+
+    @staticmethod
+    def _located(spans: list) -> list[tuple[int, int]]:
         if any(s is None for s in spans):
             raise RecordError(
                 "template_mismatch",
                 "an assistant message was not found in the chat-template output (the template "
                 "dropped or rewrote it); use --loss-on last-assistant or --prompt-style chatml",
             )
-        return spans  # type: ignore[return-value]
+        return spans
+
+    def _learn_spans(self, rendered: RenderedText,
+                     conversation: Conversation | None = None) -> list[tuple[int, int]]:
+        """Character spans to learn (for ``all``: the whole text, see ``_unlearned_spans``)."""
+        if self.config.loss_on == "all":
+            return [(0, len(rendered.text))]
+        learn = self._learned_turns(rendered, conversation)
+        return self._located([s for s, keep in zip(rendered.assistant_spans, learn) if keep])
+
+    def _unlearned_spans(self, rendered: RenderedText,
+                         conversation: Conversation | None) -> list[tuple[int, int]]:
+        """With ``--loss-on all``: the assistant turns the record marks ``loss: false`` and the
+        tool results (never learned), in text order."""
+        if self.config.loss_on != "all" or conversation is None:
+            return []
+        learn = self._learned_turns(rendered, conversation)
+        holes = self._located([s for s, keep in zip(rendered.assistant_spans, learn) if not keep])
+        holes += [s for s, m in zip(rendered.message_spans, conversation) if m.role == "tool" and s]
+        return sorted(holes)
 
     def _eot_rule(self, ids: list[int], offsets: TokenOffsets, rendered: RenderedText) -> Callable[[int], bool]:
         """Token ``j`` may end a turn: a special token, not BOS, and not a role header.
@@ -174,64 +252,74 @@ class ConversationRenderer:
     def render_batch(self, records: Sequence[Any]) -> list[Sample | RecordError]:
         """One ``Sample`` (or the ``RecordError`` that drops it) per record."""
         out: list[Sample | RecordError] = []
-        for result in self._tokenize(records):
+        for result in self._tokenize(records)[0]:
             if isinstance(result, RecordError):
                 out.append(result)
                 continue
-            ids, n, ranges, truncated = result
-            out.append(Sample(np.asarray(ids[:n], dtype=np.int32), mask_from_ranges(n, ranges), truncated))
+            out.append(Sample(np.asarray(result.ids[:result.length], dtype=np.int32),
+                              mask_from_ranges(result.length, result.ranges), result.truncated))
         return out
 
     def tokenize_chunk(self, records: Sequence[Any]) -> TokenizedChunk:
         """``render_batch`` with the kept samples concatenated: what a worker sends back."""
         errors, kept = [], []
-        for i, result in enumerate(self._tokenize(records)):
+        results, notices = self._tokenize(records)
+        for i, result in enumerate(results):
             if isinstance(result, RecordError):
                 errors.append((i, result.reason, str(result)))
             else:
                 kept.append(result)
-        lengths = np.fromiter((n for _, n, _, _ in kept), dtype=np.int64, count=len(kept))
+        lengths = np.fromiter((t.length for t in kept), dtype=np.int64, count=len(kept))
         total = int(lengths.sum())
-        ids = np.fromiter(chain.from_iterable(t if len(t) == n else t[:n] for t, n, _, _ in kept),
-                          dtype=np.int32, count=total)
+        ids = np.fromiter(chain.from_iterable(t.ids if len(t.ids) == t.length else t.ids[:t.length]
+                                              for t in kept), dtype=np.int32, count=total)
         mask = np.zeros(total, dtype=np.uint8)
-        loss_tokens = np.zeros(len(kept), dtype=np.int64)
+        loss_tokens = np.fromiter((sum(stop - first for first, stop in t.ranges) for t in kept),
+                                  dtype=np.int64, count=len(kept))
         offset = 0
-        for k, (_, n, ranges, _) in enumerate(kept):
-            for first, stop in ranges:
-                mask[offset + first:offset + stop] = 1
-                loss_tokens[k] += stop - first
-            offset += n
-        truncated = sum(t for _, _, _, t in kept)
-        return TokenizedChunk(errors, ids, mask, lengths, loss_tokens, truncated)
+        for t in kept:
+            mask_from_ranges(t.length, t.ranges, out=mask[offset:offset + t.length])
+            offset += t.length
+        truncated = sum(t.truncated for t in kept)
+        return TokenizedChunk(errors, ids, mask, lengths, loss_tokens, truncated, dict(notices))
 
-    def _tokenize(self, records: Sequence[Any]) -> list[tuple | RecordError]:
-        """Per record: ``(ids list, kept length, learned token ranges, truncated)`` or the error.
+    def _tokenize(self, records: Sequence[Any]) -> tuple[list[Tokenized | RecordError], Counter]:
+        """Per record a ``Tokenized`` or the error that drops it, and the batch's notice counts.
 
         All texts of the batch go through one ``encode_batch`` call.
         """
-        results: list[tuple | RecordError | None] = [None] * len(records)
+        results: list[Tokenized | RecordError | None] = [None] * len(records)
+        notices: Counter = Counter()
         texts, rendered_ok = [], []
         for i, record in enumerate(records):
             try:
-                rendered = self.render_text(record)
-                spans = self._learn_spans(rendered)
+                conversation, rendered = self._render(record)
+                notices.update(rendered.notices)
+                spans = self._learn_spans(rendered, conversation)
+                holes = self._unlearned_spans(rendered, conversation)
             except RecordError as err:
                 results[i] = err
                 continue
+            if self.char_limit is not None and len(rendered.text) > self.char_limit:
+                results[i] = RecordError(
+                    "too_long", f"{len(rendered.text):,} characters cannot fit in --seq-length "
+                    f"{self.config.max_length} tokens (use --truncate to keep a prefix)")
+                continue
             texts.append(rendered.text)
-            rendered_ok.append((i, rendered, spans))
+            rendered_ok.append((i, rendered, spans, holes))
         encodings = self.backend.encode_batch(texts, add_special_tokens=False) if texts else []
-        for (i, rendered, spans), enc in zip(rendered_ok, encodings):
-            results[i] = self._learned(enc, rendered, spans)
-        return results  # type: ignore[return-value]
+        for (i, rendered, spans, holes), enc in zip(rendered_ok, encodings):
+            results[i] = self._learned(enc, rendered, spans, holes)
+        return results, notices  # type: ignore[return-value]
 
-    def _learned(self, enc: Any, rendered: RenderedText, spans) -> tuple | RecordError:
+    def _learned(self, enc: Any, rendered: RenderedText, spans, holes=()) -> Tokenized | RecordError:
         ids = enc.ids
         n = len(ids)
         offsets = EncodingOffsets(enc, n)
         eot_ok = None if rendered.eot_in_spans else self._eot_rule(ids, offsets, rendered)
         ranges = learn_ranges(offsets, spans, eot_ok)
+        if holes:  # --loss-on all minus the turns marked loss: false, end-of-turn tokens included
+            ranges = subtract_ranges(ranges, learn_ranges(offsets, holes, eot_ok))
         truncated = False
         limit = self.config.max_length
         if limit is not None and n > limit:
@@ -246,4 +334,4 @@ class ConversationRenderer:
                 "no_loss_tokens",
                 "no token would be learned (truncated before the first assistant token?)",
             )
-        return ids, n, ranges, truncated
+        return Tokenized(ids, n, ranges, truncated)

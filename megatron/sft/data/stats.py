@@ -33,6 +33,8 @@ class PreprocessStats:
     max_sample_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
     length_histogram: Counter = field(default_factory=Counter)
+    notices: Counter = field(default_factory=Counter)
+    """Things worth knowing that drop nothing, e.g. ``reasoning_not_rendered`` turns."""
     examples: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     token_dtype: str = ""
@@ -82,6 +84,7 @@ class PreprocessStats:
             "samples_written": self.samples_written,
             "samples_dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(sorted(self.dropped.items())),
+            "notices": dict(sorted(self.notices.items())),
             "samples_truncated": self.samples_truncated,
             "tokens": self.tokens,
             "loss_tokens": self.loss_tokens,

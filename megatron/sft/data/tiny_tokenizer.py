@@ -5,13 +5,20 @@ template, but must not download one. A few hundred merges trained on a built-in 
 under a second and exercise the same code paths (byte-level BPE, special tokens, offsets, Jinja
 chat templates) as the Qwen / Llama-3 / DeepSeek-R1 tokenizers we fine-tune in production.
 
-Three chat-template shapes are provided, written for this project:
+Five chat-template shapes are provided, written for this project:
 
 - ``"chatml"``      ``<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello<|im_end|>\\n``
 - ``"llama3"``      ``<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\nHi<|eot_id|>...``
   (the content is ``trim``-med, as Meta's template does)
 - ``"deepseek_r1"`` ``<｜begin▁of▁sentence｜>SYS<｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜>``
   (earlier assistant turns lose their ``<think>…</think>`` part: the template *rewrites* history)
+- ``"chatml_tools"`` ChatML with tools as Qwen2.5/Qwen3 lay them out: the tool schemas in the system
+  turn inside ``<tools>``, calls as ``<tool_call>\n{"name": …, "arguments": …}\n</tool_call>``, tool
+  results as ``<tool_response>`` blocks in a user turn, ``reasoning_content`` as ``<think>…</think>``
+  on the assistant turns after the last user turn; content parts are joined
+- ``"llama3_tools"`` Llama 3.1's layout: ``Environment: ipython`` in the system turn, the schemas in
+  the first user turn, a call as the JSON ``{"name": …, "parameters": …}``, tool results under an
+  ``ipython`` header
 
 Example::
 
@@ -64,11 +71,103 @@ DEEPSEEK_R1_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
 )
 
+# A turn's text: a string, or the text of its content parts ([{"type": "text", "text": ...}]).
+_TEXT_MACRO = (
+    "{%- macro text(c) -%}"
+    "{%- if c is string -%}{{ c }}{%- elif c -%}{%- for p in c -%}{{ p.text }}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+# Call i of an assistant turn: OpenAI's {"function": {...}} wrapper or the bare {"name", "arguments"}.
+_CALL = "{%- set f = call.function if call.function is defined else call -%}"
+
+CHATML_TOOLS_TEMPLATE = (
+    _TEXT_MACRO
+    + "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages[0].role == 'system' -%}{{- text(messages[0].content) + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou may call one or more of these functions:\\n<tools>' -}}"
+    "{%- for t in tools -%}{{- '\\n' + (t | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nWrite each call as <tool_call>\\n{\"name\": <name>, \"arguments\": <object>}"
+    "\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- elif messages[0].role == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + text(messages[0].content) + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) -%}"
+    "{{- '<|im_start|>' + m.role + '\\n' + text(m.content) + '<|im_end|>\\n' -}}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if m.reasoning_content and loop.index0 > ns.last_user -%}"
+    "{{- '<think>\\n' + m.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- text(m.content) -}}"
+    "{%- for call in m.tool_calls or [] -%}" + _CALL
+    + "{%- if m.content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' -}}"
+    "{{- (f.arguments if f.arguments is string else f.arguments | tojson) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif m.role == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + text(m.content) + '\\n</tool_response>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+LLAMA3_TOOLS_TEMPLATE = (
+    _TEXT_MACRO
+    + "{{- bos_token -}}"
+    "{%- set ns = namespace(first_user=-1, system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' and ns.first_user < 0 -%}{%- set ns.first_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if messages[0].role == 'system' -%}{%- set ns.system = text(messages[0].content) | trim -%}{%- endif -%}"
+    "{%- if tools or ns.system -%}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' -}}"
+    "{%- if tools -%}{{- 'Environment: ipython\\n\\n' -}}{%- endif -%}"
+    "{{- ns.system + '<|eot_id|>' -}}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}"
+    "{%- if tools and loop.index0 == ns.first_user -%}"
+    "{{- 'When a function helps, reply with JSON {\"name\": function name, \"parameters\": arguments}.\\n\\n' -}}"
+    "{%- for t in tools -%}{{- (t | tojson(indent=4)) + '\\n\\n' -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- (text(m.content) | trim) + '<|eot_id|>' -}}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{%- if m.tool_calls -%}"
+    "{%- for call in m.tool_calls -%}" + _CALL
+    + "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '{\"name\": \"' + f.name + '\", \"parameters\": ' + (f.arguments | tojson) + '}' -}}"
+    "{%- endfor -%}"
+    "{%- else -%}{{- text(m.content) | trim -}}{%- endif -%}"
+    "{{- '<|eot_id|>' -}}"
+    "{%- elif m.role in ['tool', 'ipython'] -%}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + text(m.content) + '<|eot_id|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+)
+
 #: template name -> (jinja source, bos token or None, eos token)
 TEMPLATES: dict[str, tuple[str, str | None, str]] = {
     "chatml": (CHATML_TEMPLATE, None, "<|im_end|>"),
     "llama3": (LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
     "deepseek_r1": (DEEPSEEK_R1_TEMPLATE, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "chatml_tools": (CHATML_TOOLS_TEMPLATE, None, "<|im_end|>"),
+    "llama3_tools": (LLAMA3_TOOLS_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
+}
+
+#: Ordinary (not special) added tokens a template writes, as Qwen's tokenizer has them.
+TEMPLATE_ADDED_TOKENS: dict[str, tuple[str, ...]] = {
+    "chatml_tools": ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"),
 }
 
 #: Every template's control tokens are registered in every variant, so one vocabulary serves all.
@@ -140,7 +239,7 @@ def save_tiny_tokenizer(
 
     Args:
         out_dir: folder to create (parents too); returned as a ``Path``.
-        template: ``"chatml"``, ``"llama3"`` or ``"deepseek_r1"`` (see the module docstring).
+        template: a name in ``TEMPLATES`` (see the module docstring).
         corpus: extra training text; the built-in corpus is always included.
         vocab_size: BPE vocabulary size including the byte alphabet and special tokens.
         extra_tokens: added tokens such as a ``<short>`` control tag, appended after training.
@@ -160,6 +259,9 @@ def save_tiny_tokenizer(
         tokenizer.add_tokens(
             [AddedToken(t, special=extra_tokens_special, normalized=False) for t in extra_tokens]
         )
+    template_tokens = TEMPLATE_ADDED_TOKENS.get(template, ())
+    if template_tokens:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in template_tokens])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))

@@ -210,3 +210,50 @@ def test_writer_add_batch_is_byte_identical_to_add_document_per_sample(tmp_path)
     for fast, ref in zip(pair_prefixes(str(tmp_path / "fast")), pair_prefixes(str(tmp_path / "ref"))):
         for ext in (".bin", ".idx"):
             assert Path(fast + ext).read_bytes() == Path(ref + ext).read_bytes()
+
+
+def test_compressed_tool_data_with_bom_and_a_huge_line_through_the_cli(tokenizers, tokenizer_dirs, tmp_path):
+    """A .jsonl.gz as shipped: BOM, custom tools field, reasoning the template ignores, one huge line."""
+    import gzip
+
+    from megatron.sft.data.formats import FieldMap
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    records = []
+    for i in range(6):
+        records.append({"functions": [weather], "messages": [
+            {"role": "user", "content": f"Weather in city {i}?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": str(i)}}}]},
+            {"role": "ipython", "content": f"{i} C"},
+            {"role": "assistant", "content": f"It is {i} C.", "reasoning_content": "The tool said so."}]})
+        records.append({"system": "Be brief.", "conversations": [
+            {"from": "human", "value": [{"type": "text", "text": f"{i} + 1?"}]},
+            {"from": "gpt", "value": f"{i + 1}", "loss": i % 2 == 0}]})
+    lines = [json.dumps(r).encode() for r in records]
+    lines.insert(3, b'{"messages": "' + b"x" * 20000 + b'"}')
+    data = tmp_path / "chat.jsonl.gz"
+    with gzip.open(data, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    cli = [sys.executable, str(REPO / "tools/preprocess_data_sft.py"), "--input", str(data), "--tokenizer-model",
+           str(tokenizer_dirs["llama3_tools"]), "--tools-field", "functions", "--max-record-bytes", "4096",
+           "--workers", "2", "--chunk-size", "3", "--no-progress"]
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    prefix = str(tmp_path / "Tokenized-chat-llama3_tools")
+    stats = json.loads(Path(prefix + "_stats.json").read_text())
+    odd_loss_false = 3  # the ShareGPT records with "loss": false have nothing left to learn
+    assert stats["samples_read"] == 13
+    assert stats["dropped_by_reason"] == {"record_too_large": 1, "no_loss_tokens": odd_loss_false}
+    assert stats["notices"] == {"reasoning_not_rendered": 6}
+    assert run.stderr.count("note: ") == 1 and "reasoning_content" in run.stderr
+    assert f"{data}:4: skipped (record_too_large)" in run.stderr
+    ids, masks, text_ds, mask_ds = read_pair(prefix)  # keep the datasets alive: the arrays view their mmap
+    renderer = ConversationRenderer(tokenizers["llama3_tools"], RenderConfig(fields=FieldMap(tools="functions")))
+    expected = [s for s in renderer.render_batch(records) if not hasattr(s, "reason")]
+    assert len(ids) == len(expected) == 9
+    for got_ids, got_mask, want in zip(ids, masks, expected):
+        assert got_ids.tolist() == want.ids.tolist() and got_mask.tolist() == want.mask.tolist()
+    tok = tokenizers["llama3_tools"]
+    first = tok.decode(ids[0].tolist())
+    assert "get_weather" in first and "<|start_header_id|>ipython<|end_header_id|>\n\n0 C" in first

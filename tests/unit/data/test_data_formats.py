@@ -67,3 +67,33 @@ def test_bad_records_raise_with_a_reason(record, reason):
         to_conversation(record)
     assert err.value.reason == reason
     assert str(err.value)  # a human-readable message, not just the code
+
+
+def test_record_errors_survive_pickling_to_worker_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RecordError("record_too_large", "the line is 9 bytes")))
+    assert (err.reason, str(err)) == ("record_too_large", "the line is 9 bytes")
+
+
+def test_the_format_table_drives_detection_conversion_and_choices():
+    from megatron.sft.data.formats import FORMATS, RECORD_FORMATS, Conversation, record_format
+
+    examples = {
+        "messages": {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]},
+        "sharegpt": {"conversations": [{"from": "human", "value": "2+3?"}, {"from": "gpt", "value": "5"}]},
+        "alpaca": {"instruction": "2+3?", "output": "5"},
+    }
+    assert FORMATS == ("auto", *examples) and set(RECORD_FORMATS) == set(examples)
+    for name, record in examples.items():
+        assert detect_format(record) == name and to_conversation(record, name) == EXPECTED[1:]
+        assert RECORD_FORMATS[name].example  # shown in --format's help
+    # adding a format is one decorated function: detection and conversion pick it up
+    try:
+        @record_format("query_reply", detect=lambda r, f: "query" in r, example="{'query', 'reply'}")
+        def _from_query_reply(record, fields):
+            return Conversation([Message("user", record["query"]), Message("assistant", record["reply"])])
+
+        assert to_conversation({"query": "2+3?", "reply": "5"}) == EXPECTED[1:]
+    finally:
+        RECORD_FORMATS.pop("query_reply", None)

@@ -15,3 +15,14 @@ def test_pure_modules_import_without_torch_or_megatron_core():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+def test_package_docstring_lists_every_module():
+    from pathlib import Path
+
+    import megatron.sft.data as data
+
+    folder = Path(data.__file__).parent
+    modules = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    missing = [m for m in modules if f"``{m}``" not in data.__doc__]
+    assert not missing, f"add {missing} to megatron/sft/data/__init__.py's module list"

@@ -94,3 +94,87 @@ def test_unusable_paths_say_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no .jsonl"):
         list_input_files(tmp_path / "empty")
+
+
+def _compress(data: bytes, path):
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    if path.suffix == ".zst":
+        import zstandard
+
+        half = len(data) // 2  # two frames, as multi-threaded zstd writes: both must be read
+        c = zstandard.ZstdCompressor()
+        path.write_bytes(c.compress(data[:half]) + c.compress(data[half:]))
+    else:
+        with openers[path.suffix](path, "wb") as f:
+            f.write(data)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+@pytest.mark.parametrize("shape", ["jsonl", "json-array"])
+def test_compressed_files_stream_like_plain_ones(tmp_path, suffix, shape):
+    if suffix == ".zst":
+        pytest.importorskip("zstandard")
+    if shape == "jsonl":
+        plain = tmp_path / "d.jsonl"
+        plain.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    else:
+        plain = tmp_path / "d.json"
+        plain.write_text(json.dumps(RECORDS, indent=2))
+    packed = tmp_path / f"z{plain.suffix}{suffix}"
+    _compress(plain.read_bytes(), packed)
+    assert list_input_files(packed) == [(plain.suffix.lstrip("."), packed)]
+    assert parsed(packed) == parsed(plain)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    packed.rename(folder / packed.name)
+    assert [r for _, r in parsed(folder)] == RECORDS
+
+
+def test_zst_without_zstandard_says_how_to_fix(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    (tmp_path / "d.jsonl.zst").write_bytes(b"")
+    with pytest.raises(InputError, match="pip install zstandard"):
+        list_input_files(tmp_path / "d.jsonl.zst")
+    (tmp_path / "d.parquet.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="unsupported extension '.parquet.gz'"):
+        list_input_files(tmp_path / "d.parquet.gz")
+
+
+def test_utf8_byte_order_mark_is_skipped(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(bom + b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS))
+    assert parsed(lines) == [(i + 1, r) for i, r in enumerate(RECORDS)]
+    array = tmp_path / "bom.json"
+    array.write_bytes(bom + json.dumps(RECORDS, indent=1).encode())
+    assert [r for _, r in parsed(array)] == RECORDS
+    gz = tmp_path / "bom.jsonl.gz"
+    _compress(lines.read_bytes(), gz)
+    assert parsed(gz) == parsed(lines)
+
+
+def test_a_huge_line_is_dropped_unparsed_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    huge = b'{"instruction": "' + b"x" * (30 << 20) + b'", "output": "y"}'
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + huge + b"\n" + json.dumps(RECORDS[1]).encode())
+    tracemalloc.start()
+    got = parsed(path, max_record_bytes=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [(1, RECORDS[0]), (2, "record_too_large"), (3, RECORDS[1])]
+    assert peak < 8 << 20, f"peak {peak:,} bytes: the 30 MB line was held in memory"
+    [_, error, _] = list(iter_records(path, max_record_bytes=1 << 20))
+    assert f"{len(huge):,} bytes" in str(error.payload) and "--max-record-bytes" in str(error.payload)
+    # exactly at the limit is kept, one byte more is not (the newline does not count)
+    line = json.dumps(RECORDS[2]).encode()
+    path.write_bytes(line + b"\n" + line)
+    assert parsed(path, max_record_bytes=len(line)) == [(1, RECORDS[2]), (2, RECORDS[2])]
+    assert parsed(path, max_record_bytes=len(line) - 1) == [(1, "record_too_large"), (2, "record_too_large")]

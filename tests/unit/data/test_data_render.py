@@ -180,3 +180,27 @@ def test_render_config_validation_names_the_flag():
         RenderConfig(truncate=True)
     with pytest.raises(ValueError, match="--prompt-style"):
         RenderConfig(prompt_style="vicuna")
+
+
+def test_a_text_far_beyond_max_length_is_dropped_before_tokenizing(tokenizers):
+    tok = tokenizers["chatml"]
+    renderer = ConversationRenderer(tok, RenderConfig(max_length=64))
+    longest = max(len(t) for t in tok.backend_tokenizer.get_vocab(with_added_tokens=True))
+    assert renderer.char_limit == 4 * 64 * longest
+    huge = {"messages": [{"role": "user", "content": "x" * (renderer.char_limit + 1)},
+                         {"role": "assistant", "content": "y"}]}
+    encoded = []
+
+    class Spy:  # records what reaches the tokenizer
+        def encode_batch(self, texts, **kw):
+            encoded.extend(len(t) for t in texts)
+            return tok.backend_tokenizer.encode_batch(texts, **kw)
+
+    renderer.backend = Spy()
+    [dropped, kept] = renderer.render_batch([huge, MULTI_TURN])
+    assert dropped.reason == "too_long" and "--seq-length 64" in str(dropped)
+    assert len(encoded) == 1 and encoded[0] < 1000  # only the short record was tokenized
+    assert not isinstance(kept, RecordError)
+    # the shortcut never drops what tokenizing would keep: the same record is too long either way
+    assert len(tok(huge["messages"][0]["content"])["input_ids"]) > 64
+    assert ConversationRenderer(tok, RenderConfig(max_length=64, truncate=True)).char_limit is None

@@ -18,6 +18,12 @@ MESSAGES = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"
                    "<|start_header_id|>assistant<|end_header_id|>\n\n<think>t</think>Hello<|eot_id|>"),
         ("deepseek_r1", "<｜begin▁of▁sentence｜>S<｜User｜>Hi<｜Assistant｜><think>t</think>Hello"
                         "<｜end▁of▁sentence｜>"),
+        # without tools, the tool-capable templates print a conversation as their base style does
+        ("chatml_tools", "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                         "<|im_start|>assistant\n<think>t</think>Hello<|im_end|>\n"),
+        ("llama3_tools", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+                         "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n<think>t</think>Hello<|eot_id|>"),
     ],
 )
 def test_templates_render_as_designed(tokenizers, template, expected):
