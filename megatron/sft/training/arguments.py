@@ -79,6 +79,14 @@ class TrainConfig:
                                             "Transformer Engine only)")
     use_distributed_optimizer: bool = _field(False, "shard optimizer state over data-parallel "
                                                     "ranks (ZeRO-1)")
+    overlap_grad_reduce: bool = _field(
+        True, "with data parallelism, do not overlap the gradient all-reduce/reduce-scatter "
+              "with the backward pass (overlap is on by default when DP > 1)",
+        flag="--no-overlap-grad-reduce")
+    overlap_param_gather: bool = _field(
+        True, "with the distributed optimizer and DP > 1, do not overlap the parameter "
+              "all-gather with the next forward pass (on by default)",
+        flag="--no-overlap-param-gather")
     bf16: bool = _field(False, "bf16 weights and activations, fp32 master weights in the "
                                "optimizer")
     recompute_granularity: Optional[Literal["full", "selective"]] = _field(

@@ -4,6 +4,7 @@ logging, checkpoints and preemption handling."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -65,6 +66,7 @@ class Trainer:
     run_lock: Any                       # exclusive lock on --save for the life of the run
     # --- components
     model: list                         # DDP-wrapped GPTModel chunks (one per virtual stage)
+    overlap_param_gather: bool          # parameters reach modules in their forward pre-hooks
     optimizer: Any                      # megatron-core MegatronOptimizer
     scheduler: Any                      # megatron-core OptimizerParamScheduler
     train_ds: SFTDataset
@@ -156,14 +158,32 @@ class Trainer:
             cfg.load, impl=self.impl, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
             seq_length=cfg.seq_length, **overrides)
         tcfg = chunks[0].config
+        # Data-parallel communication overlaps compute by default when there is any: gradients
+        # are reduced bucket by bucket during the backward pass, and with the distributed
+        # optimizer the updated parameters are gathered bucket by bucket during the next forward.
+        overlap_grads = self.dp_size > 1 and cfg.overlap_grad_reduce
+        overlap_params = overlap_grads and cfg.use_distributed_optimizer and \
+            cfg.overlap_param_gather
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grads,
+            overlap_param_gather=overlap_params,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
             average_in_collective=False)
         self.model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=m,
                                               disable_bucketing=i > 0)
                       for i, m in enumerate(chunks)]
         tcfg.finalize_model_grads_func = finalize_model_grads
+
+        def per_chunk(name: str):
+            funcs = [getattr(m, name) for m in self.model]
+            return funcs if len(funcs) > 1 else funcs[0]
+
+        if overlap_grads:  # the pipeline schedules start each chunk's reduction when it is done
+            tcfg.no_sync_func = per_chunk("no_sync")
+            tcfg.grad_sync_func = per_chunk("start_grad_sync")
+        if overlap_params:
+            tcfg.param_sync_func = per_chunk("start_param_sync")
+        self.overlap_param_gather = overlap_params
         self.tconfig = tcfg
 
     def _build_optimizer(self) -> None:
@@ -285,7 +305,27 @@ class Trainer:
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
 
     # ------------------------------------------------------------------ loop
+    @contextlib.contextmanager
+    def _parameters_in_sync(self):
+        """With overlapped parameter gathering the newest weights reach a module only in its
+        next forward pre-hook; saving or evaluating first gathers them all, then re-arms the
+        hooks."""
+        if not self.overlap_param_gather:
+            yield
+            return
+        for m in self.model:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for m in self.model:
+                m.enable_forward_pre_hook()
+
     def save(self) -> None:
+        with self._parameters_in_sync():
+            self._save()
+
+    def _save(self) -> None:
         path = save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer,
                                self.scheduler, self.meta, self.impl,
                                {"consumed_samples": self.consumed_samples}, self.cfg.keep_last)
@@ -318,7 +358,8 @@ class Trainer:
                           "skipped": step.skipped}
                 record.update(self._device_metrics(step, step_rows))
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
-                    record.update(self.evaluate() or {})
+                    with self._parameters_in_sync():
+                        record.update(self.evaluate() or {})
                 self.history.append(record)
                 self._record(record)
                 if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:

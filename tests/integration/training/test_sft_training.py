@@ -155,3 +155,34 @@ def test_activation_recompute_keeps_the_curve(sft_assets, checkpoints, tmp_path)
             checkpoints[(1, 1)], sft_assets["data"], recompute_granularity=granularity))
         for a, b in zip(plain, rec):
             assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (granularity, a, b)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_data_parallel_overlap_is_on_by_default_and_keeps_the_curve(sft_assets, checkpoints,
+                                                                     tmp_path):
+    # DP2 with the distributed optimizer; a save and an evaluation mid-run must see the newest
+    # weights although overlapped parameter gathering delivers them in the next forward.
+    common = dict(train_iters=4, micro_batch_size=1, use_distributed_optimizer=True,
+                  eval_interval=3, eval_iters=1, save_interval=2, lr_decay_style="cosine")
+    runs = {}
+    for name, extra in [("overlap", {}),
+                        ("plain", dict(overlap_grad_reduce=False, overlap_param_gather=False))]:
+        runs[name] = _launch(tmp_path, name, 2, "train_ddp", _config(
+            checkpoints[(1, 1)], sft_assets["data"], save=str(tmp_path / name), **common,
+            **extra))
+    assert runs["overlap"]["overlap_grad_reduce"] and runs["overlap"]["overlap_param_gather"]
+    assert not runs["plain"]["overlap_grad_reduce"] and not runs["plain"]["overlap_param_gather"]
+    for a, b in zip(runs["overlap"]["history"], runs["plain"]["history"]):
+        for key in ("loss", "grad_norm", "valid_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
+    # The mid-run checkpoint holds the weights after step 2 in both runs.
+    import torch
+
+    def weights(run):
+        state = torch.load(tmp_path / run / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt",
+                           weights_only=True, map_location="cpu")
+        return state["model"]
+
+    a, b = weights("overlap"), weights("plain")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))

@@ -7,6 +7,7 @@ written by the logging rank) and ``config`` (TrainConfig fields).
   same loss from ``transformers`` (labels -100 outside the mask); packed rows are split back into
   their samples, each run through HF on its own.
 - ``train``: run the loop; write the per-iteration history.
+- ``train_ddp``: the same, plus whether data-parallel communication overlapped compute.
 """
 
 import json
@@ -69,7 +70,12 @@ def main() -> None:
                     / cfg.global_batch_size)}))
     else:
         history = trainer.train()
-        if trainer.is_logger:
+        ddp = trainer.model[0].ddp_config
+        if trainer.is_logger and spec["mode"] == "train_ddp":
+            Path(spec["out"]).write_text(json.dumps({
+                "history": history, "overlap_grad_reduce": ddp.overlap_grad_reduce,
+                "overlap_param_gather": ddp.overlap_param_gather}))
+        elif trainer.is_logger:
             Path(spec["out"]).write_text(json.dumps(history))
     from megatron.sft.runtime.distributed import destroy_distributed
 
