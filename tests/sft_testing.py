@@ -42,6 +42,19 @@ def run_tool(script: str, *args: str, env: dict | None = None, timeout: int = 30
                           cwd=REPO)
 
 
+def train_cli_args(ckpt, data, train_iters: int = 3, **extra) -> list[str]:
+    """``tools/train_sft.py`` flags for a short run on the test assets; ``extra`` maps a flag to
+    its value (``None`` for a switch) and overrides the defaults."""
+    base = {"--load": ckpt, "--data-path": data, "--seq-length": "128",
+            "--micro-batch-size": "2", "--global-batch-size": "4", "--lr": "1e-3",
+            "--train-iters": str(train_iters), "--no-progress": None}
+    base.update(extra)
+    out = []
+    for k, v in base.items():
+        out += [k] if v is None else [k, str(v)]
+    return out
+
+
 def write_arithmetic_conversations(path: Path, count: int, seed: int) -> Path:
     """Multi-turn chats with checkable answers ("What is 3 plus 4?" -> "3 plus 4 is 7.")."""
     import json

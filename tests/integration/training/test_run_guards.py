@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sft_testing import REPO, run_tool, run_torchrun
+from sft_testing import REPO, run_tool, run_torchrun, train_cli_args
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.random_hf_model import make_random_hf_model
 from megatron.sft.data.sft_dataset import SFTDatasetConfig, build_sft_datasets
@@ -44,14 +44,7 @@ def _copy_data(src, dst, suffixes=SUFFIXES):
 
 
 def _args(ckpt, data, **extra):
-    base = {"--load": ckpt, "--data-path": data, "--seq-length": "128",
-            "--micro-batch-size": "2", "--global-batch-size": "4", "--lr": "1e-3",
-            "--train-iters": "2", "--no-progress": None}
-    base.update(extra)
-    out = []
-    for k, v in base.items():
-        out += [k] if v is None else [k, str(v)]
-    return out
+    return train_cli_args(ckpt, data, train_iters=2, **extra)
 
 
 def _fake_trainer(ds, vocab, padded, mpe=4096, strict=False, save=None):

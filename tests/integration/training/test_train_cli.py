@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sft_testing import REPO, run_tool
+from sft_testing import REPO, run_tool, train_cli_args
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 
 
@@ -22,14 +22,7 @@ def ckpt(sft_assets, tmp_path_factory):
 
 
 def _args(ckpt, data, **extra):
-    base = {"--load": ckpt, "--data-path": data, "--seq-length": "128",
-            "--micro-batch-size": "2", "--global-batch-size": "4", "--lr": "1e-3",
-            "--train-iters": "3", "--no-progress": None}
-    base.update(extra)
-    out = []
-    for k, v in base.items():
-        out += [k] if v is None else [k, str(v)]
-    return out
+    return train_cli_args(ckpt, data, train_iters=3, **extra)
 
 
 @pytest.mark.xdist_group("multiprocess")
