@@ -114,9 +114,8 @@ def test_only_adapters_train_and_layout_does_not_matter(sft_assets, checkpoints,
         assert run["adapters_buffered"], name
         assert run["params_with_grad_buffer"] and all(
             ".lora." in n for n in run["params_with_grad_buffer"]), name
-        if name in ("tp1", "dp2"):  # TP/PP split or shard the same count differently
-            assert run["optimizer_numel"] == 4 * per_layer * (2 if name == "tp1" else 1) // \
-                (2 if name == "tp1" else 1), (name, run["optimizer_numel"])
+        if name in ("tp1", "dp2"):  # (TP2 counts its replicated halves on both ranks)
+            assert run["optimizer_numel"] == 4 * per_layer, (name, run["optimizer_numel"])
     # At B = 0 the model is the base: LoRA's first loss is full fine-tuning's first loss.
     assert runs["tp1"]["history"][0]["loss"] == pytest.approx(full["history"][0]["loss"],
                                                               rel=1e-6)
@@ -128,14 +127,17 @@ def test_only_adapters_train_and_layout_does_not_matter(sft_assets, checkpoints,
     assert not full["base_unchanged"]
     # Adam keeps two fp32 moments per trainable element.
     assert runs["tp1"]["optimizer_state_bytes"] == 2 * 4 * runs["tp1"]["optimizer_numel"]
-    assert full["optimizer_state_bytes"] > 50 * runs["tp1"]["optimizer_state_bytes"]
+    # The tiny model has ~190k parameters, 13k of them LoRA adapters at r = 4.
+    assert full["optimizer_state_bytes"] == 2 * 4 * full["optimizer_numel"]
+    assert full["optimizer_numel"] > 10 * runs["tp1"]["optimizer_numel"]
     print(f"optimizer state bytes: full {full['optimizer_state_bytes']}, "
           f"LoRA r4 {runs['tp1']['optimizer_state_bytes']}")
 
 
 @pytest.mark.xdist_group("multiprocess")
 def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoints, tmp_path):
-    from megatron.sft.bridge.checkpoint_io import load_rank_state
+    from megatron.sft.bridge.checkpoint_io import (iteration_dir, load_rank_state,
+                                                     read_latest_iteration)
     from megatron.sft.bridge.lora_export import read_lora_info
 
     base = checkpoints[(2, 1)]
@@ -148,12 +150,16 @@ def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoi
         base, sft_assets["data"], save=str(save), exit_interval=2, **common))["history"]
     it2 = save / "iter_0000002"
     info = read_lora_info(it2)
-    assert info.base_checkpoint == str(Path(base).resolve()) and info.base_iteration == 0
+    assert info.base_checkpoint == str(Path(base).resolve())
+    assert info.base_iteration == read_latest_iteration(Path(base))
     state = load_rank_state(it2, 1, 0, 1)
     assert state["model"] and all(".lora." in k for k in state["model"])
-    run_bytes = sum(f.stat().st_size for f in it2.rglob("*.pt"))
-    base_bytes = sum(f.stat().st_size for f in Path(base).rglob("*.pt"))
-    assert run_bytes < base_bytes / 5, (run_bytes, base_bytes)
+    base_state = load_rank_state(iteration_dir(Path(base)), 1, 0, 1)
+
+    def nbytes(sd):
+        return sum(t.numel() * t.element_size() for t in sd.values() if torch.is_tensor(t))
+
+    assert nbytes(state["model"]) < nbytes(base_state["model"]) / 5
 
     second = _launch(tmp_path, "second", 2, "train", _config(
         str(save), sft_assets["data"], save=str(save), **common))["history"]
