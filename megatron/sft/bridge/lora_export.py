@@ -122,7 +122,7 @@ def check_base(info: LoRACheckpointInfo, run_meta: CheckpointMetadata, run_dir: 
 def merge_adapters(base_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor],
                    scale: float) -> dict[str, torch.Tensor]:
     """One rank's chunk state dict with ``W += scale · B @ A`` for every adapter in
-    ``adapter_state`` (fp32 math, result in ``W``'s dtype); adapter tensors are not copied."""
+    ``adapter_state`` (at least fp32 math, result in ``W``'s dtype); adapter tensors are not copied."""
     merged = dict(base_state)
     for name, a in adapter_state.items():
         if not name.endswith(".lora.A"):
@@ -132,11 +132,12 @@ def merge_adapters(base_state: dict[str, torch.Tensor], adapter_state: dict[str,
         if weight_name not in base_state:
             raise CheckpointError(f"adapter {name} has no base weight {weight_name}")
         w = base_state[weight_name]
-        delta = scale * (b.float() @ a.float())
+        math = torch.promote_types(w.dtype, torch.float32)
+        delta = scale * (b.to(math) @ a.to(math))
         if delta.shape != w.shape:
             raise CheckpointError(f"adapter {prefix} gives a {tuple(delta.shape)} update for a "
                                   f"{tuple(w.shape)} weight")
-        merged[weight_name] = (w.float() + delta).to(w.dtype)
+        merged[weight_name] = (w.to(math) + delta).to(w.dtype)
     return merged
 
 

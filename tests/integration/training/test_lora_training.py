@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_testing import run_torchrun
+from sft_testing import run_tool, run_torchrun
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.layout import ParallelLayout
 
@@ -167,3 +167,23 @@ def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoi
     for a, b in zip(straight, first + second):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+    # What a user meets with that run: a PEFT adapter from the launcher, and clear refusals.
+    r = run_tool("scripts/checkpoints/export_lora_adapter.sh", str(save), str(sft_assets["hf"]),
+                 str(tmp_path / "adapter"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    r = run_tool("scripts/checkpoints/export_lora_adapter.sh", base, str(sft_assets["hf"]),
+                 str(tmp_path / "adapter2"))
+    assert r.returncode == 2 and "not a LoRA run (train with --lora-rank R)" in r.stderr
+    cli = ["--load", str(save), "--data-path", sft_assets["data"], "--train-iters", "5",
+           "--seq-length", "128", "--global-batch-size", "8", "--no-progress",
+           "--transformer-impl", "local"]
+    r = run_tool("tools/train_sft.py", *cli)
+    assert r.returncode == 2 and "is a LoRA run" in r.stderr and "--lora-rank 4" in r.stderr, \
+        r.stderr[-2000:]
+    r = run_tool("tools/train_sft.py", *cli, "--lora-rank", "8")
+    assert r.returncode == 2 and "holds LoRA adapters with rank 4" in r.stderr, r.stderr[-2000:]
