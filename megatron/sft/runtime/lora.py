@@ -187,7 +187,20 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
                                 device=base.weight.device)
         base.register_forward_hook(_add_update, with_kwargs=True)
         count += sum(p.numel() for p in base.lora.parameters())
+    for chunk in chunks:
+        embedding = getattr(_unwrap(chunk), "embedding", None)
+        if embedding is not None:
+            embedding.register_forward_hook(_needs_grad)
     return count
+
+
+def _needs_grad(module, args, output):
+    """With a frozen embedding the first layer's input does not require grad, and activation
+    recompute (an autograd Function over the layer) would then return outputs that do not
+    either: no adapter would get a gradient. Mark the embedding output as requiring grad."""
+    if not output.requires_grad:
+        output.requires_grad_(True)
+    return output
 
 
 def adapter_parameters(chunks: list) -> list[torch.nn.Parameter]:

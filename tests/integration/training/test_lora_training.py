@@ -135,6 +135,19 @@ def test_only_adapters_train_and_layout_does_not_matter(sft_assets, checkpoints,
 
 
 @pytest.mark.xdist_group("multiprocess")
+def test_activation_recompute_keeps_the_lora_curve(sft_assets, checkpoints, tmp_path):
+    # Recompute wraps each layer in an autograd Function: with a frozen embedding its input
+    # would not require grad and the adapters would silently get none.
+    plain = _launch(tmp_path, "plain", 1, "train", _config(checkpoints[(1, 1)],
+                                                           sft_assets["data"]))["history"]
+    rec = _launch(tmp_path, "full", 1, "train", _config(
+        checkpoints[(1, 1)], sft_assets["data"], recompute_granularity="full"))["history"]
+    assert plain[-1]["loss"] < plain[0]["loss"]
+    for a, b in zip(plain, rec):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a, b)
+
+
+@pytest.mark.xdist_group("multiprocess")
 def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoints, tmp_path):
     from megatron.sft.bridge.checkpoint_io import (iteration_dir, load_rank_state,
                                                      read_latest_iteration)
