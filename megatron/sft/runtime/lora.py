@@ -124,7 +124,15 @@ class LoRAAdapter(torch.nn.Module):
         )
 
         if self.dropout is not None:
-            x = self.dropout(x)
+            if self.parallel == "row":
+                # This rank's slice of the input gets its own mask (megatron's TP-split RNG);
+                # a replicated input gets the same mask on every TP rank (the default RNG).
+                from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+                with get_cuda_rng_tracker().fork():
+                    x = self.dropout(x)
+            else:
+                x = self.dropout(x)
         h = torch.nn.functional.linear(x, self.A)
         if self.parallel == "column":
             h = copy_to_tensor_model_parallel_region(h)

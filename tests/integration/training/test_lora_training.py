@@ -4,7 +4,7 @@
   with the adapters carried over by our PEFT exporter;
 - the merged export and the PEFT adapter give the same logits in transformers;
 - only adapters train (base bit-identical, no grad buffers or optimizer state for it), and the
-  curve does not depend on TP/PP;
+  curve does not depend on TP/PP/VPP/DP; activation recompute keeps it;
 - checkpoints hold adapters only, resume is exact.
 """
 
@@ -30,6 +30,9 @@ def checkpoints(sft_assets, tmp_path_factory):
         out[(tp, pp)] = str(root / f"tp{tp}pp{pp}")
         convert_hf_to_megatron(sft_assets["hf"], out[(tp, pp)],
                                ConvertOptions(layout=ParallelLayout(tp, pp), progress=False))
+    out["vpp"] = str(root / "tp1pp2vpp2")
+    convert_hf_to_megatron(sft_assets["hf"], out["vpp"],
+                           ConvertOptions(layout=ParallelLayout(1, 2, 2), progress=False))
     return out
 
 
@@ -101,6 +104,9 @@ def test_only_adapters_train_and_layout_does_not_matter(sft_assets, checkpoints,
             checkpoints[(2, 1)], sft_assets["data"], tensor_model_parallel_size=2)),
         "pp2": _launch(tmp_path, "pp2", 2, "train", _config(
             checkpoints[(1, 2)], sft_assets["data"], pipeline_model_parallel_size=2)),
+        "pp2vpp2": _launch(tmp_path, "vpp", 2, "train", _config(
+            checkpoints["vpp"], sft_assets["data"], pipeline_model_parallel_size=2,
+            num_layers_per_virtual_pipeline_stage=1)),
         "dp2": _launch(tmp_path, "dp2", 2, "train", _config(
             checkpoints[(1, 1)], sft_assets["data"], use_distributed_optimizer=True,
             micro_batch_size=1)),
