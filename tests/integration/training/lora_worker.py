@@ -50,7 +50,10 @@ def peft_reference(spec, cfg, dataset, adapter_dir) -> dict:
 
     base = AutoModelForCausalLM.from_pretrained(spec["hf"], dtype=torch.float32,
                                                 attn_implementation="eager")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # Written out here, not taken from our exporter's table.
+    hf_names = {"linear_qkv": ["q_proj", "k_proj", "v_proj"], "linear_proj": ["o_proj"],
+                "linear_fc1": ["gate_proj", "up_proj"], "linear_fc2": ["down_proj"]}
+    targets = [n for t in cfg.lora_target_modules.split(",") for n in hf_names[t]]
     model = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                             target_modules=targets, lora_dropout=0.0))
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))

@@ -58,10 +58,11 @@ def _logits(model, tokens):
 
 
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.parametrize("tp, pp, packing", [(1, 1, True), (2, 1, True), (1, 2, True),
-                                             (2, 1, False)])
-def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, sft_assets, checkpoints,
-                                                 tmp_path):
+@pytest.mark.parametrize("tp, pp, packing, targets", [
+    (1, 1, True, None), (2, 1, True, None), (1, 2, True, None), (2, 1, False, None),
+    (2, 1, True, "linear_fc2,linear_qkv")])
+def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_assets,
+                                                 checkpoints, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -70,10 +71,13 @@ def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, sft_assets, ch
     save = tmp_path / "run"
     r = _launch(tmp_path, "peft", tp * pp, "peft_loss", _config(
         checkpoints[(tp, pp)], sft_assets["data"], packing=packing, save=str(save),
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        **({"lora_target_modules": targets} if targets else {})),
         hf=str(sft_assets["hf"]), b_std=0.05)
-    # 4 layers x 7 HF modules x (A, B), every one loaded by peft
-    assert r["adapter_tensors"] == 4 * 7 * 2 and not r["peft_missing"] and not r["peft_unexpected"]
+    # 4 layers x 7 HF modules (4 for q/k/v + down) x (A, B), every one loaded by peft
+    modules = 4 if targets else 7
+    assert r["adapter_tensors"] == 4 * modules * 2
+    assert not r["peft_missing"] and not r["peft_unexpected"]
     assert r["megatron_tokens"] == r["hf_tokens"] > 0
     assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r
 
