@@ -4,7 +4,8 @@
 Writes safetensors shards (with model.safetensors.index.json when more than one), config.json
 (dtype set), and copies the tokenizer files, generation config and chat template from the
 reference HF directory. The checkpoint's own metadata supplies the architecture and config; the
-reference is checked to be the same model. Output appears only when complete.
+reference is checked to be the same model. Output appears only when complete. A LoRA run's
+adapters are merged into the base checkpoint named by its lora.json (W + alpha/r B A per shard).
 """
 
 from __future__ import annotations

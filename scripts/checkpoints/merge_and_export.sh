@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Export a Megatron checkpoint (any TP x PP x VPP) as one HuggingFace model directory.
 # "Merge" means joining the tensor- and pipeline-parallel shards back into whole HF tensors
-# (un-fusing QKV and gate/up); no adapters or other models are merged in.
+# (un-fusing QKV and gate/up). A LoRA run (--lora-rank; its iter_*/lora.json names the base) is
+# merged into its base first: W + (alpha/r) B A per TP shard. For the adapter alone, use
+# export_lora_adapter.sh.
 #
 # Usage: scripts/checkpoints/merge_and_export.sh CKPT_DIR HF_REF_DIR OUT_DIR [ITER]
-#   CKPT_DIR    Megatron checkpoint (training --save dir or a converted checkpoint)
+#   CKPT_DIR    Megatron checkpoint (training --save dir, LoRA run, or a converted checkpoint)
 #   HF_REF_DIR  the HF model it came from: tokenizer files, generation config are copied
 #   OUT_DIR     created: safetensors shards (+ index), config.json, tokenizer files
 #   ITER        iteration to export (default: latest_checkpointed_iteration.txt)
@@ -13,7 +15,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 : "${PYTHON:=python3}"

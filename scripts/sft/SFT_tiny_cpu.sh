@@ -6,11 +6,13 @@
 # Reads  $DEMO_DIR/megatron_TP2PP1 (converted tiny model) and $DEMO_DIR/data/Tokenized-* (from make demo)
 # Writes $DEMO_DIR/sft_tiny (checkpoints, train_log.jsonl). Re-running resumes.
 # Environment: DEMO_DIR (default runs/demo), TRAIN_ITERS, LR, GBS, MBS, SEQ_LEN, NPROC, TP, PP,
-#              ATTENTION_BACKEND (default sdpa: per-document attention, no s x s mask).
+#              ATTENTION_BACKEND (default sdpa: per-document attention, no s x s mask),
+#              LORA_RANK=R (>0: train LoRA adapters on the frozen model, saved to sft_tiny_lora_rR),
+#              LORA_ALPHA (default 2 x LORA_RANK).
 set -euo pipefail
 
 if [[ "${1:-}" != "train" ]]; then
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -27,7 +29,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${ATTENTION_BACKEND:=sdpa}"
 : "${CKPT:=$DEMO_DIR/megatron_TP${TP}PP${PP}}"
 : "${DATA_PATH:=$(ls "$DEMO_DIR"/data/Tokenized-*_text_document.idx 2>/dev/null | head -1 | sed 's/_text_document.idx$//')}"
-: "${SAVE_DIR:=$DEMO_DIR/sft_tiny}"
+: "${LORA_RANK:=0}"
+: "${LORA_ALPHA:=$((2 * LORA_RANK))}"
+if (( LORA_RANK > 0 )); then
+  : "${SAVE_DIR:=$DEMO_DIR/sft_tiny_lora_r$LORA_RANK}"
+else
+  : "${SAVE_DIR:=$DEMO_DIR/sft_tiny}"
+fi
 
 if [[ -z "$DATA_PATH" || ! -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then
   echo "error: demo assets not found under $DEMO_DIR; run 'make demo' first" >&2
@@ -35,6 +43,9 @@ if [[ -z "$DATA_PATH" || ! -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then
 fi
 LOAD=$CKPT
 [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]] && LOAD=$SAVE_DIR
+# LoRA: adapters on megatron-core's local linears; the run's checkpoints hold adapters only
+lora=()
+(( LORA_RANK > 0 )) && lora=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA" --transformer-impl local)
 
 # --- gloo on CPU: real megatron-core TP code paths, one process per TP rank
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
@@ -43,5 +54,5 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS" \
   --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5 --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-  --attention-backend "$ATTENTION_BACKEND" \
+  --attention-backend "$ATTENTION_BACKEND" ${lora[@]+"${lora[@]}"} \
   --eval-interval 20 --eval-iters 2 --log-interval 5 --log-json "$SAVE_DIR.log.jsonl"

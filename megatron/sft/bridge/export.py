@@ -30,6 +30,7 @@ from megatron.sft.bridge.checkpoint_io import (
     staging_dir,
 )
 from megatron.sft.bridge.convert import CoverageError, load_hf_config
+from megatron.sft.bridge.lora_export import merged_stage_states, read_lora_info
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import (
     StreamingShardWriter,
@@ -67,10 +68,15 @@ class CheckpointReader:
         self.spec, self.shape = shape_of(self.meta.hf_config)
         self.layout = self.meta.layout
         self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size)
+        #: a LoRA run holds adapters only; its base is read and the adapters merged into it
+        self.lora = read_lora_info(self.iter_dir)
 
     def stage_states(self, pp_rank: int) -> list[dict]:
-        return [load_rank_state(self.iter_dir, tp, pp_rank, self.layout.pp)
-                for tp in range(self.layout.tp)]
+        states = [load_rank_state(self.iter_dir, tp, pp_rank, self.layout.pp)
+                  for tp in range(self.layout.tp)]
+        if self.lora is not None:
+            states = merged_stage_states(self.lora, self.meta, self.iter_dir, states, pp_rank)
+        return states
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for pp_rank in range(self.layout.pp):

@@ -99,6 +99,15 @@ class TrainConfig:
                 "flash varlen, CUDA), flex (flex_attention, CUDA), sdpa (per document, CPU and "
                 "GPU), dense (s x s mask, reference only); auto = te with TE layers, else "
                 "varlen on CUDA, else sdpa")
+    # --- LoRA adapters (megatron/sft/runtime/lora.py)
+    lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
+                               "full fine-tuning); needs --transformer-impl local")
+    lora_alpha: float = _field(16.0, "LoRA: the adapter's output is scaled by alpha / rank")
+    lora_dropout: float = _field(0.0, "LoRA: dropout on the adapter's input")
+    lora_target_modules: str = _field(
+        "linear_qkv,linear_proj,linear_fc1,linear_fc2",
+        "LoRA: comma-separated megatron-core linears that get adapters (HF: linear_qkv = "
+        "q/k/v_proj, linear_proj = o_proj, linear_fc1 = gate/up_proj, linear_fc2 = down_proj)")
     # --- evaluation and logging
     eval_interval: Optional[int] = _field(None, "validate every N iterations")
     eval_iters: int = _field(10, "validation batches per evaluation")
@@ -152,6 +161,11 @@ class TrainConfig:
                              f"--pipeline-model-parallel-size {pp}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.lora_rank != 0:  # negative ranks are refused there too
+            from megatron.sft.runtime.lora import LoRASettings
+
+            LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                                    self.lora_target_modules)  # raises naming the flag
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")

@@ -32,6 +32,9 @@ from megatron.sft.bridge.checkpoint_io import (
     write_metadata,
 )
 
+from megatron.sft.bridge.lora_export import write_lora_info
+from megatron.sft.training.lora import adapter_state_dict
+
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 
 
@@ -78,7 +81,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, scheduler,
                     meta: CheckpointMetadata, impl: LayerImpl, train_state: dict[str, Any],
-                    keep_last: int) -> Path:
+                    keep_last: int, lora=None) -> Path:
+    """``lora`` (a ``LoRACheckpointInfo``): save only the adapters, plus ``lora.json``."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -109,11 +113,14 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
             "train_state": dict(train_state),
         }
         for chunk, m in enumerate(model):
-            state[meta.layout.model_key(chunk)] = impl.model_to_checkpoint(_unwrap(m).state_dict())
+            sd = impl.model_to_checkpoint(_unwrap(m).state_dict())
+            state[meta.layout.model_key(chunk)] = sd if lora is None else adapter_state_dict(sd)
         save_rank_state(partial, tp, pp, meta.pipeline_model_parallel_size, state)
     dist.barrier()
     if rank0:
         write_metadata(partial, meta_now)
+        if lora is not None:
+            write_lora_info(partial, lora)
         final = publish_iteration(save, iteration)
         _prune(save, keep_last)
     dist.barrier()

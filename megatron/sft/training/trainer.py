@@ -32,6 +32,7 @@ from megatron.sft.training.checkpointing import (
     load_training_state,
     save_checkpoint,
 )
+from megatron.sft.training import lora
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
@@ -68,6 +69,8 @@ class Trainer:
     model: list                         # DDP-wrapped GPTModel chunks (one per virtual stage)
     overlap_param_gather: bool          # parameters reach modules in their forward pre-hooks
     optimizer: Any                      # megatron-core MegatronOptimizer
+    lora: Any                           # LoRACheckpointInfo when --lora-rank > 0, else None
+    lora_resumed: bool                  # --load was a LoRA run (adapters + optimizer from it)
     scheduler: Any                      # megatron-core OptimizerParamScheduler
     train_ds: SFTDataset
     valid_ds: Optional[SFTDataset]
@@ -114,7 +117,8 @@ class Trainer:
                             if self.info.device.type == "cuda" else None)
         self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, dataclasses.asdict(cfg))
                       if self.is_logger else None)
-        if not cfg.finetune and is_training_checkpoint(cfg.load):
+        resumable = self.lora is None or self.lora_resumed  # a base's optimizer is not ours
+        if not cfg.finetune and resumable and is_training_checkpoint(cfg.load):
             state = load_training_state(cfg.load, self.optimizer, self.scheduler)
             self.iteration = state["iteration"]
             self.consumed_samples = state.get("consumed_samples", 0)
@@ -154,9 +158,18 @@ class Trainer:
             overrides.update(recompute_granularity=cfg.recompute_granularity)
             if cfg.recompute_granularity == "full":
                 overrides.update(recompute_method="uniform", recompute_num_layers=1)
-        chunks, self.meta, _ = build_model_from_checkpoint(
-            cfg.load, impl=self.impl, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-            seq_length=cfg.seq_length, **overrides)
+        build = dict(impl=self.impl, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                     seq_length=cfg.seq_length, **overrides)
+        # --- LoRA (training/lora.py): frozen base + adapters, before DDP and the optimizer
+        self.lora, self.lora_resumed = None, False
+        settings = lora.settings_from_config(cfg)
+        if settings is not None:
+            chunks, self.meta, self.lora, self.lora_resumed = lora.build_lora_model(
+                cfg.load, settings, seed=cfg.seed, **build)
+            self.log(lora.trainable_summary(chunks))
+        else:
+            lora.refuse_lora_checkpoint(cfg.load)
+            chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
         # Data-parallel communication overlaps compute by default when there is any: gradients
         # are reduced bucket by bucket during the backward pass, and with the distributed
@@ -328,7 +341,8 @@ class Trainer:
     def _save(self) -> None:
         path = save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer,
                                self.scheduler, self.meta, self.impl,
-                               {"consumed_samples": self.consumed_samples}, self.cfg.keep_last)
+                               {"consumed_samples": self.consumed_samples}, self.cfg.keep_last,
+                               lora=self.lora)
         self.log(f"saved checkpoint {path}")
 
     def train(self) -> list[dict[str, Any]]:

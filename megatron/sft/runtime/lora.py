@@ -1,0 +1,219 @@
+"""LoRA adapters on megatron-core's tensor-parallel linears (the local layer spec).
+
+A targeted linear ``y = W x`` becomes ``y = W x + (alpha / r) · B · A · x`` with ``A: [r, in]``
+and ``B: [out, r]``; ``W`` is frozen. Each adapter is split over tensor-parallel ranks the way
+its base layer is, so the sum is exact at any TP size:
+
+- **column-parallel base** (``linear_qkv``, ``linear_fc1``; ``W`` split by output rows): ``A`` is
+  replicated, ``B`` holds this rank's output rows, in the base weight's own row order (fused
+  QKV per query group, ``[gate_shard; up_shard]`` for fc1). ``A·x`` is the same on every rank;
+  its gradient is a sum over all ranks' output rows, so ``h = A·x`` passes through megatron's
+  ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward).
+- **row-parallel base** (``linear_proj``, ``linear_fc2``; ``W`` split by input columns, output
+  all-reduced): ``A`` holds this rank's input columns, ``B`` is replicated. The partial
+  ``A_rank·x_rank`` are summed with ``reduce_from_tensor_model_parallel_region`` (all-reduce
+  forward, identity backward) before ``B``, exactly like the base's own reduce.
+
+Worked shapes, hidden 64, 4 heads / 2 KV groups of head_dim 16, r = 8, TP = 2::
+
+    linear_qkv  W [128, 64] per rank   A [8, 64] (replicated)  B [64, 8]  (2 groups' rows / 2)
+    linear_proj W [64, 32]  per rank   A [8, 32] (input half)  B [64, 8]  (replicated)
+
+The adapter is a child module named ``lora`` of the base linear, so the base's parameter names
+(and checkpoints) are unchanged and adapter tensors read
+``decoder.layers.0.self_attention.linear_qkv.lora.A``. A forward hook adds the update to the
+base's ``(output, bias)`` tuple.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+
+#: megatron-core module name -> how its base weight is split over TP ranks
+LORA_TARGETS: dict[str, Literal["column", "row"]] = {
+    "linear_qkv": "column", "linear_proj": "row", "linear_fc1": "column", "linear_fc2": "row"}
+#: where each target lives inside a TransformerLayer
+_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
+           "linear_fc1": "mlp", "linear_fc2": "mlp"}
+ADAPTER_MARK = ".lora."
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASettings:
+    """``--lora-*`` flags, validated. ``scale`` is ``alpha / rank`` (peft's ``scaling``).
+
+    >>> LoRASettings.from_flags(8, 16, 0.0, "linear_qkv, linear_fc2").targets
+    ('linear_qkv', 'linear_fc2')
+    """
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = tuple(LORA_TARGETS)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_flags(cls, rank: int, alpha: float, dropout: float, targets: "str | tuple[str, ...]"
+                   ) -> "LoRASettings":
+        if rank <= 0:
+            raise ValueError(f"--lora-rank {rank}: use a positive rank (or 0 for full "
+                             "fine-tuning without adapters)")
+        if alpha <= 0:
+            raise ValueError(f"--lora-alpha {alpha}: must be positive (the update is scaled by "
+                             "alpha / rank)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"--lora-dropout {dropout}: must be in [0, 1)")
+        names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) \
+            else list(targets)
+        names = [t for t in names if t]
+        unknown = [t for t in names if t not in LORA_TARGETS]
+        if unknown or not names:
+            raise ValueError(f"--lora-target-modules {','.join(names) or '(empty)'}: unknown "
+                             f"{unknown or 'none given'}; use a comma-separated subset of "
+                             f"{','.join(LORA_TARGETS)}")
+        ordered = tuple(t for t in LORA_TARGETS if t in names)  # one canonical order
+        return cls(int(rank), float(alpha), float(dropout), ordered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoRASettings":
+        return cls.from_flags(d["rank"], d["alpha"], d.get("dropout", 0.0), tuple(d["targets"]))
+
+    def same_shape(self, other: "LoRASettings") -> bool:
+        """Adapters of ``other`` load into these (dropout may change on resume)."""
+        return (self.rank, self.alpha, self.targets) == (other.rank, other.alpha, other.targets)
+
+
+class LoRAAdapter(torch.nn.Module):
+    """The ``B·A`` update of one tensor-parallel linear (see the module docstring).
+
+    ``in_features`` / ``out_features`` are this rank's sizes of ``A``'s input and ``B``'s
+    output: the base's ``(input_size, output_size_per_partition)`` when column-parallel, its
+    ``(input_size_per_partition, output_size)`` when row-parallel.
+    """
+
+    def __init__(self, parallel: Literal["column", "row"], in_features: int, out_features: int,
+                 settings: LoRASettings, dtype: torch.dtype, device: Optional[torch.device]):
+        super().__init__()
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        self.parallel = parallel
+        self.scale = settings.scale
+        self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout else None
+        r = settings.rank
+        self.A = torch.nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
+        self.B = torch.nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        # The TP-split one is marked so megatron-core counts it on every rank (grad norm) and
+        # the replicated one once.
+        split, dim = (self.B, 0) if parallel == "column" else (self.A, 1)
+        set_tensor_model_parallel_attributes(split, is_parallel=True, dim=dim, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region,
+        )
+
+        if self.dropout is not None:
+            if self.parallel == "row":
+                # This rank's slice of the input gets its own mask (megatron's TP-split RNG);
+                # a replicated input gets the same mask on every TP rank (the default RNG).
+                from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+                with get_cuda_rng_tracker().fork():
+                    x = self.dropout(x)
+            else:
+                x = self.dropout(x)
+        h = torch.nn.functional.linear(x, self.A)
+        if self.parallel == "column":
+            h = copy_to_tensor_model_parallel_region(h)
+        else:
+            h = reduce_from_tensor_model_parallel_region(h)
+        return torch.nn.functional.linear(h, self.B) * self.scale
+
+
+def _add_update(module, args, kwargs, output):
+    """Forward hook of a base linear: ``(W x, bias) -> (W x + lora(x), bias)``."""
+    x = args[0] if args else kwargs["input_"]
+    out, bias = output
+    return out + module.lora(x).to(out.dtype), bias
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def iter_targets(chunks: list, targets: tuple[str, ...] = tuple(LORA_TARGETS)
+                 ) -> Iterator[tuple[int, str, Any]]:
+    """``(global layer number (1-based), target name, base linear)`` over the model chunks."""
+    for chunk in chunks:
+        for layer in _unwrap(chunk).decoder.layers:
+            for name in targets:
+                yield layer.layer_number, name, getattr(getattr(layer, _PARENT[name]), name)
+
+
+def attach_lora(chunks: list, settings: LoRASettings) -> int:
+    """Freeze every parameter of ``chunks`` and add zero-initialised adapters to the targeted
+    linears (call before DDP and the optimizer are built, so neither sees the base weights).
+    Returns the number of adapter parameters on this rank."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    for chunk in chunks:
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    count = 0
+    for _, name, base in iter_targets(chunks, settings.targets):
+        parallel = LORA_TARGETS[name]
+        expected = ColumnParallelLinear if parallel == "column" else RowParallelLinear
+        if type(base) is not expected:
+            raise ValueError(
+                f"LoRA wraps megatron-core's {expected.__name__} for {name}, but this model has "
+                f"{type(base).__name__} (Transformer Engine layers fuse the norm into the "
+                "linear); pass --transformer-impl local with --lora-rank")
+        if parallel == "column":
+            if base.gather_output or base.sequence_parallel:
+                raise ValueError(f"LoRA on {name} needs gather_output=False and no sequence "
+                                 "parallelism; drop --sequence-parallel")
+            sizes = (base.input_size, base.output_size_per_partition)
+        else:
+            if not base.input_is_parallel or base.sequence_parallel:
+                raise ValueError(f"LoRA on {name} needs input_is_parallel=True and no sequence "
+                                 "parallelism; drop --sequence-parallel")
+            sizes = (base.input_size_per_partition, base.output_size)
+        base.lora = LoRAAdapter(parallel, *sizes, settings, dtype=base.weight.dtype,
+                                device=base.weight.device)
+        base.register_forward_hook(_add_update, with_kwargs=True)
+        count += sum(p.numel() for p in base.lora.parameters())
+    for chunk in chunks:
+        embedding = getattr(_unwrap(chunk), "embedding", None)
+        if embedding is not None:
+            embedding.register_forward_hook(_needs_grad)
+    return count
+
+
+def _needs_grad(module, args, output):
+    """With a frozen embedding the first layer's input does not require grad, and activation
+    recompute (an autograd Function over the layer) would then return outputs that do not
+    either: no adapter would get a gradient. Mark the embedding output as requiring grad."""
+    if not output.requires_grad:
+        output.requires_grad_(True)
+    return output
+
+
+def adapter_parameters(chunks: list) -> list[torch.nn.Parameter]:
+    return [p for c in chunks for n, p in _unwrap(c).named_parameters() if ADAPTER_MARK in f".{n}"]
+
+
+def is_adapter_name(name: str) -> bool:
+    return ADAPTER_MARK in f".{name}"

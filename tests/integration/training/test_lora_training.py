@@ -1,0 +1,212 @@
+"""LoRA on megatron-core under gloo, against transformers + peft:
+
+- iteration-1 loss with non-zero adapters equals peft's on the same samples (TP1, TP2, PP2),
+  with the adapters carried over by our PEFT exporter;
+- the merged export and the PEFT adapter give the same logits in transformers;
+- only adapters train (base bit-identical, no grad buffers or optimizer state for it), and the
+  curve does not depend on TP/PP/VPP/DP; activation recompute keeps it;
+- checkpoints hold adapters only, resume is exact.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_testing import run_tool, run_torchrun
+from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+from megatron.sft.bridge.layout import ParallelLayout
+
+WORKER = Path(__file__).with_name("lora_worker.py")
+LORA = dict(lora_rank=4, lora_alpha=8.0, transformer_impl="local")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(sft_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_ckpts")
+    out = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        out[(tp, pp)] = str(root / f"tp{tp}pp{pp}")
+        convert_hf_to_megatron(sft_assets["hf"], out[(tp, pp)],
+                               ConvertOptions(layout=ParallelLayout(tp, pp), progress=False))
+    out["vpp"] = str(root / "tp1pp2vpp2")
+    convert_hf_to_megatron(sft_assets["hf"], out["vpp"],
+                           ConvertOptions(layout=ParallelLayout(1, 2, 2), progress=False))
+    return out
+
+
+def _config(ckpt, data, **overrides):
+    cfg = dict(load=ckpt, data_path=data, seq_length=128, micro_batch_size=2,
+               global_batch_size=8, train_iters=3, lr=1e-2, lr_decay_style="constant",
+               no_progress=True, split="90,10,0", clip_grad=0.0, attention_backend="sdpa", **LORA)
+    cfg.update(overrides)
+    return cfg
+
+
+def _launch(tmp_path, name, nproc, mode, config, **extra):
+    spec = {"mode": mode, "out": str(tmp_path / f"{name}.json"), "config": config, **extra}
+    (tmp_path / f"{name}.spec.json").write_text(json.dumps(spec))
+    proc = run_torchrun(nproc, WORKER, str(tmp_path / f"{name}.spec.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits.float()
+
+
+@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.parametrize("tp, pp, packing, targets", [
+    (1, 1, True, None), (2, 1, True, None), (1, 2, True, None), (2, 1, False, None),
+    (2, 1, True, "linear_fc2,linear_qkv")])
+def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_assets,
+                                                 checkpoints, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+
+    save = tmp_path / "run"
+    r = _launch(tmp_path, "peft", tp * pp, "peft_loss", _config(
+        checkpoints[(tp, pp)], sft_assets["data"], packing=packing, save=str(save),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        **({"lora_target_modules": targets} if targets else {})),
+        hf=str(sft_assets["hf"]), b_std=0.05)
+    # 4 layers x 7 HF modules (4 for q/k/v + down) x (A, B), every one loaded by peft
+    modules = 4 if targets else 7
+    assert r["adapter_tensors"] == 4 * modules * 2
+    assert not r["peft_missing"] and not r["peft_unexpected"]
+    assert r["megatron_tokens"] == r["hf_tokens"] > 0
+    assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r
+
+    # The adapters are not a no-op: the base alone gives a different loss.
+    base = AutoModelForCausalLM.from_pretrained(sft_assets["hf"], dtype=torch.float32)
+    tokens = torch.arange(3, 40).unsqueeze(0)
+    assert (_logits(base, tokens) - _logits(PeftModel.from_pretrained(
+        base, r["adapter_dir"]), tokens)).abs().max() > 1e-3
+
+    # merge_and_export's path (W + alpha/r B A per TP shard, then the usual merge) and the PEFT
+    # adapter loaded by peft.PeftModel.from_pretrained (our adapter_config.json) agree.
+    merged_dir = export_megatron_to_hf(save, tmp_path / "merged", sft_assets["hf"],
+                                       ExportOptions(progress=False))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(sft_assets["hf"], dtype=torch.float32),
+        r["adapter_dir"])
+    diff = (_logits(merged, tokens) - _logits(peft_model, tokens)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_only_adapters_train_and_layout_does_not_matter(sft_assets, checkpoints, tmp_path):
+    runs = {
+        "tp1": _launch(tmp_path, "tp1", 1, "train", _config(checkpoints[(1, 1)],
+                                                            sft_assets["data"])),
+        "tp2": _launch(tmp_path, "tp2", 2, "train", _config(
+            checkpoints[(2, 1)], sft_assets["data"], tensor_model_parallel_size=2)),
+        "pp2": _launch(tmp_path, "pp2", 2, "train", _config(
+            checkpoints[(1, 2)], sft_assets["data"], pipeline_model_parallel_size=2)),
+        "pp2vpp2": _launch(tmp_path, "vpp", 2, "train", _config(
+            checkpoints["vpp"], sft_assets["data"], pipeline_model_parallel_size=2,
+            num_layers_per_virtual_pipeline_stage=1)),
+        "dp2": _launch(tmp_path, "dp2", 2, "train", _config(
+            checkpoints[(1, 1)], sft_assets["data"], use_distributed_optimizer=True,
+            micro_batch_size=1)),
+    }
+    full = _launch(tmp_path, "full", 1, "train", _config(
+        checkpoints[(1, 1)], sft_assets["data"], lora_rank=0, lr=1e-4))
+    # hidden 64, ffn 128, 4 heads/2 KV of 16: per layer r x (in + out) for qkv, proj, fc1, fc2
+    per_layer = 4 * ((64 + 128) + (64 + 64) + (64 + 256) + (128 + 64))
+    for name, run in runs.items():
+        assert run["base_unchanged"], name
+        assert run["adapters_buffered"], name
+        assert run["params_with_grad_buffer"] and all(
+            ".lora." in n for n in run["params_with_grad_buffer"]), name
+        if name in ("tp1", "dp2"):  # (TP2 counts its replicated halves on both ranks)
+            assert run["optimizer_numel"] == 4 * per_layer, (name, run["optimizer_numel"])
+    # At B = 0 the model is the base: LoRA's first loss is full fine-tuning's first loss.
+    assert runs["tp1"]["history"][0]["loss"] == pytest.approx(full["history"][0]["loss"],
+                                                              rel=1e-6)
+    ref = runs["tp1"]["history"]
+    assert ref[-1]["loss"] < ref[0]["loss"]
+    for name, run in runs.items():
+        for a, b in zip(ref, run["history"]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
+    assert not full["base_unchanged"]
+    # Adam keeps two fp32 moments per trainable element.
+    assert runs["tp1"]["optimizer_state_bytes"] == 2 * 4 * runs["tp1"]["optimizer_numel"]
+    # The tiny model has ~190k parameters, 13k of them LoRA adapters at r = 4.
+    assert full["optimizer_state_bytes"] == 2 * 4 * full["optimizer_numel"]
+    assert full["optimizer_numel"] > 10 * runs["tp1"]["optimizer_numel"]
+    print(f"optimizer state bytes: full {full['optimizer_state_bytes']}, "
+          f"LoRA r4 {runs['tp1']['optimizer_state_bytes']}")
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_activation_recompute_keeps_the_lora_curve(sft_assets, checkpoints, tmp_path):
+    # Recompute wraps each layer in an autograd Function: with a frozen embedding its input
+    # would not require grad and the adapters would silently get none.
+    plain = _launch(tmp_path, "plain", 1, "train", _config(checkpoints[(1, 1)],
+                                                           sft_assets["data"]))["history"]
+    rec = _launch(tmp_path, "full", 1, "train", _config(
+        checkpoints[(1, 1)], sft_assets["data"], recompute_granularity="full"))["history"]
+    assert plain[-1]["loss"] < plain[0]["loss"]
+    for a, b in zip(plain, rec):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * a["loss"], (a, b)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoints, tmp_path):
+    from megatron.sft.bridge.checkpoint_io import (iteration_dir, load_rank_state,
+                                                     read_latest_iteration)
+    from megatron.sft.bridge.lora_export import read_lora_info
+
+    base = checkpoints[(2, 1)]
+    common = dict(train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1,
+                  tensor_model_parallel_size=2, lr=3e-3)
+    straight = _launch(tmp_path, "straight", 2, "train", _config(base, sft_assets["data"],
+                                                                 **common))["history"]
+    save = tmp_path / "run"
+    first = _launch(tmp_path, "first", 2, "train", _config(
+        base, sft_assets["data"], save=str(save), exit_interval=2, **common))["history"]
+    it2 = save / "iter_0000002"
+    info = read_lora_info(it2)
+    assert info.base_checkpoint == str(Path(base).resolve())
+    assert info.base_iteration == read_latest_iteration(Path(base))
+    state = load_rank_state(it2, 1, 0, 1)
+    assert state["model"] and all(".lora." in k for k in state["model"])
+    base_state = load_rank_state(iteration_dir(Path(base)), 1, 0, 1)
+
+    def nbytes(sd):
+        return sum(t.numel() * t.element_size() for t in sd.values() if torch.is_tensor(t))
+
+    assert nbytes(state["model"]) < nbytes(base_state["model"]) / 5
+
+    second = _launch(tmp_path, "second", 2, "train", _config(
+        str(save), sft_assets["data"], save=str(save), **common))["history"]
+    assert [h["iteration"] for h in first + second] == [1, 2, 3, 4]
+    for a, b in zip(straight, first + second):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+    # What a user meets with that run: a PEFT adapter from the launcher, and clear refusals.
+    r = run_tool("scripts/checkpoints/export_lora_adapter.sh", str(save), str(sft_assets["hf"]),
+                 str(tmp_path / "adapter"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    r = run_tool("scripts/checkpoints/export_lora_adapter.sh", base, str(sft_assets["hf"]),
+                 str(tmp_path / "adapter2"))
+    assert r.returncode == 2 and "not a LoRA run (train with --lora-rank R)" in r.stderr
+    cli = ["--load", str(save), "--data-path", sft_assets["data"], "--train-iters", "5",
+           "--seq-length", "128", "--global-batch-size", "8", "--no-progress",
+           "--transformer-impl", "local"]
+    r = run_tool("tools/train_sft.py", *cli)
+    assert r.returncode == 2 and "is a LoRA run" in r.stderr and "--lora-rank 4" in r.stderr, \
+        r.stderr[-2000:]
+    r = run_tool("tools/train_sft.py", *cli, "--lora-rank", "8")
+    assert r.returncode == 2 and "holds LoRA adapters with rank 4" in r.stderr, r.stderr[-2000:]
