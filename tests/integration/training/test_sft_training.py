@@ -45,8 +45,9 @@ def _launch(tmp_path, name, nproc, mode, config, hf=None):
 
 
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
-@pytest.mark.parametrize("packing, backend", [(True, "sdpa"), (False, "sdpa"), (True, "dense")])
+@pytest.mark.parametrize("tp, pp, packing, backend", [
+    (tp, pp, packing, "sdpa") for tp, pp in [(1, 1), (2, 1), (1, 2)] for packing in (True, False)
+] + [(1, 1, True, "dense")])  # sdpa == dense at every layout: test_attention_in_model.py
 def test_loss_equals_transformers(tp, pp, packing, backend, sft_assets, checkpoints, tmp_path):
     r = _launch(tmp_path, "loss", tp * pp, "hf_loss", _config(
         checkpoints[(tp, pp)], sft_assets["data"], packing=packing, attention_backend=backend,
