@@ -52,17 +52,15 @@ def _check(results):
         assert r["grad_max_abs_diff"] <= 1e-5 * max(1.0, r["grad_abs_max"]), (name, r)
 
 
+#: One KV head at TP2: megatron-core gives the KV head to both ranks.
+ONE_KV_HEAD = ("llama-one-kv-head", "LlamaForCausalLM", {"num_key_value_heads": 1})
+
+
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
 def test_sdpa_equals_dense_equals_transformers(tp, pp, tmp_path):
-    _check(_run(tmp_path, ParallelLayout(tp, pp), MODELS))
-
-
-@pytest.mark.xdist_group("multiprocess")
-def test_tp_larger_than_kv_heads(tmp_path):
-    # One KV head at TP2: megatron-core gives the KV head to both ranks.
-    _check(_run(tmp_path, ParallelLayout(2, 1),
-                [("llama-one-kv-head", "LlamaForCausalLM", {"num_key_value_heads": 1})]))
+    models = MODELS + ([ONE_KV_HEAD] if tp == 2 else [])  # TP larger than the KV heads
+    _check(_run(tmp_path, ParallelLayout(tp, pp), models))
 
 
 def test_tp_larger_than_kv_heads_exports_and_reshards_exactly(tmp_path):

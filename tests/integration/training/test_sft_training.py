@@ -46,8 +46,10 @@ def _launch(tmp_path, name, nproc, mode, config, hf=None):
 
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("tp, pp, packing, backend", [
-    (tp, pp, packing, "sdpa") for tp, pp in [(1, 1), (2, 1), (1, 2)] for packing in (True, False)
-] + [(1, 1, True, "dense")])  # sdpa == dense at every layout: test_attention_in_model.py
+    (1, 1, True, "sdpa"), (2, 1, True, "sdpa"), (1, 2, True, "sdpa"),
+    (1, 1, False, "sdpa"), (1, 1, True, "dense"),
+])  # layouts differ in the model, not in the rows; sdpa == dense at every layout is
+#     test_attention_in_model.py
 def test_loss_equals_transformers(tp, pp, packing, backend, sft_assets, checkpoints, tmp_path):
     r = _launch(tmp_path, "loss", tp * pp, "hf_loss", _config(
         checkpoints[(tp, pp)], sft_assets["data"], packing=packing, attention_backend=backend,
