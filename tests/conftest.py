@@ -20,27 +20,6 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
 
 
-#: xdist groups the multi-process tests are spread over (``make test`` runs 2 workers).
-MULTIPROCESS_LANES = 2
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``xdist_group("multiprocess")`` start gloo process groups; run them one at a
-    time per worker, in ``MULTIPROCESS_LANES`` lanes, instead of all on one worker while the
-    other idles. All parametrizations of one test function share a lane (and its module
-    fixtures); functions alternate between lanes in collection order."""
-    lanes: dict[tuple[str, str], int] = {}
-    for item in items:
-        marker = item.get_closest_marker("xdist_group")
-        if marker is None or marker.args[:1] != ("multiprocess",):
-            continue
-        key = (item.module.__name__, getattr(item, "originalname", item.name))
-        lane = lanes.setdefault(key, len(lanes) % MULTIPROCESS_LANES)
-        item.own_markers = [m for m in item.own_markers if m.name != "xdist_group"]
-        item.add_marker(pytest.mark.xdist_group(f"multiprocess-{lane}"))
-
-
 @pytest.fixture(scope="session")
 def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
     """One random fp32 model per architecture, made once per test session (per xdist worker)."""
