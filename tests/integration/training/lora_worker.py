@@ -17,29 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def hf_loss(model, dataset, rows) -> tuple[float, int]:
-    """Sum of masked next-token losses over ``rows``, each packed sample on its own."""
-    import torch
-
-    from megatron.sft.training.batch import valid_cu_seqlens
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for r in rows:
-            item = dataset[r]
-            cu = valid_cu_seqlens(item["cu_seqlens"]).tolist()
-            for start, end in zip(cu[:-1], cu[1:]):
-                tokens = item["tokens"][start:end].unsqueeze(0)
-                labels = item["labels"][start:end].clone()
-                mask = item["loss_mask"][start:end] > 0
-                labels[~mask] = -100
-                logits = model(input_ids=tokens).logits[0].float()
-                total += torch.nn.functional.cross_entropy(
-                    logits, labels, ignore_index=-100, reduction="sum").item()
-                count += int(mask.sum())
-    return total, count
+from train_worker import masked_hf_loss  # noqa: E402
 
 
 def peft_reference(spec, cfg, dataset, adapter_dir) -> dict:
@@ -60,7 +40,7 @@ def peft_reference(spec, cfg, dataset, adapter_dir) -> dict:
     result = set_peft_model_state_dict(model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     model.eval()
-    total, count = hf_loss(model, dataset, range(cfg.global_batch_size))
+    total, count = masked_hf_loss(model, dataset, range(cfg.global_batch_size))
     return {"hf": total / count, "hf_tokens": count, "peft_missing": missing,
             "peft_unexpected": list(result.unexpected_keys), "adapter_tensors": len(weights)}
 

@@ -17,14 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 
-def hf_reference_loss(hf_dir, dataset, rows) -> tuple[float, int]:
+def masked_hf_loss(model, dataset, rows) -> tuple[float, int]:
+    """Sum of masked next-token losses of a transformers ``model`` over ``rows`` (labels -100
+    outside the mask), each packed sample run on its own; also used by ``lora_worker.py``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from megatron.sft.training.batch import valid_cu_seqlens
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                 attn_implementation="eager")
     total, count = 0.0, 0
     with torch.no_grad():
         for r in rows:
@@ -35,12 +34,20 @@ def hf_reference_loss(hf_dir, dataset, rows) -> tuple[float, int]:
                 labels = item["labels"][start:end].clone()
                 mask = item["loss_mask"][start:end] > 0
                 labels[~mask] = -100
-                logits = model(tokens).logits[0].float()
-                loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100,
-                                                         reduction="sum")
-                total += loss.item()
+                logits = model(input_ids=tokens).logits[0].float()
+                total += torch.nn.functional.cross_entropy(
+                    logits, labels, ignore_index=-100, reduction="sum").item()
                 count += int(mask.sum())
     return total, count
+
+
+def hf_reference_loss(hf_dir, dataset, rows) -> tuple[float, int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    return masked_hf_loss(model, dataset, rows)
 
 
 def main() -> None:
