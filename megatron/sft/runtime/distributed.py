@@ -110,9 +110,20 @@ def initialize_distributed(cfg: ParallelConfig) -> RuntimeInfo:
     )
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(wait_for_peers: bool = False) -> None:
+    """Tear the process groups down before the interpreter does.
+
+    Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable and
+    the rank dies with SIGABRT ("terminate called without an active exception") after its work
+    is done. ``wait_for_peers`` adds a barrier first so no rank tears down its connections while
+    another is still using them; use it only on the success path (a barrier after one rank
+    failed would wait for the full timeout).
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    if wait_for_peers and dist.is_initialized():
+        dist.barrier()
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

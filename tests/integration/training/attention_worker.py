@@ -131,3 +131,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from megatron.sft.runtime.distributed import destroy_distributed
+
+    destroy_distributed(wait_for_peers=True)

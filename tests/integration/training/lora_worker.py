@@ -114,7 +114,7 @@ def main() -> None:
         Path(spec["out"]).write_text(json.dumps(out))
     from megatron.sft.runtime.distributed import destroy_distributed
 
-    destroy_distributed()
+    destroy_distributed(wait_for_peers=True)
 
 
 if __name__ == "__main__":
