@@ -6,7 +6,11 @@ ranks, on the bench_train_step model (Qwen2-shaped, random, fp32, one CPU proces
 
 Optimizer state = bytes of every tensor in the optimizer's per-parameter state after a step
 (Adam: two fp32 moments per trainable element); grad buffers = megatron-core DDP's buffers.
-Each configuration runs in its own process.
+Step memory = the peak over the first (optimizer-allocating) step and the timed ones: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set (Linux VmHWM, reset
+just before the first step), shown as the peak and as its growth over the resident set before
+the step (model, data and framework). Each configuration runs in its own process, so one
+configuration's freed memory never hides another's peak.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,11 +40,14 @@ def measure(ckpt: str, data: str, rank: int, args) -> dict:
                       lora_alpha=2.0 * max(rank, 1), transformer_impl="local")
     trainer = Trainer(cfg, log=lambda m: None)
     trainer.setup()
+    before = _memory_now()
+    _reset_peak()
     trainer.train_step()  # allocates the optimizer state
     t0 = time.perf_counter()
     for _ in range(args.iters):
         trainer.train_step()
     step = (time.perf_counter() - t0) / args.iters
+    peak = _peak_memory()
     state = sum(t.numel() * t.element_size()
                 for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
                 for st in opt.optimizer.state.values() for t in st.values()
@@ -48,7 +57,36 @@ def measure(ckpt: str, data: str, rank: int, args) -> dict:
     trainable = sum(p.numel() for m in trainer.model for p in m.parameters() if p.requires_grad)
     total = sum(p.numel() for m in trainer.model for p in m.parameters())
     return dict(rank=rank, trainable=trainable, total=total, optimizer_state=state,
-                grad_buffers=grads, step_s=step)
+                grad_buffers=grads, step_s=step, memory_before=before, step_peak=peak,
+                memory_kind="CUDA allocated" if torch.cuda.is_available() else "CPU resident")
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _memory_now() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    return _proc_status_kib("VmRSS")
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (Linux >= 4.0)
+        f.write("5")
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_kib("VmHWM")
 
 
 def main() -> int:
@@ -74,12 +112,15 @@ def main() -> int:
                               data], capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"model: hidden {args.hidden}, {args.layers} layers, {rows[0]['total']:,} parameters")
-    print("| run | trainable | optimizer state | grad buffers | s/step |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"step memory: {rows[0]['memory_kind']}")
+    print("| run | trainable | optimizer state | grad buffers | step peak | step peak - before "
+          "| s/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         name = "full" if r["rank"] == 0 else f"LoRA r{r['rank']}"
         print(f"| {name} | {r['trainable']:,} | {r['optimizer_state'] / 2**20:.2f} MiB | "
-              f"{r['grad_buffers'] / 2**20:.2f} MiB | {r['step_s']:.2f} |")
+              f"{r['grad_buffers'] / 2**20:.2f} MiB | {r['step_peak'] / 2**20:.0f} MiB | "
+              f"{(r['step_peak'] - r['memory_before']) / 2**20:.0f} MiB | {r['step_s']:.2f} |")
     return 0
 
 

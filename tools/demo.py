@@ -25,6 +25,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=str(REPO / "runs" / "demo"),
                    help="where everything is written (replaced on each run)")
     p.add_argument("--train-iters", type=int, default=400)
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="> 0: fine-tune LoRA adapters of this rank (alpha 2 x rank, all four "
+                        "targets) on the frozen model instead of every weight")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 3e-3; LoRA often wants more)")
     p.add_argument("--min-accuracy", type=float, default=0.9,
                    help="exit 1 when held-out accuracy after SFT is below this")
     args = p.parse_args(argv)
@@ -33,7 +38,9 @@ def main(argv=None) -> int:
     quiet_megatron_import_warnings()
     from megatron.sft.quickstart.pipeline import Demo, DemoConfig, StageFailed
 
-    demo = Demo(DemoConfig(workdir=Path(args.workdir), train_iters=args.train_iters))
+    extra = {} if args.lr is None else {"lr": args.lr, "min_lr": args.lr / 10}
+    demo = Demo(DemoConfig(workdir=Path(args.workdir), train_iters=args.train_iters,
+                           lora_rank=args.lora_rank, **extra))
     try:
         results = demo.run()
     except StageFailed as e:

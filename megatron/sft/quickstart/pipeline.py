@@ -38,6 +38,9 @@ class DemoConfig:
     min_lr: float = 3e-4
     eval_interval: int = 100
     log_interval: int = 20
+    #: > 0: train LoRA adapters of this rank on all four targets of the frozen model instead of
+    #: every weight (alpha = 2 x rank); the export merges them into the model
+    lora_rank: int = 0
 
 
 class StageFailed(RuntimeError):
@@ -168,6 +171,9 @@ class Demo:
                     "--eval-interval", str(c.eval_interval),
                     "--eval-iters", "2", "--log-interval", str(c.log_interval),
                     "--log-json", str(paths["log"]), "--no-progress"]
+            if c.lora_rank:
+                args += ["--lora-rank", str(c.lora_rank), "--lora-alpha", str(2 * c.lora_rank),
+                         "--transformer-impl", "local"]
             _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / "train.log")
             log = [json.loads(line) for line in paths["log"].read_text().splitlines()]
             self.results["loss_start"], self.results["loss_end"] = log[0]["loss"], log[-1]["loss"]
@@ -175,7 +181,8 @@ class Demo:
                          if "packing efficiency" in line), "")
             eff = rows.split("packing efficiency ")[-1].split(")")[0] if rows else "?"
             self.results["packing_efficiency"] = eff
-            return (f"{c.train_iters} iterations, TP{tp} on {tp} gloo ranks, packing efficiency "
+            what = f"LoRA r{c.lora_rank} on a frozen model, " if c.lora_rank else ""
+            return (f"{what}{c.train_iters} iterations, TP{tp} on {tp} gloo ranks, packing efficiency "
                     f"{eff}; loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
 
         def export():
