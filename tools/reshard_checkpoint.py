@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """Re-split a Megatron checkpoint for another TP x PP (x VPP) layout (e.g. to continue on a
 different number of GPUs). Model weights and the iteration number are carried; optimizer state
-is layout-specific and is not (continue with --finetune or a fresh optimizer)."""
+is layout-specific and is not (continue with --finetune or a fresh optimizer).
+
+A LoRA run (adapters only) stays a LoRA run: its adapters are re-split and its lora.json points
+to a base at the target layout, by default the run's base resharded into SAVE_DIR/base (or
+--lora-base DIR, a checkpoint of the same model already at that layout). Continue with
+--load SAVE_DIR --lora-rank R ... (a fresh optimizer). --merge-lora writes the full model with
+the adapters merged instead."""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from megatron.sft.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="source Megatron checkpoint directory")
     p.add_argument("--save-dir", required=True, help="checkpoint directory to create")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
@@ -23,6 +30,13 @@ def parse_args(argv=None):
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    metavar="N")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
+    p.add_argument("--lora-base", default=None, metavar="DIR",
+                   help="LoRA run only: use this checkpoint (latest iteration) as the base "
+                        "instead of resharding the run's base into SAVE_DIR/base; it must be at "
+                        "the target layout and hold exactly the run's base model")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA run only: write a full checkpoint with the adapters merged into "
+                        "the base (W + alpha/r B A) instead of adapters")
     p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -30,8 +44,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron.sft.bridge.checkpoint_io import iteration_dir
     from megatron.sft.bridge.export import CheckpointReader
     from megatron.sft.bridge.layout import ParallelLayout, virtual_stages
+    from megatron.sft.bridge.lora_export import read_lora_info
     from megatron.sft.bridge.reshard import reshard_checkpoint
 
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
@@ -40,9 +56,15 @@ def main(argv=None) -> int:
         layers = CheckpointReader(args.load_dir, args.iteration).shape.num_layers
         vpp = virtual_stages(layers, pp, args.target_num_layers_per_virtual_pipeline_stage)
     meta = reshard_checkpoint(args.load_dir, args.save_dir, ParallelLayout(tp, pp, vpp),
-                              args.iteration, args.force, progress=not args.no_progress)
-    print(f"wrote {args.save_dir}: TP{meta.tensor_model_parallel_size} "
-          f"PP{meta.pipeline_model_parallel_size}")
+                              args.iteration, args.force, progress=not args.no_progress,
+                              lora_base=args.lora_base, merge_lora=args.merge_lora)
+    print(f"wrote {args.save_dir}: {meta.layout.describe()}")
+    info = read_lora_info(iteration_dir(args.save_dir))
+    if info is not None:
+        s = info.settings
+        print(f"LoRA adapters only, no optimizer state (it starts fresh): continue with --load "
+              f"{args.save_dir} --lora-rank {s.rank} --lora-alpha {s.alpha} "
+              f"--lora-target-modules {','.join(s.targets)}; base {info.base_checkpoint}")
     return 0
 
 

@@ -34,6 +34,10 @@ class ParallelLayout:
     def chunks(self) -> int:
         return self.vpp or 1
 
+    def describe(self) -> str:
+        """``TP2 PP1``, ``TP1 PP2 VPP2``: how messages name a layout."""
+        return f"TP{self.tp} PP{self.pp}" + (f" VPP{self.vpp}" if self.vpp else "")
+
     def validate(self, shape: ModelShape) -> None:
         """Raise :class:`LayoutError` with the numbers and a fix when the split is impossible."""
         problems = []

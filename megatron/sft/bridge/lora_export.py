@@ -13,7 +13,8 @@ Merging is per TP shard and needs no communication: for both split kinds the loc
 ``[out, r] @ [r, in/tp]``), so ``W_rank += (alpha/r) B_rank A_rank`` and then the usual
 export. The PEFT export un-splits the adapters instead: a column adapter's ``B`` is merged
 like its base (fused QKV rows -> q/k/v, ``[gate; up]`` per rank -> gate/up) and its replicated
-``A`` is shared by the parts; a row adapter's ``A`` is concatenated along its input.
+``A`` is shared by the parts; a row adapter's ``A`` is concatenated along its input (the
+math: ``lora_split.py``, whose inverse reshard uses to re-split a run's adapters).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any, Optional
 
 import torch
 
-from megatron.sft.bridge import transforms as T
 from megatron.sft.bridge.checkpoint_io import (
     METADATA_FILE,
     CheckpointError,
@@ -41,18 +41,11 @@ from megatron.sft.bridge.checkpoint_io import (
     staging_dir,
 )
 from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.bridge.lora_split import HF_MODULES, adapter_prefix, adapter_to_hf
 from megatron.sft.bridge.model_shape import ModelShape
-from megatron.sft.runtime.lora import LORA_TARGETS, LoRASettings
+from megatron.sft.runtime.lora import LoRASettings
 
 LORA_FILE = "lora.json"
-
-#: megatron-core target -> (its parent in a TransformerLayer, the HF modules it fuses)
-HF_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "linear_qkv": ("self_attention", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "linear_proj": ("self_attention", ("self_attn.o_proj",)),
-    "linear_fc1": ("mlp", ("mlp.gate_proj", "mlp.up_proj")),
-    "linear_fc2": ("mlp", ("mlp.down_proj",)),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,24 +156,29 @@ def _peft_name(layer: int, hf_module: str, part: str) -> str:
     return f"base_model.model.model.layers.{layer}.{hf_module}.lora_{part}.weight"
 
 
-def adapter_to_hf(target: str, a_shards: list[torch.Tensor], b_shards: list[torch.Tensor],
-                  shape: ModelShape) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """TP shards of one Megatron adapter -> ``{hf_module: (lora_A, lora_B)}``.
-
-    Column (``linear_qkv`` with 4 heads / 2 groups, head_dim 1, TP2): B rows
-    ``[q0 q1 k0 v0 | q2 q3 k1 v1]`` -> q ``[q0..q3]``, k ``[k0 k1]``, v ``[v0 v1]``, all with
-    the same (replicated) A.
-    """
-    _, modules = HF_MODULES[target]
-    if LORA_TARGETS[target] == "row":
-        return {modules[0]: (T.merge_tp(a_shards, 1), b_shards[0])}
-    a = a_shards[0]
-    if target == "linear_qkv":
-        parts = T.unfuse_qkv(T.merge_tp(b_shards, 0), shape.num_attention_heads,
-                             shape.num_query_groups, shape.head_dim)
-    else:
-        parts = T.unfuse_gate_up(b_shards)
-    return {m: (a, b) for m, b in zip(modules, parts)}
+def read_run_adapters(iter_dir: Path, info: LoRACheckpointInfo, meta: CheckpointMetadata,
+                      shape: ModelShape
+                      ) -> dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A LoRA run's adapters in the layout-free PEFT form: ``{(global layer, target):
+    {hf_module: (lora_A, lora_B)}}`` (adapters are small, so all of them at once)."""
+    layout: ParallelLayout = meta.layout
+    out = {}
+    for pp_rank in range(layout.pp):
+        states = [load_rank_state(iter_dir, tp, pp_rank, layout.pp) for tp in range(layout.tp)]
+        for chunk in range(layout.chunks):
+            key = layout.model_key(chunk)
+            for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
+                for target in info.settings.targets:
+                    prefix = adapter_prefix(local, target)
+                    try:
+                        a = [s[key][prefix + "A"] for s in states]
+                        b = [s[key][prefix + "B"] for s in states]
+                    except KeyError:
+                        raise CheckpointError(
+                            f"{rank_file(iter_dir, 0, pp_rank, layout.pp).parent}: no adapter "
+                            f"{prefix}A/B in {key}; the checkpoint is incomplete") from None
+                    out[(layer, target)] = adapter_to_hf(target, a, b, shape)
+    return out
 
 
 def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
@@ -201,28 +199,14 @@ def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
                               "--lora-rank R); export full checkpoints with merge_and_export.sh")
     meta = read_metadata(iter_dir)
     _, shape = shape_of(meta.hf_config)
-    layout: ParallelLayout = meta.layout
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     tensors: dict[str, torch.Tensor] = {}
-    for pp_rank in range(layout.pp):
-        states = [load_rank_state(iter_dir, tp, pp_rank, layout.pp) for tp in range(layout.tp)]
-        for chunk in range(layout.chunks):
-            key = layout.model_key(chunk)
-            for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
-                for target in info.settings.targets:
-                    prefix = f"decoder.layers.{local}.{HF_MODULES[target][0]}.{target}.lora."
-                    try:
-                        a = [s[key][prefix + "A"] for s in states]
-                        b = [s[key][prefix + "B"] for s in states]
-                    except KeyError:
-                        raise CheckpointError(
-                            f"{rank_file(iter_dir, 0, pp_rank, layout.pp).parent}: no adapter "
-                            f"{prefix}A/B in {key}; the checkpoint is incomplete") from None
-                    for module, (ha, hb) in adapter_to_hf(target, a, b, shape).items():
-                        for part, t in (("A", ha), ("B", hb)):
-                            t = t.to(dtype) if dtype is not None else t
-                            tensors[_peft_name(layer, module, part)] = t.contiguous().clone()
+    for (layer, _), modules in read_run_adapters(iter_dir, info, meta, shape).items():
+        for module, (ha, hb) in modules.items():
+            for part, t in (("A", ha), ("B", hb)):
+                t = t.to(dtype) if dtype is not None else t
+                tensors[_peft_name(layer, module, part)] = t.contiguous().clone()
     alpha = info.settings.alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info.settings.rank,

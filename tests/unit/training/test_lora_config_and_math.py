@@ -11,11 +11,11 @@ from megatron.sft.bridge.architectures.llama import LLAMA
 from megatron.sft.bridge.checkpoint_io import CheckpointError, CheckpointMetadata
 from megatron.sft.bridge.lora_export import (
     LoRACheckpointInfo,
-    adapter_to_hf,
     base_fingerprint,
     check_base,
     merge_adapters,
 )
+from megatron.sft.bridge.lora_split import adapter_to_hf
 from megatron.sft.bridge.rules import FusedGateUp, FusedQKV, ShardContext, TensorParallel
 from megatron.sft.runtime.lora import LoRASettings
 from megatron.sft.training.arguments import TrainConfig, parse_config
