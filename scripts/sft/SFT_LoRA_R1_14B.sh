@@ -51,7 +51,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${WEIGHT_DECAY:=0.0}"
 : "${CLIP_GRAD:=1.0}"
 : "${RECOMPUTE:=full}"         # full | selective | none: 16k tokens of 14B activations need it
-# LoRA wraps megatron-core's local linears; on CUDA auto attention is varlen (flex without it)
+# LoRA works with either layer spec. Local stays the default because the Transformer Engine path
+# (adapters on TE's fused norm + linear) is proven on CPU stand-ins only, not yet on a GPU;
+# TRANSFORMER_IMPL=transformer_engine opts in. Auto attention: te with TE layers, else varlen
+# (flex without it).
+: "${TRANSFORMER_IMPL:=local}"
 : "${ATTENTION_BACKEND:=auto}"
 
 # --- paths
@@ -82,7 +86,7 @@ args=(
   --data-path "$DATA_PATH" --split 99,1,0 --seq-length "$SEQ_LEN"
   --micro-batch-size "$MBS" --global-batch-size "$GBS"
   --lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT"
-  --lora-target-modules "$LORA_TARGETS" --transformer-impl local
+  --lora-target-modules "$LORA_TARGETS" --transformer-impl "$TRANSFORMER_IMPL"
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --adam-beta1 0.9 --adam-beta2 0.95
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"

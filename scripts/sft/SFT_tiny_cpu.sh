@@ -43,9 +43,10 @@ if [[ -z "$DATA_PATH" || ! -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then
 fi
 LOAD=$CKPT
 [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]] && LOAD=$SAVE_DIR
-# LoRA: adapters on megatron-core's local linears; the run's checkpoints hold adapters only
+# LoRA: adapters on the frozen model's linears (whichever layer spec auto picks: local on CPU);
+# the run's checkpoints hold adapters only
 lora=()
-(( LORA_RANK > 0 )) && lora=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA" --transformer-impl local)
+(( LORA_RANK > 0 )) && lora=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA")
 
 # --- gloo on CPU: real megatron-core TP code paths, one process per TP rank
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \

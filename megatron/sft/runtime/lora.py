@@ -1,4 +1,5 @@
-"""LoRA adapters on megatron-core's tensor-parallel linears (the local layer spec).
+"""LoRA adapters on megatron-core's tensor-parallel linears, under the local layer spec or the
+Transformer Engine one (which linear classes, and how each is recognised: :mod:`lora_bases`).
 
 A targeted linear ``y = W x`` becomes ``y = W x + (alpha / r) · B · A · x`` with ``A: [r, in]``
 and ``B: [out, r]``; ``W`` is frozen. Each adapter is split over tensor-parallel ranks the way
@@ -16,21 +17,38 @@ its base layer is, so the sum is exact at any TP size:
 
 Worked shapes, hidden 64, 4 heads / 2 KV groups of head_dim 16, r = 8, TP = 2::
 
-    linear_qkv  W [128, 64] per rank   A [8, 64] (replicated)  B [64, 8]  (2 groups' rows / 2)
-    linear_proj W [64, 32]  per rank   A [8, 32] (input half)  B [64, 8]  (replicated)
+    linear_qkv  W [64, 64] per rank (128 rows / 2)  A [8, 64] (replicated)  B [64, 8]
+    linear_proj W [64, 32] per rank (64 cols / 2)   A [8, 32] (input half)  B [64, 8] (replicated)
 
-The adapter is a child module named ``lora`` of the base linear, so the base's parameter names
-(and checkpoints) are unchanged and adapter tensors read
-``decoder.layers.0.self_attention.linear_qkv.lora.A``. A forward hook adds the update to the
-base's ``(output, bias)`` tuple.
+The Transformer Engine spec fuses the input norm into ``linear_qkv`` / ``linear_fc1``
+(``TELayerNormColumnParallelLinear``): the module receives un-normalised hidden states and
+``W`` sees ``norm(x)``. Its adapter is fed the same ``norm(x)``, recomputed from the module's own
+norm parameters (:func:`lora_bases.fused_input_norm`), so both specs train the same model. That
+costs one extra norm per fused linear; asking TE for its norm output instead
+(``return_layernorm_output``) would change the ``(out, bias)`` contract megatron-core unpacks.
+
+The adapter is a child module named ``lora`` of the base linear under either spec, so the base's
+parameter names (and checkpoints) are unchanged and adapter tensors read
+``decoder.layers.0.self_attention.linear_qkv.lora.A`` whichever spec saved or loads them. A
+forward hook adds the update to the base's ``(output, bias)`` tuple.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator, Literal, Optional
 
 import torch
+
+from megatron.sft.runtime.lora_bases import (
+    BYPASSING_PARENTS,
+    BaseLinear,
+    LoRABaseError,
+    adapter_shape,
+    fused_input_norm,
+    recognise_base,
+)
 
 #: megatron-core module name -> how its base weight is split over TP ranks
 LORA_TARGETS: dict[str, Literal["column", "row"]] = {
@@ -97,8 +115,7 @@ class LoRAAdapter(torch.nn.Module):
     """The ``B·A`` update of one tensor-parallel linear (see the module docstring).
 
     ``in_features`` / ``out_features`` are this rank's sizes of ``A``'s input and ``B``'s
-    output: the base's ``(input_size, output_size_per_partition)`` when column-parallel, its
-    ``(input_size_per_partition, output_size)`` when row-parallel.
+    output, read from the base weight (:func:`lora_bases.adapter_shape`).
     """
 
     def __init__(self, parallel: Literal["column", "row"], in_features: int, out_features: int,
@@ -141,9 +158,12 @@ class LoRAAdapter(torch.nn.Module):
         return torch.nn.functional.linear(h, self.B) * self.scale
 
 
-def _add_update(module, args, kwargs, output):
-    """Forward hook of a base linear: ``(W x, bias) -> (W x + lora(x), bias)``."""
-    x = args[0] if args else kwargs["input_"]
+def _add_update(module, args, kwargs, output, *, kind: BaseLinear):
+    """Forward hook of a base linear: ``(W x, bias) -> (W x + lora(x), bias)``, with ``x``
+    normalised first when the base normalises it before ``W`` (TE's fused norm + linear)."""
+    x = args[0] if args else kwargs[kind.input_arg]
+    if kind.normalises_input:
+        x = fused_input_norm(module, x)
     out, bias = output
     return out + module.lora(x).to(out.dtype), bias
 
@@ -163,38 +183,38 @@ def iter_targets(chunks: list, targets: tuple[str, ...] = tuple(LORA_TARGETS)
                 yield layer.layer_number, name, getattr(getattr(layer, _PARENT[name]), name)
 
 
+def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings) -> "LoRAAdapter":
+    """Give one base linear a zero-initialised ``lora`` child and the hook that adds its update;
+    :class:`lora_bases.LoRABaseError` if ``base`` cannot carry one (the message says why)."""
+    parallel = LORA_TARGETS[target]
+    kind = recognise_base(base, target, parallel)
+    base.lora = LoRAAdapter(parallel, *adapter_shape(base), settings, dtype=base.weight.dtype,
+                            device=base.weight.device)
+    base.register_forward_hook(functools.partial(_add_update, kind=kind), with_kwargs=True)
+    return base.lora
+
+
 def attach_lora(chunks: list, settings: LoRASettings) -> int:
     """Freeze every parameter of ``chunks`` and add zero-initialised adapters to the targeted
     linears (call before DDP and the optimizer are built, so neither sees the base weights).
-    Returns the number of adapter parameters on this rank."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
+    Returns the number of adapter parameters on this rank. A model LoRA cannot wrap is refused
+    (:class:`lora_bases.LoRABaseError`) before anything is changed."""
+    targets = list(iter_targets(chunks, settings.targets))
+    for chunk in chunks:
+        for layer in _unwrap(chunk).decoder.layers:
+            for parent_name in sorted({_PARENT[t] for t in settings.targets}):
+                parent = type(getattr(layer, parent_name)).__name__
+                if parent in BYPASSING_PARENTS:
+                    raise LoRABaseError(f"LoRA on {parent_name} ({parent}): "
+                                        f"{BYPASSING_PARENTS[parent]}")
+    for _, name, base in targets:
+        recognise_base(base, name, LORA_TARGETS[name])
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
     count = 0
-    for _, name, base in iter_targets(chunks, settings.targets):
-        parallel = LORA_TARGETS[name]
-        expected = ColumnParallelLinear if parallel == "column" else RowParallelLinear
-        if type(base) is not expected:
-            raise ValueError(
-                f"LoRA wraps megatron-core's {expected.__name__} for {name}, but this model has "
-                f"{type(base).__name__} (Transformer Engine layers fuse the norm into the "
-                "linear); pass --transformer-impl local with --lora-rank")
-        if parallel == "column":
-            if base.gather_output or base.sequence_parallel:
-                raise ValueError(f"LoRA on {name} needs gather_output=False and no sequence "
-                                 "parallelism; drop --sequence-parallel")
-            sizes = (base.input_size, base.output_size_per_partition)
-        else:
-            if not base.input_is_parallel or base.sequence_parallel:
-                raise ValueError(f"LoRA on {name} needs input_is_parallel=True and no sequence "
-                                 "parallelism; drop --sequence-parallel")
-            sizes = (base.input_size_per_partition, base.output_size)
-        base.lora = LoRAAdapter(parallel, *sizes, settings, dtype=base.weight.dtype,
-                                device=base.weight.device)
-        base.register_forward_hook(_add_update, with_kwargs=True)
-        count += sum(p.numel() for p in base.lora.parameters())
+    for _, name, base in targets:
+        count += sum(p.numel() for p in add_adapter(base, name, settings).parameters())
     for chunk in chunks:
         embedding = getattr(_unwrap(chunk), "embedding", None)
         if embedding is not None:

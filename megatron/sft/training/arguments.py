@@ -101,7 +101,8 @@ class TrainConfig:
                 "varlen on CUDA, else sdpa")
     # --- LoRA adapters (megatron/sft/runtime/lora.py)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
-                               "full fine-tuning); needs --transformer-impl local")
+                               "full fine-tuning); either --transformer-impl, no "
+                               "--sequence-parallel")
     lora_alpha: float = _field(16.0, "LoRA: the adapter's output is scaled by alpha / rank")
     lora_dropout: float = _field(0.0, "LoRA: dropout on the adapter's input")
     lora_target_modules: str = _field(
@@ -166,6 +167,10 @@ class TrainConfig:
 
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
+            if self.sequence_parallel:
+                raise ValueError(f"--lora-rank {self.lora_rank} with --sequence-parallel: LoRA "
+                                 "adapters do not support sequence-sharded inputs; drop "
+                                 "--sequence-parallel")
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")

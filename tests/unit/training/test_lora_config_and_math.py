@@ -40,6 +40,8 @@ def test_lora_flags_parse_and_default_off():
     (dict(lora_rank=4, lora_target_modules=" , "), "--lora-target-modules .*none given"),
     (dict(lora_rank=4, lora_alpha=0.0), "--lora-alpha 0.0: must be positive"),
     (dict(lora_rank=4, lora_dropout=1.0), r"--lora-dropout 1.0: must be in \[0, 1\)"),
+    (dict(lora_rank=4, sequence_parallel=True),
+     "--lora-rank 4 with --sequence-parallel: .*drop --sequence-parallel"),
 ])
 def test_bad_lora_flags_are_clear_errors(overrides, message):
     cfg = TrainConfig(load="/c", data_path="/d", train_iters=1, **overrides)
