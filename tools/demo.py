@@ -26,10 +26,11 @@ def main(argv=None) -> int:
                    help="where everything is written (replaced on each run)")
     p.add_argument("--train-iters", type=int, default=400)
     p.add_argument("--lora-rank", type=int, default=0,
-                   help="> 0: fine-tune LoRA adapters of this rank (alpha 2 x rank, all four "
-                        "targets) on the frozen model instead of every weight")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default 3e-3; LoRA often wants more)")
+                   help="> 0: afterwards adapt the fine-tuned model to a second task ('Next: "
+                        "tiger piano' -> 'rocket lemon') with LoRA adapters of this rank on all "
+                        "four targets (alpha 2 x rank), export them merged and measure that "
+                        "task's accuracy; the summary puts its training time beside full SFT's")
+    p.add_argument("--lora-train-iters", type=int, default=200)
     p.add_argument("--min-accuracy", type=float, default=0.9,
                    help="exit 1 when held-out accuracy after SFT is below this")
     args = p.parse_args(argv)
@@ -38,19 +39,19 @@ def main(argv=None) -> int:
     quiet_megatron_import_warnings()
     from megatron.sft.quickstart.pipeline import Demo, DemoConfig, StageFailed
 
-    extra = {} if args.lr is None else {"lr": args.lr, "min_lr": args.lr / 10}
     demo = Demo(DemoConfig(workdir=Path(args.workdir), train_iters=args.train_iters,
-                           lora_rank=args.lora_rank, **extra))
+                           lora_rank=args.lora_rank, lora_train_iters=args.lora_train_iters))
     try:
         results = demo.run()
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(demo.summary())
-    if results["accuracy_after"] < args.min_accuracy:
-        print(f"error: held-out accuracy {results['accuracy_after']:.0%} is below "
-              f"{args.min_accuracy:.0%}", file=sys.stderr)
-        return 1
+    for key in ("accuracy_after", "lora_accuracy_after"):
+        if key in results and results[key] < args.min_accuracy:
+            print(f"error: held-out accuracy {results[key]:.0%} ({key}) is below "
+                  f"{args.min_accuracy:.0%}", file=sys.stderr)
+            return 1
     return 0
 
 

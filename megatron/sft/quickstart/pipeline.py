@@ -35,12 +35,14 @@ class DemoConfig:
     global_batch_size: int = 32
     train_iters: int = 400
     lr: float = 3e-3
-    min_lr: float = 3e-4
     eval_interval: int = 100
     log_interval: int = 20
-    #: > 0: train LoRA adapters of this rank on all four targets of the frozen model instead of
-    #: every weight (alpha = 2 x rank); the export merges them into the model
+    #: > 0: afterwards, adapt the fine-tuned model to a second task ("Next: ...") with LoRA
+    #: adapters of this rank on all four targets (alpha = 2 x rank), export them merged, and
+    #: measure that task's held-out accuracy before and after
     lora_rank: int = 0
+    lora_train_iters: int = 200
+    lora_lr: float = 3e-3
 
 
 class StageFailed(RuntimeError):
@@ -148,58 +150,96 @@ class Demo:
                 return f"megatron-core on {tp} gloo ranks vs transformers: max |dlogits| {diff:.1e}"
             return run
 
-        def tokenize():
+        def pretokenize(data: Path):
             from megatron.sft.data.preprocess import PreprocessConfig, preprocess
             from megatron.sft.data.render import RenderConfig
 
-            stats = preprocess(PreprocessConfig(
-                input=str(paths["data"]), tokenizer_model=str(paths["tokenizer"]),
+            return preprocess(PreprocessConfig(
+                input=str(data), tokenizer_model=str(paths["tokenizer"]),
                 render=RenderConfig(max_length=c.seq_length), progress=False))
+
+        def tokenize():
+            stats = pretokenize(paths["data"])
             self.data_prefix = stats.output_prefix
             self.results["tokens"] = stats.tokens
             return (f"{stats.samples_written} samples, {stats.tokens} tokens, {stats.loss_tokens} "
                     f"loss tokens -> {Path(stats.output_prefix).name}_*.bin/.idx")
 
-        def train():
-            args = ["--load", str(paths["ckpt"]), "--save", str(paths["run"]),
-                    "--data-path", self.data_prefix, "--split", "98,2,0",
+        def train_run(load: Path, save: Path, data_prefix: str, iters: int, lr: float,
+                      log_json: Path, log_name: str, extra: list[str]) -> list[dict]:
+            args = ["--load", str(load), "--save", str(save),
+                    "--data-path", data_prefix, "--split", "98,2,0",
                     "--seq-length", str(c.seq_length), "--micro-batch-size", str(c.micro_batch_size),
-                    "--global-batch-size", str(c.global_batch_size), "--train-iters", str(c.train_iters),
-                    "--lr", str(c.lr), "--min-lr", str(c.min_lr), "--lr-decay-style", "cosine",
-                    "--lr-warmup-iters", str(max(1, c.train_iters // 20)),
+                    "--global-batch-size", str(c.global_batch_size), "--train-iters", str(iters),
+                    "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-decay-style", "cosine",
+                    "--lr-warmup-iters", str(max(1, iters // 20)),
                     "--tensor-model-parallel-size", str(tp), "--attention-backend", "sdpa",
                     "--eval-interval", str(c.eval_interval),
                     "--eval-iters", "2", "--log-interval", str(c.log_interval),
-                    "--log-json", str(paths["log"]), "--no-progress"]
-            if c.lora_rank:
-                args += ["--lora-rank", str(c.lora_rank), "--lora-alpha", str(2 * c.lora_rank),
-                         "--transformer-impl", "local"]
-            _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / "train.log")
-            log = [json.loads(line) for line in paths["log"].read_text().splitlines()]
+                    "--log-json", str(log_json), "--no-progress", *extra]
+            _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / log_name)
+            return [json.loads(line) for line in log_json.read_text().splitlines()]
+
+        def train():
+            log = train_run(paths["ckpt"], paths["run"], self.data_prefix, c.train_iters, c.lr,
+                            paths["log"], "train.log", [])
             self.results["loss_start"], self.results["loss_end"] = log[0]["loss"], log[-1]["loss"]
             rows = next((line for line in (self.w / "logs" / "train.log").read_text().splitlines()
                          if "packing efficiency" in line), "")
             eff = rows.split("packing efficiency ")[-1].split(")")[0] if rows else "?"
             self.results["packing_efficiency"] = eff
-            what = f"LoRA r{c.lora_rank} on a frozen model, " if c.lora_rank else ""
-            return (f"{what}{c.train_iters} iterations, TP{tp} on {tp} gloo ranks, packing efficiency "
+            return (f"{c.train_iters} iterations, TP{tp} on {tp} gloo ranks, packing efficiency "
                     f"{eff}; loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
 
-        def export():
-            from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+        def export(run: Path, out: Path):
+            def go():
+                from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
 
-            export_megatron_to_hf(paths["run"], paths["export"], paths["hf"],
-                                  ExportOptions(progress=False))
-            return f"{paths['export']}"
+                export_megatron_to_hf(run, out, paths["hf"], ExportOptions(progress=False))
+                return f"{out}"
+            return go
 
-        def accuracy_after():
-            from megatron.sft.quickstart.evaluate import generation_accuracy
+        def accuracy(model: Path, prompts: list, key: str):
+            def go():
+                from megatron.sft.quickstart.evaluate import generation_accuracy
 
-            acc, examples = generation_accuracy(paths["export"], paths["export"], heldout)
-            self.results["accuracy_after"] = acc
-            self.results["examples"] = examples[:3]
-            sample = "; ".join(f"{p!r} -> {g!r}" for p, _, g in examples[:2])
-            return f"exact match {acc:.0%} on held-out prompts (e.g. {sample})"
+                acc, examples = generation_accuracy(model, model, prompts)  # its own tokenizer
+                self.results[key] = acc
+                self.results[key + "_examples"] = examples[:3]
+                sample = "; ".join(f"{p!r} -> {g!r}" for p, _, g in examples[:2])
+                return f"exact match {acc:.0%} on held-out prompts (e.g. {sample})"
+            return go
+
+        # ---- LoRA: adapt the fine-tuned model to the "Next:" task with adapters only
+        lora_records, lora_heldout = make_task(dataclasses.replace(c.task, kind="next"))
+        lora_paths = dict(data=self.w / "data" / "next.jsonl", run=self.w / "lora_run",
+                          export=self.w / "export_hf_lora", log=self.w / "train_log_lora.jsonl")
+        if c.lora_rank:
+            self.results["paths"].update({f"lora_{k}": str(v) for k, v in lora_paths.items()})
+
+        def lora_data():
+            with open(lora_paths["data"], "w") as f:
+                for r in lora_records:
+                    f.write(json.dumps(r) + "\n")
+            stats = pretokenize(lora_paths["data"])
+            self.lora_prefix = stats.output_prefix
+            return (f"{stats.samples_written} conversations ('Next: w1 w2 ...' -> the following "
+                    f"words), {stats.tokens} tokens")
+
+        def lora_train():
+            r = c.lora_rank
+            log = train_run(paths["run"], lora_paths["run"], self.lora_prefix, c.lora_train_iters,
+                            c.lora_lr, lora_paths["log"], "train_lora.log",
+                            ["--lora-rank", str(r), "--lora-alpha", str(2 * r),
+                             "--transformer-impl", "local"])
+            summary = next((line for line in (self.w / "logs" / "train_lora.log").read_text()
+                            .splitlines() if "trainable of" in line), "")
+            self.results["lora_loss_start"] = log[0]["loss"]
+            self.results["lora_loss_end"] = log[-1]["loss"]
+            trainable = summary.split("LoRA: ")[-1].split(" on this rank")[0] if summary else "?"
+            return (f"rank {r} on linear_qkv/proj/fc1/fc2 of the fine-tuned model ({trainable} "
+                    f"per rank), {c.lora_train_iters} iterations; loss {log[0]['loss']:.3f} -> "
+                    f"{log[-1]['loss']:.3f}")
 
         def plot():
             env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -217,10 +257,19 @@ class Demo:
         self.stage("logits parity (converted)", parity(paths["ckpt"], paths["hf"], "converted"))
         self.stage("pre-tokenize", tokenize)
         self.stage("SFT training", train)
-        self.stage("export Megatron -> HF", export)
+        self.stage("export Megatron -> HF", export(paths["run"], paths["export"]))
         self.stage("logits parity (exported)", parity(paths["run"], paths["export"], "exported"))
-        self.stage("accuracy after SFT", accuracy_after)
+        self.stage("accuracy after SFT", accuracy(paths["export"], heldout, "accuracy_after"))
         self.stage("loss curve", plot)
+        if c.lora_rank:
+            self.stage("LoRA: make + tokenize data", lora_data)
+            self.stage("LoRA: accuracy before", accuracy(paths["export"], lora_heldout,
+                                                         "lora_accuracy_before"))
+            self.stage("LoRA: training", lora_train)
+            self.stage("LoRA: export merged -> HF", export(lora_paths["run"],
+                                                           lora_paths["export"]))
+            self.stage("LoRA: accuracy after", accuracy(lora_paths["export"], lora_heldout,
+                                                        "lora_accuracy_after"))
         self.results["stages"] = [{"name": n, "seconds": s, "detail": d} for n, s, d in self.rows]
         (self.w / "summary.json").write_text(json.dumps(self.results, indent=2))
         return self.results
@@ -239,4 +288,14 @@ class Demo:
             f"  loss curve: {r['paths']['png']}",
             f"  exported model: {r['paths']['export']}",
         ]
+        if "lora_accuracy_after" in r:
+            full = next(t for n, t, _ in self.rows if n == "SFT training")
+            lora = next(t for n, t, _ in self.rows if n == "LoRA: training")
+            lines += [
+                f"  LoRA r{self.cfg.lora_rank} on 'Next:': held-out exact match "
+                f"{r['lora_accuracy_before']:.0%} -> {r['lora_accuracy_after']:.0%}; training "
+                f"{lora:.0f}s for {self.cfg.lora_train_iters} iterations vs full SFT's {full:.0f}s "
+                f"for {self.cfg.train_iters}",
+                f"  LoRA exported model (adapters merged): {r['paths']['lora_export']}",
+            ]
         return "\n".join(lines)

@@ -3,6 +3,10 @@
 "Repeat: tiger piano lemon" -> "tiger piano lemon". Conversations have one or two such turns;
 held-out prompts are word sequences that never occur in the training set, so exact-match
 accuracy on them measures learning, not lookup. An untrained model scores ~0.
+
+The LoRA demo adapts the fine-tuned model to a second task over the same words, "Next: tiger
+piano" -> "rocket lemon" (each word replaced by the one after it in ``WORDS``): the model's
+copying stays useful, the word map is new, and a model that only repeats scores 0.
 """
 
 from __future__ import annotations
@@ -13,10 +17,16 @@ from dataclasses import dataclass
 WORDS = tuple("apple river stone cloud tiger piano lemon rocket forest candle mirror garden "
               "silver ocean pencil dragon window castle button meadow".split())
 PROMPT = "Repeat: "
+#: task kind -> (prompt prefix, how an answer word follows from a prompt word)
+KINDS = {
+    "repeat": (PROMPT, lambda w: w),
+    "next": ("Next: ", lambda w: WORDS[(WORDS.index(w) + 1) % len(WORDS)]),
+}
 
 
 @dataclass(frozen=True)
 class TaskConfig:
+    kind: str = "repeat"
     train_conversations: int = 6000
     heldout_prompts: int = 100
     min_words: int = 2
@@ -30,7 +40,14 @@ def _sequence(rng: random.Random, cfg: TaskConfig) -> tuple[str, ...]:
 
 def make_task(cfg: TaskConfig) -> tuple[list[dict], list[tuple[str, str]]]:
     """``(train_records, heldout)``: records in the OpenAI ``messages`` format; held-out items
-    are ``(prompt, expected_answer)`` pairs whose word sequence is absent from training."""
+    are ``(prompt, expected_answer)`` pairs whose word sequence is absent from training.
+
+    >>> make_task(TaskConfig(kind="next", train_conversations=1, heldout_prompts=1))[1]
+    [('Next: button stone forest', 'meadow cloud candle')]
+    """
+    if cfg.kind not in KINDS:
+        raise ValueError(f"task kind {cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
+    prompt, answer = KINDS[cfg.kind]
     rng = random.Random(cfg.seed)
     seen: set[tuple[str, ...]] = set()
     records = []
@@ -39,8 +56,8 @@ def make_task(cfg: TaskConfig) -> tuple[list[dict], list[tuple[str, str]]]:
         for _turn in range(rng.randint(1, 2)):
             words = _sequence(rng, cfg)
             seen.add(words)
-            messages += [{"role": "user", "content": PROMPT + " ".join(words)},
-                         {"role": "assistant", "content": " ".join(words)}]
+            messages += [{"role": "user", "content": prompt + " ".join(words)},
+                         {"role": "assistant", "content": " ".join(map(answer, words))}]
         records.append({"messages": messages})
     heldout: list[tuple[str, str]] = []
     heldout_rng = random.Random(cfg.seed + 1)
@@ -50,7 +67,7 @@ def make_task(cfg: TaskConfig) -> tuple[list[dict], list[tuple[str, str]]]:
         if words in seen or words in chosen:
             continue
         chosen.add(words)
-        heldout.append((PROMPT + " ".join(words), " ".join(words)))
+        heldout.append((prompt + " ".join(words), " ".join(map(answer, words))))
     return records, heldout
 
 

@@ -4,6 +4,7 @@ exported model loads in transformers and matches the Megatron model's logits."""
 import json
 
 import pytest
+import torch
 
 from megatron.sft.quickstart.pipeline import Demo, DemoConfig
 from megatron.sft.quickstart.task import TaskConfig, make_task
@@ -20,7 +21,8 @@ def test_task_heldout_prompts_are_unseen():
 def test_reduced_quickstart_pipeline(tmp_path):
     demo = Demo(DemoConfig(workdir=tmp_path / "demo", train_iters=6, eval_interval=3,
                            log_interval=3, task=TaskConfig(train_conversations=300,
-                                                           heldout_prompts=4)),
+                                                           heldout_prompts=4),
+                           lora_rank=4, lora_train_iters=3),
                 say=lambda m: None)
     r = demo.run()
     paths = {k: tmp_path / "demo" / v.split("/demo/")[-1] for k, v in r["paths"].items()}
@@ -44,3 +46,20 @@ def test_reduced_quickstart_pipeline(tmp_path):
     AutoModelForCausalLM.from_pretrained(paths["export"])
     assert AutoTokenizer.from_pretrained(paths["export"]).chat_template
     assert 0.0 <= r["accuracy_after"] <= 1.0 and r["loss_end"] < r["loss_start"]
+    # The LoRA stage: a LoRA run (adapters only, naming the SFT run as its base) on the second
+    # task, exported merged into a model transformers loads and generates with.
+    from megatron.sft.bridge.lora_export import read_lora_info
+
+    info = read_lora_info(paths["lora_run"] / "iter_0000003")
+    assert info.settings.rank == 4 and info.base_checkpoint == str(paths["run"].resolve())
+    assert info.base_iteration == 6
+    assert 0.0 <= r["lora_accuracy_before"] <= 1.0 and 0.0 <= r["lora_accuracy_after"] <= 1.0
+    assert r["lora_loss_end"] < r["lora_loss_start"]
+    lora_model = AutoModelForCausalLM.from_pretrained(paths["lora_export"])
+    sft_model = AutoModelForCausalLM.from_pretrained(paths["export"])
+    lora_sd, sft_sd = lora_model.state_dict(), sft_model.state_dict()
+    changed = {k for k in sft_sd if not torch.equal(sft_sd[k], lora_sd[k])}
+    # Adapters change exactly the targeted projections; embeddings and norms stay the base's.
+    assert changed and all(k.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                  "gate_proj", "up_proj", "down_proj"}
+                           for k in changed), sorted(changed)[:5]
