@@ -71,11 +71,15 @@ class CheckpointReader:
         #: a LoRA run holds adapters only; its base is read and the adapters merged into it
         self.lora = read_lora_info(self.iter_dir)
 
-    def stage_states(self, pp_rank: int) -> list[dict]:
+    def stage_states(self, pp_rank: int, merge: bool = True) -> list[dict]:
+        """``merge=False``: a LoRA run's base states as they are (same names, shapes and dtypes
+        as merged), for checks that need only the structure; merging costs a matmul per
+        adapted weight, which on a 14B model is worth doing once, not twice."""
         states = [load_rank_state(self.iter_dir, tp, pp_rank, self.layout.pp)
                   for tp in range(self.layout.tp)]
         if self.lora is not None:
-            states = merged_stage_states(self.lora, self.meta, self.iter_dir, states, pp_rank)
+            states = merged_stage_states(self.lora, self.meta, self.iter_dir, states, pp_rank,
+                                         merge=merge)
         return states
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -89,7 +93,7 @@ class CheckpointReader:
         holds every tensor the table needs (nothing is read but the pickles' structure)."""
         entries, absent = [], []
         for pp_rank in range(self.layout.pp):
-            states = self.stage_states(pp_rank)
+            states = self.stage_states(pp_rank, merge=False)
             for name, key, mname, dims in export_plan(self.spec, self.shape, self.layout, pp_rank):
                 have = [s.get(key, {}).get(mname) for s in states]
                 if any(t is None for t in have):

@@ -135,16 +135,17 @@ def merge_adapters(base_state: dict[str, torch.Tensor], adapter_state: dict[str,
 
 
 def merged_stage_states(info: LoRACheckpointInfo, run_meta: CheckpointMetadata, run_dir: Path,
-                        adapter_states: list[dict], pp_rank: int) -> list[dict]:
+                        adapter_states: list[dict], pp_rank: int, merge: bool = True
+                        ) -> list[dict]:
     """Base rank states of one pipeline stage with the run's adapters merged (what
-    ``CheckpointReader`` exports for a LoRA run)."""
+    ``CheckpointReader`` exports for a LoRA run); ``merge=False`` returns the base states."""
     base_dir = check_base(info, run_meta, run_dir)
     layout = run_meta.layout
     out = []
     for tp, adapters in enumerate(adapter_states):
         base = load_rank_state(base_dir, tp, pp_rank, layout.pp)
         state = dict(base)
-        for chunk in range(layout.chunks):
+        for chunk in range(layout.chunks if merge else 0):
             key = layout.model_key(chunk)
             state[key] = merge_adapters(base[key], adapters.get(key, {}), info.settings.scale)
         out.append(state)

@@ -240,3 +240,25 @@ def test_training_loads_the_resharded_run(source, sft_assets, tmp_path):
     r = json.loads((tmp_path / "loss.json").read_text())
     assert r["megatron_tokens"] == r["hf_tokens"] > 0
     assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r
+
+
+def test_merged_export_merges_each_weight_once_and_equals_w_plus_scaled_ba(source, tmp_path,
+                                                                          monkeypatch):
+    import megatron.sft.bridge.lora_export as lora_export
+
+    calls = []
+    real = lora_export.merge_adapters
+    monkeypatch.setattr(lora_export, "merge_adapters",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = _hf_tensors(export_megatron_to_hf(source["run"], tmp_path / "merged",
+                                            source["hf"], ExportOptions(progress=False)))
+    assert len(calls) == 1  # one TP1 PP1 state, merged once (the coverage check reads the base)
+    # By hand, in HF names: o_proj (a row-parallel target, so no fused split) of layer 0.
+    base = _hf_tensors(export_megatron_to_hf(source["base"], tmp_path / "base",
+                                             source["hf"], ExportOptions(progress=False)))
+    state = load_rank_state(iteration_dir(source["run"]), 0, 0, 1)["model"]
+    a = state["decoder.layers.0.self_attention.linear_proj.lora.A"]
+    b = state["decoder.layers.0.self_attention.linear_proj.lora.B"]
+    name = "model.layers.0.self_attn.o_proj.weight"
+    torch.testing.assert_close(out[name], base[name] + SETTINGS.alpha / SETTINGS.rank * b @ a,
+                               rtol=0, atol=1e-6)
