@@ -8,24 +8,8 @@ from pathlib import Path
 import pytest
 
 from sft_testing import run_torchrun
-from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.layout import ParallelLayout
 
 WORKER = Path(__file__).with_name("train_worker.py")
-
-
-@pytest.fixture(scope="module")
-def checkpoints(sft_assets, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    out = {}
-    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
-        out[(tp, pp)] = str(root / f"tp{tp}pp{pp}")
-        convert_hf_to_megatron(sft_assets["hf"], out[(tp, pp)],
-                               ConvertOptions(layout=ParallelLayout(tp, pp), progress=False))
-    out["vpp"] = str(root / "tp1pp2vpp2")
-    convert_hf_to_megatron(sft_assets["hf"], out["vpp"],
-                           ConvertOptions(layout=ParallelLayout(1, 2, 2), progress=False))
-    return out
 
 
 def _config(ckpt, data, **overrides):
