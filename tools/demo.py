@@ -24,15 +24,18 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=str(REPO / "runs" / "demo"),
                    help="where everything is written (replaced on each run)")
-    p.add_argument("--train-iters", type=int, default=400)
+    p.add_argument("--train-iters", type=int, default=400,
+                   help="full-SFT iterations (global batch 32 samples of up to 128 tokens)")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="> 0: afterwards adapt the fine-tuned model to a second task ('Next: "
                         "tiger piano' -> 'rocket lemon') with LoRA adapters of this rank on all "
                         "four targets (alpha 2 x rank), export them merged and measure that "
                         "task's accuracy; the summary puts its training time beside full SFT's")
-    p.add_argument("--lora-train-iters", type=int, default=200)
+    p.add_argument("--lora-train-iters", type=int, default=200,
+                   help="iterations of the LoRA stage (with --lora-rank)")
     p.add_argument("--min-accuracy", type=float, default=0.9,
-                   help="exit 1 when held-out accuracy after SFT is below this")
+                   help="exit 1 when held-out accuracy after SFT (or after the LoRA stage) is "
+                        "below this")
     args = p.parse_args(argv)
     from megatron.sft.runtime.distributed import quiet_megatron_import_warnings
 
