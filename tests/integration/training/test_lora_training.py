@@ -43,8 +43,8 @@ def _logits(model, tokens):
 
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("tp, pp, packing, targets", [
-    (1, 1, True, None), (2, 1, True, None), (1, 2, True, None), (2, 1, False, None),
-    (2, 1, True, "linear_fc2,linear_qkv")])
+    (1, 1, True, None), (2, 1, True, None), (1, 2, True, None),
+    (2, 1, False, "linear_fc2,linear_qkv")])  # unpacked rows and a subset of targets at once
 def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_assets,
                                                  checkpoints, tmp_path):
     from peft import PeftModel
