@@ -25,8 +25,10 @@ def _free_port() -> int:
 
 def run_torchrun(nproc: int, script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``script`` on ``nproc`` gloo ranks; returns the completed process (never raises)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script), *args]
+    # --standalone: torchrun binds its rendezvous store to a free port itself; picking one
+    # here and passing it on races with other tests launching at the same time (EADDRINUSE).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), str(script), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 

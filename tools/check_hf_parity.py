@@ -44,18 +44,10 @@ def main(argv=None) -> int:
     import torch
 
     from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-    from megatron.sft.runtime.distributed import (
-        ParallelConfig,
-        destroy_distributed,
-        initialize_distributed,
-    )
+    from megatron.sft.runtime.distributed import destroy_distributed, initialize_distributed
 
     meta = read_metadata(iteration_dir(args.load, args.iteration))
-    info = initialize_distributed(ParallelConfig(
-        meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size,
-        meta.virtual_pipeline_model_parallel_size, seed=args.seed))
-    from megatron.core import parallel_state as ps
-
+    info = initialize_distributed(meta.layout, seed=args.seed)
     from megatron.sft.training.forward_logits import pipeline_logits
     from megatron.sft.training.model_builder import build_model_from_checkpoint
 
@@ -67,11 +59,10 @@ def main(argv=None) -> int:
     vocab = meta.hf_config["vocab_size"]
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, vocab, (args.batch_size, args.seq_length), generator=gen)
-    nmb = args.num_microbatches or (meta.pipeline_model_parallel_size
-                                    if meta.virtual_pipeline_model_parallel_size else 1)
+    nmb = args.num_microbatches or (meta.layout.pp if meta.layout.vpp else 1)
     logits = pipeline_logits(chunks, tokens, vocab, num_microbatches=nmb)
     status = 0
-    if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+    if logits is not None and info.dims.tp_rank == 0:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(
@@ -81,9 +72,7 @@ def main(argv=None) -> int:
             ref = hf(tokens.to(info.device)).logits.float()
         diff = (logits - ref).abs().max().item()
         ok = diff <= args.atol
-        print(f"[parity] {meta.architecture} TP{meta.tensor_model_parallel_size} "
-              f"PP{meta.pipeline_model_parallel_size} VPP{meta.virtual_pipeline_model_parallel_size}"
-              f" {meta.params_dtype} ({impl.describe()}): max|logits - HF| = {diff:.3e} (atol {args.atol}) "
+        print(f"[parity] {meta.architecture} {meta.layout.describe()} {meta.params_dtype} ({impl.describe()}): max|logits - HF| = {diff:.3e} (atol {args.atol}) "
               f"{'OK' if ok else 'FAIL'}", flush=True)
         if args.output_json:
             with open(args.output_json, "w") as f:

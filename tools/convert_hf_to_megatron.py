@@ -29,8 +29,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="HuggingFace model directory")
     p.add_argument("--save-dir", required=True, help="Megatron checkpoint directory to create")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP",
+                   help="split each layer over TP ranks: TP must divide the attention heads and "
+                        "the FFN, and divide the KV heads or be a multiple of them (default: 1)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP",
+                   help="split the layers into PP pipeline stages (must divide the number of "
+                        "layers; default: 1)")
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    metavar="N", help="interleaved pipeline: layers per virtual stage "
                    "(checkpoint then holds model0, model1, ... per rank)")
@@ -48,23 +52,23 @@ def main(argv=None) -> int:
     from megatron.sft.bridge.architectures import shape_of
     from megatron.sft.bridge.checkpoint_io import dtype_from_name
     from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron, load_hf_config
-    from megatron.sft.bridge.layout import ParallelLayout, virtual_stages
+    from megatron.sft.runtime.layout import ParallelLayout
 
-    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
-    vpp = None
+    layers = None
     if args.target_num_layers_per_virtual_pipeline_stage:
-        _, shape = shape_of(load_hf_config(args.load_dir))
-        vpp = virtual_stages(shape.num_layers, pp, args.target_num_layers_per_virtual_pipeline_stage)
+        layers = shape_of(load_hf_config(args.load_dir))[1].num_layers
+    layout = ParallelLayout.from_flags(args.target_tensor_parallel_size,
+                                       args.target_pipeline_parallel_size,
+                                       args.target_num_layers_per_virtual_pipeline_stage, layers)
     opts = ConvertOptions(
-        layout=ParallelLayout(tp, pp, vpp),
+        layout=layout,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         params_dtype=dtype_from_name(args.params_dtype) if args.params_dtype else None,
         force=args.force,
         progress=not args.no_progress,
     )
     meta = convert_hf_to_megatron(args.load_dir, args.save_dir, opts)
-    print(f"wrote {args.save_dir}: {meta.architecture} TP{tp} PP{pp}"
-          + (f" VPP{vpp}" if vpp else "") + f", {meta.params_dtype}, "
+    print(f"wrote {args.save_dir}: {meta.architecture} {layout.describe()}, {meta.params_dtype}, "
           f"vocab {meta.hf_config['vocab_size']} padded to {meta.padded_vocab_size}")
     return 0
 

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.sft.bridge.checkpoint_io import dtype_from_name
-    from megatron.sft.bridge.lora_export import export_lora_adapter
+    from megatron.sft.lora.peft_export import export_lora_adapter
 
     out = export_lora_adapter(args.load_dir, args.save_dir, args.hf_reference, args.iteration,
                               force=args.force,

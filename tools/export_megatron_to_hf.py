@@ -29,7 +29,10 @@ def parse_args(argv=None):
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast weights (default: the checkpoint's dtype)")
-    p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default: 5GB)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file to write; bigger models are split into "
+                        "model-0000K-of-0000N.safetensors with an index, e.g. 5GB, 500MB "
+                        "(default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -39,8 +42,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.sft.bridge.checkpoint_io import dtype_from_name
     from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+    from megatron.sft.lora.merge import open_checkpoint
 
-    out = export_megatron_to_hf(args.load_dir, args.save_dir, args.hf_reference, ExportOptions(
+    reader = open_checkpoint(args.load_dir, args.iteration)  # a LoRA run: merged into its base
+    out = export_megatron_to_hf(reader, args.save_dir, args.hf_reference, ExportOptions(
         iteration=args.iteration,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
         max_shard_size=args.max_shard_size,

@@ -25,10 +25,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="source Megatron checkpoint directory")
     p.add_argument("--save-dir", required=True, help="checkpoint directory to create")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP")
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1, metavar="TP",
+                   help="tensor-parallel size of the output (must divide the attention heads, "
+                        "the KV heads or be a multiple of them, and the FFN; default: 1)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="PP",
+                   help="pipeline stages of the output (must divide the layers; default: 1)")
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
-                   metavar="N")
+                   metavar="N", help="interleaved pipeline: layers per virtual stage of the "
+                   "output (needs PP >= 2)")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--lora-base", default=None, metavar="DIR",
                    help="LoRA run only: use this checkpoint (latest iteration) as the base "
@@ -38,26 +42,27 @@ def parse_args(argv=None):
                    help="LoRA run only: write a full checkpoint with the adapters merged into "
                         "the base (W + alpha/r B A) instead of adapters")
     p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.sft.bridge.checkpoint_io import iteration_dir
-    from megatron.sft.bridge.export import CheckpointReader
-    from megatron.sft.bridge.layout import ParallelLayout, virtual_stages
-    from megatron.sft.bridge.lora_export import read_lora_info
-    from megatron.sft.bridge.reshard import reshard_checkpoint
+    from megatron.sft.bridge.reader import CheckpointReader
+    from megatron.sft.lora.reshard import reshard_checkpoint
+    from megatron.sft.lora.run_format import read_lora_info
+    from megatron.sft.runtime.layout import ParallelLayout
 
-    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
-    vpp = None
+    layers = None
     if args.target_num_layers_per_virtual_pipeline_stage:
         layers = CheckpointReader(args.load_dir, args.iteration).shape.num_layers
-        vpp = virtual_stages(layers, pp, args.target_num_layers_per_virtual_pipeline_stage)
-    meta = reshard_checkpoint(args.load_dir, args.save_dir, ParallelLayout(tp, pp, vpp),
-                              args.iteration, args.force, progress=not args.no_progress,
-                              lora_base=args.lora_base, merge_lora=args.merge_lora)
+    target = ParallelLayout.from_flags(args.target_tensor_parallel_size,
+                                       args.target_pipeline_parallel_size,
+                                       args.target_num_layers_per_virtual_pipeline_stage, layers)
+    meta = reshard_checkpoint(args.load_dir, args.save_dir, target, args.iteration, args.force,
+                              progress=not args.no_progress, lora_base=args.lora_base,
+                              merge_lora=args.merge_lora)
     print(f"wrote {args.save_dir}: {meta.layout.describe()}")
     info = read_lora_info(iteration_dir(args.save_dir))
     if info is not None:

@@ -19,13 +19,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.utils.serialization
 
-from megatron.sft.bridge.layout import ParallelLayout, iteration_dir_name, rank_dir_name
+from megatron.sft.runtime.layout import ParallelLayout, iteration_dir_name
 from megatron.sft.runtime.locks import partial_name
+
+R = TypeVar("R")
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "sft_metadata.json"
@@ -40,35 +42,36 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class CheckpointMetadata:
-    """What is needed to rebuild and export the model without repeating model flags."""
+    """What is needed to rebuild and export the model without repeating model flags.
+
+    On disk the layout is stored flat under Megatron-LM's argument names
+    (``tensor_model_parallel_size``, ..., see ``ParallelLayout.to_metadata``).
+    """
 
     architecture: str
     hf_config: dict[str, Any]
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: Optional[int]
+    #: the layout of the rank files (context parallelism never changes them)
+    layout: ParallelLayout
     make_vocab_size_divisible_by: int
     padded_vocab_size: int
     params_dtype: str
     format: str = FORMAT
 
-    @property
-    def layout(self) -> ParallelLayout:
-        return ParallelLayout(
-            self.tensor_model_parallel_size,
-            self.pipeline_model_parallel_size,
-            self.virtual_pipeline_model_parallel_size,
-        )
+    def __post_init__(self) -> None:
+        self.layout = self.layout.for_checkpoint()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"}
+        d.update(self.layout.to_metadata())
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CheckpointMetadata":
         if d.get("format") != FORMAT:
             raise CheckpointError(f"unknown checkpoint metadata format {d.get('format')!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        fields = {f.name for f in dataclasses.fields(cls)} - {"layout"}
+        return cls(layout=ParallelLayout.from_metadata(d),
+                   **{k: v for k, v in d.items() if k in fields})
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -120,14 +123,15 @@ def read_metadata(iter_dir: Path) -> CheckpointMetadata:
     return CheckpointMetadata.from_dict(json.loads(path.read_text()))
 
 
-def rank_file(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return Path(iter_dir) / rank_dir_name(tp_rank, pp_rank, pp_size) / RANK_FILE
+def rank_file(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int,
+              ep_rank: int = 0) -> Path:
+    return Path(iter_dir) / layout.rank_dir_name(tp_rank, pp_rank, ep_rank) / RANK_FILE
 
 
-def load_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int,
-                    mmap: bool = True) -> dict[str, Any]:
+def load_rank_state(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int,
+                    ep_rank: int = 0, mmap: bool = True) -> dict[str, Any]:
     """``weights_only`` load; ``mmap`` keeps untouched tensors on disk."""
-    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+    path = rank_file(iter_dir, layout, tp_rank, pp_rank, ep_rank)
     if not path.exists():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -144,9 +148,9 @@ def compact_views(state: Any) -> Any:
     return state
 
 
-def save_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, pp_size: int,
-                    state: dict[str, Any]) -> Path:
-    path = rank_file(iter_dir, tp_rank, pp_rank, pp_size)
+def save_rank_state(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int,
+                    state: dict[str, Any], ep_rank: int = 0) -> Path:
+    path = rank_file(iter_dir, layout, tp_rank, pp_rank, ep_rank)
     state = compact_views(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
@@ -215,3 +219,21 @@ def staging_dir(out_dir: Path) -> Path:
     who writes it (``OUT.partial-HOST-PID``), so a later run can remove it if that one died."""
     out_dir = Path(out_dir)
     return out_dir.with_name(partial_name(out_dir.name))
+
+
+def write_staged(out_dir: Path, write: Callable[[Path], R]) -> R:
+    """Every tool that writes a directory does it here: ``write(staging)`` fills a fresh
+    :func:`staging_dir` next to ``out_dir``, which is then renamed to ``out_dir``; on any error
+    (or Ctrl-C) the staging directory is removed, so nothing half-written is ever at
+    ``out_dir``. Returns what ``write`` returns."""
+    staging = staging_dir(out_dir)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        result = write(staging)
+        publish_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result

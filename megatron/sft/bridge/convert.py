@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -23,23 +22,19 @@ from megatron.sft.bridge.checkpoint_io import (
     check_output_dir,
     dtype_name,
     partial_iteration_dir,
-    publish_directory,
     publish_iteration,
     save_rank_state,
-    staging_dir,
     write_metadata,
+    write_staged,
 )
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.bridge.reader import CoverageError
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
 from megatron.sft.bridge.stage_mapping import build_stage, expected_hf_shapes
 from megatron.sft.bridge.transforms import padded_vocab_size
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
-
-
-class CoverageError(ValueError):
-    """Source tensors and the architecture table disagree."""
 
 
 @dataclasses.dataclass
@@ -91,13 +86,13 @@ def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...
         )
 
 
-def save_stage(iter_dir: Path, pp_rank: int, pp_size: int, iteration: int,
-               meta: CheckpointMetadata, ranks: list[dict]) -> None:
+def save_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMetadata,
+               ranks: list[dict]) -> None:
     """Write one pipeline stage's TP rank files, releasing each rank's tensors once saved."""
     while ranks:
         tp_rank = len(ranks) - 1
         models = ranks.pop()
-        save_rank_state(iter_dir, tp_rank, pp_rank, pp_size, {
+        save_rank_state(iter_dir, meta.layout, tp_rank, pp_rank, {
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
             "sft_metadata": meta.to_dict(), **models})
         del models
@@ -134,33 +129,28 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
     meta = CheckpointMetadata(
         architecture=spec.hf_architecture,
         hf_config=config,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
+        layout=layout,
         make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
         padded_vocab_size=ctx.padded_vocab_size,
         params_dtype=dtype_name(dtype),
     )
-    staging = staging_dir(out_dir)
-    if staging.exists():
-        shutil.rmtree(staging)
     total = len(required) + (1 if shape.tie_word_embeddings and layout.pp > 1 else 0)
-    bar = tqdm(total=total, unit="tensor", desc=f"convert TP{layout.tp}PP{layout.pp}",
+    bar = tqdm(total=total, unit="tensor", desc=f"convert {layout.describe().replace(' ', '')}",
                disable=not opts.progress)
-    try:
+
+    def write(staging: Path) -> None:
         partial = partial_iteration_dir(staging, opts.iteration)
         partial.mkdir(parents=True)
         for pp_rank in range(layout.pp):
             # One stage in memory at a time: save_stage's locals die with it.
-            save_stage(partial, pp_rank, layout.pp, opts.iteration, meta, build_stage(
+            save_stage(partial, pp_rank, opts.iteration, meta, build_stage(
                 lambda n: cast(source.read(n)), spec, shape, layout, pp_rank, ctx,
                 on_tensor=lambda n: bar.update(1)))
         write_metadata(partial, meta)
         publish_iteration(staging, opts.iteration)
-        publish_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    try:
+        write_staged(out_dir, write)
     finally:
         bar.close()
     return meta

@@ -12,33 +12,26 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from megatron.sft.bridge.architectures import shape_of
 from megatron.sft.bridge.checkpoint_io import (
     CheckpointError,
     CheckpointMetadata,
     check_output_dir,
     dtype_name,
-    iteration_dir,
-    load_rank_state,
-    publish_directory,
-    read_metadata,
-    staging_dir,
+    write_staged,
 )
-from megatron.sft.bridge.convert import CoverageError, load_hf_config
-from megatron.sft.bridge.lora_export import merged_stage_states, read_lora_info
-from megatron.sft.bridge.rules import ShardContext
+from megatron.sft.bridge.convert import load_hf_config
+from megatron.sft.bridge.reader import CheckpointReader, CoverageError  # noqa: F401
 from megatron.sft.bridge.safetensors_io import (
     StreamingShardWriter,
     parse_size,
     plan_shards,
     shard_file_names,
 )
-from megatron.sft.bridge.stage_mapping import export_plan, required_hf_names, stage_to_hf
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
 
@@ -57,55 +50,6 @@ class ExportOptions:
     max_shard_size: str = "5GB"
     force: bool = False
     progress: bool = True
-
-
-class CheckpointReader:
-    """Yields the HF tensors of a Megatron checkpoint, one pipeline stage mapped at a time."""
-
-    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None):
-        self.iter_dir = iteration_dir(Path(ckpt_dir), iteration)
-        self.meta: CheckpointMetadata = read_metadata(self.iter_dir)
-        self.spec, self.shape = shape_of(self.meta.hf_config)
-        self.layout = self.meta.layout
-        self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size)
-        #: a LoRA run holds adapters only; its base is read and the adapters merged into it
-        self.lora = read_lora_info(self.iter_dir)
-
-    def stage_states(self, pp_rank: int, merge: bool = True) -> list[dict]:
-        """``merge=False``: a LoRA run's base states as they are (same names, shapes and dtypes
-        as merged), for checks that need only the structure; merging costs a matmul per
-        adapted weight, which on a 14B model is worth doing once, not twice."""
-        states = [load_rank_state(self.iter_dir, tp, pp_rank, self.layout.pp)
-                  for tp in range(self.layout.tp)]
-        if self.lora is not None:
-            states = merged_stage_states(self.lora, self.meta, self.iter_dir, states, pp_rank,
-                                         merge=merge)
-        return states
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for pp_rank in range(self.layout.pp):
-            states = self.stage_states(pp_rank)
-            yield from stage_to_hf(states, self.spec, self.shape, self.layout, pp_rank, self.ctx)
-            del states
-
-    def check_coverage(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """The planned output ``(name, dtype, shape)`` list, after checking that every rank file
-        holds every tensor the table needs (nothing is read but the pickles' structure)."""
-        entries, absent = [], []
-        for pp_rank in range(self.layout.pp):
-            states = self.stage_states(pp_rank, merge=False)
-            for name, key, mname, dims in export_plan(self.spec, self.shape, self.layout, pp_rank):
-                have = [s.get(key, {}).get(mname) for s in states]
-                if any(t is None for t in have):
-                    absent.append(f"{mname} (pp={pp_rank}, {key})")
-                    continue
-                entries.append((name, have[0].dtype, dims))
-        names = [e[0] for e in entries]
-        missing = sorted(set(required_hf_names(self.spec, self.shape)) - set(names))
-        if absent or missing:
-            raise CoverageError(f"checkpoint {self.iter_dir} cannot be exported: rank files lack "
-                                f"{sorted(set(absent))[:8]}; HF tensors not produced {missing[:8]}")
-        return entries
 
 
 def _check_reference(meta: CheckpointMetadata, ref_dir: Path) -> None:
@@ -168,16 +112,19 @@ def _copy_reference_files(ref_dir: Path, out: Path) -> list[str]:
     return copied
 
 
-def export_megatron_to_hf(ckpt_dir: "str | Path", out_dir: "str | Path",
+def export_megatron_to_hf(source: "str | Path | CheckpointReader", out_dir: "str | Path",
                           hf_ref_dir: "str | Path | None" = None,
                           options: Optional[ExportOptions] = None) -> Path:
+    """``source``: a checkpoint directory, or a reader of one (a LoRA run's reader from
+    ``megatron.sft.lora.open_checkpoint`` exports the merged model)."""
     opts = options or ExportOptions()
     out_dir = Path(out_dir)
-    reader = CheckpointReader(ckpt_dir, opts.iteration)
+    reader = (source if isinstance(source, CheckpointReader)
+              else CheckpointReader(source, opts.iteration))
     if hf_ref_dir is not None:
         _check_reference(reader.meta, Path(hf_ref_dir))
         _check_reference_tokenizer(reader.meta, Path(hf_ref_dir))
-    check_output_separate(out_dir, "--save-dir", {"--load-dir": ckpt_dir,
+    check_output_separate(out_dir, "--save-dir", {**reader.input_dirs(),
                                                   "--hf-reference": hf_ref_dir})
     with exclusive_output(out_dir, "export"):
         check_output_dir(out_dir, opts.force)
@@ -192,13 +139,9 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
         entries = [(n, cast_to if d.is_floating_point else d, s) for n, d, s in entries]
     shards = plan_shards(entries, parse_size(opts.max_shard_size))
     files = shard_file_names(len(shards))
-
-    staging = staging_dir(out_dir)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     bar = tqdm(total=len(entries), unit="tensor", desc="export", disable=not opts.progress)
-    try:
+
+    def write(staging: Path) -> None:
         stream = reader.tensors()
         weight_map, total = {}, 0
         for fname, shard in zip(files, shards):
@@ -213,8 +156,10 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
             writer.close()
             total += writer.nbytes
         if len(files) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2)
+                                                                  + "\n")
         if hf_ref_dir is not None:
             _copy_reference_files(Path(hf_ref_dir), staging)
         config = dict(reader.meta.hf_config)
@@ -222,11 +167,11 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:
             config[key] = out_dtype
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        publish_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
+                                             + "\n")
+
+    try:
+        write_staged(out_dir, write)
     finally:
         bar.close()
     return out_dir

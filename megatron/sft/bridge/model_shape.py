@@ -1,4 +1,5 @@
-"""HF ``config.json`` -> the architecture-independent shape of a dense decoder (pure).
+"""HF ``config.json`` -> the architecture-independent shape of a decoder (pure), dense or with
+a Mixture-of-Experts block (:class:`MoEShape`).
 
 Reads the raw JSON dict rather than a ``transformers`` config object so conversion works with
 any ``transformers`` version: hub checkpoints carry ``rope_theta``/``rope_scaling`` while
@@ -23,6 +24,25 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """The Mixture-of-Experts part of a decoder: routed experts on the layers in ``layers``
+    (the others keep the dense MLP of ``ModelShape.ffn_hidden_size``)."""
+
+    num_experts: int
+    #: experts each token is routed to
+    top_k: int
+    #: intermediate size of one routed expert
+    ffn_hidden_size: int
+    #: global indices of the layers whose MLP is the MoE block
+    layers: tuple[int, ...]
+    #: intermediate size of the always-on shared expert(s), ``None`` without one
+    shared_expert_ffn_hidden_size: Optional[int] = None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.layers
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelShape:
     """Everything the bridge and the model builder need to know about a checkpoint's model."""
 
@@ -42,10 +62,13 @@ class ModelShape:
     qk_layernorm: bool
     #: Mistral-style sliding-window attention width, ``None`` for full causal attention.
     sliding_window: Optional[int] = None
+    #: the Mixture-of-Experts block, ``None`` for a dense model
+    moe: Optional[MoEShape] = None
 
     def dim(self, symbol: str) -> int:
         """Sizes named in weight tables: ``hidden``, ``ffn``, ``vocab``, ``head_dim``, ``q``
-        (all query heads), ``kv`` (all key or value heads)."""
+        (all query heads), ``kv`` (all key or value heads); with experts also ``experts``,
+        ``expert_ffn`` (one routed expert's intermediate size) and ``shared_ffn``."""
         sizes = {
             "hidden": self.hidden_size,
             "ffn": self.ffn_hidden_size,
@@ -54,15 +77,33 @@ class ModelShape:
             "q": self.num_attention_heads * self.head_dim,
             "kv": self.num_query_groups * self.head_dim,
         }
-        return sizes[symbol]
+        if self.moe is not None:
+            sizes.update(experts=self.moe.num_experts, expert_ffn=self.moe.ffn_hidden_size,
+                         shared_ffn=self.moe.shared_expert_ffn_hidden_size or 0)
+        try:
+            return sizes[symbol]
+        except KeyError:
+            raise KeyError(f"table error: unknown dimension {symbol!r} for a "
+                           f"{'MoE' if self.moe else 'dense'} model") from None
 
-    def flag(self, name: str) -> bool:
-        """Conditions used by weight tables (``when=...``)."""
+    #: conditions that depend on the layer (``when=`` of per-layer rules)
+    LAYER_FLAGS = ("moe_layer", "dense_layer")
+
+    def flag(self, name: str, layer: Optional[int] = None) -> bool:
+        """Conditions used by weight tables (``when=...``). ``moe_layer`` / ``dense_layer``
+        ask about global layer ``layer`` (a dense model's layers are all dense)."""
+        if name in self.LAYER_FLAGS:
+            if layer is None:
+                raise ValueError(f"table error: when={name!r} needs a per-layer rule")
+            moe = self.moe is not None and self.moe.is_moe_layer(layer)
+            return moe if name == "moe_layer" else not moe
         conditions = {
             "qkv_bias": self.qkv_bias,
             "qk_layernorm": self.qk_layernorm,
             "untied": not self.tie_word_embeddings,
             "tied": self.tie_word_embeddings,
+            "shared_expert": self.moe is not None
+            and self.moe.shared_expert_ffn_hidden_size is not None,
         }
         return conditions[name]
 
@@ -105,9 +146,11 @@ def _require(cfg: dict[str, Any], key: str) -> Any:
 
 
 def shape_from_hf_config(
-    cfg: dict[str, Any], *, architecture: str, qkv_bias: "bool | str", qk_layernorm: bool
+    cfg: dict[str, Any], *, architecture: str, qkv_bias: "bool | str", qk_layernorm: bool,
+    moe: Optional[MoEShape] = None,
 ) -> ModelShape:
-    """Build a :class:`ModelShape`; ``qkv_bias`` is a constant or the config key that holds it."""
+    """Build a :class:`ModelShape`; ``qkv_bias`` is a constant or the config key that holds it;
+    ``moe`` is the experts block an architecture reads from its own config keys."""
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only SwiGLU/silu)")
@@ -136,4 +179,5 @@ def shape_from_hf_config(
         qkv_bias=bias,
         qk_layernorm=qk_layernorm,
         sliding_window=int(window) if window else None,
+        moe=moe,
     )

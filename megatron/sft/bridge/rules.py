@@ -2,7 +2,13 @@
 
 A rule is data (names + a kind); the kinds below are the only places that know how a tensor is
 fused and split. Names use ``{i}`` for the layer index: global in HF names, stage-local in
-Megatron names (Megatron stores each pipeline stage's layers from 0).
+Megatron names (Megatron stores each pipeline stage's layers from 0); and ``{e}`` for an
+expert index: global in HF names, local to the expert-parallel rank in Megatron names (each EP
+rank stores its experts from 0). ``stage_mapping`` expands both. Example, 4 experts, EP 2, the
+second EP rank, layer 3 held as stage-local layer 1::
+
+    decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc2.weight  (i=1, e=0 and 1)
+    model.layers.{i}.mlp.experts.{e}.down_proj.weight                   (i=3, e=2 and 3)
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ class ShardContext:
     shape: ModelShape
     tp_size: int
     padded_vocab_size: int
+    #: tensor parallelism inside experts (megatron-core's expert_tensor_parallel_size)
+    expert_tp_size: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +38,17 @@ class WeightRule:
     #: symbolic HF shape of each ``hf`` tensor, resolved by ``ModelShape.dim`` (e.g.
     #: ``("kv", "hidden")`` for ``k_proj.weight``); checked before anything is converted
     dims: tuple[tuple[str, ...], ...] = ()
-    #: ``ModelShape.flag`` name; the rule applies only when it is true.
+    #: ``ModelShape.flag`` name; the rule applies only when it is true (per layer for
+    #: ``moe_layer`` / ``dense_layer``).
     when: Optional[str] = None
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.megatron
+
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.megatron
 
     @property
     def stage(self) -> str:
@@ -44,8 +57,14 @@ class WeightRule:
             return "layer"
         return "first" if self.megatron.startswith("embedding.") else "last"
 
-    def applies(self, shape: ModelShape) -> bool:
-        return self.when is None or shape.flag(self.when)
+    def applies(self, shape: ModelShape, layer: Optional[int] = None) -> bool:
+        """Whether the rule maps a tensor of ``shape`` (of global ``layer``, for per-layer
+        conditions; without a layer those may apply to some layer)."""
+        if self.when is None:
+            return True
+        if self.when in shape.LAYER_FLAGS:
+            return layer is None or shape.flag(self.when, layer)
+        return shape.flag(self.when)
 
     def hf_shapes(self, shape: ModelShape) -> tuple[tuple[int, ...], ...]:
         if len(self.dims) != len(self.hf):

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron.sft.bridge.architectures.base import ArchitectureSpec
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.bridge.rules import ShardContext, VocabParallel, WeightRule
 
@@ -19,17 +19,26 @@ TIED_OUTPUT = "output_layer.weight"
 
 
 def _chunk_rules(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
-                 pp_rank: int, chunk: int) -> Iterator[tuple[WeightRule, str, tuple[str, ...]]]:
-    """Yield ``(rule, megatron_name, hf_names)`` for everything one model chunk holds."""
+                 pp_rank: int, chunk: int, ep_rank: int = 0
+                 ) -> Iterator[tuple[WeightRule, str, tuple[str, ...]]]:
+    """Yield ``(rule, megatron_name, hf_names)`` for everything one model chunk holds on
+    expert-parallel rank ``ep_rank``: ``{i}`` and ``{e}`` expanded (see ``rules``)."""
     rules = spec.active_rules(shape)
     if layout.has_embedding(pp_rank, chunk):
         for r in rules:
             if r.stage == "first":
                 yield r, r.megatron, r.hf
+    experts = layout.local_experts(shape, ep_rank)
     for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
         for r in rules:
-            if r.per_layer:
+            if not r.per_layer or not r.applies(shape, layer):
+                continue
+            if not r.per_expert:
                 yield r, r.megatron.format(i=local), tuple(h.format(i=layer) for h in r.hf)
+                continue
+            for local_e, e in enumerate(experts):
+                yield (r, r.megatron.format(i=local, e=local_e),
+                       tuple(h.format(i=layer, e=e) for h in r.hf))
     if layout.has_output(pp_rank, chunk):
         for r in rules:
             if r.stage == "last":

@@ -134,7 +134,7 @@ class Demo:
 
         def convert():
             from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-            from megatron.sft.bridge.layout import ParallelLayout
+            from megatron.sft.runtime.layout import ParallelLayout
 
             meta = convert_hf_to_megatron(paths["hf"], paths["ckpt"], ConvertOptions(
                 layout=ParallelLayout(tp, 1), progress=False))
@@ -194,8 +194,10 @@ class Demo:
         def export(run: Path, out: Path):
             def go():
                 from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+                from megatron.sft.lora.merge import open_checkpoint
 
-                export_megatron_to_hf(run, out, paths["hf"], ExportOptions(progress=False))
+                export_megatron_to_hf(open_checkpoint(run), out, paths["hf"],
+                                      ExportOptions(progress=False))
                 return f"{out}"
             return go
 

@@ -17,17 +17,12 @@ from typing import Optional
 import torch
 
 from megatron.sft.runtime.cpu_mode import enable_cpu_mode
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    seed: int = 1234
-    #: ``None`` picks nccl when CUDA is available, gloo otherwise
-    backend: Optional[str] = None
-    timeout_minutes: int = 30
+from megatron.sft.runtime.layout import ParallelLayout
+from megatron.sft.runtime.parallel_dims import (
+    ParallelDims,
+    parallel_dims_or_none,
+    set_parallel_dims,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +30,14 @@ class RuntimeInfo:
     rank: int
     world_size: int
     local_rank: int
-    data_parallel_size: int
     device: torch.device
     cpu_mode: bool
+    #: this rank's place in the layout (also :func:`parallel_dims` from anywhere)
+    dims: ParallelDims
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.dims.dp_size
 
 
 def quiet_megatron_import_warnings() -> None:
@@ -65,48 +65,46 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def initialize_distributed(cfg: ParallelConfig) -> RuntimeInfo:
-    """Idempotent per process: a second call with the same sizes returns the same info."""
+def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234,
+                           backend: Optional[str] = None, timeout_minutes: int = 30
+                           ) -> RuntimeInfo:
+    """Start the process group and megatron-core's parallel state for ``layout``.
+
+    ``backend`` ``None`` picks nccl when CUDA is available, gloo otherwise. Idempotent per
+    process: a second call with the same layout returns the same info.
+    """
     quiet_megatron_import_warnings()
     _single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
-    if world % model_parallel:
-        raise ValueError(
-            f"world size {world} is not divisible by TP x PP = {cfg.tensor_model_parallel_size} x "
-            f"{cfg.pipeline_model_parallel_size}; launch a multiple of {model_parallel} processes"
-        )
-    use_cuda = torch.cuda.is_available() and cfg.backend != "gloo"
+    layout.validate(world_size=world)
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
     cpu = not use_cuda and enable_cpu_mode()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    backend = cfg.backend or ("nccl" if use_cuda else "gloo")
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), rank=rank,
+                                world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if ps.model_parallel_is_initialized():
-        same = (ps.get_tensor_model_parallel_world_size() == cfg.tensor_model_parallel_size and
-                ps.get_pipeline_model_parallel_world_size() == cfg.pipeline_model_parallel_size)
-        if not same:
-            raise RuntimeError("model parallel state already initialised with other sizes")
+        current = getattr(parallel_dims_or_none(), "layout", None)
+        if current is not None and current != layout:
+            raise RuntimeError(f"model parallel state already initialised as "
+                               f"{current.describe()}, not {layout.describe()}")
     else:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-            pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        )
-        model_parallel_cuda_manual_seed(cfg.seed)
+        ps.initialize_model_parallel(**layout.to_megatron())
+        model_parallel_cuda_manual_seed(seed)
+    dims = ParallelDims.from_parallel_state(layout)
+    set_parallel_dims(dims)
     return RuntimeInfo(
         rank=rank, world_size=world, local_rank=local_rank,
-        data_parallel_size=world // model_parallel,
         device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
-        cpu_mode=cpu,
+        cpu_mode=cpu, dims=dims,
     )
 
 
@@ -127,5 +125,6 @@ def destroy_distributed(wait_for_peers: bool = False) -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    set_parallel_dims(None)
     if dist.is_initialized():
         dist.destroy_process_group()

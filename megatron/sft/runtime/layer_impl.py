@@ -86,15 +86,19 @@ class LayerImpl:
     attention: AttentionBackend
 
     # ------------------------------------------------------------------ model construction
-    def layer_spec(self, qk_layernorm: bool, sliding_window: Optional[int] = None):
-        """megatron-core's GPT layer spec with this implementation's modules."""
+    def layer_spec(self, qk_layernorm: bool, sliding_window: Optional[int] = None,
+                   **spec_args: Any):
+        """megatron-core's GPT layer spec with this implementation's modules; ``spec_args`` go
+        to megatron-core's spec builder as they are (an architecture's
+        ``MegatronSettings.layer_spec``: ``num_experts``, ``moe_grouped_gemm``, ...)."""
         from megatron.core.models.gpt import gpt_layer_specs as specs
 
         if self.linear == "te":
-            spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+            spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm,
+                                                                    **spec_args)
         else:
             spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm",
-                                                  qk_layernorm=qk_layernorm)
+                                                  qk_layernorm=qk_layernorm, **spec_args)
         core = self._core_attention(sliding_window)
         if core is not None:
             spec.submodules.self_attention.submodules.core_attention = core

@@ -17,6 +17,9 @@ import sys
 import typing
 from typing import Any, Literal, Optional
 
+from megatron.sft.lora.settings import LoRASettings
+from megatron.sft.runtime.layout import FLAGS, ParallelLayout
+
 
 def _field(default: Any, help: str, *, flag: Optional[str] = None) -> Any:
     """A config field with its ``--help`` text; ``flag`` overrides the generated flag name
@@ -99,7 +102,7 @@ class TrainConfig:
                 "flash varlen, CUDA), flex (flex_attention, CUDA), sdpa (per document, CPU and "
                 "GPU), dense (s x s mask, reference only); auto = te with TE layers, else "
                 "varlen on CUDA, else sdpa")
-    # --- LoRA adapters (megatron/sft/runtime/lora.py)
+    # --- LoRA adapters (megatron/sft/lora/)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
                                "full fine-tuning); either --transformer-impl, no "
                                "--sequence-parallel")
@@ -123,14 +126,18 @@ class TrainConfig:
     strict: bool = _field(False, "stop on data warnings (e.g. samples longer than "
                                  "max_position_embeddings) instead of training on")
 
+    def parallel_layout(self, num_layers: Optional[int] = None) -> ParallelLayout:
+        """The parallel sizes of this run as one :class:`ParallelLayout` (``num_layers`` turns
+        ``--num-layers-per-virtual-pipeline-stage`` into chunks per pipeline rank)."""
+        return ParallelLayout.from_flags(
+            self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+            self.num_layers_per_virtual_pipeline_stage, num_layers, spelling=FLAGS)
+
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if world_size % (tp * pp):
-            raise ValueError(f"world size {world_size} is not divisible by "
-                             f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
-                             f"{pp}; launch a multiple of {tp * pp} processes")
-        dp = world_size // (tp * pp)
+        layout = self.parallel_layout(num_layers)
+        layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS)
+        dp = layout.data_parallel_size(world_size)
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
@@ -148,23 +155,9 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{_flag(f)} {getattr(self, f.name)!r}: use one of "
                                  f"{', '.join(str(c) for c in choices)}")
-        if self.num_layers_per_virtual_pipeline_stage is not None:
-            if pp < 2:
-                raise ValueError("--num-layers-per-virtual-pipeline-stage needs "
-                                 "--pipeline-model-parallel-size >= 2")
-            if num_layers is not None and num_layers % (pp * self.num_layers_per_virtual_pipeline_stage):
-                raise ValueError(
-                    f"num_layers {num_layers} is not divisible by --pipeline-model-parallel-size "
-                    f"{pp} x --num-layers-per-virtual-pipeline-stage "
-                    f"{self.num_layers_per_virtual_pipeline_stage}")
-        if num_layers is not None and num_layers % pp:
-            raise ValueError(f"num_layers {num_layers} is not divisible by "
-                             f"--pipeline-model-parallel-size {pp}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
         if self.lora_rank != 0:  # negative ranks are refused there too
-            from megatron.sft.runtime.lora import LoRASettings
-
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
             if self.sequence_parallel:

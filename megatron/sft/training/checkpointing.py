@@ -10,6 +10,7 @@ iterations. A crash mid-save leaves only a ``.partial`` directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -28,12 +29,14 @@ from megatron.sft.bridge.checkpoint_io import (
     partial_iteration_dir,
     publish_iteration,
     rank_file,
+    read_metadata,
     save_rank_state,
     write_metadata,
 )
+from megatron.sft.runtime.parallel_dims import parallel_dims
 
-from megatron.sft.bridge.lora_export import write_lora_info
-from megatron.sft.training.lora import adapter_state_dict
+from megatron.sft.lora.run_format import write_lora_info
+from megatron.sft.lora.settings import adapter_state_dict
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 
@@ -84,8 +87,8 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
                     keep_last: int, lora=None) -> Path:
     """``lora`` (a ``LoRACheckpointInfo``): save only the adapters, plus ``lora.json``."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
+    dims = parallel_dims()
     save = Path(save_dir)
     partial = partial_iteration_dir(save, iteration)
     rank0 = dist.get_rank() == 0
@@ -94,15 +97,14 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
     dist.barrier()
-    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dtype = next(_unwrap(model[0]).parameters()).dtype
-    meta_now = CheckpointMetadata(**{**meta.to_dict(), "params_dtype": dtype_name(dtype)})
-    rank_path = rank_file(partial, tp, pp, meta.pipeline_model_parallel_size)
+    meta_now = dataclasses.replace(meta, params_dtype=dtype_name(dtype))
+    rank_path = rank_file(partial, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank)
     rank_path.parent.mkdir(parents=True, exist_ok=True)
     if uses_distributed_optimizer(optimizer):
-        # Collective over the data-parallel group; DP rank 0 writes the gathered shards.
+        # Collective over the data-parallel group; its rank 0 writes the gathered shards.
         optimizer.save_parameter_state(str(rank_path.with_name(DISTRIB_OPTIM_FILE)))
-    if ps.get_data_parallel_rank() == 0:
+    if dims.writes_rank_file:
         state: dict[str, Any] = {
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
@@ -115,7 +117,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
         for chunk, m in enumerate(model):
             sd = impl.model_to_checkpoint(_unwrap(m).state_dict())
             state[meta.layout.model_key(chunk)] = sd if lora is None else adapter_state_dict(sd)
-        save_rank_state(partial, tp, pp, meta.pipeline_model_parallel_size, state)
+        save_rank_state(partial, meta.layout, dims.tp_rank, dims.pp_rank, state, dims.ep_rank)
     dist.barrier()
     if rank0:
         write_metadata(partial, meta_now)
@@ -137,12 +139,10 @@ def _prune(save: Path, keep_last: int) -> None:
 
 def is_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> bool:
     """Converted checkpoints hold weights only; a run's checkpoints hold optimizer state too."""
-    from megatron.core import parallel_state as ps
-
-    state = load_rank_state(iteration_dir(Path(load_dir), iteration),
-                            ps.get_tensor_model_parallel_rank(),
-                            ps.get_pipeline_model_parallel_rank(),
-                            ps.get_pipeline_model_parallel_world_size())
+    dims = parallel_dims()
+    it_dir = iteration_dir(Path(load_dir), iteration)
+    state = load_rank_state(it_dir, read_metadata(it_dir).layout, dims.tp_rank, dims.pp_rank,
+                            dims.ep_rank)
     return "optimizer" in state
 
 
@@ -171,20 +171,19 @@ def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional
                         ) -> dict[str, Any]:
     """Restore optimizer, LR schedule and RNG (model weights were loaded at build time);
     returns the saved ``train_state`` with ``iteration``."""
-    from megatron.core import parallel_state as ps
-
+    dims = parallel_dims()
     it_dir = iteration_dir(Path(load_dir), iteration)
-    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    pp_size = ps.get_pipeline_model_parallel_world_size()
-    state = load_rank_state(it_dir, tp, pp, pp_size, mmap=False)
+    layout = read_metadata(it_dir).layout
+    path = rank_file(it_dir, layout, dims.tp_rank, dims.pp_rank, dims.ep_rank)
+    state = load_rank_state(it_dir, layout, dims.tp_rank, dims.pp_rank, dims.ep_rank,
+                            mmap=False)
     # With fp32 params the optimizer's "main params" are views of the model parameters, which
     # megatron-core fills in place: that must not be recorded by autograd.
     with torch.no_grad():
         optimizer.load_state_dict(state["optimizer"])
         if uses_distributed_optimizer(optimizer):
             with _step_state_hidden(optimizer):
-                optimizer.load_parameter_state(str(rank_file(it_dir, tp, pp, pp_size)
-                                                   .with_name(DISTRIB_OPTIM_FILE)))
+                optimizer.load_parameter_state(str(path.with_name(DISTRIB_OPTIM_FILE)))
     scheduler.load_state_dict(state["opt_param_scheduler"])
     restore_rng_state(state["rng_state"])
     return {**state.get("train_state", {}), "iteration": int(state["iteration"])}

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from megatron.sft.runtime.parallel_dims import parallel_dims
+
 
 @torch.no_grad()
 def pipeline_logits(chunks: list, tokens: torch.Tensor, vocab_size: int,
@@ -15,7 +17,6 @@ def pipeline_logits(chunks: list, tokens: torch.Tensor, vocab_size: int,
     ``tokens`` is ``[batch, seq]`` and identical on every rank; it is split into
     ``num_microbatches`` equal micro-batches (interleaved schedules need a multiple of PP).
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -51,6 +52,6 @@ def pipeline_logits(chunks: list, tokens: torch.Tensor, vocab_size: int,
         micro_batch_size=mbs,
         forward_only=True,
     )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    if not parallel_dims().is_last_stage:
         return None
     return torch.cat(collected, dim=0).float()

@@ -1,5 +1,6 @@
-"""LoRA training: build the frozen base with adapters, initialise them independently of the
-parallel layout, save and resume adapters only.
+"""LoRA in training: which checkpoint the base comes from, and the model built from it with
+adapters attached (the adapters themselves, their checkpoint format and their export live in
+the :mod:`megatron.sft.lora` package).
 
 Where the model comes from:
 
@@ -13,35 +14,29 @@ Where the model comes from:
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from megatron.sft.bridge import transforms as T
 from megatron.sft.bridge.checkpoint_io import (
     CheckpointError,
     CheckpointMetadata,
     iteration_dir,
-    load_rank_state,
     read_metadata,
 )
-from megatron.sft.bridge.lora_export import (
+from megatron.sft.lora.adapters import (
+    adapter_parameters,
+    attach_lora,
+    init_adapters,
+    load_adapters,
+)
+from megatron.sft.lora.run_format import (
     LoRACheckpointInfo,
     base_fingerprint,
     check_base,
     read_lora_info,
 )
+from megatron.sft.lora.settings import LoRASettings
 from megatron.sft.runtime.layer_impl import LayerImpl
-from megatron.sft.runtime.lora import (
-    LORA_TARGETS,
-    LoRASettings,
-    adapter_parameters,
-    attach_lora,
-    is_adapter_name,
-    iter_targets,
-)
 from megatron.sft.training.model_builder import build_model_from_checkpoint
 
 
@@ -61,58 +56,6 @@ def refuse_lora_checkpoint(load: str) -> None:
             f"{load} is a LoRA run (adapters only, base {info.base_checkpoint}); resume it with "
             f"--lora-rank {s.rank} --lora-alpha {s.alpha} --lora-target-modules "
             f"{','.join(s.targets)}, or export it merged with merge_and_export.sh first")
-
-
-@torch.no_grad()
-def init_adapters(chunks: list, settings: LoRASettings, seed: int, b_std: float = 0.0) -> None:
-    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5), as peft), B = 0, or
-    B ~ N(0, b_std) when ``b_std > 0`` (tests: makes the adapter path count from step 0).
-
-    Each adapter's full tensors are drawn from a generator seeded by (seed, global layer,
-    target) and then split like the base, so every TP/PP layout trains the same model.
-    """
-    from megatron.core import parallel_state as ps
-
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    names = list(LORA_TARGETS)
-    for layer_number, name, base in iter_targets(chunks, settings.targets):
-        ad = base.lora
-        gen = torch.Generator().manual_seed(
-            zlib.crc32(f"{seed}/{layer_number}/{names.index(name)}".encode()))
-        column = LORA_TARGETS[name] == "column"
-        r, in_full = ad.A.shape[0], ad.A.shape[1] * (1 if column else tp)
-        out_full = ad.B.shape[0] * (tp if column else 1)
-        bound = 1.0 / in_full ** 0.5
-        a = torch.rand(r, in_full, generator=gen) * 2 * bound - bound
-        b = (torch.randn(out_full, r, generator=gen) * b_std if b_std > 0
-             else torch.zeros(out_full, r))
-        if column:
-            # fc1's rows are [gate_shard; up_shard] per rank; QKV's are in one fused order.
-            b = (T.fuse_gate_up(*torch.chunk(b, 2, 0), tp)[rank] if name == "linear_fc1"
-                 else T.split_tp(b, tp, 0)[rank])
-        else:
-            a = T.split_tp(a, tp, 1)[rank]
-        ad.A.copy_(a)
-        ad.B.copy_(b)
-
-
-def _load_adapters(chunks: list, iter_dir: Path, meta: CheckpointMetadata) -> None:
-    from megatron.core import parallel_state as ps
-
-    state = load_rank_state(iter_dir, ps.get_tensor_model_parallel_rank(),
-                            ps.get_pipeline_model_parallel_rank(),
-                            meta.pipeline_model_parallel_size, mmap=True)
-    for chunk, model in enumerate(chunks):
-        saved = state.get(meta.layout.model_key(chunk), {})
-        wanted = {n for n, _ in model.named_parameters() if is_adapter_name(n)}
-        missing, unexpected = sorted(wanted - set(saved)), sorted(set(saved) - wanted)
-        if missing or unexpected:
-            raise CheckpointError(f"{iter_dir}: adapters do not fit this model: missing "
-                                  f"{missing[:6]}, unexpected {unexpected[:6]}")
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for n in wanted:
-                params[n].copy_(saved[n])
 
 
 def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: int,
@@ -143,13 +86,8 @@ def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: i
     attach_lora(chunks, settings)
     init_adapters(chunks, settings, seed)
     if run is not None:
-        _load_adapters(chunks, load_iter, meta)
+        load_adapters(chunks, load_iter, meta)
     return chunks, meta, info, run is not None
-
-
-def adapter_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """Only the adapter tensors of a chunk's state dict (what a LoRA run's checkpoint holds)."""
-    return {k: v for k, v in state.items() if is_adapter_name(k)}
 
 
 def trainable_summary(chunks: list) -> str:

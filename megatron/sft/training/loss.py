@@ -12,10 +12,10 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
     ``logits`` is this TP rank's ``[..., padded_vocab / TP]`` slice.
     """
-    from megatron.core import parallel_state as ps
+    from megatron.sft.runtime.parallel_dims import parallel_dims
 
     per_rank = logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * per_rank
+    start = parallel_dims().tp_rank * per_rank
     pad_from = vocab_size - start
     if pad_from >= per_rank:
         return logits

@@ -11,12 +11,25 @@ from megatron.sft.bridge.model_shape import ModelShape
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
+def _mlp_weights_per_token(shape: ModelShape, layer: int) -> float:
+    """Multiply-adds of one layer's MLP for one token: SwiGLU's three matrices; on a MoE layer
+    only what a token activates: its top-k routed experts, the shared expert and the router."""
+    h, moe = shape.hidden_size, shape.moe
+    if moe is None or not moe.is_moe_layer(layer):
+        return 3.0 * h * shape.ffn_hidden_size
+    active = moe.top_k * 3.0 * h * moe.ffn_hidden_size + h * moe.num_experts
+    if moe.shared_expert_ffn_hidden_size:
+        active += 3.0 * h * moe.shared_expert_ffn_hidden_size
+    return active
+
+
 def _matmul_flops_per_token(shape: ModelShape) -> float:
-    """Forward FLOPs of every weight matmul for one token: QKV, output projection, SwiGLU's three
-    matrices and the LM head (2 FLOPs per multiply-add)."""
+    """Forward FLOPs of every weight matmul for one token: QKV, output projection, the MLP
+    (active parameters only on MoE layers) and the LM head (2 FLOPs per multiply-add)."""
     h, q, kv = shape.hidden_size, shape.dim("q"), shape.dim("kv")
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * shape.ffn_hidden_size
-    return 2.0 * (shape.num_layers * per_layer + shape.vocab_size * h)
+    attention = h * (q + 2 * kv) + q * h
+    layers = sum(attention + _mlp_weights_per_token(shape, i) for i in range(shape.num_layers))
+    return 2.0 * (layers + shape.vocab_size * h)
 
 
 def training_flops(shape: ModelShape, document_lengths: Sequence[int]) -> float:

@@ -18,50 +18,46 @@ from megatron.sft.bridge.checkpoint_io import (
 )
 from megatron.sft.runtime.cpu_mode import cpu_mode_active
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
+from megatron.sft.runtime.layout import LayoutError
+from megatron.sft.runtime.parallel_dims import parallel_dims
 from megatron.sft.training.model_config import gpt_model_kwargs, transformer_config
 
 
 def check_layout_matches(meta: CheckpointMetadata) -> None:
-    from megatron.core import parallel_state as ps
-
-    running = (ps.get_tensor_model_parallel_world_size(),
-               ps.get_pipeline_model_parallel_world_size(),
-               ps.get_virtual_pipeline_model_parallel_world_size())
-    saved = (meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size,
-             meta.virtual_pipeline_model_parallel_size)
-    if running != saved:
-        raise CheckpointError(
-            f"checkpoint is split TP={saved[0]} PP={saved[1]} VPP={saved[2]} but this run uses "
-            f"TP={running[0]} PP={running[1]} VPP={running[2]}; run with the checkpoint's sizes or "
-            "re-split it with scripts/checkpoints/reshard_checkpoint.sh"
-        )
+    """The running layout must read the checkpoint's rank files as they were written."""
+    try:
+        parallel_dims().layout.check_same_files(meta.layout)
+    except LayoutError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
                 params_dtype: Optional[torch.dtype] = None, seq_length: Optional[int] = None,
                 parallel_output: bool = True, **config_overrides: Any) -> list:
-    """One ``GPTModel`` per virtual pipeline chunk, built with ``impl``'s modules."""
-    from megatron.core import parallel_state as ps
+    """One ``GPTModel`` per virtual pipeline chunk of this rank, built with ``impl``'s
+    modules at the running layout (the checkpoint's, plus what does not change its files)."""
     from megatron.core.models.gpt import GPTModel
 
     spec, shape = shape_of(meta.hf_config)
+    dims = parallel_dims()
     dtype = params_dtype or getattr(torch, meta.params_dtype)
+    settings = spec.megatron_settings(meta.hf_config)
     config = transformer_config(
-        shape, meta.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
-        architecture_overrides=spec.transformer_overrides, **config_overrides)
-    layer_spec = impl.layer_spec(shape.qk_layernorm, shape.sliding_window)
+        shape, dims.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
+        architecture_overrides=settings.transformer, **config_overrides)
+    layer_spec = impl.layer_spec(shape.qk_layernorm, shape.sliding_window, **settings.layer_spec)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
-    vpp = meta.virtual_pipeline_model_parallel_size
+    vpp = dims.layout.vpp
     chunks = []
-    for chunk in range(vpp or 1):
-        vp_stage = chunk if vpp else None
+    for chunk in range(dims.layout.chunks):
+        pre_process, post_process = dims.stage_flags(chunk)
         model = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
             parallel_output=parallel_output,
-            vp_stage=vp_stage,
+            vp_stage=chunk if vpp else None,
             **kwargs,
         )
         # megatron-core's local-spec norms (torch RMSNorm) ignore params_dtype and stay fp32.
@@ -77,11 +73,9 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
 
 def load_weights(chunks: list, impl: LayerImpl, iter_dir: Path, meta: CheckpointMetadata) -> int:
     """Load this rank's file into the chunks; returns the checkpoint's iteration."""
-    from megatron.core import parallel_state as ps
-
-    state = load_rank_state(iter_dir, ps.get_tensor_model_parallel_rank(),
-                            ps.get_pipeline_model_parallel_rank(),
-                            meta.pipeline_model_parallel_size, mmap=True)
+    dims = parallel_dims()
+    state = load_rank_state(iter_dir, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank,
+                            mmap=True)
     for chunk, model in enumerate(chunks):
         key = meta.layout.model_key(chunk)
         if key not in state:

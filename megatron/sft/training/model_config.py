@@ -3,7 +3,7 @@
 
 Reuses megatron-core's own config dataclass. The llama-shaped defaults below (RMSNorm, SwiGLU,
 no linear bias) are what every supported architecture shares; an architecture that differs says
-so in its table (``ArchitectureSpec.transformer_overrides``), and callers pass run settings
+so in its table (``ArchitectureSpec.megatron_settings``), and callers pass run settings
 (recompute, per-token loss, ...) through ``overrides``.
 """
 
@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.sft.bridge.layout import ParallelLayout
 from megatron.sft.bridge.model_shape import ModelShape
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.layer_impl import LayerImpl
 
 
@@ -43,9 +43,7 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImp
         qk_layernorm=shape.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
+        **layout.to_megatron(),
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

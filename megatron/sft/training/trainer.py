@@ -19,14 +19,14 @@ import torch
 
 from megatron.sft.bridge.architectures import shape_of
 from megatron.sft.bridge.checkpoint_io import CheckpointMetadata, iteration_dir, read_metadata
-from megatron.sft.bridge.layout import virtual_stages
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sft_datasets, \
     collate_sft
-from megatron.sft.runtime.distributed import ParallelConfig, RuntimeInfo, initialize_distributed
+from megatron.sft.runtime.distributed import RuntimeInfo, initialize_distributed
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
+from megatron.sft.runtime.parallel_dims import ParallelDims
 from megatron.sft.training.arguments import TrainConfig
-from megatron.sft.training.batch import masked_loss_sum, microbatch_rows
+from megatron.sft.training.batch import masked_loss_sum
 from megatron.sft.training.checkpointing import (
     is_training_checkpoint,
     load_training_state,
@@ -61,6 +61,7 @@ class Trainer:
     impl: LayerImpl                     # layer modules + attention backend
     # --- parallel runtime
     info: RuntimeInfo
+    dims: ParallelDims                  # this rank in the layout: writers, logger, loss groups
     dp_rank: int
     dp_size: int
     is_logger: bool                     # the last rank: holds the last pipeline stage
@@ -94,16 +95,12 @@ class Trainer:
         self.meta = read_metadata(iteration_dir(Path(cfg.load)))
         _, self.shape = shape_of(self.meta.hf_config)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
-        vpp = virtual_stages(self.shape.num_layers, cfg.pipeline_model_parallel_size,
-                             cfg.num_layers_per_virtual_pipeline_stage)
-        self.info = initialize_distributed(ParallelConfig(
-            cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, vpp, seed=cfg.seed))
+        self.info = initialize_distributed(cfg.parallel_layout(self.shape.num_layers),
+                                           seed=cfg.seed)
         self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
-        from megatron.core import parallel_state as ps
-
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.is_logger = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+        self.dims = self.info.dims
+        self.dp_size, self.dp_rank = self.dims.dp_size, self.dims.dp_rank
+        self.is_logger = self.dims.is_logger
         if not self.is_logger:  # one voice
             self.log = lambda message: None
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
@@ -257,7 +254,6 @@ class Trainer:
         """``[loss_sum, token_count]`` of these micro-batches (this DP rank's rows), summed over
         micro-batches and data-parallel ranks, on every rank; with ``forward_only=False`` the
         gradients are accumulated into the model's buffers as in a training step."""
-        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = self._microbatches(dataset, rows)
@@ -269,18 +265,16 @@ class Trainer:
             num_microbatches=len(micro), seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
+        if self.dims.is_last_stage:
             for item in out:
                 total += item["lm loss"].to(total)
-        dist = torch.distributed
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+        for group in self.dims.loss_groups():
+            torch.distributed.all_reduce(total, group=group)
         return total
 
     def _rows(self, iteration: int) -> list[list[int]]:
-        cfg = self.cfg
-        return microbatch_rows(iteration, cfg.global_batch_size, cfg.micro_batch_size,
-                               self.dp_rank, self.dp_size)
+        return self.dims.microbatch_rows(iteration, self.cfg.global_batch_size,
+                                         self.cfg.micro_batch_size)
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()

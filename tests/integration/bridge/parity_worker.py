@@ -18,12 +18,10 @@ def main() -> None:
     import torch
 
     from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-    from megatron.sft.runtime.distributed import ParallelConfig, initialize_distributed
+    from megatron.sft.runtime.distributed import initialize_distributed
 
     meta = read_metadata(iteration_dir(pairs[0]["ckpt"]))
-    initialize_distributed(ParallelConfig(meta.tensor_model_parallel_size,
-                                          meta.pipeline_model_parallel_size,
-                                          meta.virtual_pipeline_model_parallel_size))
+    initialize_distributed(meta.layout)
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
@@ -35,7 +33,7 @@ def main() -> None:
         chunks, meta, _ = build_model_from_checkpoint(pair["ckpt"], seq_length=24)
         vocab = meta.hf_config["vocab_size"]
         tokens = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(7))
-        nmb = meta.pipeline_model_parallel_size if meta.virtual_pipeline_model_parallel_size else 2
+        nmb = meta.layout.pp if meta.layout.vpp else 2
         logits = pipeline_logits(chunks, tokens, vocab, num_microbatches=nmb)
         if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
             hf = AutoModelForCausalLM.from_pretrained(pair["hf"], dtype=torch.float32,

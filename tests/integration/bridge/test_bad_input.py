@@ -12,7 +12,7 @@ from megatron.sft.bridge import checkpoint_io
 from megatron.sft.bridge.checkpoint_io import CheckpointError
 from megatron.sft.bridge.convert import ConvertOptions, CoverageError, convert_hf_to_megatron
 from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
-from megatron.sft.bridge.layout import LayoutError, ParallelLayout
+from megatron.sft.runtime.layout import LayoutError, ParallelLayout
 from megatron.sft.bridge.model_shape import UnsupportedModelError
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from sft_testing import ARCHITECTURES, REPO, run_torchrun
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.bridge.reshard import reshard_checkpoint
 
 WORKER = Path(__file__).with_name("parity_worker.py")

@@ -27,21 +27,29 @@ from megatron.sft.bridge.checkpoint_io import (
     write_metadata,
 )
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
-from megatron.sft.bridge.layout import ParallelLayout
-from megatron.sft.bridge.lora_export import (
+from megatron.sft.bridge.export import ExportOptions
+from megatron.sft.bridge.export import export_megatron_to_hf as _export_reader
+from megatron.sft.bridge.random_hf_model import make_random_hf_model
+from megatron.sft.lora.merge import open_checkpoint
+from megatron.sft.lora.peft_export import export_lora_adapter
+from megatron.sft.lora.reshard import reshard_checkpoint
+from megatron.sft.lora.run_format import (
     LoRACheckpointInfo,
     base_fingerprint,
     check_base,
-    export_lora_adapter,
     read_lora_info,
     write_lora_info,
 )
-from megatron.sft.bridge.random_hf_model import make_random_hf_model
-from megatron.sft.bridge.reshard import reshard_checkpoint
-from megatron.sft.runtime.lora import LoRASettings
+from megatron.sft.lora.settings import LoRASettings
+from megatron.sft.runtime.layout import ParallelLayout
 
 SETTINGS = LoRASettings(4, 8.0)
+
+
+def export_megatron_to_hf(ckpt, out, hf, options):
+    """merge_and_export.sh's path: a LoRA run is read merged into its base."""
+    return _export_reader(open_checkpoint(ckpt), out, hf, options)
+
 RUN_ITERATION = 7
 #: where each target sits in a layer (written out here, not taken from the code under test)
 PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
@@ -53,7 +61,7 @@ def _write_lora_run(base, run):
     as training saves one (adapters, metadata, lora.json, tracker)."""
     base_iter = iteration_dir(base)
     meta = read_metadata(base_iter)
-    weights = load_rank_state(base_iter, 0, 0, 1)["model"]
+    weights = load_rank_state(base_iter, meta.layout, 0, 0)["model"]
     g = torch.Generator().manual_seed(3)
     adapters = {}
     for layer in range(meta.hf_config["num_hidden_layers"]):
@@ -63,9 +71,9 @@ def _write_lora_run(base, run):
             adapters[prefix + ".lora.A"] = torch.randn(SETTINGS.rank, inp, generator=g) * 0.1
             adapters[prefix + ".lora.B"] = torch.randn(out, SETTINGS.rank, generator=g) * 0.1
     partial = partial_iteration_dir(run, RUN_ITERATION)
-    save_rank_state(partial, 0, 0, 1, {"checkpoint_version": CHECKPOINT_VERSION,
-                                       "iteration": RUN_ITERATION, "model": adapters,
-                                       "optimizer": {"state": {}}})
+    save_rank_state(partial, meta.layout, 0, 0, {"checkpoint_version": CHECKPOINT_VERSION,
+                                                 "iteration": RUN_ITERATION, "model": adapters,
+                                                 "optimizer": {"state": {}}})
     write_metadata(partial, meta)
     write_lora_info(partial, LoRACheckpointInfo(SETTINGS, str(base.resolve()), 1,
                                                 base_fingerprint(base_iter)))
@@ -136,8 +144,8 @@ def test_lora_run_reshards_with_its_base(source, tmp_path, tp, pp, vpp):
     # And back to TP1: the very tensors of the source run.
     back = tmp_path / "back"
     reshard_checkpoint(out, back, ParallelLayout(1, 1), progress=False)
-    want = load_rank_state(iteration_dir(source["run"]), 0, 0, 1)["model"]
-    got = load_rank_state(iteration_dir(back), 0, 0, 1)["model"]
+    want = load_rank_state(iteration_dir(source["run"]), ParallelLayout(), 0, 0)["model"]
+    got = load_rank_state(iteration_dir(back), ParallelLayout(), 0, 0)["model"]
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -198,7 +206,7 @@ def _reshard_tool():
 def test_a_failure_midway_leaves_nothing(source, tmp_path, monkeypatch):
     """The base is resharded into the staging directory first; when writing the adapters then
     fails, neither OUT nor its staging directory is left behind."""
-    import megatron.sft.bridge.reshard as reshard
+    import megatron.sft.lora.reshard as reshard
 
     def fail(*args):
         assert (args[1] / "base" / "latest_checkpointed_iteration.txt").exists()
@@ -244,11 +252,11 @@ def test_training_loads_the_resharded_run(source, sft_assets, tmp_path):
 
 def test_merged_export_merges_each_weight_once_and_equals_w_plus_scaled_ba(source, tmp_path,
                                                                           monkeypatch):
-    import megatron.sft.bridge.lora_export as lora_export
+    import megatron.sft.lora.merge as merge
 
     calls = []
-    real = lora_export.merge_adapters
-    monkeypatch.setattr(lora_export, "merge_adapters",
+    real = merge.merge_adapters
+    monkeypatch.setattr(merge, "merge_adapters",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     out = _hf_tensors(export_megatron_to_hf(source["run"], tmp_path / "merged",
                                             source["hf"], ExportOptions(progress=False)))
@@ -256,7 +264,7 @@ def test_merged_export_merges_each_weight_once_and_equals_w_plus_scaled_ba(sourc
     # By hand, in HF names: o_proj (a row-parallel target, so no fused split) of layer 0.
     base = _hf_tensors(export_megatron_to_hf(source["base"], tmp_path / "base",
                                              source["hf"], ExportOptions(progress=False)))
-    state = load_rank_state(iteration_dir(source["run"]), 0, 0, 1)["model"]
+    state = load_rank_state(iteration_dir(source["run"]), ParallelLayout(), 0, 0)["model"]
     a = state["decoder.layers.0.self_attention.linear_proj.lora.A"]
     b = state["decoder.layers.0.self_attention.linear_proj.lora.B"]
     name = "model.layers.0.self_attn.o_proj.weight"

@@ -16,7 +16,7 @@ from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
 from megatron.sft.bridge.random_hf_model import make_random_hf_model
 from megatron.sft.bridge.reshard import reshard_checkpoint
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import lock_path, partial_name, this_host
 
 
@@ -64,7 +64,7 @@ _SLOW_CONVERT = """
 import sys, time
 from megatron.sft.bridge import checkpoint_io
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 real = checkpoint_io.torch.save
 def save_then_hang(obj, path):
     real(obj, path)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from sft_testing import ARCHITECTURES, run_tool
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.bridge.reshard import reshard_checkpoint
 
 

@@ -51,7 +51,7 @@ def test_reduced_quickstart_pipeline(tmp_path):
     assert 0.0 <= r["accuracy_after"] <= 1.0 and r["loss_end"] < r["loss_start"]
     # The LoRA stage: a LoRA run (adapters only, naming the SFT run as its base) on the second
     # task, exported merged into a model transformers loads and generates with.
-    from megatron.sft.bridge.lora_export import read_lora_info
+    from megatron.sft.lora.run_format import read_lora_info
 
     info = read_lora_info(paths["lora_run"] / "iter_0000003")
     assert info.settings.rank == 4 and info.base_checkpoint == str(paths["run"].resolve())

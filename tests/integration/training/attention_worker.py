@@ -42,12 +42,10 @@ def main() -> None:
     import torch
 
     from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-    from megatron.sft.runtime.distributed import ParallelConfig, initialize_distributed
+    from megatron.sft.runtime.distributed import initialize_distributed
 
     meta = read_metadata(iteration_dir(spec["pairs"][0]["ckpt"]))
-    initialize_distributed(ParallelConfig(meta.tensor_model_parallel_size,
-                                          meta.pipeline_model_parallel_size,
-                                          meta.virtual_pipeline_model_parallel_size))
+    initialize_distributed(meta.layout)
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func

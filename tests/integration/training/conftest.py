@@ -3,7 +3,7 @@
 import pytest
 
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 
 LAYOUTS = {(1, 1): ParallelLayout(1, 1), (2, 1): ParallelLayout(2, 1),
            (1, 2): ParallelLayout(1, 2), (2, 2): ParallelLayout(2, 2),

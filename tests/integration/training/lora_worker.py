@@ -49,11 +49,11 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
 
-    from megatron.sft.bridge.lora_export import export_lora_adapter
-    from megatron.sft.runtime.lora import adapter_parameters
+    from megatron.sft.lora.adapters import adapter_parameters, init_adapters
+    from megatron.sft.lora.peft_export import export_lora_adapter
     from megatron.sft.training.arguments import TrainConfig
     from megatron.sft.training.batch import microbatch_rows
-    from megatron.sft.training.lora import init_adapters, settings_from_config
+    from megatron.sft.training.lora import settings_from_config
     from megatron.sft.training.trainer import Trainer
 
     cfg = TrainConfig(**spec["config"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.bridge.random_hf_model import make_random_hf_model
 from sft_testing import run_torchrun
 

@@ -7,7 +7,7 @@ import pytest
 
 from sft_testing import run_tool
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.layout import ParallelLayout
+from megatron.sft.runtime.layout import ParallelLayout
 
 RECIPE = "scripts/sft/SFT_LoRA_R1_14B.sh"
 

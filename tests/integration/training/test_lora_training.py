@@ -51,6 +51,7 @@ def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_a
     from transformers import AutoModelForCausalLM
 
     from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+    from megatron.sft.lora.merge import open_checkpoint
 
     save = tmp_path / "run"
     r = _launch(tmp_path, "peft", tp * pp, "peft_loss", _config(
@@ -73,7 +74,7 @@ def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_a
 
     # merge_and_export's path (W + alpha/r B A per TP shard, then the usual merge) and the PEFT
     # adapter loaded by peft.PeftModel.from_pretrained (our adapter_config.json) agree.
-    merged_dir = export_megatron_to_hf(save, tmp_path / "merged", sft_assets["hf"],
+    merged_dir = export_megatron_to_hf(open_checkpoint(save), tmp_path / "merged", sft_assets["hf"],
                                        ExportOptions(progress=False))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(
@@ -138,8 +139,8 @@ def test_only_adapters_train_and_curve_is_independent_of_layout_and_recompute(
 @pytest.mark.xdist_group("multiprocess")
 def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoints, tmp_path):
     from megatron.sft.bridge.checkpoint_io import (iteration_dir, load_rank_state,
-                                                     read_latest_iteration)
-    from megatron.sft.bridge.lora_export import read_lora_info
+                                                     read_latest_iteration, read_metadata)
+    from megatron.sft.lora.run_format import read_lora_info
 
     base = checkpoints[(2, 1)]
     common = dict(train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1,
@@ -154,9 +155,9 @@ def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoi
     info = read_lora_info(it2)
     assert info.base_checkpoint == str(Path(base).resolve())
     assert info.base_iteration == read_latest_iteration(Path(base))
-    state = load_rank_state(it2, 1, 0, 1)
+    state = load_rank_state(it2, read_metadata(it2).layout, 1, 0)
     assert state["model"] and all(".lora." in k for k in state["model"])
-    base_state = load_rank_state(iteration_dir(Path(base)), 1, 0, 1)
+    base_state = load_rank_state(iteration_dir(Path(base)), read_metadata(it2).layout, 1, 0)
 
     def nbytes(sd):
         return sum(t.numel() * t.element_size() for t in sd.values() if torch.is_tensor(t))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron.sft.bridge.architectures import get_architecture, supported_architectures
-from megatron.sft.bridge.layout import LayoutError, ParallelLayout, rank_dir_name, virtual_stages
+from megatron.sft.runtime.layout import LayoutError, ParallelLayout, rank_dir_name, virtual_stages
 from megatron.sft.bridge.model_shape import UnsupportedModelError
 
 

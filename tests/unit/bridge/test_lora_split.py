@@ -11,11 +11,25 @@ import torch
 
 from megatron.sft.bridge.architectures import shape_of
 from megatron.sft.bridge.architectures.llama import LLAMA
-from megatron.sft.bridge.lora_split import HF_MODULES, adapter_from_hf, adapter_to_hf
 from megatron.sft.bridge.rules import FusedGateUp, FusedQKV, ShardContext, TensorParallel
-from megatron.sft.runtime.lora import LORA_TARGETS, LoRASettings
+from megatron.sft.lora import split
+from megatron.sft.lora.settings import LORA_TARGETS, PARENT, LoRASettings
+from megatron.sft.runtime import parallel_dims
+from megatron.sft.runtime.layout import ParallelLayout
 
 R = 3
+
+
+def adapter_to_hf(target, a, b, shape):
+    return split.adapter_to_hf(split.target_names(LLAMA, target), a, b, shape)
+
+
+def adapter_from_hf(target, peft, shape, tp):
+    return split.adapter_from_hf(split.target_names(LLAMA, target), peft, shape, tp)
+
+
+def _modules(target):
+    return split.target_names(LLAMA, target).modules
 
 
 def _shape():
@@ -34,7 +48,7 @@ def _hf_sizes(shape):
 def _random_peft(target, shape, seed=0):
     """One target's PEFT form; the fused parts share lora_A, as they do in Megatron."""
     g = torch.Generator().manual_seed(seed)
-    modules = HF_MODULES[target][1]
+    modules = _modules(target)
     sizes = _hf_sizes(shape)
     a = torch.randn(R, sizes[modules[0]][0], generator=g, dtype=torch.float64)
     return {m: (a, torch.randn(sizes[m][1], R, generator=g, dtype=torch.float64))
@@ -104,7 +118,7 @@ def _fake_chunk(shape, tp):
     sized per TP rank as attach_lora sizes them."""
     sizes = {"linear_qkv": (64, 128 // tp), "linear_proj": (64 // tp, 64),
              "linear_fc1": (64, 192 // tp), "linear_fc2": (96 // tp, 64)}
-    parents = {t: HF_MODULES[t][0] for t in LORA_TARGETS}
+    parents = PARENT
     layers = []
     for number in range(1, shape.num_layers + 1):
         layer = types.SimpleNamespace(layer_number=number, self_attention=types.SimpleNamespace(),
@@ -117,12 +131,11 @@ def _fake_chunk(shape, tp):
 
 
 def _init(monkeypatch, shape, tp, rank):
-    from megatron.core import parallel_state as ps
+    from megatron.sft.lora.adapters import init_adapters
 
-    from megatron.sft.training.lora import init_adapters
-
-    monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: tp)
-    monkeypatch.setattr(ps, "get_tensor_model_parallel_rank", lambda: rank)
+    monkeypatch.setattr(parallel_dims, "_DIMS", parallel_dims.ParallelDims(
+        ParallelLayout(tp), world_size=tp, rank=rank, tp_rank=rank, pp_rank=0, dp_rank=0,
+        dp_size=1))
     chunk = _fake_chunk(shape, tp)
     init_adapters([chunk], LoRASettings(R, 2.0 * R), seed=5, b_std=0.1)
     return chunk
@@ -138,7 +151,7 @@ def test_split_equals_what_training_initialises_at_that_tp(monkeypatch, tp):
     for li, layer in enumerate(full.decoder.layers):
         for target in LORA_TARGETS:
             def lora(chunk):
-                return getattr(getattr(chunk.decoder.layers[li], HF_MODULES[target][0]),
+                return getattr(getattr(chunk.decoder.layers[li], PARENT[target]),
                                target).lora
             assert lora(full).B.abs().sum() > 0
             peft = adapter_to_hf(target, [lora(full).A], [lora(full).B], shape)

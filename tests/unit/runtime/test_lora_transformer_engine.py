@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 from megatron.sft.bridge.checkpoint_io import CheckpointMetadata, save_rank_state
 from megatron.sft.runtime.layer_impl import LayerImpl
-from megatron.sft.runtime.lora import LoRASettings, add_adapter, attach_lora, is_adapter_name
-from megatron.sft.runtime.lora_bases import LoRABaseError
-from megatron.sft.training.lora import _load_adapters, adapter_state_dict, init_adapters
+from megatron.sft.lora.adapters import add_adapter, attach_lora, init_adapters, load_adapters
+from megatron.sft.lora.bases import LoRABaseError
+from megatron.sft.lora.settings import LoRASettings, adapter_state_dict, is_adapter_name
+from megatron.sft.runtime.layout import ParallelLayout
+from megatron.sft.runtime.parallel_dims import ParallelDims, set_parallel_dims
 
 HIDDEN, QKV, PROJ_IN, FFN = 16, 32, 24, 20  # fc1 has 2 * FFN rows (gate; up)
 SETTINGS = LoRASettings(rank=4, alpha=8.0)  # scale 2
@@ -43,7 +45,9 @@ def world_of_one(tmp_path_factory):
     store = tmp_path_factory.mktemp("process_group") / "store"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     ps.initialize_model_parallel(1, 1)
+    set_parallel_dims(ParallelDims.from_parallel_state(ParallelLayout()))
     yield
+    set_parallel_dims(None)
     ps.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -350,15 +354,13 @@ def test_adapter_checkpoints_load_under_either_spec(tmp_path):
         assert sorted(impl.checkpoint_to_model(saved["te"])) == names
 
     meta = CheckpointMetadata(architecture="LlamaForCausalLM", hf_config={},
-                              tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                              virtual_pipeline_model_parallel_size=None,
-                              make_vocab_size_divisible_by=128, padded_vocab_size=256,
-                              params_dtype="float32")
+                              layout=ParallelLayout(), make_vocab_size_divisible_by=128,
+                              padded_vocab_size=256, params_dtype="float32")
     for src, dst in (("local", "te"), ("te", "local")):
         assert not torch.equal(saved[src][names[0]], saved[dst][names[0]])
         iter_dir = tmp_path / f"{src}_run" / "iter_0000001"
-        save_rank_state(iter_dir, 0, 0, 1, {meta.layout.model_key(0): saved[src]})
-        _load_adapters([chunks[dst]], iter_dir, meta)
+        save_rank_state(iter_dir, meta.layout, 0, 0, {meta.layout.model_key(0): saved[src]})
+        load_adapters([chunks[dst]], iter_dir, meta)
         loaded = {n: p for n, p in chunks[dst].named_parameters() if is_adapter_name(n)}
         for n in names:
             torch.testing.assert_close(loaded[n], saved[src][n], rtol=0, atol=0, msg=n)

@@ -9,15 +9,12 @@ import torch
 from megatron.sft.bridge.architectures import shape_of
 from megatron.sft.bridge.architectures.llama import LLAMA
 from megatron.sft.bridge.checkpoint_io import CheckpointError, CheckpointMetadata
-from megatron.sft.bridge.lora_export import (
-    LoRACheckpointInfo,
-    base_fingerprint,
-    check_base,
-    merge_adapters,
-)
-from megatron.sft.bridge.lora_split import adapter_to_hf
 from megatron.sft.bridge.rules import FusedGateUp, FusedQKV, ShardContext, TensorParallel
-from megatron.sft.runtime.lora import LoRASettings
+from megatron.sft.lora.merge import merge_adapters
+from megatron.sft.lora.run_format import LoRACheckpointInfo, base_fingerprint, check_base
+from megatron.sft.lora.settings import LoRASettings
+from megatron.sft.lora.split import adapter_to_hf, target_names
+from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.training.arguments import TrainConfig, parse_config
 
 
@@ -87,7 +84,7 @@ def test_merge_per_shard_equals_peft_split(target):
             "linear_proj": TensorParallel("m", ("o",), dim=1),
             "linear_fc2": TensorParallel("m", ("down",), dim=1)}[target]
     expected = rule.to_hf(merged, ShardContext(shape, tp, 0))
-    peft = adapter_to_hf(target, a_shards, b_shards, shape)
+    peft = adapter_to_hf(target_names(LLAMA, target), a_shards, b_shards, shape)
     assert len(peft) == len(expected)
     for (module, (ha, hb)), want in zip(peft.items(), expected):
         torch.testing.assert_close(scale * hb @ ha, want, rtol=0, atol=1e-12, msg=module)
@@ -95,8 +92,7 @@ def test_merge_per_shard_equals_peft_split(target):
 
 def _meta(**changes):
     d = dict(architecture="LlamaForCausalLM", hf_config={"hidden_size": 64},
-             tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-             virtual_pipeline_model_parallel_size=None, make_vocab_size_divisible_by=128,
+             layout=ParallelLayout(), make_vocab_size_divisible_by=128,
              padded_vocab_size=256, params_dtype="float32")
     d.update(changes)
     return CheckpointMetadata(**d)

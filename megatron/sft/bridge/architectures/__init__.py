@@ -14,6 +14,7 @@ from typing import Any
 
 from megatron.sft.bridge.architectures.base import (
     ArchitectureSpec,
+    MegatronSettings,
     defining_modules,
     register,
     registered_specs,
@@ -63,6 +64,6 @@ def shape_of(hf_config: dict[str, Any]) -> tuple[ArchitectureSpec, ModelShape]:
     return spec, spec.shape(hf_config)
 
 
-__all__ = ["ArchitectureSpec", "architecture_modules", "architecture_of", "defining_modules",
+__all__ = ["ArchitectureSpec", "MegatronSettings", "architecture_modules", "architecture_of", "defining_modules",
            "get_architecture", "register", "registered_specs", "shape_of",
            "supported_architectures"]

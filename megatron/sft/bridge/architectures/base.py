@@ -5,10 +5,23 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
-from megatron.sft.bridge.model_shape import ModelShape, shape_from_hf_config
+from megatron.sft.bridge.model_shape import MoEShape, ModelShape, shape_from_hf_config
 from megatron.sft.bridge.rules import WeightRule
+
+
+@dataclasses.dataclass(frozen=True)
+class MegatronSettings:
+    """What one model needs set in megatron-core beyond the llama-shaped defaults, computed
+    from its HF config by :meth:`ArchitectureSpec.megatron_settings`."""
+
+    #: ``TransformerConfig`` field -> value (e.g. ``num_moe_experts``, ``moe_router_topk``)
+    transformer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: keyword arguments of megatron-core's GPT layer-spec builders
+    #: (``get_gpt_layer_local_spec`` / ``get_gpt_layer_with_transformer_engine_spec``), e.g.
+    #: ``num_experts``, ``moe_grouped_gemm``
+    layer_spec: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +60,13 @@ class ArchitectureSpec:
        ``TransformerConfig`` defaults (RMSNorm, SwiGLU, no linear bias) and applies
        ``transformer_overrides`` on top, e.g.
        ``transformer_overrides={"normalization": "LayerNorm", "gated_linear_unit": False}``.
-       Keys must be ``TransformerConfig`` field names (checked by a unit test).
+       Settings that depend on the checkpoint (how many experts, top-k, ...) come from
+       ``configure(hf_config, shape) -> MegatronSettings``, which may also pass arguments to
+       the layer-spec builders. Keys must be ``TransformerConfig`` fields and layer-spec
+       parameters (checked by a unit test).
+    4b. **Experts.** ``moe(hf_config) -> MoEShape | None`` reads the experts block from the
+       config (``ModelShape.moe``); per-expert weight rules use ``{e}`` beside ``{i}``, and
+       ``when="moe_layer"`` / ``"dense_layer"`` picks which layers a rule maps.
     5. **Tests pick it up by themselves.** ``tests/sft_testing.ARCHITECTURES`` is
        ``supported_architectures()``, so the table-coverage test
        (``tests/unit/bridge/test_tables_vs_transformers.py``), the lossless TP2xPP2 round trip
@@ -79,6 +98,12 @@ class ArchitectureSpec:
     #: of its llama-shaped defaults; empty for llama-shaped models. Treat as read-only.
     transformer_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict,
                                                                  hash=False)
+    #: ``(hf_config, shape) -> MegatronSettings`` for settings computed from the checkpoint
+    configure: Optional[Callable[[dict[str, Any], ModelShape], MegatronSettings]] = \
+        dataclasses.field(default=None, hash=False)
+    #: ``hf_config -> MoEShape | None``: the experts block, for Mixture-of-Experts families
+    moe: Optional[Callable[[dict[str, Any]], Optional[MoEShape]]] = \
+        dataclasses.field(default=None, hash=False)
 
     def shape(self, hf_config: dict[str, Any]) -> ModelShape:
         return shape_from_hf_config(
@@ -86,7 +111,15 @@ class ArchitectureSpec:
             architecture=self.hf_architecture,
             qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_layernorm,
+            moe=self.moe(hf_config) if self.moe is not None else None,
         )
+
+    def megatron_settings(self, hf_config: dict[str, Any]) -> MegatronSettings:
+        """``transformer_overrides`` plus what ``configure`` computes for this checkpoint."""
+        computed = (self.configure(hf_config, self.shape(hf_config)) if self.configure
+                    else MegatronSettings())
+        return MegatronSettings({**self.transformer_overrides, **computed.transformer},
+                                dict(computed.layer_spec))
 
     def active_rules(self, shape: ModelShape) -> tuple[WeightRule, ...]:
         return tuple(r for r in self.rules if r.applies(shape))

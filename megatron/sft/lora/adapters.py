@@ -1,5 +1,6 @@
-"""LoRA adapters on megatron-core's tensor-parallel linears, under the local layer spec or the
-Transformer Engine one (which linear classes, and how each is recognised: :mod:`lora_bases`).
+"""LoRA adapter modules on megatron-core's tensor-parallel linears, attached to a built model
+(freezing its base), under the local layer spec or the Transformer Engine one (which linear
+classes, and how each is recognised: :mod:`megatron.sft.lora.bases`).
 
 A targeted linear ``y = W x`` becomes ``y = W x + (alpha / r) · B · A · x`` with ``A: [r, in]``
 and ``B: [out, r]``; ``W`` is frozen. Each adapter is split over tensor-parallel ranks the way
@@ -23,7 +24,7 @@ Worked shapes, hidden 64, 4 heads / 2 KV groups of head_dim 16, r = 8, TP = 2::
 The Transformer Engine spec fuses the input norm into ``linear_qkv`` / ``linear_fc1``
 (``TELayerNormColumnParallelLinear``): the module receives un-normalised hidden states and
 ``W`` sees ``norm(x)``. Its adapter is fed the same ``norm(x)``, recomputed from the module's own
-norm parameters (:func:`lora_bases.fused_input_norm`), so both specs train the same model. That
+norm parameters (:func:`megatron.sft.lora.bases.fused_input_norm`), so both specs train the same model. That
 costs one extra norm per fused linear; asking TE for its norm output instead
 (``return_layernorm_output``) would change the ``(out, bias)`` contract megatron-core unpacks.
 
@@ -37,11 +38,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
+from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
 
-from megatron.sft.runtime.lora_bases import (
+from megatron.sft.bridge import transforms as T
+from megatron.sft.bridge.checkpoint_io import CheckpointError, CheckpointMetadata, load_rank_state
+
+from megatron.sft.lora.bases import (
     BYPASSING_PARENTS,
     BaseLinear,
     LoRABaseError,
@@ -49,73 +55,20 @@ from megatron.sft.runtime.lora_bases import (
     fused_input_norm,
     recognise_base,
 )
-
-#: megatron-core module name -> how its base weight is split over TP ranks
-LORA_TARGETS: dict[str, Literal["column", "row"]] = {
-    "linear_qkv": "column", "linear_proj": "row", "linear_fc1": "column", "linear_fc2": "row"}
-#: where each target lives inside a TransformerLayer
-_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
-           "linear_fc1": "mlp", "linear_fc2": "mlp"}
-ADAPTER_MARK = ".lora."
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRASettings:
-    """``--lora-*`` flags, validated. ``scale`` is ``alpha / rank`` (peft's ``scaling``).
-
-    >>> LoRASettings.from_flags(8, 16, 0.0, "linear_qkv, linear_fc2").targets
-    ('linear_qkv', 'linear_fc2')
-    """
-
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    targets: tuple[str, ...] = tuple(LORA_TARGETS)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @classmethod
-    def from_flags(cls, rank: int, alpha: float, dropout: float, targets: "str | tuple[str, ...]"
-                   ) -> "LoRASettings":
-        if rank <= 0:
-            raise ValueError(f"--lora-rank {rank}: use a positive rank (or 0 for full "
-                             "fine-tuning without adapters)")
-        if alpha <= 0:
-            raise ValueError(f"--lora-alpha {alpha}: must be positive (the update is scaled by "
-                             "alpha / rank)")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"--lora-dropout {dropout}: must be in [0, 1)")
-        names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) \
-            else list(targets)
-        names = [t for t in names if t]
-        unknown = [t for t in names if t not in LORA_TARGETS]
-        if unknown or not names:
-            raise ValueError(f"--lora-target-modules {','.join(names) or '(empty)'}: unknown "
-                             f"{unknown or 'none given'}; use a comma-separated subset of "
-                             f"{','.join(LORA_TARGETS)}")
-        ordered = tuple(t for t in LORA_TARGETS if t in names)  # one canonical order
-        return cls(int(rank), float(alpha), float(dropout), ordered)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "targets": list(self.targets)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoRASettings":
-        return cls.from_flags(d["rank"], d["alpha"], d.get("dropout", 0.0), tuple(d["targets"]))
-
-    def same_shape(self, other: "LoRASettings") -> bool:
-        """Adapters of ``other`` load into these (dropout may change on resume)."""
-        return (self.rank, self.alpha, self.targets) == (other.rank, other.alpha, other.targets)
-
+from megatron.sft.lora.settings import (  # noqa: F401  (adapters' vocabulary, re-exported)
+    ADAPTER_MARK,
+    LORA_TARGETS,
+    PARENT,
+    LoRASettings,
+    is_adapter_name,
+)
+from megatron.sft.runtime.parallel_dims import parallel_dims
 
 class LoRAAdapter(torch.nn.Module):
     """The ``B·A`` update of one tensor-parallel linear (see the module docstring).
 
     ``in_features`` / ``out_features`` are this rank's sizes of ``A``'s input and ``B``'s
-    output, read from the base weight (:func:`lora_bases.adapter_shape`).
+    output, read from the base weight (:func:`megatron.sft.lora.bases.adapter_shape`).
     """
 
     def __init__(self, parallel: Literal["column", "row"], in_features: int, out_features: int,
@@ -180,12 +133,12 @@ def iter_targets(chunks: list, targets: tuple[str, ...] = tuple(LORA_TARGETS)
     for chunk in chunks:
         for layer in _unwrap(chunk).decoder.layers:
             for name in targets:
-                yield layer.layer_number, name, getattr(getattr(layer, _PARENT[name]), name)
+                yield layer.layer_number, name, getattr(getattr(layer, PARENT[name]), name)
 
 
 def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings) -> "LoRAAdapter":
     """Give one base linear a zero-initialised ``lora`` child and the hook that adds its update;
-    :class:`lora_bases.LoRABaseError` if ``base`` cannot carry one (the message says why)."""
+    :class:`megatron.sft.lora.bases.LoRABaseError` if ``base`` cannot carry one (the message says why)."""
     parallel = LORA_TARGETS[target]
     kind = recognise_base(base, target, parallel)
     base.lora = LoRAAdapter(parallel, *adapter_shape(base), settings, dtype=base.weight.dtype,
@@ -198,11 +151,11 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
     """Freeze every parameter of ``chunks`` and add zero-initialised adapters to the targeted
     linears (call before DDP and the optimizer are built, so neither sees the base weights).
     Returns the number of adapter parameters on this rank. A model LoRA cannot wrap is refused
-    (:class:`lora_bases.LoRABaseError`) before anything is changed."""
+    (:class:`megatron.sft.lora.bases.LoRABaseError`) before anything is changed."""
     targets = list(iter_targets(chunks, settings.targets))
     for chunk in chunks:
         for layer in _unwrap(chunk).decoder.layers:
-            for parent_name in sorted({_PARENT[t] for t in settings.targets}):
+            for parent_name in sorted({PARENT[t] for t in settings.targets}):
                 parent = type(getattr(layer, parent_name)).__name__
                 if parent in BYPASSING_PARENTS:
                     raise LoRABaseError(f"LoRA on {parent_name} ({parent}): "
@@ -235,5 +188,52 @@ def adapter_parameters(chunks: list) -> list[torch.nn.Parameter]:
     return [p for c in chunks for n, p in _unwrap(c).named_parameters() if ADAPTER_MARK in f".{n}"]
 
 
-def is_adapter_name(name: str) -> bool:
-    return ADAPTER_MARK in f".{name}"
+@torch.no_grad()
+def init_adapters(chunks: list, settings: LoRASettings, seed: int, b_std: float = 0.0) -> None:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5), as peft), B = 0, or
+    B ~ N(0, b_std) when ``b_std > 0`` (tests: makes the adapter path count from step 0).
+
+    Each adapter's full tensors are drawn from a generator seeded by (seed, global layer,
+    target) and then split like the base, so every TP/PP layout trains the same model.
+    """
+    dims = parallel_dims()
+    tp, rank = dims.layout.tp, dims.tp_rank
+    names = list(LORA_TARGETS)
+    for layer_number, name, base in iter_targets(chunks, settings.targets):
+        ad = base.lora
+        gen = torch.Generator().manual_seed(
+            zlib.crc32(f"{seed}/{layer_number}/{names.index(name)}".encode()))
+        column = LORA_TARGETS[name] == "column"
+        r, in_full = ad.A.shape[0], ad.A.shape[1] * (1 if column else tp)
+        out_full = ad.B.shape[0] * (tp if column else 1)
+        bound = 1.0 / in_full ** 0.5
+        a = torch.rand(r, in_full, generator=gen) * 2 * bound - bound
+        b = (torch.randn(out_full, r, generator=gen) * b_std if b_std > 0
+             else torch.zeros(out_full, r))
+        if column:
+            # fc1's rows are [gate_shard; up_shard] per rank; QKV's are in one fused order.
+            b = (T.fuse_gate_up(*torch.chunk(b, 2, 0), tp)[rank] if name == "linear_fc1"
+                 else T.split_tp(b, tp, 0)[rank])
+        else:
+            a = T.split_tp(a, tp, 1)[rank]
+        ad.A.copy_(a)
+        ad.B.copy_(b)
+
+
+def load_adapters(chunks: list, iter_dir: Path, meta: CheckpointMetadata) -> None:
+    """Copy a LoRA run's saved adapters (``iter_dir``) into the attached ones of ``chunks``;
+    every adapter must be there, and nothing else."""
+    dims = parallel_dims()
+    state = load_rank_state(iter_dir, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank,
+                            mmap=True)
+    for chunk, model in enumerate(chunks):
+        saved = state.get(meta.layout.model_key(chunk), {})
+        wanted = {n for n, _ in model.named_parameters() if is_adapter_name(n)}
+        missing, unexpected = sorted(wanted - set(saved)), sorted(set(saved) - wanted)
+        if missing or unexpected:
+            raise CheckpointError(f"{iter_dir}: adapters do not fit this model: missing "
+                                  f"{missing[:6]}, unexpected {unexpected[:6]}")
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n in wanted:
+                params[n].copy_(saved[n])

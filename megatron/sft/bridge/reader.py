@@ -1,0 +1,88 @@
+"""Read a Megatron checkpoint (any TP x PP x VPP) as HF tensors, one pipeline stage at a time.
+
+The reader is the one way export and reshard see a checkpoint. It reads the rank files as
+they are; a checkpoint kind whose files are not the whole model (a LoRA run holds adapters
+only) subclasses it and overrides :meth:`CheckpointReader.stage_states` (see
+``megatron.sft.lora.merge``), so this tier knows nothing of such kinds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from megatron.sft.bridge.architectures import shape_of
+from megatron.sft.bridge.checkpoint_io import (
+    CheckpointError,
+    CheckpointMetadata,
+    iteration_dir,
+    load_rank_state,
+    read_metadata,
+)
+from megatron.sft.bridge.rules import ShardContext
+from megatron.sft.bridge.stage_mapping import export_plan, required_hf_names, stage_to_hf
+
+
+class CoverageError(ValueError):
+    """Source tensors and the architecture table disagree."""
+
+
+class CheckpointReader:
+    """Yields the HF tensors of a Megatron checkpoint, one pipeline stage mapped at a time."""
+
+    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None):
+        self.iter_dir = iteration_dir(Path(ckpt_dir), iteration)
+        self.meta: CheckpointMetadata = read_metadata(self.iter_dir)
+        self.spec, self.shape = shape_of(self.meta.hf_config)
+        self.layout = self.meta.layout
+        self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size)
+
+    @property
+    def iteration(self) -> int:
+        return int(self.iter_dir.name.split("_")[1])
+
+    def input_dirs(self) -> dict[str, Path]:
+        """Directories this reader reads, by the flag or file that names them (an output
+        must lie outside all of them)."""
+        return {"--load-dir": self.iter_dir.parent}
+
+    def rank_states(self, pp_rank: int) -> list[dict]:
+        """One pipeline stage's rank files as they are on disk (``mmap``: nothing is read
+        until a tensor is used), by TP rank."""
+        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank)
+                for tp in range(self.layout.tp)]
+
+    def stage_states(self, pp_rank: int, merge: bool = True) -> list[dict]:
+        """The model's states of one pipeline stage, by TP rank. A checkpoint kind whose files
+        are not the model overrides this; ``merge=False`` then asks only for states with the
+        model's structure (same names, shapes and dtypes), for checks that read no values."""
+        return self.rank_states(pp_rank)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for pp_rank in range(self.layout.pp):
+            states = self.stage_states(pp_rank)
+            yield from stage_to_hf(states, self.spec, self.shape, self.layout, pp_rank, self.ctx)
+            del states
+
+    def check_coverage(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """The planned output ``(name, dtype, shape)`` list, after checking that every rank file
+        holds every tensor the table needs (nothing is read but the pickles' structure)."""
+        entries, absent = [], []
+        for pp_rank in range(self.layout.pp):
+            states = self.stage_states(pp_rank, merge=False)
+            for name, key, mname, dims in export_plan(self.spec, self.shape, self.layout, pp_rank):
+                have = [s.get(key, {}).get(mname) for s in states]
+                if any(t is None for t in have):
+                    absent.append(f"{mname} (pp={pp_rank}, {key})")
+                    continue
+                entries.append((name, have[0].dtype, dims))
+        names = [e[0] for e in entries]
+        missing = sorted(set(required_hf_names(self.spec, self.shape)) - set(names))
+        if absent or missing:
+            raise CoverageError(f"checkpoint {self.iter_dir} cannot be exported: rank files lack "
+                                f"{sorted(set(absent))[:8]}; HF tensors not produced {missing[:8]}")
+        return entries
+
+
