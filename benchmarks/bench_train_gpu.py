@@ -103,16 +103,17 @@ def make_assets(work: Path, shape: dict, max_len: int, documents: int) -> tuple[
 
 
 def available_backends(device: str) -> list[str]:
+    from megatron.sft.runtime.attention import attention_backends
     from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
 
     out = []
-    for backend in ("te", "varlen", "flex", "sdpa", "dense"):
-        impl = "transformer_engine" if backend == "te" else "auto"
+    for spec in attention_backends():
+        impl = "transformer_engine" if spec.needs_te_layers else "auto"
         try:
-            resolve_layer_impl(impl, backend, device)
+            resolve_layer_impl(impl, spec.name, device)
         except LayerImplError:
             continue
-        out.append(backend)
+        out.append(spec.name)
     return out
 
 

@@ -21,6 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    # The choices are the registries' (a backend registered in runtime/attention.py shows here).
+    from megatron.sft.runtime.attention import attention_backend_choices
+    from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
     p.add_argument("--hf-model", required=True, help="HuggingFace model directory to compare with")
@@ -31,9 +35,9 @@ def parse_args(argv=None):
                    help="default: PP when virtual pipeline stages are used, else 1")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument("--transformer-impl", choices=["auto", "transformer_engine", "local"],
+    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS,
                    default="auto", help="layer modules (as in tools/train_sft.py)")
-    p.add_argument("--attention-backend", choices=["auto", "te", "varlen", "flex", "sdpa", "dense"],
+    p.add_argument("--attention-backend", choices=attention_backend_choices(),
                    default="auto", help="core attention (as in tools/train_sft.py)")
     p.add_argument("--output-json", default=None, help="write the measured differences here")
     return p.parse_args(argv)

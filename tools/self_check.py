@@ -44,12 +44,13 @@ def main() -> int:
                          ("transformer-engine", "transformer_engine"), ("apex", "apex"),
                          ("transformers", "transformers")]:
         print(f"{name:<13} {version(module)}")
+    from megatron.sft.runtime.attention import attention_backends
     from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
 
     # Every (layer implementation, attention backend) pair that can run on this machine.
     impls = []
     for impl in ("local", "transformer_engine"):
-        for backend in ("te", "varlen", "flex", "sdpa", "dense"):
+        for backend in (spec.name for spec in attention_backends()):
             try:
                 resolve_layer_impl(impl, backend)
             except LayerImplError:

@@ -1,5 +1,6 @@
-"""GPU attention backends (``varlen``, ``flex``, ``sdpa`` on CUDA) equal the dense masked
-softmax on packed documents, forward and backward, in fp32-accumulated bf16.
+"""GPU attention backends (every registered packed kernel: ``varlen``, ``flex``, ``sdpa``, ...
+on CUDA) equal the dense masked softmax on packed documents, forward and backward, in
+fp32-accumulated bf16.
 
 Tolerance (bf16 inputs): the fused kernels accumulate in fp32 but round q/k/v and the output
 to bf16 (8 bits of mantissa, relative step 2^-8 ~ 3.9e-3), so outputs and gradients are compared
@@ -11,12 +12,10 @@ import pytest
 import torch
 
 from megatron.sft.runtime.attention import (
+    attention_backends,
     dense_reference_attention,
     document_segments,
-    flex_attention_packed,
-    sdpa_attention,
-    varlen_attention,
-    varlen_available,
+    get_attention_backend,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,23 +35,27 @@ def _inputs(t, hq, hkv, d=64, seed=0):
             .requires_grad_() for h in (hq, hkv, hkv)]
 
 
-def _run(fn, cu, hq, hkv, window):
+def _run(kernel, cu, hq, hkv, window):
+    """``kernel`` takes DocumentSegments (registered kernels); None = the dense reference."""
     seg = document_segments(torch.tensor(cu), len(cu), 512, torch.device("cuda"))
     q, k, v = _inputs(seg.bounds[-1], hq, hkv)
-    arg = seg.bounds if fn in (sdpa_attention, dense_reference_attention) else seg
-    out = fn(q, k, v, arg, 0.125, window)
+    if kernel is None:
+        out = dense_reference_attention(q, k, v, seg.bounds, 0.125, window)
+    else:
+        out = kernel(q, k, v, seg, 0.125, window)
     weights = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
     (out.float() * weights).sum().backward()
     return out.float(), [x.grad.float() for x in (q, k, v)]
 
 
 @pytest.mark.parametrize("cu, hq, hkv, window", CASES)
-@pytest.mark.parametrize("backend", ["varlen", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", [s.name for s in attention_backends() if s.kernel is not None])
 def test_backend_equals_dense(backend, cu, hq, hkv, window):
-    fn = {"varlen": varlen_attention, "flex": flex_attention_packed, "sdpa": sdpa_attention}[backend]
-    if backend == "varlen" and not varlen_available():
-        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    out, grads = _run(fn, cu, hq, hkv, window)
-    ref_out, ref_grads = _run(dense_reference_attention, cu, hq, hkv, window)
+    spec = get_attention_backend(backend)
+    missing = spec.check("local", "cuda")  # e.g. this torch has no varlen
+    if missing:
+        pytest.skip(missing)
+    out, grads = _run(spec.kernel, cu, hq, hkv, window)
+    ref_out, ref_grads = _run(None, cu, hq, hkv, window)
     for got, ref in [(out, ref_out)] + list(zip(grads, ref_grads)):
         assert torch.allclose(got, ref, atol=2e-2, rtol=2e-2), (backend, (got - ref).abs().max())

@@ -1,24 +1,50 @@
-"""Core attention for packed SFT rows without an s x s tensor: the backends behind
-``--attention-backend`` other than Transformer Engine's.
+"""Core attention for packed SFT rows, and the registry behind ``--attention-backend``.
 
 megatron-core's layer spec calls a *core attention* module with ``query [s, b, hq, d]`` and
 ``key``/``value [s, b, hkv, d]`` (RoPE already applied, heads already split across TP ranks) and
-expects ``[s, b, hq * d]`` back. :class:`PackedCoreAttention` is that module. Which tokens may
-attend to which is described by :class:`DocumentSegments`, carried to every layer inside
-megatron-core's own ``packed_seq_params`` argument (``qkv_format="sbhd"``, so megatron-core
-keeps the ``[s, b]`` layout and its usual RoPE: RoPE is relative, so positions that do not restart
-at each document give the same attention as positions that do once documents are isolated).
+expects ``[s, b, hq * d]`` back. :class:`PackedCoreAttention` is that module for the packed
+backends. Which tokens may attend to which is described by :class:`DocumentSegments`, carried to
+every layer inside megatron-core's own ``packed_seq_params`` argument (``qkv_format="sbhd"``, so
+megatron-core keeps the ``[s, b]`` layout and its usual RoPE: RoPE is relative, so positions that
+do not restart at each document give the same attention as positions that do once documents are
+isolated).
 
 Backends (all causal within a document, GQA without copying K/V where the kernel allows it, an
-optional sliding window of ``W`` tokens: query ``i`` sees keys ``i - W < j <= i``, as in HF):
+optional sliding window of ``W`` tokens: query ``i`` sees keys ``i - W < j <= i``, as in HF), in
+the order of ``--attention-backend``'s choices:
 
-- ``sdpa``   ``scaled_dot_product_attention`` per document (or per row when unpacked); exact, CPU
-             and GPU, O(sum l_i^2) work, no s x s tensor unless a window forces a banded mask.
+- ``te``     Transformer Engine's ``TEDotProductAttention`` on THD-flattened rows (TE layers).
 - ``varlen`` ``torch.nn.attention.varlen.varlen_attn`` over the flattened tokens (CUDA).
 - ``flex``   ``flex_attention`` with a document-causal ``BlockMask`` (CUDA; compiled).
+- ``sdpa``   ``scaled_dot_product_attention`` per document (or per row when unpacked); exact, CPU
+             and GPU, O(sum l_i^2) work, no s x s tensor unless a window forces a banded mask.
+- ``dense``  megatron-core's ``DotProductAttention`` with a ``[b, 1, s, s]`` mask (reference).
+
+Each is one :class:`AttentionBackendSpec` registered next to its code; ``--attention-backend``'s
+choices and help (``tools/train_sft.py``, ``tools/check_hf_parity.py``), ``auto``'s choice,
+the start-up checks, :class:`~megatron.sft.runtime.layer_impl.LayerImpl` and
+:class:`PackedCoreAttention` all read the registry.
+
+Adding an attention backend (this file only)
+--------------------------------------------
+1. Write the kernel ``(q, k, v, segments, scale, window) -> out`` on ``[t, h, d]`` tensors
+   (``t`` = the micro-batch's flattened tokens; ``segments.bounds`` for per-document loops,
+   ``segments.cu_seqlens_q`` / ``max_document_length`` for varlen kernels).
+2. Right below it call ``register_backend(AttentionBackendSpec(name=..., description=...,
+   devices=..., requires=..., auto_rank=..., kernel=...))``. That is all: the name becomes a
+   CLI choice (in registration order), the description its ``--help`` entry, ``devices``/``requires`` the error at start
+   naming the alternative, ``auto_rank`` its place in ``auto``'s order, and
+   ``PackedCoreAttention`` calls the kernel. A backend that is not a packed kernel (like ``te``
+   or ``dense``) gives ``build_inputs`` (what a micro-batch passes to the model) and
+   ``build_core_attention`` (the module in the layer spec) instead.
+3. ``tests/unit/runtime/test_attention_registry.py`` iterates the registry: every packed kernel
+   that runs on CPU is compared with :func:`dense_reference_attention` there, every one on CUDA
+   in ``tests/gpu/test_attention_backends_gpu.py``; nothing to add unless the backend has
+   behaviour of its own. (The README's table of backends is for users: give it a row.)
 
 The pure functions (``segments_from_cu_seqlens``, ``*_attention``) take ``[t, h, d]`` tensors and
-are tested directly against a dense masked softmax.
+are tested directly against a dense masked softmax. Importing this module costs no megatron-core
+import (``--help`` reads the registry): megatron-core is imported where a backend first needs it.
 """
 
 from __future__ import annotations
@@ -28,33 +54,47 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron.core.packed_seq_params import PackedSeqParams
-
 
 # --------------------------------------------------------------------------------- segments
-@dataclasses.dataclass
-class DocumentSegments(PackedSeqParams):
-    """megatron-core's ``PackedSeqParams`` plus what our backends need, computed once per
-    micro-batch on the host so no layer synchronises with the GPU to read boundaries.
+@functools.lru_cache(maxsize=None)
+def _document_segments_class() -> type:
+    # Made on first use: its base, megatron-core's PackedSeqParams, imports all of megatron.core
+    # (seconds), which the CLI's --help must not pay for reading the backend registry.
+    from megatron.core.packed_seq_params import PackedSeqParams
 
-    ``bounds`` are offsets into the micro-batch flattened row-major to ``b * s`` tokens; every
-    row's trailing padding is a document of its own (it attends only to itself).
-    """
+    @dataclasses.dataclass
+    class DocumentSegments(PackedSeqParams):
+        """megatron-core's ``PackedSeqParams`` plus what our backends need, computed once per
+        micro-batch on the host so no layer synchronises with the GPU to read boundaries.
 
-    bounds: tuple[int, ...] = ()
-    rows: int = 1
-    row_length: int = 0
-    #: created lazily by the flex backend and reused by every layer of the micro-batch
-    block_mask: object = None
+        ``bounds`` are offsets into the micro-batch flattened row-major to ``b * s`` tokens;
+        every row's trailing padding is a document of its own (it attends only to itself).
+        """
 
-    @property
-    def max_document_length(self) -> int:
-        return max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
+        bounds: tuple[int, ...] = ()
+        rows: int = 1
+        row_length: int = 0
+        #: created lazily by the flex backend and reused by every layer of the micro-batch
+        block_mask: object = None
+
+        @property
+        def max_document_length(self) -> int:
+            return max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
+
+    DocumentSegments.__qualname__ = "DocumentSegments"  # pickles as attention.DocumentSegments
+    return DocumentSegments
+
+
+def __getattr__(name: str) -> Any:
+    """``from megatron.sft.runtime.attention import DocumentSegments`` builds the class."""
+    if name == "DocumentSegments":
+        return _document_segments_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def segments_from_cu_seqlens(cu_seqlens: Optional[torch.Tensor], rows: int,
@@ -85,9 +125,9 @@ def document_segments(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length:
     bounds = segments_from_cu_seqlens(cu_seqlens, rows, seq_length)
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     # max_seqlen_* = the row length: megatron-core sizes its RoPE table from it.
-    return DocumentSegments(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                            max_seqlen_q=seq_length, max_seqlen_kv=seq_length, bounds=bounds,
-                            rows=rows, row_length=seq_length)
+    return _document_segments_class()(
+        qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_length,
+        max_seqlen_kv=seq_length, bounds=bounds, rows=rows, row_length=seq_length)
 
 
 def segment_ids(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -134,35 +174,219 @@ def banded_causal_mask(length: int, window: Optional[int], device=None) -> torch
     return allowed
 
 
-# --------------------------------------------------------------------------------- backends
-# Every backend: q [t, hq, d], k/v [t, hkv, d] (t = flattened tokens), bounds -> [t, hq, d].
+# --------------------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """What one micro-batch passes to ``GPTModel.forward`` besides tokens.
 
+    ``flatten_rows``: Transformer Engine's THD path wants the ``b`` rows as one sequence of
+    ``b * s`` tokens (``[b, s] -> [1, b*s]``), and its output reshaped back.
+    """
+
+    attention_mask: Optional[torch.Tensor] = None
+    packed_seq_params: Any = None
+    flatten_rows: bool = False
+
+
+#: a packed backend's kernel: q [t, hq, d], k/v [t, hkv, d], DocumentSegments, softmax scale,
+#: sliding window (or None) -> [t, hq, d]
+Kernel = Callable[..., torch.Tensor]
+#: (cu_seqlens [b, n] or None when unpacked, rows, seq_length, sliding window) -> AttentionInputs
+InputsBuilder = Callable[[Optional[torch.Tensor], int, int, Optional[int]], AttentionInputs]
+
+
+def _nothing_missing() -> Optional[str]:
+    return None
+
+
+def _no_config_overrides(window: Optional[int]) -> dict[str, Any]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackendSpec:
+    """One ``--attention-backend`` choice: everything the CLI, the start-up check, the layer
+    spec, the per-micro-batch inputs and :class:`PackedCoreAttention` need to know about it
+    (the module docstring says how to add one).
+
+    >>> sdpa, flex = get_attention_backend("sdpa"), get_attention_backend("flex")
+    >>> sdpa.check("local", "cpu") is None, flex.check("local", "cpu")[:42]
+    (True, '--attention-backend flex runs on CUDA only')
+    """
+
+    name: str
+    #: one line for ``--help``
+    description: str
+    #: devices it runs on (``torch.device.type``); ``None``: wherever its layers run
+    devices: Optional[tuple[str, ...]] = None
+    #: why not elsewhere, quoted by the error (e.g. "torch has no CPU kernel for it")
+    devices_why: str = ""
+    #: runs inside Transformer Engine layers only (``--transformer-impl transformer_engine``)
+    needs_te_layers: bool = False
+    #: what this installation lacks to run it ("torch 2.4 has no ...; use ..."), or ``None``
+    requires: Callable[[], Optional[str]] = _nothing_missing
+    #: place in ``auto``'s order, lowest first (the first whose check passes is used);
+    #: ``None``: never chosen by ``auto``
+    auto_rank: Optional[int] = None
+    #: packed backends: called by :class:`PackedCoreAttention` on the flattened tokens
+    kernel: Optional[Kernel] = None
+    #: what a micro-batch passes to the model; default for packed backends:
+    #: :func:`packed_attention_inputs`
+    build_inputs: Optional[InputsBuilder] = None
+    #: ``(linear, window) -> core-attention module`` for the layer spec, ``None`` = the spec's own
+    #: (``TEDotProductAttention`` with TE layers, ``DotProductAttention`` local); default for
+    #: packed backends: :class:`PackedCoreAttention` bound to this backend
+    build_core_attention: Optional[Callable[[str, Optional[int]], Any]] = None
+    #: ``window -> TransformerConfig`` fields this backend reads (e.g. TE's ``window_size``)
+    config_overrides: Callable[[Optional[int]], dict[str, Any]] = _no_config_overrides
+
+    def __post_init__(self):
+        if not self.name or self.name == "auto":
+            raise ValueError(f"attention backend name {self.name!r}: give a name other than "
+                             "'' and 'auto' ('auto' picks among the registered backends)")
+        if not self.description.strip() or "\n" in self.description:
+            raise ValueError(f"attention backend {self.name!r}: give a one-line description "
+                             "(it is the --help entry)")
+        if self.kernel is None and self.build_inputs is None:
+            raise ValueError(f"attention backend {self.name!r}: give a kernel (packed "
+                             "backends) or build_inputs (what a micro-batch passes)")
+
+    # ------------------------------------------------------------------ can it run here
+    def check(self, linear: str, device_type: str) -> Optional[str]:
+        """Why this backend cannot run with ``linear`` layers (``"te"`` / ``"local"``) on
+        ``device_type``, naming the alternative; ``None`` when it can."""
+        if self.needs_te_layers and linear != "te":
+            return (f"--attention-backend {self.name} needs Transformer Engine layers; use "
+                    "--transformer-impl transformer_engine (NVIDIA PyTorch container), or "
+                    "--attention-backend " + ("varlen" if device_type == "cuda" else "sdpa"))
+        if self.devices is not None and device_type not in self.devices:
+            why = f" ({self.devices_why})" if self.devices_why else ""
+            return (f"--attention-backend {self.name} runs on {self._devices_text()} only{why}; "
+                    f"use --attention-backend sdpa on {device_type.upper()}")
+        return self.requires()
+
+    def _devices_text(self) -> str:
+        return " and ".join(d.upper() for d in self.devices or ())
+
+    # ------------------------------------------------------------------ what it builds
+    def attention_inputs(self, cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
+                         window: Optional[int] = None) -> AttentionInputs:
+        build = self.build_inputs or packed_attention_inputs
+        return build(cu_seqlens, rows, seq_length, window)
+
+    def core_attention(self, linear: str, window: Optional[int]):
+        """The layer spec's core-attention module, or ``None`` to keep the spec's own."""
+        if self.build_core_attention is not None:
+            return self.build_core_attention(linear, window)
+        if self.kernel is not None:
+            return functools.partial(PackedCoreAttention, backend=self.name, window=window)
+        return None
+
+
+_BACKENDS: dict[str, AttentionBackendSpec] = {}
+
+
+def register_backend(spec: AttentionBackendSpec) -> AttentionBackendSpec:
+    """Add ``spec`` to the registry (CLI order = registration order) and return it. Call it at
+    module level next to the backend's code; a name registered twice is an error."""
+    if spec.name in _BACKENDS:
+        raise ValueError(f"attention backend {spec.name!r} is registered twice")
+    _BACKENDS[spec.name] = spec
+    return spec
+
+
+def attention_backends() -> tuple[AttentionBackendSpec, ...]:
+    """Every registered backend, in registration (= ``--help``) order."""
+    return tuple(_BACKENDS.values())
+
+
+def get_attention_backend(name: str) -> AttentionBackendSpec:
+    """The registered backend called ``name`` (``ValueError`` listing the choices if none)."""
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"--attention-backend {name!r}: use one of "
+                         f"{', '.join(attention_backend_choices())}") from None
+
+
+def attention_backend_choices() -> tuple[str, ...]:
+    """``--attention-backend``'s choices: ``("auto", <registered names>...)``."""
+    return ("auto",) + tuple(_BACKENDS)
+
+
+def auto_order() -> tuple[AttentionBackendSpec, ...]:
+    """The backends ``auto`` tries, first to last (by ``auto_rank``).
+
+    >>> [s.name for s in auto_order()]
+    ['te', 'varlen', 'flex', 'sdpa']
+    """
+    ranked = [s for s in _BACKENDS.values() if s.auto_rank is not None]
+    return tuple(sorted(ranked, key=lambda s: s.auto_rank))
+
+
+def auto_backend(linear: str, device_type: str) -> Optional[AttentionBackendSpec]:
+    """``auto``: the first backend of :func:`auto_order` that runs here (``None`` if none)."""
+    return next((s for s in auto_order() if s.check(linear, device_type) is None), None)
+
+
+def attention_backend_help() -> str:
+    """``--attention-backend``'s help text, from the registered descriptions."""
+    def needs(s: AttentionBackendSpec) -> str:
+        if s.needs_te_layers:
+            return "; needs TE layers"
+        return f"; {s._devices_text()} only" if s.devices else ""
+
+    def when(s: AttentionBackendSpec) -> str:
+        if s.needs_te_layers:
+            return f"{s.name} with TE layers"
+        return f"{s.name} on {s._devices_text()}" if s.devices else s.name
+
+    entries = ", ".join(f"{s.name} ({s.description}{needs(s)})" for s in attention_backends())
+    return (f"core attention for packed rows: {entries}; auto = "
+            f"{', else '.join(when(s) for s in auto_order())}")
+
+
+def packed_attention_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
+                            window: Optional[int] = None) -> AttentionInputs:
+    """The packed backends' inputs: :class:`DocumentSegments` as ``packed_seq_params``."""
+    if cu_seqlens is None:
+        return AttentionInputs()  # PackedCoreAttention treats each row as one document
+    return AttentionInputs(packed_seq_params=document_segments(
+        cu_seqlens, rows, seq_length, cu_seqlens.device))
+
+
+# --------------------------------------------------------------------------------- backends
+# In --attention-backend's order; each registers right below its code.
+
+def _te_thd_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
+                   window: Optional[int] = None) -> AttentionInputs:
+    """Transformer Engine's THD format: the ``b`` rows become one sequence of ``b * s`` tokens
+    with document boundaries ``cu_seqlens`` (``max_seqlen`` = the longest document)."""
+    if cu_seqlens is None:
+        return AttentionInputs()
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = segments_from_cu_seqlens(cu_seqlens, rows, seq_length)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return AttentionInputs(packed_seq_params=PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+        max_seqlen_kv=longest), flatten_rows=True)
+
+
+def _te_window(window: Optional[int]) -> dict[str, Any]:
+    # TEDotProductAttention reads the window from the config (flash-attention convention).
+    return {} if window is None else {"window_size": (window - 1, 0)}
+
+
+register_backend(AttentionBackendSpec(
+    name="te", description="Transformer Engine THD", needs_te_layers=True, auto_rank=10,
+    build_inputs=_te_thd_inputs, config_overrides=_te_window))
+
+
+# Packed kernels: q [t, hq, d], k/v [t, hkv, d] (t = flattened tokens), segments -> [t, hq, d].
 def _repeat_kv(k: torch.Tensor, hq: int) -> torch.Tensor:
     return k if k.shape[-2] == hq else k.repeat_interleave(hq // k.shape[-2], dim=-2)
-
-
-def sdpa_attention(q, k, v, bounds: tuple[int, ...], scale: float,
-                   window: Optional[int] = None) -> torch.Tensor:
-    """One ``scaled_dot_product_attention`` call per document (causal, GQA)."""
-    hq = q.shape[-2]
-    # CPU's flash kernel takes grouped K/V as they are; CUDA's fused kernels do not all do, so
-    # there K/V are expanded (b*s*h*d more memory, never s*s).
-    gqa = {"enable_gqa": True} if q.device.type == "cpu" else None
-    if gqa is None:
-        k, v = _repeat_kv(k, hq), _repeat_kv(v, hq)
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-        length = end - start
-        if window is not None and length > window:
-            mask = banded_causal_mask(length, window, q.device)
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale,
-                                                 **(gqa or {}))
-        else:
-            out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
-                                                 **(gqa or {}))
-        outs.append(out.squeeze(0).transpose(0, 1))
-    return torch.cat(outs, dim=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,6 +443,19 @@ def varlen_attention(q, k, v, segments: DocumentSegments, scale: float,
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
+def _varlen_missing() -> Optional[str]:
+    if varlen_available():
+        return None
+    return (f"torch {torch.__version__} has no torch.nn.attention.varlen; use "
+            "--attention-backend flex (or sdpa), or torch >= 2.9")
+
+
+register_backend(AttentionBackendSpec(
+    name="varlen", description="torch flash varlen", devices=("cuda",),
+    devices_why="torch has no CPU kernel for it", requires=_varlen_missing, auto_rank=20,
+    kernel=varlen_attention))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_flex() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
@@ -262,6 +499,54 @@ def _eager_flex():
     return flex_attention
 
 
+def _flex_missing() -> Optional[str]:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no flex_attention; use --attention-backend sdpa"
+    return None
+
+
+register_backend(AttentionBackendSpec(
+    name="flex", description="flex_attention", devices=("cuda",),
+    devices_why="torch has no CPU backward for it", requires=_flex_missing, auto_rank=30,
+    kernel=flex_attention_packed))
+
+
+def sdpa_attention(q, k, v, bounds: tuple[int, ...], scale: float,
+                   window: Optional[int] = None) -> torch.Tensor:
+    """One ``scaled_dot_product_attention`` call per document (causal, GQA)."""
+    hq = q.shape[-2]
+    # CPU's flash kernel takes grouped K/V as they are; CUDA's fused kernels do not all do, so
+    # there K/V are expanded (b*s*h*d more memory, never s*s).
+    gqa = {"enable_gqa": True} if q.device.type == "cpu" else None
+    if gqa is None:
+        k, v = _repeat_kv(k, hq), _repeat_kv(v, hq)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        length = end - start
+        if window is not None and length > window:
+            mask = banded_causal_mask(length, window, q.device)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale,
+                                                 **(gqa or {}))
+        else:
+            out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
+                                                 **(gqa or {}))
+        outs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def _sdpa_kernel(q, k, v, segments: DocumentSegments, scale: float,
+                 window: Optional[int] = None) -> torch.Tensor:
+    return sdpa_attention(q, k, v, segments.bounds, scale, window)
+
+
+register_backend(AttentionBackendSpec(
+    name="sdpa", description="per document, CPU and GPU", auto_rank=100,  # runs anywhere
+    kernel=_sdpa_kernel))
+
+
 def dense_reference_attention(q, k, v, bounds: tuple[int, ...], scale: float,
                               window: Optional[int] = None) -> torch.Tensor:
     """Materialised ``t x t`` masked softmax: the reference the other backends are tested
@@ -278,13 +563,38 @@ def dense_reference_attention(q, k, v, bounds: tuple[int, ...], scale: float,
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vr.to(dtype)).to(q.dtype)
 
 
+def _dense_mask_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
+                       window: Optional[int] = None) -> AttentionInputs:
+    """megatron-core's attention with our ``[b, 1, s, s]`` block-diagonal causal mask."""
+    if cu_seqlens is None and window is None:
+        return AttentionInputs()  # megatron-core's own causal mask
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([[0, seq_length]] * rows)
+    return AttentionInputs(attention_mask=packed_attention_mask(cu_seqlens, seq_length,
+                                                                window=window))
+
+
+def _dense_core_attention(linear: str, window: Optional[int]):
+    if linear != "te":
+        return None  # the local spec's own DotProductAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention  # with TE layers too: megatron-core's own applies the mask
+
+
+register_backend(AttentionBackendSpec(
+    name="dense", description="s x s mask, reference only",
+    build_inputs=_dense_mask_inputs, build_core_attention=_dense_core_attention))
+
+
 # --------------------------------------------------------------------------------- module
 class PackedCoreAttention(torch.nn.Module):
-    """Drop-in for megatron-core's ``DotProductAttention`` in a layer spec.
+    """Drop-in for megatron-core's ``DotProductAttention`` in a layer spec, running a packed
+    backend's registered kernel.
 
     Built by megatron-core's ``SelfAttention`` with its usual keyword arguments; ``backend``
-    and ``window`` are bound by :mod:`megatron.sft.runtime.layer_impl` with
-    ``functools.partial``. No parameters, so checkpoints are unaffected.
+    and ``window`` are bound with ``functools.partial`` by
+    :meth:`AttentionBackendSpec.core_attention`. No parameters, so checkpoints are unaffected.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
@@ -292,6 +602,10 @@ class PackedCoreAttention(torch.nn.Module):
                  cp_comm_type: Optional[str] = None, pg_collection=None, *, backend: str,
                  window: Optional[int] = None):
         super().__init__()
+        kernel = get_attention_backend(backend).kernel
+        if kernel is None:
+            raise ValueError(f"--attention-backend {backend} has no packed kernel: its layer "
+                             "spec keeps megatron-core's core attention")
         if config.context_parallel_size != 1:
             raise ValueError(f"--attention-backend {backend} does not support context "
                              "parallelism; use --attention-backend te")
@@ -301,6 +615,7 @@ class PackedCoreAttention(torch.nn.Module):
                              f"(attention_dropout={dropout})")
         self.config = config
         self.backend = backend
+        self.kernel = kernel
         self.window = window
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(
             config.kv_channels)
@@ -311,16 +626,9 @@ class PackedCoreAttention(torch.nn.Module):
             raise ValueError(f"--attention-backend {self.backend} takes no attention bias")
         s, b, hq, d = query.shape
         segments = packed_seq_params
-        if not isinstance(segments, DocumentSegments):  # unpacked rows: one document per row
+        if not isinstance(segments, _document_segments_class()):  # unpacked: a document a row
             segments = document_segments(None, b, s, query.device)
         # [s, b, h, d] -> [b*s, h, d]: documents are contiguous runs of the flattened rows.
         q, k, v = (x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (query, key, value))
-        if self.backend == "sdpa":
-            out = sdpa_attention(q, k, v, segments.bounds, self.scale, self.window)
-        elif self.backend == "varlen":
-            out = varlen_attention(q, k, v, segments, self.scale, self.window)
-        elif self.backend == "flex":
-            out = flex_attention_packed(q, k, v, segments, self.scale, self.window)
-        else:  # pragma: no cover - layer_impl only binds the three above
-            raise ValueError(f"unknown attention backend {self.backend!r}")
+        out = self.kernel(q, k, v, segments, self.scale, self.window)
         return out.reshape(b, s, hq * d).transpose(0, 1).contiguous()

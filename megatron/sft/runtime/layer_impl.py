@@ -5,8 +5,9 @@ Two independent choices make a :class:`LayerImpl`:
 - ``linear``: ``"te"`` (Transformer Engine modules, each pre-norm fused into the following
   linear) or ``"local"`` (megatron-core's own torch modules, separate norms). Chosen with
   ``--transformer-impl transformer_engine|local|auto``.
-- ``attention``: the core-attention backend, ``--attention-backend
-  te|varlen|flex|sdpa|dense|auto`` (see :mod:`megatron.sft.runtime.attention`).
+- ``attention``: the name of a core-attention backend registered in
+  :mod:`megatron.sft.runtime.attention` (``--attention-backend te|varlen|flex|sdpa|dense|auto``);
+  :attr:`LayerImpl.backend` is its :class:`~megatron.sft.runtime.attention.AttentionBackendSpec`.
 
 Everything downstream reads the object instead of comparing strings: the layer spec
 (:meth:`LayerImpl.layer_spec`), the ``TransformerConfig`` fusion flags
@@ -15,10 +16,10 @@ Everything downstream reads the object instead of comparing strings: the layer s
 (:meth:`LayerImpl.checkpoint_to_model` / :meth:`LayerImpl.model_to_checkpoint`).
 :func:`resolve_layer_impl` turns the two flag values into one, with actionable errors.
 
-Adding an attention backend: a function in ``attention.py`` taking ``[t, h, d]`` tensors, its
-name in ``ATTENTION_BACKENDS``, its requirements in :func:`_check_backend`, and a case in the
-backend equality tests (``tests/unit/runtime/test_attention_backends.py`` on CPU,
-``tests/gpu/test_attention_backends_gpu.py`` on GPU).
+Adding an attention backend touches ``attention.py`` only: its kernel and one
+``register_backend(AttentionBackendSpec(...))`` call next to it (the how-to is that module's
+docstring). This module, the CLI choices and help, and the registry-driven tests read it from
+there.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from megatron.sft.runtime.attention import (  # noqa: F401  AttentionInputs: re-exported
+    AttentionBackendSpec,
+    AttentionInputs,
+    attention_backend_choices,
+    auto_backend,
+    get_attention_backend,
+)
+
 LinearImpl = Literal["te", "local"]
-AttentionBackend = Literal["te", "varlen", "flex", "sdpa", "dense"]
-ATTENTION_BACKENDS = ("auto", "te", "varlen", "flex", "sdpa", "dense")
+#: ``--transformer-impl``'s choices (the CLIs read them from here)
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
 
 #: (checkpoint = TE spec suffix, local-spec suffix). Checkpoints always use TE names, as
@@ -68,22 +76,14 @@ def _rename(name: str, pairs) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionInputs:
-    """What one micro-batch passes to ``GPTModel.forward`` besides tokens.
-
-    ``flatten_rows``: Transformer Engine's THD path wants the ``b`` rows as one sequence of
-    ``b * s`` tokens (``[b, s] -> [1, b*s]``), and its output reshaped back.
-    """
-
-    attention_mask: Optional[torch.Tensor] = None
-    packed_seq_params: Any = None
-    flatten_rows: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class LayerImpl:
     linear: LinearImpl
-    attention: AttentionBackend
+    #: a registered attention backend's name
+    attention: str
+
+    @property
+    def backend(self) -> AttentionBackendSpec:
+        return get_attention_backend(self.attention)
 
     # ------------------------------------------------------------------ model construction
     def layer_spec(self, qk_layernorm: bool, sliding_window: Optional[int] = None,
@@ -99,21 +99,10 @@ class LayerImpl:
         else:
             spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm",
                                                   qk_layernorm=qk_layernorm, **spec_args)
-        core = self._core_attention(sliding_window)
-        if core is not None:
+        core = self.backend.core_attention(self.linear, sliding_window)
+        if core is not None:  # else the spec's own (TEDotProductAttention / DotProductAttention)
             spec.submodules.self_attention.submodules.core_attention = core
         return spec
-
-    def _core_attention(self, window: Optional[int]):
-        if self.attention in ("varlen", "flex", "sdpa"):
-            from megatron.sft.runtime.attention import PackedCoreAttention
-
-            return functools.partial(PackedCoreAttention, backend=self.attention, window=window)
-        if self.attention == "dense" and self.linear == "te":
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-            return DotProductAttention
-        return None  # the spec's own: TEDotProductAttention (te) or DotProductAttention (dense)
 
     def config_overrides(self, *, cpu: bool, sliding_window: Optional[int]) -> dict[str, Any]:
         """``TransformerConfig`` fields that depend on the implementation."""
@@ -122,43 +111,16 @@ class LayerImpl:
             bias_activation_fusion=fused, bias_dropout_fusion=fused,
             masked_softmax_fusion=fused, apply_rope_fusion=fused, persist_layer_norm=fused,
             gradient_accumulation_fusion=False)
-        if self.attention == "te" and sliding_window is not None:
-            out["window_size"] = (sliding_window - 1, 0)  # flash-attention convention
+        out.update(self.backend.config_overrides(sliding_window))
         return out
 
     # ------------------------------------------------------------------ per micro-batch
     def attention_inputs(self, cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
                          sliding_window: Optional[int] = None) -> AttentionInputs:
-        """``cu_seqlens`` is ``collate_sft``'s ``[b, n]`` for packed rows, ``None`` unpacked."""
-        device = cu_seqlens.device if cu_seqlens is not None else None
-        if self.attention == "te":
-            if cu_seqlens is None:
-                return AttentionInputs()
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            from megatron.sft.runtime.attention import segments_from_cu_seqlens
-
-            bounds = segments_from_cu_seqlens(cu_seqlens, rows, seq_length)
-            cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-            longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-            return AttentionInputs(packed_seq_params=PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                max_seqlen_kv=longest), flatten_rows=True)
-        if self.attention == "dense":
-            if cu_seqlens is None and sliding_window is None:
-                return AttentionInputs()  # megatron-core's own causal mask
-            from megatron.sft.runtime.attention import packed_attention_mask
-
-            if cu_seqlens is None:
-                cu_seqlens = torch.tensor([[0, seq_length]] * rows)
-            return AttentionInputs(attention_mask=packed_attention_mask(
-                cu_seqlens, seq_length, window=sliding_window))
-        if cu_seqlens is None:
-            return AttentionInputs()  # PackedCoreAttention treats each row as one document
-        from megatron.sft.runtime.attention import document_segments
-
-        return AttentionInputs(packed_seq_params=document_segments(
-            cu_seqlens, rows, seq_length, device))
+        """``cu_seqlens`` is ``collate_sft``'s ``[b, n]`` for packed rows, ``None`` unpacked
+        (THD-flattened rows for ``te``, a ``[b, 1, s, s]`` mask for ``dense``, document
+        segments for the packed backends)."""
+        return self.backend.attention_inputs(cu_seqlens, rows, seq_length, sliding_window)
 
     # ------------------------------------------------------------------ checkpoint names
     def checkpoint_to_model(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -187,40 +149,14 @@ class LayerImpl:
 
 
 # ---------------------------------------------------------------------------- the factory
-def _check_backend(backend: str, linear: str, device_type: str) -> None:
-    if backend == "te" and linear != "te":
-        raise LayerImplError(
-            "--attention-backend te needs Transformer Engine layers; use --transformer-impl "
-            "transformer_engine (NVIDIA PyTorch container), or --attention-backend "
-            + ("varlen" if device_type == "cuda" else "sdpa"))
-    if backend in ("varlen", "flex") and device_type != "cuda":
-        raise LayerImplError(
-            f"--attention-backend {backend} runs on CUDA only (torch has no CPU "
-            f"{'kernel' if backend == 'varlen' else 'backward'} for it); use "
-            "--attention-backend sdpa on CPU")
-    if backend == "varlen":
-        from megatron.sft.runtime.attention import varlen_available
-
-        if not varlen_available():
-            raise LayerImplError(
-                f"torch {torch.__version__} has no torch.nn.attention.varlen; use "
-                "--attention-backend flex (or sdpa), or torch >= 2.9")
-    if backend == "flex":
-        try:
-            import torch.nn.attention.flex_attention  # noqa: F401
-        except ImportError:
-            raise LayerImplError(f"torch {torch.__version__} has no flex_attention; use "
-                                 "--attention-backend sdpa") from None
-
-
 def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = "auto",
                        device_type: Optional[str] = None) -> LayerImpl:
     """Flag values -> :class:`LayerImpl`.
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =
-    ``te`` with TE layers, else ``varlen`` on CUDA (``flex`` if this torch lacks varlen), else
-    ``sdpa``. Asking for something that cannot run is an error naming the alternative, never a
-    silent fallback.
+    the first registered backend by ``auto_rank`` that runs here: ``te`` with TE layers, else
+    ``varlen`` on CUDA (``flex`` if this torch lacks varlen), else ``sdpa``. Asking for something
+    that cannot run is an error naming the alternative, never a silent fallback.
 
     >>> resolve_layer_impl("local", "auto", "cpu")
     LayerImpl(linear='local', attention='sdpa')
@@ -230,9 +166,9 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise LayerImplError(f"--transformer-impl {transformer_impl!r}: use one of "
                              f"{', '.join(TRANSFORMER_IMPLS)}")
-    if attention_backend not in ATTENTION_BACKENDS:
+    if attention_backend not in attention_backend_choices():
         raise LayerImplError(f"--attention-backend {attention_backend!r}: use one of "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
+                             f"{', '.join(attention_backend_choices())}")
     if transformer_impl == "auto":
         linear = "te" if device_type == "cuda" and transformer_engine_available() else "local"
     elif transformer_impl == "transformer_engine":
@@ -244,15 +180,13 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
     else:
         linear = "local"
     if attention_backend == "auto":
-        if linear == "te":
-            backend = "te"
-        elif device_type == "cuda":
-            from megatron.sft.runtime.attention import varlen_available
-
-            backend = "varlen" if varlen_available() else "flex"
-        else:
-            backend = "sdpa"
+        spec = auto_backend(linear, device_type)
+        if spec is None:
+            raise LayerImplError(f"no attention backend runs with {linear} layers on "
+                                 f"{device_type}; give --attention-backend")
     else:
-        backend = attention_backend
-    _check_backend(backend, linear, device_type)
-    return LayerImpl(linear, backend)  # type: ignore[arg-type]
+        spec = get_attention_backend(attention_backend)
+        reason = spec.check(linear, device_type)
+        if reason is not None:
+            raise LayerImplError(reason)
+    return LayerImpl(linear, spec.name)

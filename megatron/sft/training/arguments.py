@@ -3,9 +3,10 @@
 Flag names are Megatron-LM's (``pretrain_gpt.py``) where the concept is the same. Each
 ``TrainConfig`` field carries its help text, and the command line is generated from the fields'
 types (``Optional[int]`` -> an int flag, ``bool`` -> a switch, ``Literal[...]`` -> choices), so a
-new setting is one field. A YAML file (``--config``) may hold the same keys with ``-`` or ``_``;
-flags given on the command line win. Invalid combinations fail at start with the values and the
-fix.
+new setting is one field. Choices that live in a registry (``--attention-backend``) are declared
+with ``_field(..., choices=<callable>)`` and read when the parser is built. A YAML file
+(``--config``) may hold the same keys with ``-`` or ``_``; flags given on the command line win.
+Invalid combinations fail at start with the values and the fix.
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ import dataclasses
 import math
 import sys
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from megatron.sft.lora.settings import LoRASettings
+from megatron.sft.runtime.attention import attention_backend_choices, attention_backend_help
+from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
 from megatron.sft.runtime.layout import FLAGS, ParallelLayout
 
 
-def _field(default: Any, help: str, *, flag: Optional[str] = None) -> Any:
+def _field(default: Any, help: Union[str, Callable[[], str]], *, flag: Optional[str] = None,
+           choices: Union[tuple, Callable[[], tuple], None] = None) -> Any:
     """A config field with its ``--help`` text; ``flag`` overrides the generated flag name
-    (a ``True``-by-default switch is spelled as its negation, e.g. ``--no-packing``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+    (a ``True``-by-default switch is spelled as its negation, e.g. ``--no-packing``).
+    ``choices`` (for a ``str`` field) and ``help`` may be callables, read when the parser is
+    built, so that a registry's choices are its current names."""
+    return dataclasses.field(default=default,
+                             metadata={"help": help, "flag": flag, "choices": choices})
 
 
 @dataclasses.dataclass
@@ -94,14 +101,12 @@ class TrainConfig:
                                "optimizer")
     recompute_granularity: Optional[Literal["full", "selective"]] = _field(
         None, "activation recompute: full (whole layers) or selective (core attention)")
-    transformer_impl: Literal["auto", "transformer_engine", "local"] = _field(
+    transformer_impl: str = _field(
         "auto", "layer modules: Transformer Engine, megatron-core's local ones, or auto (TE on "
-                "GPU when it imports)")
-    attention_backend: Literal["auto", "te", "varlen", "flex", "sdpa", "dense"] = _field(
-        "auto", "core attention for packed rows: te (Transformer Engine THD), varlen (torch "
-                "flash varlen, CUDA), flex (flex_attention, CUDA), sdpa (per document, CPU and "
-                "GPU), dense (s x s mask, reference only); auto = te with TE layers, else "
-                "varlen on CUDA, else sdpa")
+                "GPU when it imports)", choices=TRANSFORMER_IMPLS)
+    #: choices and help come from the backend registry in megatron/sft/runtime/attention.py
+    attention_backend: str = _field("auto", attention_backend_help,
+                                    choices=attention_backend_choices)
     # --- LoRA adapters (megatron/sft/lora/)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
                                "full fine-tuning); either --transformer-impl, no "
@@ -185,12 +190,26 @@ def _base_type(field: dataclasses.Field) -> Any:
     return hint
 
 
-def _choices(field: dataclasses.Field) -> Optional[tuple]:
+def _flag_choices(field: dataclasses.Field) -> Optional[tuple]:
+    """The values the flag accepts: the field's declared ``choices``, or its ``Literal``'s."""
+    declared = field.metadata.get("choices")
+    if declared is not None:
+        return tuple(declared() if callable(declared) else declared)
     base = _base_type(field)
-    if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        return choices + (None,) if field.default is None else choices
-    return None
+    return typing.get_args(base) if typing.get_origin(base) is Literal else None
+
+
+def _choices(field: dataclasses.Field) -> Optional[tuple]:
+    """The values the field accepts (``None`` too when it is the default)."""
+    choices = _flag_choices(field)
+    if choices is not None and field.default is None:
+        return choices + (None,)
+    return choices
+
+
+def _help(field: dataclasses.Field) -> str:
+    text = field.metadata["help"]
+    return text() if callable(text) else text
 
 
 def _flag(field: dataclasses.Field) -> str:
@@ -204,13 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="YAML file with the same keys as these flags")
     for field in dataclasses.fields(TrainConfig):
-        base, flag, help_text = _base_type(field), _flag(field), field.metadata["help"]
+        base, flag, help_text = _base_type(field), _flag(field), _help(field)
+        choices = _flag_choices(field)
         if base is bool:
             # A switch flips the default: --bf16 sets True, --no-packing sets False.
             p.add_argument(flag, dest=field.name, action="store_const",
                            const=not field.default, default=None, help=help_text)
-        elif typing.get_origin(base) is Literal:
-            p.add_argument(flag, dest=field.name, choices=typing.get_args(base), default=None,
+        elif choices is not None:
+            p.add_argument(flag, dest=field.name, choices=choices, default=None,
                            help=f"{help_text} (default: {field.default})")
         else:
             p.add_argument(flag, dest=field.name, type=base, default=None,
