@@ -95,10 +95,12 @@ def du(path: Path) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/bench_convert")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--workdir", default="/tmp/bench_convert",
+                   help="where the random model and the outputs go (default: /tmp/bench_convert)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="dtype of the random model's weights (default: bf16)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert to")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages to convert to")
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make_model:  # child mode: keeps the big random tensors out of the parent's RSS

@@ -92,11 +92,13 @@ def _peak_memory() -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--ranks", default="8,64")
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=512, help="hidden size of the model")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the model")
+    p.add_argument("--seq-length", type=int, default=512, help="tokens per row")
+    p.add_argument("--ranks", default="8,64",
+                   help="comma-separated LoRA ranks to measure beside full fine-tuning")
+    p.add_argument("--iters", type=int, default=3,
+                   help="steps after the first (optimizer-allocating) one")
     p.add_argument("--measure", nargs=3, metavar=("RANK", "CKPT", "DATA"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:  # one configuration per process: models of earlier runs skew the timing

@@ -106,8 +106,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=20000, help="samples for the throughput run")
     p.add_argument("--rss-samples", type=int, default=4000, help="N for the N vs 10N memory runs")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes of both the pre-tokenizer and the raw baseline")
+    p.add_argument("--vocab-size", type=int, default=4000,
+                   help="vocabulary of the BPE tokenizer trained for the run")
     p.add_argument("--chunk-size", type=int, default=256, help="records per task, both arms")
     p.add_argument("--repeats", type=int, default=3, help="runs of each arm; the median counts")
     args = p.parse_args()

@@ -43,7 +43,8 @@ TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where to train (cpu: a dry run of the same configurations)")
     p.add_argument("--tiny", action="store_true",
                    help="a 2-layer model and short rows: checks the harness, measures nothing")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=None,
@@ -51,14 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", default=None,
                    help="default: every backend that can run here (te varlen flex sdpa dense)")
     p.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
-                   choices=["none", "selective", "full"])
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--global-batch-size", type=int, default=8)
+                   choices=["none", "selective", "full"],
+                   help="activation recompute settings to measure (default: all three)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="rows per forward/backward")
+    p.add_argument("--global-batch-size", type=int, default=8, help="rows per optimizer step")
     p.add_argument("--iters", type=int, default=8, help="measured iterations")
     p.add_argument("--warmup", type=int, default=3, help="iterations not measured")
     p.add_argument("--documents", type=int, default=3000, help="synthetic samples to generate")
     p.add_argument("--workdir", default=None, help="keep the model and data here (reused)")
-    p.add_argument("--output-json", default=None)
+    p.add_argument("--output-json", default=None, help="also write the results table here")
     p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     return p.parse_args(argv)
 

@@ -51,13 +51,13 @@ def make_assets(root: Path, args) -> tuple[str, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=2)
-    p.add_argument("--global-batch-size", type=int, default=4)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=512, help="hidden size of the model")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the model")
+    p.add_argument("--seq-length", type=int, default=1024, help="tokens per row")
+    p.add_argument("--micro-batch-size", type=int, default=2, help="rows per forward/backward")
+    p.add_argument("--global-batch-size", type=int, default=4, help="rows per optimizer step")
+    p.add_argument("--iters", type=int, default=10, help="measured steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
     args = p.parse_args()
     import torch
 

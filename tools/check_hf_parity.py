@@ -29,12 +29,14 @@ def parse_args(argv=None):
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
     p.add_argument("--hf-model", required=True, help="HuggingFace model directory to compare with")
     p.add_argument("--iteration", type=int, default=None, help="default: latest")
-    p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=32, help="tokens per random sequence")
+    p.add_argument("--batch-size", type=int, default=2, help="random sequences compared")
     p.add_argument("--num-microbatches", type=int, default=None,
                    help="default: PP when virtual pipeline stages are used, else 1")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random tokens")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest allowed |logits - HF logits|; exit 1 above it (default: 1e-4, "
+                        "for fp32; bf16 checkpoints need about 5e-2)")
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS,
                    default="auto", help="layer modules (as in tools/train_sft.py)")
     p.add_argument("--attention-backend", choices=attention_backend_choices(),

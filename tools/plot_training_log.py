@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log", help="JSON-lines file written by tools/train_sft.py --log-json")
     p.add_argument("output", help="PNG to write")
-    p.add_argument("--title", default="Megatron-SFT training")
+    p.add_argument("--title", default="Megatron-SFT training", help="title above the plots")
     args = p.parse_args(argv)
     records = read_log(args.log)
     plot(records, args.output, args.title)

@@ -179,9 +179,11 @@ def qkv(megatron: str, *, q: str, k: str, v: str, when: Optional[str] = None) ->
     return FusedQKV(megatron, (q, k, v), dims, when=when)
 
 
-def gate_up(megatron: str, *, gate: str, up: str, when: Optional[str] = None) -> FusedGateUp:
+def gate_up(megatron: str, *, gate: str, up: str, when: Optional[str] = None,
+            ffn: str = "ffn") -> FusedGateUp:
     """Megatron gated ``linear_fc1`` from HF ``gate_proj`` and ``up_proj`` (SwiGLU: the gate is
-    the half that goes through the activation). Shapes: ``(("ffn", "hidden"),) * 2`` for a weight.
+    the half that goes through the activation). Shapes: ``((ffn, "hidden"),) * 2`` for a weight,
+    ``ffn`` naming the intermediate size (``"expert_ffn"`` for a routed expert).
     """
-    dims = _fused_dims(megatron, (("ffn", "hidden"), ("ffn", "hidden")))
+    dims = _fused_dims(megatron, ((ffn, "hidden"), (ffn, "hidden")))
     return FusedGateUp(megatron, (gate, up), dims, when=when)

@@ -129,6 +129,8 @@ def stage_to_hf(
             yield from zip(hf_names, rule.to_hf(shards, ctx))
 
 
-def megatron_names(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
-                   pp_rank: int, chunk: int) -> list[str]:
-    return [m for _, m, _ in _chunk_rules(spec, shape, layout, pp_rank, chunk)]
+def name_pairs(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout, pp_rank: int,
+               chunk: int, ep_rank: int = 0) -> list[tuple[str, tuple[str, ...]]]:
+    """``(megatron name, HF names)`` of everything chunk ``chunk`` of pipeline rank
+    ``pp_rank`` holds on expert-parallel rank ``ep_rank``: what the tables say, expanded."""
+    return [(m, hf) for _, m, hf in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank)]

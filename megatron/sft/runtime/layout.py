@@ -179,7 +179,8 @@ class ParallelLayout:
         s = spelling
         sizes = {"tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep,
                  "etp": self.expert_tp}
-        bad = [f"{s.size(k, v)}" for k, v in sizes.items() if v < 1]
+        bad = [f"{s.size(k, v)}" for k, v in sizes.items()
+               if v < 1 and (k != "etp" or self.etp is not None)]
         if self.vpp is not None and self.vpp < 1:
             bad.append(f"VPP={self.vpp}")
         if bad:

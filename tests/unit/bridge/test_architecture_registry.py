@@ -56,12 +56,21 @@ def test_tiny_config_builds_the_declared_transformers_classes(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_transformer_overrides_name_transformer_config_fields(arch):
+def test_megatron_settings_name_transformer_config_fields_and_spec_parameters(arch):
+    import inspect
+
+    from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    spec = get_architecture(arch)
+    settings = spec.megatron_settings({"architectures": [arch], **spec.tiny_config})
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = set(get_architecture(arch).transformer_overrides) - fields
-    assert not unknown, f"{arch}.transformer_overrides: {sorted(unknown)} are not TransformerConfig fields"
+    unknown = set(settings.transformer) - fields
+    assert not unknown, f"{arch}: {sorted(unknown)} are not TransformerConfig fields"
+    for builder in (specs.get_gpt_layer_local_spec,
+                    specs.get_gpt_layer_with_transformer_engine_spec):
+        unknown = set(settings.layer_spec) - set(inspect.signature(builder).parameters)
+        assert not unknown, f"{arch}: {sorted(unknown)} are not {builder.__name__} parameters"
 
 
 def test_a_second_module_cannot_register_the_same_name():
