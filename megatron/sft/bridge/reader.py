@@ -15,7 +15,6 @@ import torch
 
 from megatron.sft.bridge.architectures import shape_of
 from megatron.sft.bridge.checkpoint_io import (
-    CheckpointError,
     CheckpointMetadata,
     iteration_dir,
     load_rank_state,

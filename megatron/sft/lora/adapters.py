@@ -36,7 +36,6 @@ forward hook adds the update to the base's ``(output, bias)`` tuple.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import zlib
 from pathlib import Path

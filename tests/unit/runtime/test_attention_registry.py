@@ -19,7 +19,6 @@ from megatron.sft.runtime.attention import (
     AttentionInputs,
     PackedCoreAttention,
     attention_backend_choices,
-    attention_backend_help,
     attention_backends,
     auto_order,
     dense_reference_attention,
