@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast adapter weights (default: the checkpoint's dtype)")
     p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the run's files against their recorded SHA-256 checksums")
     return p.parse_args(argv)
 
 
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
 
     out = export_lora_adapter(args.load_dir, args.save_dir, args.hf_reference, args.iteration,
                               force=args.force,
-                              dtype=dtype_from_name(args.dtype) if args.dtype else None)
+                              dtype=dtype_from_name(args.dtype) if args.dtype else None,
+                              verify=not args.no_verify)
     print(f"wrote {out}")
     return 0
 

@@ -34,6 +34,10 @@ def parse_args(argv=None):
                         "model-0000K-of-0000N.safetensors with an index, e.g. 5GB, 500MB "
                         "(default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the checkpoint's files against the SHA-256 checksums "
+                        "recorded when they were written (faster; a damaged file is then only "
+                        "caught if it cannot be parsed or holds NaN/inf)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -44,7 +48,8 @@ def main(argv=None) -> int:
     from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
     from megatron.sft.lora.merge import open_checkpoint
 
-    reader = open_checkpoint(args.load_dir, args.iteration)  # a LoRA run: merged into its base
+    # A LoRA run is read merged into its base.
+    reader = open_checkpoint(args.load_dir, args.iteration, verify=not args.no_verify)
     out = export_megatron_to_hf(reader, args.save_dir, args.hf_reference, ExportOptions(
         iteration=args.iteration,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,

@@ -42,6 +42,9 @@ def parse_args(argv=None):
                    help="LoRA run only: write a full checkpoint with the adapters merged into "
                         "the base (W + alpha/r B A) instead of adapters")
     p.add_argument("--force", action="store_true", help="replace an existing --save-dir")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the source's files against their recorded SHA-256 "
+                        "checksums (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
                                        args.target_num_layers_per_virtual_pipeline_stage, layers)
     meta = reshard_checkpoint(args.load_dir, args.save_dir, target, args.iteration, args.force,
                               progress=not args.no_progress, lora_base=args.lora_base,
-                              merge_lora=args.merge_lora)
+                              merge_lora=args.merge_lora, verify=not args.no_verify)
     print(f"wrote {args.save_dir}: {meta.layout.describe()}")
     info = read_lora_info(iteration_dir(args.save_dir))
     if info is not None:

@@ -8,11 +8,11 @@
 #   OUT_DIR     created: adapter_config.json, adapter_model.safetensors
 #   ITER        iteration to export (default: latest_checkpointed_iteration.txt)
 # Environment: DTYPE=bf16|fp16|fp32 (default: checkpoint dtype), FORCE=1 to replace OUT_DIR,
-#              PYTHON (default python3)
+#              NO_VERIFY=1 to skip the checksum check of CKPT_DIR, PYTHON (default python3)
 set -euo pipefail
 
 if [[ $# -lt 3 || "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 2
 fi
 : "${PYTHON:=python3}"
@@ -23,6 +23,7 @@ args=(--load-dir "$1" --hf-reference "$2" --save-dir "$3")
 [[ $# -ge 4 ]] && args+=(--iteration "$4")
 [[ -n "${DTYPE:-}" ]] && args+=(--dtype "$DTYPE")
 [[ "$FORCE" == "1" ]] && args+=(--force)
+[[ "${NO_VERIFY:-0}" == "1" ]] && args+=(--no-verify)
 
 # --- join TP/PP adapter shards, split fused QKV and gate/up into HF module names
 exec "$PYTHON" "$REPO/tools/export_lora_adapter.py" "${args[@]}"

@@ -11,11 +11,12 @@
 #   OUT_DIR     created: safetensors shards (+ index), config.json, tokenizer files
 #   ITER        iteration to export (default: latest_checkpointed_iteration.txt)
 # Environment: DTYPE=bf16|fp16|fp32 (default: checkpoint dtype), MAX_SHARD_SIZE (default 5GB),
-#              FORCE=1 to replace OUT_DIR, PYTHON (default python3)
+#              FORCE=1 to replace OUT_DIR, NO_VERIFY=1 to skip the checksum check of CKPT_DIR,
+#              PYTHON (default python3)
 set -euo pipefail
 
 if [[ $# -lt 3 || "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 2
 fi
 : "${PYTHON:=python3}"
@@ -27,6 +28,7 @@ args=(--load-dir "$1" --hf-reference "$2" --save-dir "$3" --max-shard-size "$MAX
 [[ $# -ge 4 ]] && args+=(--iteration "$4")
 [[ -n "${DTYPE:-}" ]] && args+=(--dtype "$DTYPE")
 [[ "$FORCE" == "1" ]] && args+=(--force)
+[[ "${NO_VERIFY:-0}" == "1" ]] && args+=(--no-verify)
 
 # --- merge TP/PP shards stream-wise into HF safetensors
 exec "$PYTHON" "$REPO/tools/export_megatron_to_hf.py" "${args[@]}"

@@ -5,7 +5,8 @@
     CKPT_DIR/
       latest_checkpointed_iteration.txt      written last: its presence means "complete"
       iter_0000001/
-        sft_metadata.json                    architecture, HF config, layout, dtype
+        sft_metadata.json                    architecture, HF config, layout, dtype, producer
+        checksums.json                       SHA-256 of every file below (``integrity``)
         mp_rank_00_000/model_optim_rng.pt    {"model" | "model0".., "iteration", ...}
 
 Every writer builds an iteration in ``iter_NNNNNNN.partial`` and renames it into place before
@@ -24,6 +25,8 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.utils.serialization
 
+from megatron.sft.bridge.integrity import FileDigest, HashingFile, verify_file
+from megatron.sft.runtime.disk import disk_full_guard
 from megatron.sft.runtime.layout import ParallelLayout, iteration_dir_name
 from megatron.sft.runtime.locks import partial_name
 
@@ -56,6 +59,10 @@ class CheckpointMetadata:
     padded_vocab_size: int
     params_dtype: str
     format: str = FORMAT
+    #: what wrote this iteration: ``convert``, ``reshard`` or ``training`` (``None``: written
+    #: before this was recorded). A training run never replaces or prunes an iteration it did
+    #: not write.
+    producer: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.layout = self.layout.for_checkpoint()
@@ -120,7 +127,20 @@ def read_metadata(iter_dir: Path) -> CheckpointMetadata:
             f"{path} is missing: this checkpoint was not written by Megatron-SFT, so its model "
             "cannot be rebuilt automatically; convert from HF with convert_hf_to_megatron.sh"
         )
-    return CheckpointMetadata.from_dict(json.loads(path.read_text()))
+    return CheckpointMetadata.from_dict(read_json(path, "checkpoint metadata"))
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a truncated or hand-broken file is an error naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} ({what}) is not valid JSON: {e}; the file is truncated "
+                              "or was edited by hand. Restore it from a copy") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} ({what}) holds a {type(data).__name__}, not a JSON "
+                              "object; restore it from a copy")
+    return data
 
 
 def rank_file(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int,
@@ -129,12 +149,36 @@ def rank_file(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int
 
 
 def load_rank_state(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int,
-                    ep_rank: int = 0, mmap: bool = True) -> dict[str, Any]:
-    """``weights_only`` load; ``mmap`` keeps untouched tensors on disk."""
+                    ep_rank: int = 0, mmap: bool = True, verify: bool = True) -> dict[str, Any]:
+    """``weights_only`` load; ``mmap`` keeps untouched tensors on disk. ``verify`` first checks
+    the file against the iteration's ``checksums.json`` (when it has one)."""
     path = rank_file(iter_dir, layout, tp_rank, pp_rank, ep_rank)
     if not path.exists():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    if verify:
+        verify_file(iter_dir, path)
+    return load_file_state(path, mmap)
+
+
+def load_file_state(path: Path, mmap: bool = True) -> dict[str, Any]:
+    """``torch.load`` whose failures on a damaged file are one line naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read ({first}): the file is truncated or "
+                              "corrupt. Restore it, or load an earlier iteration") from None
+
+
+def written_by_training(iter_dir: Path) -> bool:
+    """Whether a training run wrote this iteration (it may prune or replace it), as opposed to
+    a converter or reshard (the base a run started from: never touched by training). Iterations
+    from before ``producer`` was recorded tell by their optimizer state."""
+    meta = read_metadata(iter_dir)
+    if meta.producer is not None:
+        return meta.producer == "training"
+    first = next(iter(sorted(Path(iter_dir).glob(f"mp_rank_*/{RANK_FILE}"))), None)
+    return first is not None and "optimizer" in load_file_state(first, mmap=True)
 
 
 def compact_views(state: Any) -> Any:
@@ -148,22 +192,46 @@ def compact_views(state: Any) -> Any:
     return state
 
 
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what ``torch.save`` writes."""
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    return 0
+
+
 def save_rank_state(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_rank: int,
-                    state: dict[str, Any], ep_rank: int = 0) -> Path:
+                    state: dict[str, Any], ep_rank: int = 0) -> FileDigest:
+    """Write one rank file; returns its digest for ``checksums.json`` (computed as it streams
+    out). A write that fails for lack of space is a ``DiskFullError`` naming the directory."""
     path = rank_file(iter_dir, layout, tp_rank, pp_rank, ep_rank)
     state = compact_views(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
-    # Zip CRCs cost ~5x the write itself and torch.load never checks them.
+    # Zip CRCs cost ~5x the write itself and torch.load never checks them; the SHA-256 of the
+    # whole file, taken as it is written, is what integrity relies on.
     crc_config = torch.utils.serialization.config.save
     previous = crc_config.compute_crc32
     crc_config.compute_crc32 = False
     try:
-        torch.save(state, tmp)
+        with disk_full_guard(Path(iter_dir).parent, state_nbytes(state), f"{path.name} of "
+                             f"{Path(iter_dir).name}"):
+            try:
+                with open(tmp, "wb") as f:
+                    out = HashingFile(f)
+                    torch.save(state, out)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
     finally:
         crc_config.compute_crc32 = previous
     os.replace(tmp, path)
-    return path
+    return FileDigest(path.relative_to(iter_dir).as_posix(), out.bytes, out.hexdigest())
 
 
 def write_metadata(iter_dir: Path, meta: CheckpointMetadata) -> None:

@@ -8,9 +8,8 @@ source tensor, never a multiple of the model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -23,15 +22,18 @@ from megatron.sft.bridge.checkpoint_io import (
     dtype_name,
     partial_iteration_dir,
     publish_iteration,
+    read_json,
     save_rank_state,
     write_metadata,
     write_staged,
 )
+from megatron.sft.bridge.integrity import FileDigest, write_checksums
 from megatron.sft.bridge.reader import CoverageError
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
 from megatron.sft.bridge.stage_mapping import build_stage, expected_hf_shapes
 from megatron.sft.bridge.transforms import padded_vocab_size
+from megatron.sft.runtime.disk import check_free_space
 from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
@@ -47,13 +49,15 @@ class ConvertOptions:
     iteration: int = 1
     force: bool = False
     progress: bool = True
+    #: where notices go (mixed source dtypes)
+    log: Callable[[str], None] = print
 
 
 def load_hf_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {hf_dir} is not a HuggingFace model directory")
-    return json.loads(path.read_text())
+    return read_json(path, "HF model config")
 
 
 def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...]], spec,
@@ -86,16 +90,53 @@ def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...
         )
 
 
+def _checkpoint_dtype(source: SafetensorsSource, names: list[str], log) -> torch.dtype:
+    """One dtype for the whole model (megatron-core builds it with one ``params_dtype``): the
+    dtype most of the weights' bytes have; a checkpoint that mixes dtypes is told so."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for n in names:
+        if source.dtype(n).is_floating_point:
+            by_dtype.setdefault(source.dtype(n), []).append(n)
+    if not by_dtype:
+        return source.dtype(names[0])
+
+    def nbytes(d):
+        return sum(source.meta(n).numel() for n in by_dtype[d]) * torch.empty((), dtype=d).element_size()
+
+    chosen = max(by_dtype, key=nbytes)
+    if len(by_dtype) > 1:
+        others = "; ".join(f"{len(v)} in {str(d)[6:]} (e.g. {v[0]})" for d, v in by_dtype.items()
+                           if d != chosen)
+        log(f"note: the HF weights mix dtypes: {len(by_dtype[chosen])} tensors in "
+            f"{str(chosen)[6:]}, {others}; casting all to {str(chosen)[6:]} (the dtype of most of "
+            "the weights). Set PARAMS_DTYPE=bf16|fp16|fp32 (--params-dtype) to choose")
+    return chosen
+
+
+def refuse_non_finite(name: str, t: torch.Tensor, fix: str) -> None:
+    """A weight holding NaN or inf is never converted or exported: it names the tensor."""
+    if not t.is_floating_point() or t.device.type == "meta":
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        nan, count = int(torch.isnan(t).sum()), int(bad.sum())
+        raise ValueError(f"{name} holds non-finite values ({nan} NaN, {count - nan} inf of "
+                         f"{t.numel()}); {fix}")
+
+
 def save_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMetadata,
-               ranks: list[dict]) -> None:
-    """Write one pipeline stage's TP rank files, releasing each rank's tensors once saved."""
+               ranks: list[dict], extra: Optional[dict] = None) -> list[FileDigest]:
+    """Write one pipeline stage's TP rank files, releasing each rank's tensors once saved;
+    returns their digests (for ``checksums.json``). ``extra`` entries go into every file."""
+    digests = []
     while ranks:
         tp_rank = len(ranks) - 1
         models = ranks.pop()
-        save_rank_state(iter_dir, meta.layout, tp_rank, pp_rank, {
+        digests.append(save_rank_state(iter_dir, meta.layout, tp_rank, pp_rank, {
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-            "sft_metadata": meta.to_dict(), **models})
+            "sft_metadata": meta.to_dict(), **(extra or {}), **models}))
         del models
+    return digests
 
 
 def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
@@ -119,12 +160,20 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
     expected = expected_hf_shapes(spec, shape)
     check_coverage(source, expected, spec, shape)
     required = list(expected)
-    dtype = opts.params_dtype or source.dtype(required[0])
+    dtype = opts.params_dtype or _checkpoint_dtype(source, required, opts.log)
     ctx = ShardContext(shape, layout.tp,
                        padded_vocab_size(shape.vocab_size, opts.make_vocab_size_divisible_by, layout.tp))
+    needed = sum(int(torch.Size(source.meta(n).shape).numel()) for n in required) \
+        * torch.empty((), dtype=dtype).element_size()
+    check_free_space(out_dir.parent, needed, f"the converted checkpoint {out_dir.name}")
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+    def finite(name: str, t: torch.Tensor) -> torch.Tensor:
+        refuse_non_finite(name, t, f"the HF checkpoint in {hf_dir} is damaged: download or "
+                                   "copy it again")
+        return t
 
     meta = CheckpointMetadata(
         architecture=spec.hf_architecture,
@@ -133,6 +182,7 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
         make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
         padded_vocab_size=ctx.padded_vocab_size,
         params_dtype=dtype_name(dtype),
+        producer="convert",
     )
     total = len(required) + (1 if shape.tie_word_embeddings and layout.pp > 1 else 0)
     bar = tqdm(total=total, unit="tensor", desc=f"convert {layout.describe().replace(' ', '')}",
@@ -141,12 +191,14 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
     def write(staging: Path) -> None:
         partial = partial_iteration_dir(staging, opts.iteration)
         partial.mkdir(parents=True)
+        digests = []
         for pp_rank in range(layout.pp):
             # One stage in memory at a time: save_stage's locals die with it.
-            save_stage(partial, pp_rank, opts.iteration, meta, build_stage(
-                lambda n: cast(source.read(n)), spec, shape, layout, pp_rank, ctx,
+            digests += save_stage(partial, pp_rank, opts.iteration, meta, build_stage(
+                lambda n: finite(n, cast(source.read(n))), spec, shape, layout, pp_rank, ctx,
                 on_tensor=lambda n: bar.update(1)))
         write_metadata(partial, meta)
+        write_checksums(partial, digests)
         publish_iteration(staging, opts.iteration)
 
     try:

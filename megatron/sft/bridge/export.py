@@ -24,7 +24,7 @@ from megatron.sft.bridge.checkpoint_io import (
     dtype_name,
     write_staged,
 )
-from megatron.sft.bridge.convert import load_hf_config
+from megatron.sft.bridge.convert import load_hf_config, refuse_non_finite
 from megatron.sft.bridge.reader import CheckpointReader, CoverageError  # noqa: F401
 from megatron.sft.bridge.safetensors_io import (
     StreamingShardWriter,
@@ -32,6 +32,7 @@ from megatron.sft.bridge.safetensors_io import (
     plan_shards,
     shard_file_names,
 )
+from megatron.sft.runtime.disk import check_free_space, disk_full_guard
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
 
@@ -50,6 +51,8 @@ class ExportOptions:
     max_shard_size: str = "5GB"
     force: bool = False
     progress: bool = True
+    #: check every rank file against the checkpoint's checksums first (``--no-verify``)
+    verify: bool = True
 
 
 def _check_reference(meta: CheckpointMetadata, ref_dir: Path) -> None:
@@ -120,7 +123,7 @@ def export_megatron_to_hf(source: "str | Path | CheckpointReader", out_dir: "str
     opts = options or ExportOptions()
     out_dir = Path(out_dir)
     reader = (source if isinstance(source, CheckpointReader)
-              else CheckpointReader(source, opts.iteration))
+              else CheckpointReader(source, opts.iteration, verify=opts.verify))
     if hf_ref_dir is not None:
         _check_reference(reader.meta, Path(hf_ref_dir))
         _check_reference_tokenizer(reader.meta, Path(hf_ref_dir))
@@ -139,6 +142,9 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
         entries = [(n, cast_to if d.is_floating_point else d, s) for n, d, s in entries]
     shards = plan_shards(entries, parse_size(opts.max_shard_size))
     files = shard_file_names(len(shards))
+    needed = sum(int(torch.Size(shape).numel()) * torch.empty((), dtype=d).element_size()
+                 for _, d, shape in entries)
+    check_free_space(out_dir.parent, needed, f"the HF model {out_dir.name}")
     bar = tqdm(total=len(entries), unit="tensor", desc="export", disable=not opts.progress)
 
     def write(staging: Path) -> None:
@@ -148,6 +154,8 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
             writer = StreamingShardWriter(staging / fname, shard, {"format": "pt"})
             for name, _, _ in shard:
                 got_name, tensor = next(stream)
+                refuse_non_finite(got_name, tensor, f"checkpoint {reader.iter_dir} holds a "
+                                  "diverged or damaged model; export an earlier iteration")
                 if cast_to is not None and tensor.is_floating_point():
                     tensor = tensor.to(cast_to)
                 writer.write(got_name, tensor)
@@ -171,7 +179,8 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
                                              + "\n")
 
     try:
-        write_staged(out_dir, write)
+        with disk_full_guard(out_dir.parent, needed, f"the HF model {out_dir.name}"):
+            write_staged(out_dir, write)
     finally:
         bar.close()
     return out_dir

@@ -31,7 +31,10 @@ class CoverageError(ValueError):
 class CheckpointReader:
     """Yields the HF tensors of a Megatron checkpoint, one pipeline stage mapped at a time."""
 
-    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None):
+    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None,
+                 verify: bool = True):
+        #: check every rank file against the iteration's checksums before reading it
+        self.verify = verify
         self.iter_dir = iteration_dir(Path(ckpt_dir), iteration)
         self.meta: CheckpointMetadata = read_metadata(self.iter_dir)
         self.spec, self.shape = shape_of(self.meta.hf_config)
@@ -50,8 +53,15 @@ class CheckpointReader:
     def rank_states(self, pp_rank: int) -> list[dict]:
         """One pipeline stage's rank files as they are on disk (``mmap``: nothing is read
         until a tensor is used), by TP rank."""
-        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank)
+        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank, verify=self.verify)
                 for tp in range(self.layout.tp)]
+
+    def training_state(self) -> dict:
+        """What a training run's checkpoint carries besides weights and optimizer that does not
+        depend on the layout: ``train_state`` (consumed samples, data identity) and the LR
+        schedule (``opt_param_scheduler``); empty for a converted checkpoint."""
+        state = self.rank_states(0)[0]
+        return {k: state[k] for k in ("train_state", "opt_param_scheduler") if k in state}
 
     def stage_states(self, pp_rank: int, merge: bool = True) -> list[dict]:
         """The model's states of one pipeline stage, by TP rank. A checkpoint kind whose files

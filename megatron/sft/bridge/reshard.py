@@ -1,9 +1,10 @@
 """Re-split a Megatron checkpoint for another TP x PP (x VPP) layout, e.g. to resume elsewhere.
 
 Goes through the HF tensor form (the layout-free representation every table already maps):
-source stage -> HF tensors -> target stage. Model weights and the iteration number move;
-optimizer state is layout-specific and is not carried (resume from the result with a fresh
-optimizer, e.g. ``--finetune``).
+source stage -> HF tensors -> target stage. Model weights, the iteration number and, for a
+training run's checkpoint, its LR schedule and data position move: training from the result
+continues at that iteration. Optimizer state (and the RNG of tensor-parallel ranks) is
+layout-specific and is not carried: it starts fresh.
 
 This module reshards whatever a :class:`CheckpointReader` yields as the model (a LoRA run's
 reader yields the merged model). Keeping a LoRA run adapters-only is
@@ -27,6 +28,7 @@ from megatron.sft.bridge.checkpoint_io import (
     write_staged,
 )
 from megatron.sft.bridge.convert import save_stage
+from megatron.sft.bridge.integrity import write_checksums
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.stage_mapping import build_stage
@@ -38,11 +40,12 @@ from megatron.sft.runtime.path_overlap import check_output_separate
 
 def reshard_checkpoint(source: "str | Path | CheckpointReader", out_dir: "str | Path",
                        target: ParallelLayout, iteration: Optional[int] = None,
-                       force: bool = False, progress: bool = True) -> CheckpointMetadata:
+                       force: bool = False, progress: bool = True,
+                       verify: bool = True) -> CheckpointMetadata:
     """Write the model ``source`` holds at layout ``target`` into ``out_dir``; returns the
     output's metadata."""
     reader = (source if isinstance(source, CheckpointReader)
-              else CheckpointReader(source, iteration))
+              else CheckpointReader(source, iteration, verify))
     target.validate(reader.shape)
     check_output_separate(out_dir, "--save-dir", reader.input_dirs())
     out_dir = Path(out_dir)
@@ -58,6 +61,7 @@ def write_resharded(reader: CheckpointReader, root: Path, target: ParallelLayout
     directory, then the tracker file."""
     shape, spec, src = reader.shape, reader.spec, reader.meta
     reader.check_coverage()
+    carried = reader.training_state()  # a run resumes from the result at its iteration
     it = reader.iteration
     ctx = ShardContext(shape, target.tp, padded_vocab_size(
         shape.vocab_size, src.make_vocab_size_divisible_by, target.tp))
@@ -65,15 +69,19 @@ def write_resharded(reader: CheckpointReader, root: Path, target: ParallelLayout
         architecture=src.architecture, hf_config=src.hf_config, layout=target,
         make_vocab_size_divisible_by=src.make_vocab_size_divisible_by,
         padded_vocab_size=ctx.padded_vocab_size, params_dtype=src.params_dtype,
+        producer="reshard",
     )
     # All source tensors in HF form, keyed by name. The source is mmap'd, so this holds views
     # of the page cache plus the merged copies; reshard is not on the memory-bounded path.
     hf: dict[str, torch.Tensor] = dict(reader.tensors())
     partial = partial_iteration_dir(root, it)
     partial.mkdir(parents=True)
+    digests = []
     for pp_rank in tqdm(range(target.pp), desc="reshard stages", disable=not progress):
-        save_stage(partial, pp_rank, it, meta,
-                   build_stage(hf.__getitem__, spec, shape, target, pp_rank, ctx))
+        digests += save_stage(partial, pp_rank, it, meta,
+                              build_stage(hf.__getitem__, spec, shape, target, pp_rank, ctx),
+                              extra=carried)
     write_metadata(partial, meta)
+    write_checksums(partial, digests)
     publish_iteration(root, it)
     return meta

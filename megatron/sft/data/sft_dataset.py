@@ -135,6 +135,9 @@ class SFTDataset(torch.utils.data.Dataset):
             starts = np.zeros_like(indices)
         fits = (positions >= 1) & (positions <= config.seq_length)
         self.skipped_too_long = int((~fits).sum())
+        #: samples of this split longer than the row (never trained on; counted at start)
+        self.too_long = indices[positions > config.seq_length] if not self.pretraining \
+            else indices[:0]
         self.indices, self.positions = indices[fits], positions[fits]
         self.starts = starts[fits]
         if self.indices.size == 0:

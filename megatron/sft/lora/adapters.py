@@ -219,12 +219,13 @@ def init_adapters(chunks: list, settings: LoRASettings, seed: int, b_std: float 
         ad.B.copy_(b)
 
 
-def load_adapters(chunks: list, iter_dir: Path, meta: CheckpointMetadata) -> None:
+def load_adapters(chunks: list, iter_dir: Path, meta: CheckpointMetadata,
+                  verify: bool = True) -> None:
     """Copy a LoRA run's saved adapters (``iter_dir``) into the attached ones of ``chunks``;
     every adapter must be there, and nothing else."""
     dims = parallel_dims()
     state = load_rank_state(iter_dir, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank,
-                            mmap=True)
+                            mmap=True, verify=verify)
     for chunk, model in enumerate(chunks):
         saved = state.get(meta.layout.model_key(chunk), {})
         wanted = {n for n, _ in model.named_parameters() if is_adapter_name(n)}

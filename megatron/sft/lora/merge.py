@@ -48,8 +48,9 @@ class LoRARunReader(CheckpointReader):
 
     lora: LoRACheckpointInfo
 
-    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None):
-        super().__init__(ckpt_dir, iteration)
+    def __init__(self, ckpt_dir: "str | Path", iteration: Optional[int] = None,
+                 verify: bool = True):
+        super().__init__(ckpt_dir, iteration, verify)
         info = read_lora_info(self.iter_dir)
         if info is None:
             raise CheckpointError(f"{self.iter_dir} has no {LORA_FILE}: not a LoRA run")
@@ -69,7 +70,7 @@ class LoRARunReader(CheckpointReader):
         base_dir, layout = self.base_dir(), self.layout
         out = []
         for tp, adapters in enumerate(self.rank_states(pp_rank)):
-            base = load_rank_state(base_dir, layout, tp, pp_rank)
+            base = load_rank_state(base_dir, layout, tp, pp_rank, verify=self.verify)
             state = dict(base)
             for chunk in range(layout.chunks if merge else 0):
                 key = layout.model_key(chunk)
@@ -79,10 +80,10 @@ class LoRARunReader(CheckpointReader):
         return out
 
 
-def open_checkpoint(ckpt_dir: "str | Path", iteration: Optional[int] = None
-                    ) -> CheckpointReader:
+def open_checkpoint(ckpt_dir: "str | Path", iteration: Optional[int] = None,
+                    verify: bool = True) -> CheckpointReader:
     """The reader for whatever ``ckpt_dir`` holds: a full checkpoint as it is, a LoRA run merged
-    into its base."""
+    into its base. ``verify``: check files against their checksums before reading them."""
     if read_lora_info(iteration_dir(Path(ckpt_dir), iteration)) is not None:
-        return LoRARunReader(ckpt_dir, iteration)
-    return CheckpointReader(ckpt_dir, iteration)
+        return LoRARunReader(ckpt_dir, iteration, verify)
+    return CheckpointReader(ckpt_dir, iteration, verify)

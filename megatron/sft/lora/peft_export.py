@@ -52,14 +52,15 @@ def read_run_adapters(run: CheckpointReader, info: LoRACheckpointInfo) -> PeftAd
 
 def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
                         hf_ref_dir: "str | Path | None" = None, iteration: Optional[int] = None,
-                        force: bool = False, dtype: Optional[torch.dtype] = None) -> Path:
+                        force: bool = False, dtype: Optional[torch.dtype] = None,
+                        verify: bool = True) -> Path:
     """A LoRA run's adapters -> ``out_dir`` with ``adapter_config.json`` and
     ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(hf_model, out_dir)``
     loads (HF module names as the architecture's table has them: ``q_proj``, ..., ``down_proj``
     for the llama family)."""
     from safetensors.torch import save_file
 
-    run = CheckpointReader(ckpt_dir, iteration)
+    run = CheckpointReader(ckpt_dir, iteration, verify)
     info = read_lora_info(run.iter_dir)
     if info is None:
         raise CheckpointError(f"{run.iter_dir} has no {LORA_FILE}: not a LoRA run (train with "

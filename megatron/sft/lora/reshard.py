@@ -38,6 +38,7 @@ from megatron.sft.bridge.checkpoint_io import (
     write_staged,
 )
 from megatron.sft.bridge.convert import save_stage
+from megatron.sft.bridge.integrity import write_checksums
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.bridge.reshard import reshard_checkpoint as reshard_model
@@ -63,7 +64,7 @@ LORA_BASE_SUBDIR = "base"
 def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: ParallelLayout,
                        iteration: Optional[int] = None, force: bool = False,
                        progress: bool = True, lora_base: "str | Path | None" = None,
-                       merge_lora: bool = False) -> CheckpointMetadata:
+                       merge_lora: bool = False, verify: bool = True) -> CheckpointMetadata:
     """Write ``ckpt_dir`` at layout ``target`` into ``out_dir``; returns the output's metadata.
 
     For a LoRA run: an adapter-only run at ``target`` whose base is ``out_dir/base`` (the run's
@@ -71,7 +72,7 @@ def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: Pa
     with ``merge_lora`` a full checkpoint with the adapters merged. Anything else is resharded
     as it is (``bridge.reshard``).
     """
-    reader = open_checkpoint(ckpt_dir, iteration)
+    reader = open_checkpoint(ckpt_dir, iteration, verify)
     is_run = isinstance(reader, LoRARunReader)
     if not is_run and (lora_base is not None or merge_lora):
         flag = "--lora-base" if lora_base is not None else "--merge-lora"
@@ -95,11 +96,11 @@ def _reshard_run_locked(run: LoRARunReader, out_dir: Path, target: ParallelLayou
                         lora_base: "str | Path | None", progress: bool) -> CheckpointMetadata:
     # Everything that can refuse does so before staging exists.
     if lora_base is not None:
-        candidate = CheckpointReader(lora_base)
+        candidate = CheckpointReader(lora_base, verify=run.verify)
         base_dir = check_base(run.lora, run.meta, run.iter_dir.parent, candidate, target)
         return write_staged(out_dir, lambda root: write_adapter_run(
             run, root, base_dir, base_dir.parent.resolve()))
-    run_base = CheckpointReader(run.base_dir().parent, run.lora.base_iteration)
+    run_base = CheckpointReader(run.base_dir().parent, run.lora.base_iteration, run.verify)
 
     def write(root: Path) -> CheckpointMetadata:
         # The base is staged inside the run's staging directory, and lora.json names where
@@ -138,7 +139,7 @@ def run_metadata(run: CheckpointMetadata, base: CheckpointMetadata) -> Checkpoin
     padding (``check_base`` compares exactly these with the base when the run is loaded)."""
     return dataclasses.replace(run, layout=base.layout,
                                make_vocab_size_divisible_by=base.make_vocab_size_divisible_by,
-                               padded_vocab_size=base.padded_vocab_size)
+                               padded_vocab_size=base.padded_vocab_size, producer="reshard")
 
 
 def write_adapter_run(run: LoRARunReader, root: Path, base_iter_dir: Path,
@@ -153,10 +154,13 @@ def write_adapter_run(run: LoRARunReader, root: Path, base_iter_dir: Path,
     it = run.iteration
     partial = partial_iteration_dir(root, it)
     partial.mkdir(parents=True)
+    digests = []
     for pp_rank in range(layout.pp):
-        save_stage(partial, pp_rank, it, meta,
-                   adapter_stage(run, adapters, info.settings.targets, layout, pp_rank))
+        digests += save_stage(partial, pp_rank, it, meta,
+                              adapter_stage(run, adapters, info.settings.targets, layout,
+                                            pp_rank), extra=run.training_state())
     write_metadata(partial, meta)
+    write_checksums(partial, digests)
     write_lora_info(partial, LoRACheckpointInfo(
         info.settings, str(base_path), int(base_iter_dir.name.split("_")[1]),
         base_fingerprint(base_iter_dir)))

@@ -318,8 +318,19 @@ def microbatch_rows(iteration: int, global_batch: int, micro_batch: int, dp_rank
     rank 0 ``[[4], [5]]``, rank 1 ``[[6], [7]]``. Resuming at an iteration therefore resumes the
     exact data position.
     """
+    return rows_from(iteration * global_batch, global_batch, micro_batch, dp_rank, dp_size)
+
+
+def rows_from(first_row: int, global_batch: int, micro_batch: int, dp_rank: int,
+              dp_size: int) -> list[list[int]]:
+    """:func:`microbatch_rows` of the global batch that starts at dataset row ``first_row`` (a
+    resumed run's data position, which a changed global batch size keeps).
+
+    >>> rows_from(6, 2, 1, 1, 2)
+    [[7]]
+    """
     per_rank = global_batch // dp_size
-    base = iteration * global_batch + dp_rank * per_rank
+    base = first_row + dp_rank * per_rank
     return [list(range(base + j * micro_batch, base + (j + 1) * micro_batch))
             for j in range(per_rank // micro_batch)]
 

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron.sft.runtime.disk import DiskFullError
+
 Log = Callable[[str], None]
 
 
@@ -107,7 +109,15 @@ class DirectoryLock:
                 "started": _utc_now(),
                 "purpose": purpose, "command": " ".join(sys.argv)[:300]}
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        f"no space left on {path.parent}: cannot even create the lock file "
+                        f"{path.name}. Free some space (unfinished outputs of runs that died are "
+                        "named *.partial*) and start again") from None
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -143,12 +153,24 @@ class DirectoryLock:
                                                               (info["pid"], info["host"])):
             log(f"taking over the lock {path} from a writer that is no longer running "
                 f"({describe_holder(previous)}; purpose: {previous.get('purpose', '?')})")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        os.fsync(fd)
         lock = cls(directory, path, fd, info)
         atexit.register(lock.release)
+        lock.record_holder()
         return lock
+
+    def record_holder(self) -> bool:
+        """Write who holds the lock into the lock file. On a full disk the lock is still held
+        (``flock`` needs no space) and this returns ``False``: the caller clears stale partials
+        to make room, then calls it again."""
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, (json.dumps(self.info) + "\n").encode(), 0)
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return False
+        return True
 
     @staticmethod
     def _refuse(directory: Path, path: Path, holder: dict) -> None:
@@ -228,6 +250,7 @@ class exclusive_output:  # noqa: N801 - used like a function: ``with exclusive_o
     def __enter__(self) -> DirectoryLock:
         self.lock = DirectoryLock.acquire(self.out_dir, self.purpose, self.log)
         remove_stale_partials(self.lock.directory.parent, self.log)
+        self.lock.record_holder()  # again, if a full disk needed the partials gone first
         return self.lock
 
     def __exit__(self, *exc) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from megatron.sft.runtime.layout import ParallelLayout, microbatch_rows
+from megatron.sft.runtime.layout import ParallelLayout, microbatch_rows, rows_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,10 @@ class ParallelDims:
         """Dataset rows of each micro-batch this rank runs at ``iteration`` (see
         ``runtime.layout.microbatch_rows``)."""
         return microbatch_rows(iteration, global_batch, micro_batch, self.dp_rank, self.dp_size)
+
+    def rows_from(self, first_row: int, global_batch: int, micro_batch: int) -> list[list[int]]:
+        """This rank's micro-batches of the global batch starting at dataset row ``first_row``."""
+        return rows_from(first_row, global_batch, micro_batch, self.dp_rank, self.dp_size)
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: {self.layout.describe()} DP{self.dp_size}"

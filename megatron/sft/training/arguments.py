@@ -48,7 +48,21 @@ class TrainConfig:
     save_interval: Optional[int] = _field(None, "save every N iterations (and always at the end)")
     exit_interval: Optional[int] = _field(None, "save and exit after an iteration divisible by N "
                                                 "(for job time limits)")
-    keep_last: int = _field(2, "keep only the newest K checkpoints in --save (0 keeps all)")
+    keep_last: int = _field(2, "keep only the newest K checkpoints in --save (0 keeps all); an "
+                               "iteration no training run wrote (a converted base) is never "
+                               "removed")
+    verify: bool = _field(True, "do not check checkpoint files against the SHA-256 checksums "
+                                "recorded when they were written (faster loads; a damaged file "
+                                "then goes unnoticed unless it cannot be parsed)",
+                          flag="--no-verify")
+    override_opt_param_scheduler: bool = _field(
+        False, "on resume, train with the LR schedule of the flags (--lr, --min-lr, "
+               "--lr-decay-style, warm-up, --train-iters, --weight-decay) from the checkpoint's "
+               "iteration on, instead of the checkpoint's schedule")
+    reset_data_position: bool = _field(
+        False, "on resume, start the data (--data-path, --seq-length, --split, packing, --seed) "
+               "from its first row: needed when they differ from the checkpoint's; iteration "
+               "and LR schedule continue")
     # --- data
     data_path: Optional[str] = _field(None, "prefix of a pre-tokenized dataset "
                                             "(..._text_document.bin/.idx [+ _loss_mask_document])")
@@ -56,6 +70,9 @@ class TrainConfig:
                                                   "ignored)")
     split: str = _field("98,2,0", "train,valid,test weights over samples")
     seq_length: int = _field(4096, "tokens per row (packed rows hold several samples)")
+    allow_dropping_long_samples: bool = _field(
+        False, "train even when more than 5%% of the loss tokens are in samples longer than "
+               "--seq-length (those samples are skipped; without this it is an error)")
     packing: bool = _field(True, "one sample per row, padded, instead of packing several "
                                  "samples per row with attention isolated per sample",
                            flag="--no-packing")

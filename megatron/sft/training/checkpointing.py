@@ -22,6 +22,7 @@ import torch
 from megatron.sft.runtime.layer_impl import LayerImpl
 from megatron.sft.bridge.checkpoint_io import (
     CHECKPOINT_VERSION,
+    CheckpointError,
     CheckpointMetadata,
     dtype_name,
     iteration_dir,
@@ -31,11 +32,17 @@ from megatron.sft.bridge.checkpoint_io import (
     rank_file,
     read_metadata,
     save_rank_state,
+    state_nbytes,
     write_metadata,
+    written_by_training,
 )
+from megatron.sft.bridge.integrity import file_digest, verify_file, write_checksums
+from megatron.sft.runtime.collective import on_every_rank
+from megatron.sft.runtime.disk import check_free_space, disk_full_guard
+from megatron.sft.runtime.layout import iteration_dir_name
 from megatron.sft.runtime.parallel_dims import parallel_dims
 
-from megatron.sft.lora.run_format import write_lora_info
+from megatron.sft.lora.run_format import read_lora_info, write_lora_info
 from megatron.sft.lora.settings import adapter_state_dict
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
@@ -85,27 +92,26 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, scheduler,
                     meta: CheckpointMetadata, impl: LayerImpl, train_state: dict[str, Any],
                     keep_last: int, lora=None) -> Path:
-    """``lora`` (a ``LoRACheckpointInfo``): save only the adapters, plus ``lora.json``."""
+    """Write iteration ``iteration`` into ``save_dir`` from every rank; ``lora`` (a
+    ``LoRACheckpointInfo``): save only the adapters, plus ``lora.json``.
+
+    Nothing is lost when a save fails (a full disk, a rank that cannot write): every rank hears
+    the same error, the partial directory is removed and the previous complete iteration stays
+    the latest. An iteration that a training run did not write (a converted base in the same
+    directory) is never replaced or pruned.
+    """
     import torch.distributed as dist
 
     dims = parallel_dims()
     save = Path(save_dir)
     partial = partial_iteration_dir(save, iteration)
+    final = save / iteration_dir_name(iteration)
     rank0 = dist.get_rank() == 0
-    if rank0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    dist.barrier()
     dtype = next(_unwrap(model[0]).parameters()).dtype
-    meta_now = dataclasses.replace(meta, params_dtype=dtype_name(dtype))
-    rank_path = rank_file(partial, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank)
-    rank_path.parent.mkdir(parents=True, exist_ok=True)
-    if uses_distributed_optimizer(optimizer):
-        # Collective over the data-parallel group; its rank 0 writes the gathered shards.
-        optimizer.save_parameter_state(str(rank_path.with_name(DISTRIB_OPTIM_FILE)))
+    meta_now = dataclasses.replace(meta, params_dtype=dtype_name(dtype), producer="training")
+    state: Optional[dict[str, Any]] = None
     if dims.writes_rank_file:
-        state: dict[str, Any] = {
+        state = {
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
             "sft_metadata": meta_now.to_dict(),
@@ -117,33 +123,113 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
         for chunk, m in enumerate(model):
             sd = impl.model_to_checkpoint(_unwrap(m).state_dict())
             state[meta.layout.model_key(chunk)] = sd if lora is None else adapter_state_dict(sd)
-        save_rank_state(partial, meta.layout, dims.tp_rank, dims.pp_rank, state, dims.ep_rank)
-    dist.barrier()
-    if rank0:
-        write_metadata(partial, meta_now)
-        if lora is not None:
-            write_lora_info(partial, lora)
-        final = publish_iteration(save, iteration)
-        _prune(save, keep_last)
-    dist.barrier()
-    return save / final.name if rank0 else iteration_dir(save, iteration)
+    distributed_optimizer = uses_distributed_optimizer(optimizer)
+    sizes = on_every_rank(lambda: _save_size_estimate(state, optimizer, distributed_optimizer),
+                          gather=True)
+
+    def prepare() -> None:
+        if not rank0:
+            return
+        if final.exists() and not written_by_training(final):
+            raise CheckpointError(
+                f"{final} was written by {read_metadata(final).producer or 'a converter'}, not "
+                f"by a training run: saving iteration {iteration} there would replace it. Use "
+                "another --save directory than the converted checkpoint")
+        check_free_space(save, sum(sizes), f"checkpoint {final.name}")
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+
+    on_every_rank(prepare)
+    rank_path = rank_file(partial, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank)
+
+    def write() -> list:
+        digests = []
+        rank_path.parent.mkdir(parents=True, exist_ok=True)
+        if distributed_optimizer:
+            # Collective over the data-parallel group; its rank 0 writes the gathered shards
+            # (megatron-core's torch.save: hashed by reading it back).
+            optim_path = rank_path.with_name(DISTRIB_OPTIM_FILE)
+            with disk_full_guard(save, sum(sizes), f"{optim_path.name} of {final.name}"):
+                optimizer.save_parameter_state(str(optim_path))
+            if optim_path.exists() and dims.dp_rank == 0:
+                digests.append(file_digest(optim_path, optim_path.relative_to(partial)
+                                           .as_posix()))
+        if state is not None:
+            digests.append(save_rank_state(partial, meta.layout, dims.tp_rank, dims.pp_rank,
+                                           state, dims.ep_rank))
+        return digests
+
+    try:
+        digests = [d for rank in on_every_rank(write, gather=True) for d in rank]
+
+        def publish() -> Path:
+            if not rank0:
+                return final
+            write_metadata(partial, meta_now)
+            if lora is not None:
+                write_lora_info(partial, lora)
+            write_checksums(partial, digests)
+            published = publish_iteration(save, iteration)
+            _prune(save, keep_last)
+            return published
+
+        return on_every_rank(publish)
+    except BaseException:
+        if rank0:  # the previous complete iteration stays the latest
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _save_size_estimate(state: Optional[dict], optimizer, distributed: bool) -> int:
+    """Bytes this rank is about to write: its rank file's tensors, plus (on data-parallel rank
+    0, which writes the gathered shards) the distributed optimizer's fp32 main weights and two
+    Adam moments of its model-parallel part."""
+    total = state_nbytes(state) if state is not None else 0
+    if distributed and parallel_dims().dp_rank == 0:
+        params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        total += 12 * params
+    return total
 
 
 def _prune(save: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` iterations this job's training runs wrote; an iteration it
+    did not write (a converted base, a reshard) is never removed."""
     if keep_last <= 0:
         return
-    iters = sorted(p for p in save.glob("iter_*") if p.is_dir() and not p.name.endswith("partial"))
+    iters = sorted(p for p in save.glob("iter_*") if p.is_dir() and not p.name.endswith("partial")
+                   and written_by_training(p))
     for old in iters[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> bool:
-    """Converted checkpoints hold weights only; a run's checkpoints hold optimizer state too."""
+@dataclasses.dataclass(frozen=True)
+class ResumeSource:
+    """What a ``--load`` checkpoint holds for resuming (read before the model is built)."""
+
+    iteration: int
+    train_state: dict[str, Any]
+    #: megatron-core's scheduler state (``None``: none saved)
+    schedule: Optional[dict[str, Any]]
+    #: optimizer state to restore (a resharded training checkpoint carries none)
+    has_optimizer: bool
+
+
+def peek_resume(cfg) -> Optional[ResumeSource]:
+    """The training state ``cfg.load`` resumes, or ``None`` when it starts a run (a converted
+    checkpoint, or a LoRA run's base). Read on every rank from its own file, so a damaged file
+    is the same error everywhere."""
+    it_dir = iteration_dir(Path(cfg.load))
+    if cfg.lora_rank and read_lora_info(it_dir) is None:
+        return None  # a base: its optimizer (if any) belongs to other parameters
     dims = parallel_dims()
-    it_dir = iteration_dir(Path(load_dir), iteration)
-    state = load_rank_state(it_dir, read_metadata(it_dir).layout, dims.tp_rank, dims.pp_rank,
-                            dims.ep_rank)
-    return "optimizer" in state
+    layout = read_metadata(it_dir).layout
+    state = on_every_rank(lambda: load_rank_state(it_dir, layout, dims.tp_rank, dims.pp_rank,
+                                                  dims.ep_rank, verify=cfg.verify))
+    if "optimizer" not in state and "train_state" not in state:
+        return None
+    return ResumeSource(int(state["iteration"]), dict(state.get("train_state", {})),
+                        state.get("opt_param_scheduler"), "optimizer" in state)
 
 
 @contextlib.contextmanager
@@ -167,23 +253,36 @@ def _step_state_hidden(optimizer):
             state["step"] = step.detach().clone()
 
 
-def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional[int] = None
-                        ) -> dict[str, Any]:
-    """Restore optimizer, LR schedule and RNG (model weights were loaded at build time);
-    returns the saved ``train_state`` with ``iteration``."""
+def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional[int] = None,
+                        *, optimizer_state: bool = True, override_schedule: bool = False,
+                        verify: bool = True) -> dict[str, Any]:
+    """Restore optimizer (unless ``optimizer_state`` is false: a resharded checkpoint), LR
+    schedule and RNG (model weights were loaded at build time); returns the saved
+    ``train_state`` with ``iteration``. ``override_schedule``: the scheduler keeps the flags'
+    values and only takes the step count from the checkpoint."""
     dims = parallel_dims()
     it_dir = iteration_dir(Path(load_dir), iteration)
     layout = read_metadata(it_dir).layout
     path = rank_file(it_dir, layout, dims.tp_rank, dims.pp_rank, dims.ep_rank)
-    state = load_rank_state(it_dir, layout, dims.tp_rank, dims.pp_rank, dims.ep_rank,
-                            mmap=False)
-    # With fp32 params the optimizer's "main params" are views of the model parameters, which
-    # megatron-core fills in place: that must not be recorded by autograd.
-    with torch.no_grad():
-        optimizer.load_state_dict(state["optimizer"])
-        if uses_distributed_optimizer(optimizer):
-            with _step_state_hidden(optimizer):
-                optimizer.load_parameter_state(str(path.with_name(DISTRIB_OPTIM_FILE)))
-    scheduler.load_state_dict(state["opt_param_scheduler"])
-    restore_rng_state(state["rng_state"])
+    state = on_every_rank(lambda: load_rank_state(it_dir, layout, dims.tp_rank, dims.pp_rank,
+                                                  dims.ep_rank, mmap=False, verify=verify))
+    if optimizer_state:
+        optim_path = path.with_name(DISTRIB_OPTIM_FILE)
+        distributed = uses_distributed_optimizer(optimizer)
+        if distributed and verify:
+            on_every_rank(lambda: optim_path.exists() and verify_file(it_dir, optim_path))
+        # With fp32 params the optimizer's "main params" are views of the model parameters,
+        # which megatron-core fills in place: that must not be recorded by autograd.
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+            if distributed:
+                with _step_state_hidden(optimizer):
+                    optimizer.load_parameter_state(str(optim_path))
+    if "opt_param_scheduler" in state:
+        if override_schedule:
+            scheduler.override_opt_param_scheduler = True
+            scheduler.use_checkpoint_opt_param_scheduler = False
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if optimizer_state and "rng_state" in state:
+        restore_rng_state(state["rng_state"])
     return {**state.get("train_state", {}), "iteration": int(state["iteration"])}

@@ -36,6 +36,7 @@ from megatron.sft.lora.run_format import (
     read_lora_info,
 )
 from megatron.sft.lora.settings import LoRASettings
+from megatron.sft.runtime.collective import on_every_rank
 from megatron.sft.runtime.layer_impl import LayerImpl
 from megatron.sft.training.model_builder import build_model_from_checkpoint
 
@@ -86,7 +87,8 @@ def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: i
     attach_lora(chunks, settings)
     init_adapters(chunks, settings, seed)
     if run is not None:
-        load_adapters(chunks, load_iter, meta)
+        on_every_rank(lambda: load_adapters(chunks, load_iter, meta,
+                                            verify=build_kwargs.get("verify", True)))
     return chunks, meta, info, run is not None
 
 

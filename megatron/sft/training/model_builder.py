@@ -16,6 +16,7 @@ from megatron.sft.bridge.checkpoint_io import (
     load_rank_state,
     read_metadata,
 )
+from megatron.sft.runtime.collective import on_every_rank
 from megatron.sft.runtime.cpu_mode import cpu_mode_active
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.layout import LayoutError
@@ -71,11 +72,13 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     return chunks
 
 
-def load_weights(chunks: list, impl: LayerImpl, iter_dir: Path, meta: CheckpointMetadata) -> int:
-    """Load this rank's file into the chunks; returns the checkpoint's iteration."""
+def load_weights(chunks: list, impl: LayerImpl, iter_dir: Path, meta: CheckpointMetadata,
+                 verify: bool = True) -> int:
+    """Load this rank's file into the chunks (checked against the iteration's checksums first,
+    unless ``verify`` is false); returns the checkpoint's iteration."""
     dims = parallel_dims()
     state = load_rank_state(iter_dir, meta.layout, dims.tp_rank, dims.pp_rank, dims.ep_rank,
-                            mmap=True)
+                            mmap=True, verify=verify)
     for chunk, model in enumerate(chunks):
         key = meta.layout.model_key(chunk)
         if key not in state:
@@ -92,14 +95,15 @@ def load_weights(chunks: list, impl: LayerImpl, iter_dir: Path, meta: Checkpoint
 
 
 def build_model_from_checkpoint(ckpt_dir: "str | Path", iteration: Optional[int] = None,
-                                impl: Optional[LayerImpl] = None, **build_kwargs: Any
-                                ) -> tuple[list, CheckpointMetadata, int]:
-    """``impl`` defaults to ``resolve_layer_impl()`` (auto/auto)."""
+                                impl: Optional[LayerImpl] = None, verify: bool = True,
+                                **build_kwargs: Any) -> tuple[list, CheckpointMetadata, int]:
+    """``impl`` defaults to ``resolve_layer_impl()`` (auto/auto). A rank whose file is missing,
+    truncated or corrupt stops every rank with the same one-line error naming it."""
     iter_dir = iteration_dir(Path(ckpt_dir), iteration)
     meta = read_metadata(iter_dir)
     check_layout_matches(meta)
     impl = impl or resolve_layer_impl()
     build_kwargs.setdefault("perform_initialization", False)  # every weight is loaded below
     chunks = build_model(meta, impl, **build_kwargs)
-    it = load_weights(chunks, impl, iter_dir, meta)
+    it = on_every_rank(lambda: load_weights(chunks, impl, iter_dir, meta, verify))
     return chunks, meta, it

@@ -25,9 +25,11 @@ from megatron.sft.data.validation import (
     ModelVocabulary,
     VocabularyGuard,
     check_token_ids,
+    dropped_long_samples,
     long_sample_report,
     read_stats,
 )
+from megatron.sft.training.resume import append_run
 from megatron.sft.runtime.locks import (
     DirectoryLock,
     LockedError,
@@ -36,6 +38,9 @@ from megatron.sft.runtime.locks import (
 )
 
 RUN_METADATA_FILE = "run_metadata.json"
+#: above this share of the loss tokens in samples longer than --seq-length, training refuses
+#: to start without --allow-dropping-long-samples
+MAX_DROPPED_LOSS_SHARE = 0.05
 
 
 def _say(message: str) -> None:
@@ -53,6 +58,7 @@ def acquire_run_lock(save: Optional[str]) -> Optional[DirectoryLock]:
         try:
             lock = DirectoryLock.acquire(save, "training run", _say)
             remove_stale_partials(save, _say, locked_iterations=True)
+            lock.record_holder()  # again, if a full disk needed the partials gone first
         except LockedError as exc:
             error = str(exc)
         except Exception as exc:  # e.g. no permission: still every rank must hear of it
@@ -64,6 +70,50 @@ def acquire_run_lock(save: Optional[str]) -> Optional[DirectoryLock]:
     if outcome[0] is not None:
         raise LockedError(outcome[0])
     return lock
+
+
+def check_save_directory(cfg) -> None:
+    """Never replace an iteration a training run did not write: a ``--save`` that holds a
+    converted (or resharded) iteration this run would save over is refused before the first
+    step, on every rank. Such iterations are never pruned either (``--keep-last``), so a
+    converted base in ``--save`` and the LoRA runs that name it stay intact."""
+    import torch.distributed as dist
+
+    from megatron.sft.bridge.checkpoint_io import read_metadata, written_by_training
+    from megatron.sft.runtime.collective import on_every_rank
+
+    if not cfg.save:
+        return
+
+    def check() -> None:
+        if dist.get_rank() != 0 or not Path(cfg.save).is_dir():
+            return
+        for it_dir in sorted(Path(cfg.save).glob("iter_*")):
+            if not it_dir.is_dir() or it_dir.name.endswith("partial"):
+                continue
+            if not (it_dir / "sft_metadata.json").exists() or written_by_training(it_dir):
+                continue
+            n = int(it_dir.name.split("_")[1])
+            if _would_save_at(cfg, n):
+                producer = read_metadata(it_dir).producer or "a converter"
+                raise ValueError(
+                    f"--save {cfg.save} holds {it_dir.name}, written by {producer} (not by a "
+                    f"training run), and this run would save iteration {n} over it. A run "
+                    "never replaces a checkpoint it did not write (it may be the base you "
+                    "--load, or one a LoRA run names): pass another --save directory, e.g. "
+                    f"--save {Path(cfg.save).name}_sft")
+
+    on_every_rank(check)
+
+
+def _would_save_at(cfg, n: int) -> bool:
+    """Whether a run of ``cfg`` (from iteration 0 or its checkpoint) may save iteration ``n``:
+    a --save-interval or --exit-interval multiple, or the last iteration."""
+    last = cfg.train_iters
+    if n < 1 or (last is not None and n > last):
+        return False
+    return (n == last or last is None
+            or any(k and n % k == 0 for k in (cfg.save_interval, cfg.exit_interval)))
 
 
 def objective_of(train_ds) -> tuple[str, str]:
@@ -107,6 +157,22 @@ def check_training_data(trainer) -> dict[str, Any]:
             raise DataValidationError(f"{ds.prefix}: {report}. --strict makes this an error")
         if report:
             warnings.append(f"{ds.prefix}: {report}; --strict makes this an error")
+    dropped = dropped_long_samples(trainer.train_ds)
+    if dropped is not None:
+        about = "about " if dropped["estimated"] else ""
+        sentence = (
+            f"{dropped['samples']} of {dropped['of']} training samples "
+            f"({dropped['sample_share']:.1%}) are longer than --seq-length {cfg.seq_length} and "
+            f"are skipped: {about}{dropped['loss_token_share']:.1%} of the loss tokens")
+        if dropped["loss_token_share"] > MAX_DROPPED_LOSS_SHARE and \
+                not cfg.allow_dropping_long_samples:
+            longest = (read_stats(trainer.train_ds.prefix) or {}).get("max_sample_tokens")
+            raise DataValidationError(
+                f"{sentence}. That is more than {MAX_DROPPED_LOSS_SHARE:.0%}: raise --seq-length "
+                f"(the longest sample has {longest or 'more'} tokens; e.g. the MAX_LEN the data "
+                "was tokenized with), or pass --allow-dropping-long-samples to train on the "
+                "rest")
+        warnings.append(sentence)
     for warning in warnings:
         trainer.log(f"warning: {warning}")
     objective, sentence = objective_of(trainer.train_ds)
@@ -124,11 +190,12 @@ def check_training_data(trainer) -> dict[str, Any]:
         "max_token_id": stats.get("max_token_id"), "tokenizer": stats.get("tokenizer"),
         "tokenizer_vocab_size": stats.get("tokenizer_vocab_size"),
         "max_position_embeddings": shape.max_position_embeddings, "warnings": warnings,
+        "dropped_long_samples": dropped,
     }
     if cfg.save and rank == 0:
         path = Path(cfg.save) / RUN_METADATA_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(json.dumps(append_run(path, record), indent=2) + "\n")
         os.replace(tmp, path)
     return record

@@ -28,15 +28,20 @@ from megatron.sft.runtime.parallel_dims import ParallelDims
 from megatron.sft.training.arguments import TrainConfig
 from megatron.sft.training.batch import masked_loss_sum
 from megatron.sft.training.checkpointing import (
-    is_training_checkpoint,
     load_training_state,
+    peek_resume,
     save_checkpoint,
 )
 from megatron.sft.training import lora
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
-from megatron.sft.training.run_guard import acquire_run_lock, check_training_data
+from megatron.sft.training.resume import data_identity, plan_resume
+from megatron.sft.training.run_guard import (
+    acquire_run_lock,
+    check_save_directory,
+    check_training_data,
+)
 
 
 @dataclass
@@ -76,10 +81,14 @@ class Trainer:
     train_ds: SFTDataset
     valid_ds: Optional[SFTDataset]
     sinks: Optional[MetricSinks]
+    resume: Any                         # what the --load checkpoint resumes (None: a fresh start)
+    plan: Any                           # ResumePlan: data position, schedule decision, notes
+    data_identity: dict[str, Any]       # which data the data position points into
     # --- counters
     train_iters: int                    # computed once, from --train-iters or --train-epochs
     iteration: int
-    consumed_samples: int
+    consumed_samples: int               # samples the LR schedule has seen (every data)
+    data_position: int                  # rows of this data consumed (the next step's first row)
     history: list[dict[str, Any]]
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
@@ -88,6 +97,7 @@ class Trainer:
         self.history = []
         self.iteration = 0
         self.consumed_samples = 0
+        self.data_position = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -103,10 +113,20 @@ class Trainer:
         self.is_logger = self.dims.is_logger
         if not self.is_logger:  # one voice
             self.log = lambda message: None
+        check_save_directory(cfg)  # never replace or prune an iteration training did not write
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type)
         self.log(f"layers: {self.impl.describe()}")
+        self.resume = None if cfg.finetune else peek_resume(cfg)
         self._build_data()
+        if self.resume is not None:
+            self.plan = plan_resume(
+                cfg, iteration=self.resume.iteration, saved_schedule=self.resume.schedule,
+                saved_train_state=self.resume.train_state, wanted_schedule=self._schedule(),
+                identity=self.data_identity, ckpt=cfg.load)
+            self.data_position = self.plan.data_position
+            self.train_ds.extend_to(self.data_position + max(
+                self.train_iters - self.resume.iteration, 0) * cfg.global_batch_size)
         check_training_data(self)  # vocabulary, lengths, objective: before building the model
         self._build_model()
         self._build_optimizer()
@@ -114,12 +134,29 @@ class Trainer:
                             if self.info.device.type == "cuda" else None)
         self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, dataclasses.asdict(cfg))
                       if self.is_logger else None)
-        resumable = self.lora is None or self.lora_resumed  # a base's optimizer is not ours
-        if not cfg.finetune and resumable and is_training_checkpoint(cfg.load):
-            state = load_training_state(cfg.load, self.optimizer, self.scheduler)
+        if self.resume is not None:
+            state = load_training_state(cfg.load, self.optimizer, self.scheduler,
+                                        optimizer_state=self.resume.has_optimizer,
+                                        override_schedule=self.plan.override_schedule,
+                                        verify=cfg.verify)
             self.iteration = state["iteration"]
             self.consumed_samples = state.get("consumed_samples", 0)
-            self.log(f"resumed from {cfg.load} at iteration {self.iteration}")
+            for note in self.plan.notes:
+                self.log(note)
+            fresh = "" if self.resume.has_optimizer else (
+                " (a resharded checkpoint: weights, LR schedule and data position carried, the "
+                "optimizer state starts fresh)")
+            self.log(f"resumed from {cfg.load} at iteration {self.iteration}, data row "
+                     f"{self.data_position}{fresh}")
+
+    def _schedule(self) -> dict[str, Any]:
+        """The LR schedule the flags ask for, in the scheduler's terms (steps are samples)."""
+        cfg, gbs = self.cfg, self.cfg.global_batch_size
+        warmup = cfg.warmup_iters(self.train_iters)
+        return {"max_lr": cfg.lr, "min_lr": cfg.min_lr, "lr_decay_style": cfg.lr_decay_style,
+                "lr_warmup_steps": warmup * gbs, "warmup_iters": warmup,
+                "lr_decay_steps": max(self.train_iters * gbs, 1), "start_wd": cfg.weight_decay,
+                "train_iters": self.train_iters}
 
     def _build_data(self) -> None:
         """Datasets are built once; ``--train-epochs`` counts one epoch's rows, then the same
@@ -137,6 +174,7 @@ class Trainer:
             self.train_iters = max(1, math.ceil(self.train_ds.epoch_rows * cfg.train_epochs
                                                 / cfg.global_batch_size))
             self.train_ds.extend_to(self.train_iters * cfg.global_batch_size)
+        self.data_identity = data_identity(cfg, Path(self.train_ds.prefix + "_stats.json"))
         self.log(f"train rows {len(self.train_ds)} (packing efficiency "
                  f"{self.train_ds.efficiency:.1%}), valid rows "
                  f"{len(self.valid_ds) if self.valid_ds else 0}")
@@ -156,7 +194,7 @@ class Trainer:
             if cfg.recompute_granularity == "full":
                 overrides.update(recompute_method="uniform", recompute_num_layers=1)
         build = dict(impl=self.impl, params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                     seq_length=cfg.seq_length, **overrides)
+                     seq_length=cfg.seq_length, verify=cfg.verify, **overrides)
         # --- LoRA (training/lora.py): frozen base + adapters, before DDP and the optimizer
         self.lora, self.lora_resumed = None, False
         settings = lora.settings_from_config(cfg)
@@ -272,9 +310,10 @@ class Trainer:
             torch.distributed.all_reduce(total, group=group)
         return total
 
-    def _rows(self, iteration: int) -> list[list[int]]:
-        return self.dims.microbatch_rows(iteration, self.cfg.global_batch_size,
-                                         self.cfg.micro_batch_size)
+    def _rows(self, first_row: int) -> list[list[int]]:
+        """This rank's micro-batches of the global batch that starts at ``first_row``."""
+        return self.dims.rows_from(first_row, self.cfg.global_batch_size,
+                                   self.cfg.micro_batch_size)
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
@@ -283,21 +322,25 @@ class Trainer:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        total = self.forward_loss(self.train_ds, self._rows(self.iteration), forward_only=False)
+        total = self.forward_loss(self.train_ds, self._rows(self.data_position),
+                                  forward_only=False)
         loss = (total[0] / total[1].clamp(min=1)).item()
         if not math.isfinite(loss):
             if not cfg.skip_nan_steps:
                 raise FloatingPointError(
                     f"loss is {loss} at iteration {self.iteration + 1}; stopping (pass "
                     "--skip-nan-steps to skip such steps, or lower --lr)")
-            self.iteration += 1
-            self.consumed_samples += cfg.global_batch_size
+            self._advance()
             return StepResult(loss, int(total[1].item()), None, True, time.perf_counter() - t0)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=cfg.global_batch_size)
-        self.iteration += 1
-        self.consumed_samples += cfg.global_batch_size
+        self._advance()
         return StepResult(loss, int(total[1].item()), grad_norm, not ok, time.perf_counter() - t0)
+
+    def _advance(self) -> None:
+        self.iteration += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        self.data_position += self.cfg.global_batch_size
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict[str, float]]:
@@ -307,7 +350,7 @@ class Trainer:
             m.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
         for i in range(self.cfg.eval_iters):
-            total += self.forward_loss(self.valid_ds, self._rows(i))
+            total += self.forward_loss(self.valid_ds, self._rows(i * self.cfg.global_batch_size))
         loss = (total[0] / total[1].clamp(min=1)).item()
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
 
@@ -333,10 +376,13 @@ class Trainer:
             self._save()
 
     def _save(self) -> None:
+        train_state = {"consumed_samples": self.consumed_samples,
+                       "data_position": self.data_position,
+                       "data": {**self.data_identity,
+                                "global_batch_size": self.cfg.global_batch_size}}
         path = save_checkpoint(self.cfg.save, self.iteration, self.model, self.optimizer,
-                               self.scheduler, self.meta, self.impl,
-                               {"consumed_samples": self.consumed_samples}, self.cfg.keep_last,
-                               lora=self.lora)
+                               self.scheduler, self.meta, self.impl, train_state,
+                               self.cfg.keep_last, lora=self.lora)
         self.log(f"saved checkpoint {path}")
 
     def train(self) -> list[dict[str, Any]]:
@@ -353,9 +399,13 @@ class Trainer:
 
             bar = tqdm(total=self.train_iters, initial=self.iteration, unit="it", desc="train")
         start_time = time.perf_counter()
+        first = self.iteration
+        if first >= self.train_iters:
+            self.log(f"nothing to train: {cfg.load} is already at iteration {first} = "
+                     f"--train-iters {self.train_iters}; pass a larger --train-iters to continue")
         try:
             while self.iteration < self.train_iters:
-                step_rows = self.iteration
+                step_rows = self.data_position
                 step = self.train_step()
                 record = {"iteration": self.iteration, "loss": step.loss,
                           "lr": self.optimizer.param_groups[0]["lr"],
@@ -384,7 +434,7 @@ class Trainer:
                 if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                     self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
                     break
-            if cfg.save:
+            if cfg.save and self.iteration > first:
                 self.save()
         finally:
             if bar is not None:
@@ -396,14 +446,14 @@ class Trainer:
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history
 
-    def _device_metrics(self, step: StepResult, iteration: int) -> dict[str, float]:
+    def _device_metrics(self, step: StepResult, first_row: int) -> dict[str, float]:
         """TFLOP/s per GPU, MFU and peak memory on GPU. Model FLOPs of the global batch's real
         documents (attention per document, padding not counted), see ``training_flops``."""
         if self.info.device.type != "cuda":
             return {}
         gbs = self.cfg.global_batch_size
         ds = self.train_ds
-        lengths = [n for r in range(iteration * gbs, (iteration + 1) * gbs)
+        lengths = [n for r in range(first_row, first_row + gbs)
                    for n in ds.document_lengths(r % len(ds)).tolist()]
         world = torch.distributed.get_world_size()
         tflops = training_flops(self.shape, lengths) / step.seconds / world / 1e12

@@ -1,0 +1,173 @@
+"""Resume that does what it says: what a resumed run keeps from its checkpoint, what it takes
+from the new flags, and the error when they disagree (pure: dicts in, decisions out).
+
+A training checkpoint carries the LR schedule (megatron-core's ``OptimizerParamScheduler``
+state, in samples) and the data position. On resume:
+
+- **schedule**: the checkpoint's is kept and printed. A flag that asks for a different one
+  (``--lr``, ``--min-lr``, ``--lr-decay-style``, warm-up, ``--weight-decay``) is an error naming
+  both values and the two fixes: ``--override-opt-param-scheduler`` (take the new values from
+  here on) or drop the flag. A ``--train-iters`` past the schedule's end is allowed and says
+  what LR the extra iterations get. A flag counts as given when it differs from its default.
+- **data**: the position is the number of rows of *this* dataset consumed so far; a changed
+  ``--global-batch-size`` continues from it. A different dataset (path, its stats, sequence
+  length, split, packing, seed) is an error unless ``--reset-data-position`` starts it over.
+
+Example: a run saved at iteration 50 of 100 with ``--lr 1e-4``, resumed with ``--lr 2e-5``::
+
+    ResumeError: --lr 2e-05 differs from the checkpoint's LR schedule (1e-04): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+#: scheduler state key -> (the flag that sets it, the TrainConfig field whose default tells if
+#: it was given)
+SCHEDULE_FLAGS = {
+    "max_lr": ("--lr", "lr"),
+    "min_lr": ("--min-lr", "min_lr"),
+    "lr_decay_style": ("--lr-decay-style", "lr_decay_style"),
+    "lr_warmup_steps": ("--lr-warmup-iters / --lr-warmup-fraction", "lr_warmup_iters"),
+    "start_wd": ("--weight-decay", "weight_decay"),
+}
+#: data identity key -> the flag that sets it
+DATA_FLAGS = {"data_path": "--data-path", "stats": "--data-path (its _stats.json)",
+              "seq_length": "--seq-length", "split": "--split", "packing": "--no-packing",
+              "seed": "--seed"}
+
+
+class ResumeError(ValueError):
+    """A resume that would silently do something else than the flags say."""
+
+
+def data_identity(cfg, stats_path: Optional[Path] = None) -> dict[str, Any]:
+    """What decides which rows a data position points at."""
+    stats = None
+    if stats_path is not None and Path(stats_path).exists():
+        stats = hashlib.sha256(Path(stats_path).read_bytes()).hexdigest()[:16]
+    return {"data_path": cfg.data_path, "stats": stats, "seq_length": cfg.seq_length,
+            "split": cfg.split, "packing": cfg.packing, "seed": cfg.seed}
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    #: rows of the current dataset consumed before the next step
+    data_position: int
+    #: take the flags' LR schedule instead of the checkpoint's
+    override_schedule: bool
+    #: lines for the log
+    notes: list[str]
+
+
+def _given(cfg, field: str) -> bool:
+    f = next(f for f in dataclasses.fields(cfg) if f.name == field)
+    value = getattr(cfg, field)
+    if field == "lr_warmup_iters":
+        return cfg.lr_warmup_iters is not None or cfg.lr_warmup_fraction is not None
+    return value != f.default
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def plan_resume(cfg, *, iteration: int, saved_schedule: Optional[dict],
+                saved_train_state: dict, wanted_schedule: dict, identity: dict[str, Any],
+                ckpt: str) -> ResumePlan:
+    """Decide the resume of ``cfg`` from a checkpoint at ``iteration``; raises
+    :class:`ResumeError` naming the flag, both values and the fixes."""
+    notes: list[str] = []
+    train_iters = wanted_schedule["train_iters"]
+    if train_iters < iteration:
+        raise ResumeError(
+            f"--train-iters {train_iters} is below the iteration of the checkpoint being resumed "
+            f"({ckpt} is at iteration {iteration}): there is nothing to train. Pass --train-iters "
+            f"above {iteration} to continue, or --finetune to start a new schedule from its "
+            "weights")
+    saved_gbs = int(saved_train_state.get("data", {}).get("global_batch_size")
+                    or cfg.global_batch_size)
+    override = bool(getattr(cfg, "override_opt_param_scheduler", False))
+    if saved_schedule is not None and not override:
+        for key, (flag, field) in SCHEDULE_FLAGS.items():
+            old, new = saved_schedule.get(key), wanted_schedule[key]
+            if key == "lr_warmup_steps":  # samples, at the checkpoint's batch size
+                old, new = (old or 0) // saved_gbs, wanted_schedule["warmup_iters"]
+            if old is None or old == new or not _given(cfg, field):
+                continue
+            raise ResumeError(
+                f"{flag} {_fmt(new)} differs from the LR schedule of the checkpoint being "
+                f"resumed ({ckpt}: {_fmt(old)}). A resumed run keeps its checkpoint's schedule: "
+                f"pass --override-opt-param-scheduler to train with the new values from "
+                f"iteration {iteration} on, or drop {flag.split(' /')[0]} to keep the "
+                "checkpoint's")
+        decay_iters = saved_schedule["lr_decay_steps"] // saved_gbs
+        lr_end = (saved_schedule["max_lr"] if saved_schedule["lr_decay_style"] == "constant"
+                  else saved_schedule["min_lr"])
+        notes.append(
+            f"resuming with the checkpoint's LR schedule: lr {_fmt(saved_schedule['max_lr'])} "
+            f"({saved_schedule['lr_decay_style']} decay to {_fmt(saved_schedule['min_lr'])} over "
+            f"{decay_iters} iterations, {saved_schedule['lr_warmup_steps'] // saved_gbs} of "
+            "warm-up)")
+        if train_iters > decay_iters:
+            notes.append(
+                f"--train-iters {train_iters} runs past the end of that schedule (iteration "
+                f"{decay_iters}): iterations {max(decay_iters, iteration) + 1}-{train_iters} run "
+                f"at lr {_fmt(lr_end)}. Pass --override-opt-param-scheduler to plan the decay "
+                f"over {train_iters} iterations instead")
+    elif saved_schedule is not None:
+        notes.append(f"--override-opt-param-scheduler: the LR schedule of the flags (lr "
+                     f"{_fmt(wanted_schedule['max_lr'])}, {wanted_schedule['lr_decay_style']}, "
+                     f"{train_iters} iterations) replaces the checkpoint's from iteration "
+                     f"{iteration} on")
+    position = _data_position(cfg, iteration, saved_train_state, identity, saved_gbs, ckpt,
+                              notes)
+    return ResumePlan(position, override, notes)
+
+
+def _data_position(cfg, iteration: int, saved: dict, identity: dict, saved_gbs: int, ckpt: str,
+                   notes: list[str]) -> int:
+    saved_identity = saved.get("data")
+    position = int(saved.get("data_position", saved.get("consumed_samples",
+                                                        iteration * saved_gbs)))
+    if getattr(cfg, "reset_data_position", False):
+        notes.append(f"--reset-data-position: the data starts over from its first row (the "
+                     f"checkpoint had consumed {position} rows of "
+                     f"{(saved_identity or {}).get('data_path', 'its data')})")
+        return 0
+    if saved_identity is None:
+        return position  # a checkpoint from before data identities were saved
+    for key, flag in DATA_FLAGS.items():
+        old, new = saved_identity.get(key), identity.get(key)
+        if key == "stats" and (old is None or new is None):
+            continue
+        if old != new:
+            what = ("the dataset's statistics (it was re-tokenized)" if key == "stats"
+                    else f"{flag} {new!r}")
+            raise ResumeError(
+                f"{what} differs from the checkpoint being resumed ({ckpt}: "
+                f"{old!r}): its data position ({position} rows) would point into other data. "
+                "Pass --reset-data-position to start this data from its first row (iteration "
+                f"and LR schedule continue), or resume with the checkpoint's {flag}")
+    if saved_gbs != cfg.global_batch_size:
+        notes.append(f"--global-batch-size {cfg.global_batch_size} (the checkpoint used "
+                     f"{saved_gbs}): continuing from row {position} of the data")
+    return position
+
+
+def append_run(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """``run_metadata.json`` keeps every (re)start of a run: the latest record at the top level
+    (what tools read) and all of them, oldest first, under ``"runs"``."""
+    runs: list = []
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+            runs = previous.get("runs") or [{k: v for k, v in previous.items() if k != "runs"}]
+        except (ValueError, AttributeError):
+            runs = []
+    merged = {**record, "runs": runs + [record]}
+    return merged
