@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "megatron" / "sft"
 PURE = ["bridge/transforms.py", "bridge/layout.py", "bridge/model_shape.py", "bridge/rules.py",
         "bridge/stage_mapping.py", "bridge/architectures", "bridge/lora_split.py",
-        "runtime/attention.py", "runtime/layer_impl.py", "runtime/lora_bases.py",
+        "runtime/attention.py", "runtime/containers.py", "runtime/layer_impl.py",
+        "runtime/lora_bases.py",
         "training/batch.py",
         "training/model_config.py"]
 FORBIDDEN = ("torch.distributed", "megatron.core.parallel_state", "megatron.core.tensor_parallel")
