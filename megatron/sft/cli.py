@@ -1,5 +1,6 @@
 """Shared behaviour of our command-line tools: user mistakes print one clear line, not a
-traceback, and Ctrl-C says that nothing was published."""
+traceback, Ctrl-C says that nothing was published, and a missing megatron-core or torch says
+how to install it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,25 @@ from typing import Callable
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, KeyError,
                FloatingPointError)
 
+#: module a tool may lack -> how to get it (any other missing module is a bug: traceback)
+INSTALL_HINTS = {
+    "megatron.core": "megatron-core is not installed in {python}: run `bash "
+                     "scripts/setup/install_requirements.sh` with this python (it checks torch "
+                     "and adds megatron-core without replacing a container's torch)",
+    "torch": "torch is not installed in {python}: use the NVIDIA PyTorch container (README, "
+             "step 0) or, on a CPU-only machine, `pip install torch==2.13.0` (the CPU build that "
+             "`make venv` uses), then `bash scripts/setup/install_requirements.sh`",
+}
+
 
 def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
+    except ModuleNotFoundError as e:
+        if e.name not in INSTALL_HINTS:
+            raise
+        print("error: " + INSTALL_HINTS[e.name].format(python=sys.executable), file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: partial output was removed, nothing was published", file=sys.stderr)
         sys.exit(130)

@@ -47,12 +47,16 @@ def check_model_dir(path: Path) -> str:
     """One line describing the model, or a warning when the bridge cannot convert it."""
     import json
 
-    from megatron.sft.bridge.architectures import supported_architectures
-
     cfg = json.loads((path / "config.json").read_text())
     arch = (cfg.get("architectures") or ["?"])[0]
     if not list(path.glob("*.safetensors")):
         return f"warning: {path} has no safetensors weights; the converter needs them"
+    try:
+        from megatron.sft.bridge.architectures import supported_architectures
+    except ModuleNotFoundError as e:  # a user account with only requirements.txt: no torch
+        if e.name != "torch":
+            raise
+        return f"{arch} (not checked against the converter here: torch is not installed)"
     if arch not in supported_architectures():
         return (f"warning: {arch} is not supported by the converter "
                 f"(supported: {', '.join(supported_architectures())})")
