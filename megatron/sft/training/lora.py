@@ -48,6 +48,26 @@ def settings_from_config(cfg) -> Optional[LoRASettings]:
                                    cfg.lora_target_modules)
 
 
+def check_load(cfg) -> None:
+    """Before anything is built: a LoRA run must be loaded as one, with its adapters' shape."""
+    settings = settings_from_config(cfg)
+    if settings is None:
+        refuse_lora_checkpoint(cfg.load)
+        return
+    run = read_lora_info(iteration_dir(Path(cfg.load)))
+    if run is not None:
+        _check_same_adapters(cfg.load, run, settings)
+
+
+def _check_same_adapters(load: str, run: LoRACheckpointInfo, settings: LoRASettings) -> None:
+    if not run.settings.same_shape(settings):
+        raise CheckpointError(
+            f"{load} holds LoRA adapters with rank {run.settings.rank}, alpha "
+            f"{run.settings.alpha}, targets {','.join(run.settings.targets)}, but this run "
+            f"asks for rank {settings.rank}, alpha {settings.alpha}, targets "
+            f"{','.join(settings.targets)}; pass the run's --lora-* values")
+
+
 def refuse_lora_checkpoint(load: str) -> None:
     """A LoRA run loaded without ``--lora-rank`` would silently train its base; say so."""
     info = read_lora_info(iteration_dir(Path(load)))
@@ -72,12 +92,7 @@ def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: i
         info = LoRACheckpointInfo(settings, str(Path(load).resolve()),
                                   int(load_iter.name.split("_")[1]), base_fingerprint(load_iter))
     else:
-        if not run.settings.same_shape(settings):
-            raise CheckpointError(
-                f"{load} holds LoRA adapters with rank {run.settings.rank}, alpha "
-                f"{run.settings.alpha}, targets {','.join(run.settings.targets)}, but this run "
-                f"asks for rank {settings.rank}, alpha {settings.alpha}, targets "
-                f"{','.join(settings.targets)}; pass the run's --lora-* values")
+        _check_same_adapters(load, run, settings)
         base_dir = check_base(run, read_metadata(load_iter), Path(load))
         info = LoRACheckpointInfo(settings, run.base_checkpoint, run.base_iteration,
                                   run.base_fingerprint)

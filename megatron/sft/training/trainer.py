@@ -117,6 +117,7 @@ class Trainer:
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type)
         self.log(f"layers: {self.impl.describe()}")
+        lora.check_load(cfg)  # a LoRA run is loaded as one, with its adapters' shape
         self.resume = None if cfg.finetune else peek_resume(cfg)
         self._build_data()
         if self.resume is not None:
@@ -202,8 +203,7 @@ class Trainer:
             chunks, self.meta, self.lora, self.lora_resumed = lora.build_lora_model(
                 cfg.load, settings, seed=cfg.seed, **build)
             self.log(lora.trainable_summary(chunks))
-        else:
-            lora.refuse_lora_checkpoint(cfg.load)
+        else:  # setup refused a LoRA run without --lora-rank
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
         # Data-parallel communication overlaps compute by default when there is any: gradients

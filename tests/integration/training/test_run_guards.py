@@ -205,7 +205,9 @@ def test_objective_is_printed_and_recorded(sft_assets, tmp_path):
             "For assistant-only SFT, pre-tokenize with scripts/data/tokenize_dataset.sh"
             ) in trainer.logs
     meta = json.loads((tmp_path / "pretrain_run" / "run_metadata.json").read_text())
-    assert meta == record and meta["objective"] == "every-token" and meta["loss_mask"] is None
+    # the latest run at the top level, every (re)start of the run under "runs"
+    assert {k: v for k, v in meta.items() if k != "runs"} == record and meta["runs"] == [record]
+    assert meta["objective"] == "every-token" and meta["loss_mask"] is None
 
     train, _, _ = build_sft_datasets(SFTDatasetConfig(data_path=sft_assets["data"],
                                                       seq_length=128, split="100,0,0"))

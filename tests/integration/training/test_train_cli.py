@@ -63,14 +63,16 @@ def test_nan_loss_stops_with_the_iteration_or_is_skipped(ckpt, sft_assets, tmp_p
     state["model"]["decoder.final_layernorm.weight"][0] = float("nan")
     torch.save(state, rank_file)
 
-    r = run_tool("tools/train_sft.py", *_args(str(bad), sft_assets["data"]), timeout=300)
+    # The edit is a deliberate corruption: --no-verify lets the NaN reach the loss.
+    r = run_tool("tools/train_sft.py", *_args(str(bad), sft_assets["data"],
+                                              **{"--no-verify": None}), timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "error: loss is nan at iteration 1; stopping" in r.stderr
     assert "--skip-nan-steps" in r.stderr
 
     log = tmp_path / "log.jsonl"
     r = run_tool("tools/train_sft.py", *_args(str(bad), sft_assets["data"], **{
-        "--skip-nan-steps": None, "--log-json": str(log)}), timeout=300)
+        "--skip-nan-steps": None, "--log-json": str(log), "--no-verify": None}), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [rec["skipped"] for rec in records] == [True, True, True]
