@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -73,3 +74,20 @@ def write_arithmetic_conversations(path: Path, count: int, seed: int) -> Path:
                          {"role": "assistant", "content": f"Doubled it is {2 * (a + b)}."}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A real filesystem of ``size`` (e.g. ``"1M"``) mounted at ``path`` for disk-full tests: a
+    tmpfs, which needs root (as on CI and the development machines); skipped elsewhere."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        import pytest
+
+        pytest.skip(f"cannot mount a {size} tmpfs at {path}: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

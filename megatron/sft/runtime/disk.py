@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 #: what torch's C++ writers put in the RuntimeError when a write() fails
-_CXX_WRITE_FAILURES = ("file write failed", "iostream error", "No space left", "basic_ios")
+_CXX_WRITE_FAILURES = ("file write failed", "iostream error", "No space left", "basic_ios",
+                       "unexpected pos")
 
 
 class DiskFullError(ValueError):
@@ -66,8 +67,11 @@ def check_free_space(directory: "str | Path", needed_bytes: int, what: str) -> N
 def is_disk_full(exc: BaseException, directory: "str | Path") -> bool:
     """Whether ``exc`` is a write that failed for lack of space: ``ENOSPC``/``EDQUOT``, or one
     of torch's C++ write errors while the filesystem is (nearly) full."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    seen = exc
+    while seen is not None:  # torch re-raises a Python writer's OSError as a RuntimeError
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
     if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CXX_WRITE_FAILURES):
         try:
             return free_bytes(directory) < 64 * 2**20

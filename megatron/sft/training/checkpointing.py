@@ -283,6 +283,12 @@ def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional
             scheduler.override_opt_param_scheduler = True
             scheduler.use_checkpoint_opt_param_scheduler = False
         scheduler.load_state_dict(state["opt_param_scheduler"])
+        # megatron-core's scheduler reads each param group's own max_lr / min_lr before its
+        # own; the groups hold the checkpoint's (optimizer state just restored) or this run's
+        # flags (a fresh optimizer): make them the schedule that was decided.
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+        scheduler.step(increment=0)  # re-apply the LR at the restored step
     if optimizer_state and "rng_state" in state:
         restore_rng_state(state["rng_state"])
     return {**state.get("train_state", {}), "iteration": int(state["iteration"])}

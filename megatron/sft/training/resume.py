@@ -94,9 +94,11 @@ def plan_resume(cfg, *, iteration: int, saved_schedule: Optional[dict],
     override = bool(getattr(cfg, "override_opt_param_scheduler", False))
     if saved_schedule is not None and not override:
         for key, (flag, field) in SCHEDULE_FLAGS.items():
-            old, new = saved_schedule.get(key), wanted_schedule[key]
             if key == "lr_warmup_steps":  # samples, at the checkpoint's batch size
-                old, new = (old or 0) // saved_gbs, wanted_schedule["warmup_iters"]
+                old = (saved_schedule.get(key) or 0) // saved_gbs
+                new = wanted_schedule["warmup_iters"]
+            else:
+                old, new = saved_schedule.get(key), wanted_schedule[key]
             if old is None or old == new or not _given(cfg, field):
                 continue
             raise ResumeError(

@@ -1,0 +1,85 @@
+"""The resume decisions as pure functions: which flag disagrees with the checkpoint, which
+saves a run will make, and the run history kept in run_metadata.json."""
+
+import json
+import re
+
+import pytest
+
+from megatron.sft.training.arguments import TrainConfig
+from megatron.sft.training.resume import ResumeError, append_run, plan_resume
+from megatron.sft.training.run_guard import _would_save_at
+
+SAVED = {"max_lr": 1e-3, "min_lr": 0.0, "lr_decay_style": "cosine", "lr_warmup_steps": 8,
+         "lr_decay_steps": 80, "start_wd": 0.0, "num_steps": 40}
+IDENTITY = {"data_path": "/d", "stats": "abc", "seq_length": 128, "split": "98,2,0",
+            "packing": True, "seed": 1234}
+
+
+def _plan(cfg, identity=IDENTITY, wanted=None, **saved_state):
+    wanted = wanted or {"max_lr": cfg.lr, "min_lr": cfg.min_lr,
+                        "lr_decay_style": cfg.lr_decay_style, "warmup_iters": 2,
+                        "start_wd": cfg.weight_decay, "train_iters": cfg.train_iters}
+    train_state = {"data_position": 40, "data": {**IDENTITY, "global_batch_size": 4},
+                   **saved_state}
+    return plan_resume(cfg, iteration=10, saved_schedule=SAVED, saved_train_state=train_state,
+                       wanted_schedule=wanted, identity=identity, ckpt="/ckpt")
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"load": "/ckpt", "data_path": "/d", "train_iters": 20, "lr": 1e-3,
+                          "lr_warmup_iters": 2, "global_batch_size": 4, "seq_length": 128,
+                          **kw})
+
+
+def test_the_same_flags_keep_the_schedule_and_the_position():
+    plan = _plan(_cfg())
+    assert plan.data_position == 40 and not plan.override_schedule
+    assert plan.notes == ["resuming with the checkpoint's LR schedule: lr 0.001 (cosine decay to "
+                          "0 over 20 iterations, 2 of warm-up)"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("min_lr", 1e-5, "--min-lr 1e-05 differs"),
+    ("lr_decay_style", "linear", "--lr-decay-style linear differs"),
+    ("weight_decay", 0.1, "--weight-decay 0.1 differs"),
+])
+def test_a_changed_schedule_flag_is_an_error(flag, value, message):
+    with pytest.raises(ResumeError, match=message):
+        _plan(_cfg(**{flag: value}))
+    assert _plan(_cfg(**{flag: value}, override_opt_param_scheduler=True)).override_schedule
+
+
+def test_an_unchanged_default_is_not_a_request():
+    """--lr left at its default on a run trained at 1e-3: keep the checkpoint's, say so."""
+    plan = _plan(_cfg(lr=1e-5, lr_warmup_iters=None), wanted={
+        "max_lr": 1e-5, "min_lr": 0.0, "lr_decay_style": "cosine", "warmup_iters": 0,
+        "start_wd": 0.0, "train_iters": 20})
+    assert "lr 0.001" in plan.notes[0]
+
+
+@pytest.mark.parametrize("key, value, flag", [
+    ("stats", "zzz", "the dataset's statistics (it was re-tokenized)"),
+    ("split", "90,10,0", "--split '90,10,0'"), ("seed", 7, "--seed 7"),
+    ("packing", False, "--no-packing False")])
+def test_other_data_is_an_error_unless_reset(key, value, flag):
+    with pytest.raises(ResumeError, match=re.escape(f"{flag} differs")):
+        _plan(_cfg(), identity={**IDENTITY, key: value})
+    assert _plan(_cfg(reset_data_position=True), identity={**IDENTITY, key: value}
+                 ).data_position == 0
+
+
+def test_which_iterations_a_run_saves():
+    cfg = TrainConfig(load="/c", train_iters=10, save="/s", save_interval=4)
+    assert [n for n in range(12) if _would_save_at(cfg, n)] == [4, 8, 10]
+    cfg = TrainConfig(load="/c", train_iters=10, save="/s", exit_interval=3)
+    assert [n for n in range(12) if _would_save_at(cfg, n)] == [3, 6, 9, 10]
+
+
+def test_run_metadata_keeps_every_start(tmp_path):
+    path = tmp_path / "run_metadata.json"
+    path.write_text(json.dumps({"objective": "assistant-only", "pid": 1}))  # an older file
+    merged = append_run(path, {"objective": "assistant-only", "pid": 2})
+    assert merged["pid"] == 2 and [r["pid"] for r in merged["runs"]] == [1, 2]
+    path.write_text(json.dumps(merged))
+    assert [r["pid"] for r in append_run(path, {"pid": 3})["runs"]] == [1, 2, 3]
