@@ -34,6 +34,7 @@ from megatron.sft.data.readers import (
     DEFAULT_MAX_RECORD_BYTES,
     RawRecord,
     iter_records,
+    list_input_files,
     parse_payload,
     split_compression,
 )
@@ -202,12 +203,12 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
         config.input, config.tokenizer_model, config.render.max_length
     )
     say = log or _stderr
+    list_input_files(config.input, config.split)  # InputError for a bad path, before any mkdir
     with PrefixLock.acquire(prefix, "pre-tokenization", say) as lock:
         check_no_dataset(prefix, config.force)  # before anything is touched
         remove_stale_temp_files(prefix, say)
         lock.record_holder()  # again, if a full disk needed those files gone first
-        with disk_full_guard(Path(prefix).parent, None, f"the tokenized dataset {prefix}_*"):
-            return _preprocess_locked(config, prefix, log)
+        return _preprocess_locked(config, prefix, log)
 
 
 def _preprocess_locked(config: PreprocessConfig, prefix: str,
@@ -221,14 +222,17 @@ def _preprocess_locked(config: PreprocessConfig, prefix: str,
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = load_tokenizer(config.tokenizer_model)
     ConversationRenderer(tokenizer, config.render)  # fail fast on a bad tokenizer/style pair
-    records = iter_records(config.input, config.split, config.max_record_bytes)  # InputError: bad path
+    records = iter_records(config.input, config.split, config.max_record_bytes)
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
                             tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer))
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))
     # The clock starts once the writer is open: like the tokenizer load above, importing
     # megatron-core (~2 s, torch included) is set-up, not throughput.
-    with IndexedPairWriter(prefix, len(tokenizer)) as writer:
+    # The guard is inside the writer: the free space is measured before the writer's abort
+    # removes its temp files (a full disk then says "0 B free", not what the abort freed).
+    full_disk = disk_full_guard(Path(prefix).parent, None, f"the tokenized dataset {prefix}_*")
+    with IndexedPairWriter(prefix, len(tokenizer)) as writer, full_disk:
         start = time.perf_counter()
         for records_chunk, result in _ordered_results(
             _chunks(records, config.chunk_size), config.workers, config
