@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--split", help="split to read from an HF DatasetDict folder (default: train)")
     io.add_argument("--output-prefix", help="output path prefix (default: "
                     "<input dir>/Tokenized-{dataset}-{tokenizer}-{seq_length})")
+    io.add_argument("--force", action="store_true",
+                    help="replace a dataset already at the output prefix (without it, an existing "
+                    "one is an error: it may have been made with other options)")
     tok = p.add_argument_group("tokenizer and rendering")
     tok.add_argument("--tokenizer-model", required=True,
                      help="HF tokenizer folder (tokenizer.json + tokenizer_config.json)")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                   workers=args.workers, chunk_size=args.chunk_size,
                                   strict=args.strict, split=args.split,
                                   max_record_bytes=args.max_record_bytes,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, force=args.force)
         stats = preprocess(config)
     except (ValueError, InputError, PreprocessError) as exc:
         print(f"error: {exc}", file=sys.stderr)

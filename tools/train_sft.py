@@ -20,11 +20,12 @@ from megatron.sft.cli import run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from megatron.sft.runtime.distributed import destroy_distributed
     from megatron.sft.training.arguments import parse_config
+
+    cfg = parse_config(argv)  # a bad --config fails fast, before megatron-core is imported
+    from megatron.sft.runtime.distributed import destroy_distributed
     from megatron.sft.training.trainer import Trainer
 
-    cfg = parse_config(argv)
     trainer = Trainer(cfg, log=lambda msg: print(msg, flush=True))
     try:
         trainer.setup()

@@ -13,8 +13,11 @@
 #   Tokenized-{dataset}-{tokenizer}-{MAX_LEN}_loss_mask_document.{bin,idx}
 #   Tokenized-{dataset}-{tokenizer}-{MAX_LEN}_stats.json
 #
-# Environment: PYTHON (default python), EXTRA_ARGS (more tools/preprocess_data_sft.py flags,
-# e.g. EXTRA_ARGS="--truncate --loss-on last-assistant").
+# A dataset already there is an error (it may have been made with other options); FORCE=1
+# replaces it. A second run on the same output at the same time stops, naming the first.
+#
+# Environment: PYTHON (default python), FORCE (1: replace an existing dataset), EXTRA_ARGS (more
+# tools/preprocess_data_sft.py flags, e.g. EXTRA_ARGS="--truncate --loss-on last-assistant").
 set -euo pipefail
 
 if [[ $# -lt 3 || $# -gt 4 ]]; then
@@ -29,16 +32,21 @@ MAX_LEN=$3
 WORKERS=${4:-${WORKERS:-$(nproc 2>/dev/null || echo 1)}}
 : "${PYTHON:=python}"
 : "${EXTRA_ARGS:=}"
+: "${FORCE:=0}"
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 # ---
 # One call does everything: the Python tool streams the file through WORKERS processes and only
 # publishes the .bin/.idx pair once it is complete, so a failed run leaves nothing half-written.
+# FORCE=1 says replacing the dataset there is meant (without it an existing one is refused).
+force=()
+[[ "$FORCE" == "1" ]] && force=(--force)
 # shellcheck disable=SC2086  # EXTRA_ARGS is deliberately word-split into flags
 "$PYTHON" "$REPO_ROOT/tools/preprocess_data_sft.py" \
     --input "$DATA_FILE" \
     --tokenizer-model "$TOKENIZER_DIR" \
     --seq-length "$MAX_LEN" \
     --workers "$WORKERS" \
+    ${force[@]+"${force[@]}"} \
     $EXTRA_ARGS

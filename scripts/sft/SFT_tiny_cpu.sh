@@ -6,13 +6,15 @@
 # Reads  $DEMO_DIR/megatron_TP2PP1 (converted tiny model) and $DEMO_DIR/data/Tokenized-* (from make demo)
 # Writes $DEMO_DIR/sft_tiny (checkpoints, train_log.jsonl). Re-running resumes.
 # Environment: DEMO_DIR (default runs/demo), TRAIN_ITERS, LR, GBS, MBS, SEQ_LEN, NPROC, TP, PP,
+#              DATA_PATH (a Tokenized-* prefix; needed when the data folder holds several),
+#              LR_WARMUP_ITERS (default 5, a tenth of TRAIN_ITERS below 50),
 #              ATTENTION_BACKEND (default sdpa: per-document attention, no s x s mask),
 #              LORA_RANK=R (>0: train LoRA adapters on the frozen model, saved to sft_tiny_lora_rR),
 #              LORA_ALPHA (default 2 x LORA_RANK).
 set -euo pipefail
 
 if [[ "${1:-}" != "train" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -28,7 +30,24 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${LR:=3e-3}"
 : "${ATTENTION_BACKEND:=sdpa}"
 : "${CKPT:=$DEMO_DIR/megatron_TP${TP}PP${PP}}"
-: "${DATA_PATH:=$(ls "$DEMO_DIR"/data/Tokenized-*_text_document.idx 2>/dev/null | head -1 | sed 's/_text_document.idx$//')}"
+: "${LR_WARMUP_ITERS:=$(( TRAIN_ITERS >= 50 ? 5 : TRAIN_ITERS / 10 ))}"
+if [[ -z "${DATA_PATH:-}" ]]; then
+  # The one tokenized dataset of the demo folder; with several, which to train on is the
+  # user's choice, not the alphabet's.
+  datasets=()
+  for idx in "$DEMO_DIR"/data/Tokenized-*_text_document.idx; do
+    [[ -e "$idx" ]] && datasets+=("${idx%_text_document.idx}")
+  done
+  if (( ${#datasets[@]} > 1 )); then
+    {
+      echo "error: ${#datasets[@]} tokenized datasets in $DEMO_DIR/data; choose one with DATA_PATH:"
+      printf '  %s\n' "${datasets[@]}"
+      echo "e.g. DATA_PATH=${datasets[0]} bash $0 train"
+    } >&2
+    exit 2
+  fi
+  DATA_PATH=${datasets[0]:-}
+fi
 : "${LORA_RANK:=0}"
 : "${LORA_ALPHA:=$((2 * LORA_RANK))}"
 if (( LORA_RANK > 0 )); then
@@ -53,7 +72,7 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
   "$REPO/tools/train_sft.py" --load "$LOAD" --save "$SAVE_DIR" --save-interval 20 \
   --data-path "$DATA_PATH" --seq-length "$SEQ_LEN" --split 95,5,0 \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS" \
-  --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5 --clip-grad 1.0 \
+  --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters "$LR_WARMUP_ITERS" --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --attention-backend "$ATTENTION_BACKEND" ${lora[@]+"${lora[@]}"} \
   --eval-interval 20 --eval-iters 2 --log-interval 5 --log-json "$SAVE_DIR.log.jsonl"

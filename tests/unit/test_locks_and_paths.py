@@ -92,3 +92,43 @@ def test_overlap_sees_through_symlinks(tmp_path):
         check_output_separate(tmp_path / "link", "--save-dir", {"--load-dir": tmp_path / "m"})
     check_output_separate(tmp_path / "out", "--save-dir", {"--load-dir": tmp_path / "m",
                                                            "--hf-reference": None})
+
+
+def test_stale_temp_files_of_a_prefix_are_removed_live_and_foreign_ones_kept(tmp_path):
+    """The pre-tokenizer's ``PREFIX_*.tmp-[HOST-]PID`` files of a killed run (issue 17)."""
+    from megatron.sft.runtime.locks import remove_stale_temp_files, temp_name
+
+    dead = _dead_pid()
+    prefix = tmp_path / "ds"
+    names = {
+        "dead": f"ds_text_document.bin.tmp-{this_host()}-{dead}",
+        "dead_old_form": f"ds_stats.json.tmp-{dead}",
+        "live": os.path.basename(temp_name(tmp_path / "ds_loss_mask_document.idx")),
+        "other_host": f"ds_text_document.idx.tmp-another-node-{dead}",
+        "other_prefix": f"ds2_text_document.bin.tmp-{this_host()}-{dead}",
+        "dataset": "ds_text_document.bin",
+    }
+    for name in names.values():
+        (tmp_path / name).write_text("x")
+    said = []
+    removed = remove_stale_temp_files(prefix, said.append)
+    assert sorted(removed) == sorted([names["dead"], names["dead_old_form"]])
+    assert "removed 2 unfinished file(s)" in said[0] and names["dead"] in said[0]
+    assert {p.name for p in tmp_path.iterdir()} == {names[k] for k in
+                                                    ("live", "other_host", "other_prefix",
+                                                     "dataset")}
+    assert remove_stale_temp_files(prefix, said.append) == [] and len(said) == 1
+
+
+def test_prefix_lock_names_the_holder_and_the_flag(tmp_path):
+    from megatron.sft.runtime.locks import PrefixLock
+
+    prefix = tmp_path / "data" / "Tokenized-x-tok-64"
+    with PrefixLock.acquire(prefix, "pre-tokenization"):
+        assert lock_path(prefix) == tmp_path / "data" / "Tokenized-x-tok-64.lock"
+        with pytest.raises(LockedError) as err:
+            PrefixLock.acquire(prefix, "pre-tokenization")
+    assert (f"{prefix} (the output prefix of Tokenized-x-tok-64_*) is in use by another "
+            f"pre-tokenization: host {this_host()}, pid {os.getpid()}, started 20") in str(err.value)
+    assert "choose another --output-prefix" in str(err.value)
+    assert not lock_path(prefix).exists()

@@ -101,8 +101,12 @@ def read_latest_iteration(ckpt_dir: Path) -> int:
             "that never completed"
         )
     text = tracker.read_text().strip()
-    if text == "release":
-        raise CheckpointError(f"{tracker} says 'release'; pass the iteration explicitly")
+    if text == "release":  # the callers differ in flags: name the fix for each
+        raise CheckpointError(
+            f"{tracker} says 'release' (Megatron-LM's marker for a release/ folder), not an "
+            f"iteration: export and reshard take --iteration N; for training (which has no such "
+            f"flag) write the iteration number into {tracker} (a release/ folder: rename it "
+            f"to iter_0000001 and write 1)")
     try:
         return int(text)
     except ValueError:

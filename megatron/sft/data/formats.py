@@ -401,6 +401,38 @@ def _from_alpaca(record: dict, fields: FieldMap) -> Conversation:
 #: ``--format`` choices: ``auto`` then every registered format.
 FORMATS = ("auto", *RECORD_FORMATS)
 
+# -- turn order ---------------------------------------------------------------------------------
+#: Notice (a count in the stats, not a drop) for a record whose roles are out of order.
+ROLES_OUT_OF_ORDER = "roles_out_of_order"
+#: role -> the roles the turn before it may have (None: it is the first turn)
+_MAY_FOLLOW = {
+    "system": {None, "system"},
+    "user": {None, "system", "assistant", "tool"},
+    "assistant": {"user", "tool"},
+    "tool": {"assistant", "tool"},
+}
+
+
+def role_order_problem(conversation: Conversation) -> str | None:
+    """The first turn out of the usual order, in words, or None when the order is usual: system
+    turns first, then user and assistant turns alternating, tool results after an assistant turn
+    (or another tool result). Such records are kept (chat templates render most of them); the
+    pre-tokenizer counts them under the ``roles_out_of_order`` notice.
+
+    >>> role_order_problem([Message("assistant", "Hi"), Message("user", "?")])
+    'turn 0 (assistant) is the first turn'
+    >>> role_order_problem([Message("user", "a"), Message("user", "b"), Message("assistant", "c")])
+    'turn 1 (user) follows a user turn'
+    """
+    previous = None
+    for i, m in enumerate(conversation):
+        if previous not in _MAY_FOLLOW[m.role]:
+            return (f"turn {i} ({m.role}) is the first turn" if previous is None
+                    else f"turn {i} ({m.role}) follows a{'n' if previous == 'assistant' else ''} "
+                         f"{previous} turn")
+        previous = m.role
+    return None
+
 
 def _validate(conversation: Conversation) -> None:
     for i, m in enumerate(conversation):

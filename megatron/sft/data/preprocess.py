@@ -34,11 +34,14 @@ from megatron.sft.data.readers import (
     DEFAULT_MAX_RECORD_BYTES,
     RawRecord,
     iter_records,
+    list_input_files,
     parse_payload,
     split_compression,
 )
 from megatron.sft.data.render import NOTICES, ConversationRenderer, RenderConfig, TokenizedChunk
 from megatron.sft.data.stats import PreprocessStats
+from megatron.sft.runtime.disk import disk_full_guard
+from megatron.sft.runtime.locks import PrefixLock, remove_stale_temp_files
 
 #: Drops that are a policy decision, not bad input: ``--strict`` does not stop on them.
 POLICY_DROPS = ("too_long", "no_loss_tokens")
@@ -66,6 +69,8 @@ class PreprocessConfig:
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     """JSON lines longer than this are dropped (``record_too_large``) without being parsed."""
     progress: bool = True
+    force: bool = False
+    """Replace a dataset already at the output prefix (made, perhaps, with other options)."""
     max_logged_errors: int = 20
     """Bad records printed one per line; the rest are only counted."""
 
@@ -166,8 +171,48 @@ def _ordered_results(chunks: Iterator[list[RawRecord]], workers: int, config: Pr
             yield head, result.get()
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_no_dataset(prefix: str, force: bool) -> None:
+    """Refuse to replace a dataset at ``prefix`` without ``force``: the options that made it
+    (``--loss-on``, the prompt style or chat template, ``--seq-length``) may differ from this
+    run's, and a training run may be reading it."""
+    from megatron.sft.data.indexed_writer import existing_dataset_files
+
+    existing = existing_dataset_files(prefix)
+    if existing and not force:
+        raise PreprocessError(
+            f"{prefix} already holds a tokenized dataset ({', '.join(Path(p).name for p in existing)}), "
+            "perhaps made with other options (--loss-on, --prompt-style or the chat template, "
+            "--seq-length); nothing was changed. Pass --force (FORCE=1 for "
+            "scripts/data/tokenize_dataset.sh) to replace it, or choose another --output-prefix"
+        )
+
+
 def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = None) -> PreprocessStats:
-    """Run the whole pipeline; returns the stats also written to ``<prefix>_stats.json``."""
+    """Run the whole pipeline; returns the stats also written to ``<prefix>_stats.json``.
+
+    One writer per prefix: ``PREFIX.lock`` is held while writing (a second run on the same
+    prefix stops, naming the first). Under it, an existing dataset is refused unless
+    ``config.force``, and the temp files of a run that was killed are removed. A full disk is
+    a ``DiskFullError`` naming the folder; nothing half-written is left either way.
+    """
+    prefix = config.output_prefix or default_output_prefix(
+        config.input, config.tokenizer_model, config.render.max_length
+    )
+    say = log or _stderr
+    list_input_files(config.input, config.split)  # InputError for a bad path, before any mkdir
+    with PrefixLock.acquire(prefix, "pre-tokenization", say) as lock:
+        check_no_dataset(prefix, config.force)  # before anything is touched
+        remove_stale_temp_files(prefix, say)
+        lock.record_holder()  # again, if a full disk needed those files gone first
+        return _preprocess_locked(config, prefix, log)
+
+
+def _preprocess_locked(config: PreprocessConfig, prefix: str,
+                       log: Callable[[str], None] | None) -> PreprocessStats:
     from tqdm import tqdm
 
     from megatron.sft.data.indexed_writer import IndexedPairWriter
@@ -177,17 +222,17 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = load_tokenizer(config.tokenizer_model)
     ConversationRenderer(tokenizer, config.render)  # fail fast on a bad tokenizer/style pair
-    prefix = config.output_prefix or default_output_prefix(
-        config.input, config.tokenizer_model, config.render.max_length
-    )
-    records = iter_records(config.input, config.split, config.max_record_bytes)  # InputError: bad path
+    records = iter_records(config.input, config.split, config.max_record_bytes)
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
                             tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer))
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))
     # The clock starts once the writer is open: like the tokenizer load above, importing
     # megatron-core (~2 s, torch included) is set-up, not throughput.
-    with IndexedPairWriter(prefix, len(tokenizer)) as writer:
+    # The guard is inside the writer: the free space is measured before the writer's abort
+    # removes its temp files (a full disk then says "0 B free", not what the abort freed).
+    full_disk = disk_full_guard(Path(prefix).parent, None, f"the tokenized dataset {prefix}_*")
+    with IndexedPairWriter(prefix, len(tokenizer)) as writer, full_disk:
         start = time.perf_counter()
         for records_chunk, result in _ordered_results(
             _chunks(records, config.chunk_size), config.workers, config
@@ -225,6 +270,8 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] | None = Non
                 f"no valid sample in {config.input!r}: read {stats.samples_read}, dropped "
                 f"{dict(stats.dropped)}; nothing written. Check --format/--prompt-style/--seq-length."
             )
+        # the stats are published with the pair, so a dataset never lacks them
+        writer.publish_with(stats.write_json(prefix + "_stats.json", publish=False),
+                            prefix + "_stats.json")
         writer.commit()
-    stats.write_json(prefix + "_stats.json")
     return stats

@@ -30,7 +30,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from megatron.sft.data.chat_template import REASONING_NOT_RENDERED, ChatTemplate, render_chat_template
-from megatron.sft.data.formats import Conversation, FieldMap, RecordError, to_conversation
+from megatron.sft.data.formats import (
+    ROLES_OUT_OF_ORDER,
+    Conversation,
+    FieldMap,
+    RecordError,
+    role_order_problem,
+    to_conversation,
+)
 from megatron.sft.data.loss_mask import (  # noqa: F401  (build_ids_and_mask: public here too)
     EncodingOffsets,
     TokenOffsets,
@@ -49,6 +56,12 @@ NOTICES = {
         "assistant turns carry reasoning_content that the rendering did not include (the chat "
         "template ignores it, or keeps it only for some turns as Qwen3's does after the last user "
         "turn); that reasoning is not trained on"
+    ),
+    ROLES_OUT_OF_ORDER: (
+        "records whose turns are out of the usual order (e.g. an assistant turn first, or two "
+        "user turns in a row; usual: system first, then user and assistant alternating, tool "
+        "results after an assistant turn) are kept and trained on as written; check the data if "
+        "that is not meant"
     ),
 }
 
@@ -178,9 +191,15 @@ class ConversationRenderer:
 
     def _render(self, record: Any) -> tuple[Conversation, RenderedText]:
         conversation = to_conversation(record, self.config.format, self.config.fields)
+        rendered = self._render_conversation(conversation)
+        if role_order_problem(conversation) is not None:  # once per record
+            rendered.notices.append(ROLES_OUT_OF_ORDER)
+        return conversation, rendered
+
+    def _render_conversation(self, conversation: Conversation) -> RenderedText:
         style = self.config.prompt_style
         if style == "chat-template":
-            return conversation, render_chat_template(conversation, self.template, self.anchors)
+            return render_chat_template(conversation, self.template, self.anchors)
         if conversation.uses_tools():
             raise RecordError(
                 "template_no_tools",
@@ -192,7 +211,7 @@ class ConversationRenderer:
         else:
             rendered = render_chatml(conversation)
         rendered.notices += [REASONING_NOT_RENDERED for m in conversation if (m.reasoning or "").strip()]
-        return conversation, rendered
+        return rendered
 
     def _learned_turns(self, rendered: RenderedText, conversation: Conversation | None) -> list[bool]:
         """Per assistant turn: learn it? ``--loss-on`` first, then the record's per-turn flag."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron.sft.runtime.locks import temp_name
+
 _POLICY = ("too_long", "no_loss_tokens")
 _MAX_EXAMPLES = 20
 
@@ -97,9 +99,18 @@ class PreprocessStats:
             "drop_examples": self.examples,
         }
 
-    def write_json(self, path: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
+    def write_json(self, path: str, publish: bool = True) -> str:
+        """Write ``path`` through a temp file; with ``publish=False`` leave it at the temp name
+        (returned) for the caller to rename with the dataset it describes."""
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
+                f.write("\n")
+        except BaseException:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            raise
+        if publish:
+            os.replace(tmp, path)
+        return tmp

@@ -256,3 +256,61 @@ class exclusive_output:  # noqa: N801 - used like a function: ``with exclusive_o
     def __exit__(self, *exc) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+# -- outputs that are a prefix of files (the pre-tokenizer's dataset pair) ----------------------
+class PrefixLock(DirectoryLock):
+    """The lock on the files of one output prefix: ``out/ds`` (writing ``out/ds_text_document.bin``
+    and the others) is locked through ``out/ds.lock``, as a directory is through ``DIR.lock``.
+
+    Example::
+
+        with PrefixLock.acquire("data/Tokenized-x-tok-4096", "pre-tokenization"):
+            ...   # LockedError naming the holder if another writer has it
+    """
+
+    @staticmethod
+    def _refuse(directory: Path, path: Path, holder: dict) -> None:
+        raise LockedError(
+            f"{directory} (the output prefix of {directory.name}_*) is in use by another "
+            f"{holder.get('purpose', 'writer')}: {describe_holder(holder)}. Two writers would "
+            "mix their files; wait for it to finish or stop it, or choose another "
+            f"--output-prefix (lock file: {path})"
+        )
+
+
+_TEMP = re.compile(r"^(?P<name>.+)\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def temp_name(path: "str | Path") -> str:
+    """``out/ds_stats.json`` -> ``out/ds_stats.json.tmp-node3-4242``: a file being written, and
+    by whom, for ``remove_stale_temp_files``."""
+    return f"{path}.tmp-{this_host()}-{os.getpid()}"
+
+
+def remove_stale_temp_files(prefix: "str | Path", log: Log = _stderr) -> list[str]:
+    """Remove the files ``PREFIX_*.tmp-[HOST-]PID`` beside ``prefix`` whose writer is dead on
+    this host (a run killed before it renamed them into place); call it holding the
+    ``PrefixLock``. Temp files of live processes or other hosts are kept, as partials are by
+    ``remove_stale_partials`` (the old ``.tmp-PID`` form, without a host, counts as this host's).
+
+    Example: ``ds_text_document.bin.tmp-node3-999`` (pid 999 dead on node3) is removed;
+    ``ds_stats.json.tmp-node3-<a live pid>`` and ``ds_text_document.bin.tmp-node7-999`` are kept.
+    """
+    prefix = Path(os.path.abspath(prefix))
+    parent = prefix.parent
+    if not parent.is_dir():
+        return []
+    host, removed = this_host(), []
+    for entry in sorted(parent.iterdir()):
+        m = _TEMP.match(entry.name)
+        if not m or not m.group("name").startswith(prefix.name + "_") or not entry.is_file() \
+                or entry.is_symlink():
+            continue
+        if (m.group("host") or host) == host and not pid_alive(int(m.group("pid"))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    if removed:
+        log(f"removed {len(removed)} unfinished file(s) left in {parent} by a run that died "
+            f"(e.g. SIGKILL or a node failure): {', '.join(removed)}")
+    return removed

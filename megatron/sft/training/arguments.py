@@ -5,7 +5,8 @@ Flag names are Megatron-LM's (``pretrain_gpt.py``) where the concept is the same
 types (``Optional[int]`` -> an int flag, ``bool`` -> a switch, ``Literal[...]`` -> choices), so a
 new setting is one field. Choices that live in a registry (``--attention-backend``) are declared
 with ``_field(..., choices=<callable>)`` and read when the parser is built. A YAML file
-(``--config``) may hold the same keys with ``-`` or ``_``; flags given on the command line win.
+(``--config``) may hold the same keys with ``-`` or ``_``, its values typed like the flags'
+(``lr: 1e-5``, which PyYAML reads as a string, is a float); flags given on the command line win.
 Invalid combinations fail at start with the values and the fix.
 """
 
@@ -85,6 +86,8 @@ class TrainConfig:
     train_epochs: Optional[float] = _field(None, "passes over the training split, instead of "
                                                  "--train-iters")
     lr: float = _field(1e-5, "peak learning rate")
+    allow_zero_lr: bool = _field(False, "accept --lr 0 (the weights then never change: e.g. to "
+                                        "measure the base model's loss or the throughput)")
     min_lr: float = _field(0.0, "learning rate at the end of the decay")
     lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = _field(
         "cosine", "learning-rate decay after warmup")
@@ -160,6 +163,7 @@ class TrainConfig:
         layout = self.parallel_layout(num_layers)
         layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS)
         dp = layout.data_parallel_size(world_size)
+        self._check_counts(dp)
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
@@ -170,8 +174,9 @@ class TrainConfig:
         if self.lr_warmup_iters is not None and self.lr_warmup_fraction is not None:
             raise ValueError("can't give both --lr-warmup-iters and --lr-warmup-fraction; "
                              "choose one")
-        if self.min_lr > self.lr:
-            raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        self._check_learning_rate()
+        if self.train_iters is not None:  # else the trainer calls it once the epochs are counted
+            self.check_schedule(self.train_iters)
         for f in dataclasses.fields(self):  # YAML values bypass argparse's choices
             choices = _choices(f)
             if choices and getattr(self, f.name) not in choices:
@@ -189,6 +194,101 @@ class TrainConfig:
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")
+
+    def _check_counts(self, dp: int) -> None:
+        """Sizes and intervals that must be positive: a 0 divides by zero (``--micro-batch-size``,
+        ``--log-interval``), averages over nothing (``--eval-iters``) or silently turns a feature
+        off (``--save-interval 0`` never saved between the start and the end)."""
+        if self.micro_batch_size < 1:
+            raise ValueError(
+                f"--micro-batch-size {self.micro_batch_size}: a forward/backward pass needs at "
+                "least one row; use --micro-batch-size 1 or more (the global batch is reached "
+                "through more micro-batches)")
+        if self.global_batch_size < 1:
+            raise ValueError(
+                f"--global-batch-size {self.global_batch_size}: an optimizer step needs at least "
+                f"one row; use a positive multiple of --micro-batch-size {self.micro_batch_size} "
+                f"x data-parallel size {dp} = {self.micro_batch_size * dp}")
+        if self.train_iters is not None and self.train_iters < 1:
+            # 0 too: a run that trains nothing exits 0 having saved nothing, which no one means
+            raise ValueError(f"--train-iters {self.train_iters} trains nothing: give the number "
+                             "of optimizer steps, 1 or more (or --train-epochs)")
+        if self.train_epochs is not None and not self.train_epochs > 0:
+            raise ValueError(f"--train-epochs {self.train_epochs} trains nothing: give a positive "
+                             "number of passes over the training split, e.g. 1 or 0.5")
+        if self.seq_length < 2:
+            raise ValueError(f"--seq-length {self.seq_length}: a row needs at least 2 tokens (one "
+                             "input, one label); use the length the data was tokenized for")
+        if self.log_interval < 1:
+            raise ValueError(f"--log-interval {self.log_interval}: give a positive number of "
+                             "iterations between log lines (1 logs every iteration; the --log-json "
+                             "file gets every iteration anyway)")
+        if self.eval_iters < 0:
+            raise ValueError(f"--eval-iters {self.eval_iters} is negative; give the number of "
+                             "validation batches per evaluation, e.g. 10")
+        if self.eval_interval is not None:
+            if self.eval_interval < 1:
+                raise ValueError(f"--eval-interval {self.eval_interval}: give a positive number "
+                                 "of iterations between evaluations, or drop --eval-interval to "
+                                 "not evaluate")
+            if self.eval_iters == 0:
+                raise ValueError(f"--eval-iters 0 with --eval-interval {self.eval_interval}: each "
+                                 "evaluation would average over no batch; give --eval-iters 1 or "
+                                 "more, or drop --eval-interval to not evaluate")
+        for name, what in (("save_interval", "the run still saves at the end"),
+                           ("exit_interval", "the run then trains to the end")):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {value}: give a positive number of iterations, or drop "
+                                 f"{flag} ({what})")
+
+    def _check_learning_rate(self) -> None:
+        if not self.lr >= 0:  # NaN too
+            what = "negative: the optimizer would climb the loss" if self.lr < 0 else "not a number"
+            raise ValueError(f"--lr {self.lr} is {what}; give a positive --lr such as 1e-5")
+        if self.lr == 0 and not self.allow_zero_lr:
+            raise ValueError("--lr 0.0: with a zero learning rate the weights never change and "
+                             "the run trains nothing; give a positive --lr such as 1e-5, or "
+                             "--allow-zero-lr to run anyway (e.g. to measure the base model's "
+                             "loss or the throughput)")
+        if not self.min_lr >= 0:
+            raise ValueError(f"--min-lr {self.min_lr} is negative; use 0 or a value below --lr "
+                             f"{self.lr}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay {self.weight_decay} is negative; use 0 (off) or a "
+                             "positive value such as 0.1")
+        if not self.clip_grad >= 0:
+            raise ValueError(f"--clip-grad {self.clip_grad} is negative; use 0 (off) or a "
+                             "positive gradient norm such as 1.0")
+        if self.lr_warmup_iters is not None and self.lr_warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters {self.lr_warmup_iters} is negative; use 0 (no "
+                             "warm-up) or a count below the training iterations")
+        fraction = self.lr_warmup_fraction
+        if fraction is not None and not 0 <= fraction < 1:
+            raise ValueError(f"--lr-warmup-fraction {fraction} is outside [0, 1): it is the share "
+                             "of the training iterations spent warming up; use e.g. 0.03 (or "
+                             "--lr-warmup-iters N)")
+
+    def check_schedule(self, train_iters: int) -> None:
+        """Warm-up must end before training does (megatron-core's scheduler otherwise stops
+        with a bare ``AssertionError: lr_warmup_steps < lr_decay_steps``). ``train_iters`` is
+        the run's iteration count: ``--train-iters``, or what ``--train-epochs`` comes to, which
+        only the trainer knows once the data is built.
+
+        Example: ``--lr-warmup-iters 5 --train-iters 5`` -> ValueError naming both flags.
+        """
+        warmup = self.warmup_iters(train_iters)
+        if warmup < train_iters:
+            return
+        iters = (f"--train-iters {train_iters}" if self.train_iters is not None else
+                 f"the {train_iters} iteration(s) that --train-epochs {self.train_epochs} gives")
+        raise ValueError(
+            f"--lr-warmup-iters {warmup} is not below {iters}: the learning rate would never "
+            f"finish warming up; use --lr-warmup-iters {train_iters // 10} (or any value below "
+            f"{train_iters}), --lr-warmup-fraction 0.1, or train longer")
 
     def warmup_iters(self, total: int) -> int:
         if self.lr_warmup_iters is not None:
@@ -256,20 +356,159 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ------------------------------------------------------------------------------ YAML --config
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _accepts_none(field: dataclasses.Field) -> bool:
+    """``Optional[X]`` fields, and fields whose default is None (``load``), take ``null``."""
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    return field.default is None or (typing.get_origin(hint) is typing.Union
+                                     and type(None) in typing.get_args(hint))
+
+
+def _expected(field: dataclasses.Field) -> str:
+    """What a field's flag takes, in words: ``an integer``, ``one of full, selective or null``."""
+    base, choices = _base_type(field), _flag_choices(field)
+    if base is bool:
+        text = "true or false"
+    elif choices is not None:
+        text = "one of " + ", ".join(str(c) for c in choices)
+    else:
+        text = {int: "an integer", float: "a number"}.get(base, "a string")
+    return text + (" or null" if _accepts_none(field) else "")
+
+
+def _yaml_kind(value: Any) -> str:
+    """``'3'`` -> ``a string``; ``[1]`` -> ``a list``: how YAML read a value."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                       (str, "a string"), (list, "a list"), (dict, "a mapping")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _example(field: dataclasses.Field, key: str) -> str:
+    """``lr`` -> ``lr: 1.0e-05`` (written so that PyYAML itself reads the right type)."""
+    import yaml
+
+    base, default, choices = _base_type(field), field.default, _flag_choices(field)
+    if base is bool:
+        value = not default
+    elif default is not None:
+        value = default
+    else:
+        value = choices[0] if choices else {int: 10, float: 0.1}.get(base, "PATH")
+    return f"{key}: {yaml.safe_dump(value).splitlines()[0]}"
+
+
+def _typed(field: dataclasses.Field, value: Any) -> Any:
+    """A YAML value as its flag would have it: ``"1e-5"`` (PyYAML reads a float without a dot
+    as a string) -> ``1e-05``; ``"false"``/``"no"``/``0`` -> ``False``; ``"3"`` -> ``3``.
+    Raises ``TypeError`` for a value the flag would refuse (``"abc"`` or ``[3]`` for an int)."""
+    if value is None:
+        if _accepts_none(field):
+            return None
+        raise TypeError
+    base, choices = _base_type(field), _flag_choices(field)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError
+    if isinstance(value, (bool, list, dict)):  # no flag takes these
+        raise TypeError
+    kind = type(choices[0]) if choices else base  # a Literal's values are strings
+    if kind is int:
+        if isinstance(value, float):
+            raise TypeError  # as on the command line: --train-iters 3.5 is refused
+        try:
+            typed = int(value.strip() if isinstance(value, str) else value)
+        except ValueError:
+            raise TypeError from None
+    elif kind is float:
+        try:
+            typed = float(value.strip() if isinstance(value, str) else value)
+        except ValueError:
+            raise TypeError from None
+    else:  # a number for a string flag (split: 100) is what the command line would pass
+        typed = value if isinstance(value, str) else str(value)
+    if choices is not None and typed not in choices:
+        raise TypeError
+    return typed
+
+
+def _unknown_key(path: str, key: Any, fields: dict[str, dataclasses.Field]) -> str:
+    """An unknown key, with the likely one: ``no-packing: true`` -> ``packing: false``."""
+    import difflib
+
+    name = str(key).replace("-", "_")
+    negated = {_flag(f)[2:].replace("-", "_"): f for f in fields.values() if f.metadata.get("flag")}
+    if name in negated:
+        f = negated[name]
+        hint = f"; write '{f.name}: {str(not f.default).lower()}' for {_flag(f)}"
+    else:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{path}: unknown key {key!r}{hint} (keys are the flag names without '--', with "
+            "'-' or '_'; see --help)")
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """The ``--config`` file as ``{field name: value}``, each value typed like its flag's.
+
+    Example: ``lr: 1e-5`` / ``bf16: "false"`` / ``train-iters: "3"`` ->
+    ``{"lr": 1e-05, "bf16": False, "train_iters": 3}``. A file that is not a mapping, broken
+    YAML, an unknown key or a value its flag would refuse is a ``ValueError`` naming the file,
+    the key and the expected type.
+    """
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--config {path}: cannot read it as text ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML: {problem}{where}; write one 'key: value' "
+                         "per line, the keys being flag names (e.g. 'lr: 1.0e-5')") from None
+    if loaded is None:  # an empty file
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds {_yaml_kind(loaded)}, but a --config file must be a "
+                         "mapping of flag names to values: one 'key: value' per line (e.g. "
+                         "'lr: 1.0e-5'), without a leading '- '")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise ValueError(_unknown_key(path, key, fields))
+        if name in values:
+            raise ValueError(f"{path}: {name} is given twice (as '-' and '_' spellings); keep one")
+        field = fields[name]
+        try:
+            values[name] = _typed(field, value)
+        except TypeError:
+            shown = ("null" if value is None else str(value).lower() if isinstance(value, bool)
+                     else repr(value))
+            kind = "" if value is None else f" ({_yaml_kind(value)})"
+            raise ValueError(f"{path}: key {key!r} is {shown}{kind}, but {_flag(field)} takes "
+                             f"{_expected(field)}; write e.g. '{_example(field, key)}'") from None
+    return values
+
+
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        for key, value in loaded.items():
-            name = key.replace("-", "_")
-            if name not in names:
-                raise ValueError(f"{args.config}: unknown key {key!r}")
-            values[name] = value
+    values: dict[str, Any] = load_yaml_config(args.config) if args.config else {}
     for key, value in vars(args).items():
         if key != "config" and value is not None:
             values[key] = value

@@ -120,6 +120,7 @@ class Trainer:
         lora.check_load(cfg)  # a LoRA run is loaded as one, with its adapters' shape
         self.resume = None if cfg.finetune else peek_resume(cfg)
         self._build_data()
+        cfg.check_schedule(self.train_iters)  # warm-up < iterations, also for --train-epochs
         if self.resume is not None:
             self.plan = plan_resume(
                 cfg, iteration=self.resume.iteration, saved_schedule=self.resume.schedule,

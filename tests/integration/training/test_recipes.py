@@ -45,3 +45,38 @@ def test_recipe_builds_the_multinode_command(tmp_path):
     r = run_tool(RECIPE, "train", env=env)
     cmd = r.stdout.split()
     assert cmd[cmd.index("--load") + 1] == str(save)
+
+
+TINY = "scripts/sft/SFT_tiny_cpu.sh"
+
+
+def _demo_dir(root, *datasets):
+    """What `make demo` leaves, as far as the recipe looks: a converted checkpoint and
+    Tokenized-* datasets."""
+    (root / "megatron_TP2PP1").mkdir(parents=True)
+    (root / "megatron_TP2PP1" / "latest_checkpointed_iteration.txt").write_text("1\n")
+    (root / "data").mkdir()
+    for name in datasets:
+        (root / "data" / f"{name}_text_document.idx").write_text("")
+    return [str(root / "data" / name) for name in datasets]
+
+
+def test_tiny_recipe_with_two_datasets_lists_them_and_how_to_pick(tmp_path):
+    """Was: the alphabetically first dataset was trained on, without a word."""
+    a, b = _demo_dir(tmp_path, "Tokenized-chat-tok-256", "Tokenized-other-tok-512")
+    r = run_tool(TINY, "train", env={"DEMO_DIR": str(tmp_path), "PYTHON": "echo"})
+    assert r.returncode == 2 and not r.stdout
+    assert r.stderr.splitlines() == [
+        f"error: 2 tokenized datasets in {tmp_path}/data; choose one with DATA_PATH:",
+        f"  {a}", f"  {b}", f"e.g. DATA_PATH={a} bash {r.stderr.split()[-2]} train"]
+    assert r.stderr.split()[-2].endswith(TINY)
+    # Picking one works; TRAIN_ITERS=5 no longer means 5 warm-up iterations out of 5.
+    r = run_tool(TINY, "train", env={"DEMO_DIR": str(tmp_path), "PYTHON": "echo",
+                                     "DATA_PATH": b, "TRAIN_ITERS": "5"})
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    assert cmd[cmd.index("--data-path") + 1] == b
+    assert cmd[cmd.index("--lr-warmup-iters") + 1] == "0"
+    r = run_tool(TINY, "train", env={"DEMO_DIR": str(tmp_path), "PYTHON": "echo", "DATA_PATH": b})
+    cmd = r.stdout.split()
+    assert cmd[cmd.index("--lr-warmup-iters") + 1] == "5"  # the default 60 iterations: as before

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,3 +106,54 @@ def test_logs_tensorboard_and_plot(ckpt, sft_assets, tmp_path):
     p = run_tool("tools/plot_training_log.py", str(log), str(png))
     assert p.returncode == 0, p.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_file_mistake_exits_2_naming_the_file_and_key(tmp_path):
+    """Was: ``train_iters: "abc"`` went into the config as a string (``lr: 1e-5`` too)."""
+    config = tmp_path / "sft.yaml"
+    config.write_text("load: /ckpt\nlr: 1e-5\ntrain_iters: abc\n")
+    r = run_tool("tools/train_sft.py", "--config", str(config))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"error: {config}: key 'train_iters' is 'abc' (a string), but --train-iters takes an "
+            "integer or null; write e.g. 'train_iters: 10'") in r.stderr
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_warmup_past_the_iterations_train_epochs_give_is_refused(ckpt, sft_assets, tmp_path):
+    """Was megatron-core's bare ``AssertionError: lr_warmup_steps < lr_decay_steps``; with
+    --train-epochs the iteration count is only known once the data is built."""
+    args = _args(ckpt, sft_assets["data"], **{"--lr-warmup-iters": "50"})
+    i = args.index("--train-iters")
+    del args[i:i + 2]
+    r = run_tool("tools/train_sft.py", *args, "--train-epochs", "0.1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "AssertionError" not in r.stderr
+    assert re.search(r"error: --lr-warmup-iters 50 is not below the \d+ iteration\(s\) that "
+                     r"--train-epochs 0.1 gives: the learning rate would never finish warming "
+                     r"up; use --lr-warmup-iters \d+ \(or any value below \d+\), "
+                     r"--lr-warmup-fraction 0.1, or train longer", r.stderr), r.stderr[-2000:]
+
+
+def test_release_tracker_names_the_fix_for_training_and_for_export(ckpt, sft_assets, tmp_path):
+    """``latest_checkpointed_iteration.txt`` saying ``release``: training has no --iteration
+    flag, export and reshard do; the message must be right for both."""
+    import shutil
+
+    from megatron.sft.bridge.checkpoint_io import CheckpointError
+    from megatron.sft.lora.merge import open_checkpoint
+    from megatron.sft.training.arguments import TrainConfig
+    from megatron.sft.training.trainer import Trainer
+
+    release = tmp_path / "release_ckpt"
+    shutil.copytree(ckpt, release)
+    tracker = release / "latest_checkpointed_iteration.txt"
+    iteration = int(tracker.read_text())
+    tracker.write_text("release\n")
+    expected = (f"{tracker} says 'release' (Megatron-LM's marker for a release/ folder), not an "
+                "iteration: export and reshard take --iteration N; for training (which has no "
+                f"such flag) write the iteration number into {tracker}")
+    trainer = Trainer(TrainConfig(load=str(release), data_path=sft_assets["data"], train_iters=1))
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        trainer.setup()  # the first thing it reads
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        open_checkpoint(release)  # export without --iteration
+    assert open_checkpoint(release, iteration).iteration == iteration  # export --iteration N

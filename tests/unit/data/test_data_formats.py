@@ -97,3 +97,20 @@ def test_the_format_table_drives_detection_conversion_and_choices():
         assert to_conversation({"query": "2+3?", "reply": "5"}) == EXPECTED[1:]
     finally:
         RECORD_FORMATS.pop("query_reply", None)
+
+
+@pytest.mark.parametrize("roles, problem", [
+    (["system", "user", "assistant", "user", "assistant"], None),
+    (["user", "assistant", "tool", "tool", "assistant"], None),
+    (["user", "assistant", "tool", "user", "assistant"], None),
+    (["assistant", "user", "assistant"], "turn 0 (assistant) is the first turn"),
+    (["system", "assistant"], "turn 1 (assistant) follows a system turn"),
+    (["user", "user", "assistant"], "turn 1 (user) follows a user turn"),
+    (["user", "assistant", "assistant"], "turn 2 (assistant) follows an assistant turn"),
+    (["user", "tool", "assistant"], "turn 1 (tool) follows a user turn"),
+    (["user", "system", "assistant"], "turn 1 (system) follows a user turn"),
+])
+def test_roles_out_of_order_are_named(roles, problem):
+    from megatron.sft.data.formats import role_order_problem
+
+    assert role_order_problem([Message(r, "x") for r in roles]) == problem
