@@ -91,3 +91,47 @@ def small_filesystem(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+BATCH_WORKER = REPO / "tests" / "integration" / "training" / "batch_worker.py"
+
+
+class Batch:
+    """The results of one ``batch_worker.py`` launch: ``batch["name"]`` is a scenario's result,
+    or a failure that shows that scenario's traceback."""
+
+    def __init__(self, root: Path, results: dict, log: str):
+        self.root, self._results, self.log = root, results, log
+
+    def __getitem__(self, name: str):
+        r = self._results[name]
+        import pytest
+
+        if isinstance(r, dict) and "error" in r:
+            pytest.fail(f"scenario {name!r} failed:\n{r['error']}", pytrace=False)
+        if r is None:
+            pytest.fail(f"scenario {name!r} wrote no result; the launch said:\n{self.log}",
+                        pytrace=False)
+        return r
+
+    def latest_before(self, name: str) -> str:
+        return (self.root / f"{name}.json.latest_before").read_text()
+
+
+def run_batch(root: Path, nproc: int, scenarios: dict[str, dict]) -> Batch:
+    """Run every scenario (``{name: train_worker/lora_worker spec}``) in one launch of ``nproc``
+    ranks; each scenario's ``out`` is ``root/<name>.json``."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    listed = [{**spec, "name": name, "out": str(root / f"{name}.json")}
+              for name, spec in scenarios.items()]
+    (root / "batch.json").write_text(json.dumps({"scenarios": listed}))
+    proc = run_torchrun(nproc, BATCH_WORKER, str(root / "batch.json"), timeout=1200)
+    log = proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, log
+    results = {}
+    for name in scenarios:
+        path = root / f"{name}.json"
+        results[name] = json.loads(path.read_text()) if path.exists() else None
+    return Batch(root, results, log)

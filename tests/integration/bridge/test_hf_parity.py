@@ -6,12 +6,15 @@ from pathlib import Path
 import pytest
 
 from sft_testing import ARCHITECTURES, REPO, run_torchrun
+from megatron.sft.bridge.architectures import get_architecture
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.bridge.reshard import reshard_checkpoint
 
 WORKER = Path(__file__).with_name("parity_worker.py")
 ATOL = 1e-4
+#: Mixture-of-Experts families get their own launch (over expert-parallel layouts too).
+DENSE = [a for a in ARCHITECTURES if getattr(get_architecture(a), "moe", None) is None]
 
 LAYOUTS = {
     "TP1PP1": ParallelLayout(1, 1),
@@ -22,34 +25,59 @@ LAYOUTS = {
 }
 
 
+def _parity_launch(names, tiny_hf_models, root):
+    """Every dense architecture at each of the layouts ``names`` (same rank count), one
+    launch; ``{layout name: {pair name: result}}``."""
+    pairs = []
+    for layout_name in names:
+        layout = LAYOUTS[layout_name]
+        for arch in DENSE:
+            ckpt = root / f"{arch}_{layout_name}"
+            convert_hf_to_megatron(tiny_hf_models[arch], ckpt, ConvertOptions(layout=layout,
+                                                                              progress=False))
+            pairs.append({"name": f"{layout_name}/{arch}", "ckpt": str(ckpt),
+                          "hf": str(tiny_hf_models[arch])})
+        if layout_name == "TP1PP2":
+            # Reshard TP2xPP1 -> TP1xPP2 must keep logits equal too.
+            src = root / "qwen2_tp2pp1"
+            convert_hf_to_megatron(tiny_hf_models["Qwen2ForCausalLM"], src,
+                                   ConvertOptions(layout=ParallelLayout(2, 1), progress=False))
+            resharded = root / "qwen2_resharded_tp1pp2"
+            reshard_checkpoint(src, resharded, ParallelLayout(1, 2), progress=False)
+            pairs.append({"name": f"{layout_name}/resharded-Qwen2", "ckpt": str(resharded),
+                          "hf": str(tiny_hf_models["Qwen2ForCausalLM"])})
+    (root / "pairs.json").write_text(json.dumps(pairs))
+    out = root / "results.json"
+    world = max(LAYOUTS[n].tp * LAYOUTS[n].pp for n in names)
+    proc = run_torchrun(world, WORKER, str(root / "pairs.json"), str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results, hf_dirs = json.loads(out.read_text()), {p["name"]: p["hf"] for p in pairs}
+    by_layout = {n: {} for n in names}
+    for name, r in results.items():
+        layout_name, pair = name.split("/", 1)
+        by_layout[layout_name][pair] = {**r, "hf": hf_dirs[name]}
+    return by_layout
+
+
+@pytest.fixture(scope="module")
+def parity(tiny_hf_models, tmp_path_factory):
+    """Two launches: the layouts that fit 2 ranks (TP1PP1 runs there as 2 data-parallel
+    replicas), and TP2PP2 on 4."""
+    out = {}
+    for names in (["TP1PP1", "TP2PP1", "TP1PP2", "TP1PP2VPP2"], ["TP2PP2"]):
+        out.update(_parity_launch(names, tiny_hf_models, tmp_path_factory.mktemp("parity")))
+    return out
+
+
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-def test_logits_match_transformers(layout_name, tiny_hf_models, tmp_path):
-    layout = LAYOUTS[layout_name]
-    pairs = []
-    for arch in ARCHITECTURES:
-        ckpt = tmp_path / f"{arch}_{layout_name}"
-        convert_hf_to_megatron(tiny_hf_models[arch], ckpt, ConvertOptions(layout=layout,
-                                                                          progress=False))
-        pairs.append({"name": arch, "ckpt": str(ckpt), "hf": str(tiny_hf_models[arch])})
-    if layout_name == "TP1PP2":
-        # Reshard TP2xPP1 -> TP1xPP2 must keep logits equal too.
-        src = tmp_path / "qwen2_tp2pp1"
-        convert_hf_to_megatron(tiny_hf_models["Qwen2ForCausalLM"], src,
-                               ConvertOptions(layout=ParallelLayout(2, 1), progress=False))
-        resharded = tmp_path / "qwen2_resharded_tp1pp2"
-        reshard_checkpoint(src, resharded, ParallelLayout(1, 2), progress=False)
-        pairs.append({"name": "resharded-Qwen2", "ckpt": str(resharded),
-                      "hf": str(tiny_hf_models["Qwen2ForCausalLM"])})
-    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    out = tmp_path / "results.json"
-    proc = run_torchrun(layout.tp * layout.pp, WORKER, str(tmp_path / "pairs.json"), str(out))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert set(results) == {p["name"] for p in pairs}
+def test_logits_match_transformers(layout_name, parity):
+    results = parity[layout_name]
+    expected = set(DENSE) | ({"resharded-Qwen2"} if layout_name == "TP1PP2" else set())
+    assert set(results) == expected
     for name, r in results.items():
-        assert r["shape"][-1] == json.loads((Path(dict((p["name"], p["hf"]) for p in pairs)[name])
-                                             / "config.json").read_text())["vocab_size"]
+        assert r["shape"][-1] == json.loads((Path(r["hf"]) / "config.json").read_text()
+                                            )["vocab_size"]
         assert r["ref_abs_max"] > 0.1, f"{name}: degenerate reference logits"
         assert r["max_abs_diff"] <= ATOL, f"{name} {layout_name}: {r}"
 

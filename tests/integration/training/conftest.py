@@ -22,3 +22,4 @@ def checkpoints(sft_assets, tmp_path_factory):
         convert_hf_to_megatron(sft_assets["hf"], out[key],
                                ConvertOptions(layout=layout, progress=False))
     return out
+

@@ -46,7 +46,14 @@ def peft_reference(spec, cfg, dataset, adapter_dir) -> dict:
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    run(json.loads(Path(sys.argv[1]).read_text()))
+    from megatron.sft.runtime.distributed import destroy_distributed
+
+    destroy_distributed(wait_for_peers=True)
+
+
+def run(spec: dict) -> None:
+    """One scenario in this process group; rank 0 / the logger saves its result to ``out``."""
     import torch
 
     from megatron.sft.lora.adapters import adapter_parameters, init_adapters
@@ -112,9 +119,8 @@ def main() -> None:
                                                   for p in adapter_parameters(trainer.model))}
     if out:
         Path(spec["out"]).write_text(json.dumps(out))
-    from megatron.sft.runtime.distributed import destroy_distributed
-
-    destroy_distributed(wait_for_peers=True)
+    if trainer.run_lock is not None:
+        trainer.run_lock.release()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_testing import run_tool, run_torchrun
+from sft_testing import run_batch, run_tool
 
-WORKER = Path(__file__).with_name("lora_worker.py")
 LORA = dict(lora_rank=4, lora_alpha=8.0, transformer_impl="local")
 
 
@@ -28,12 +27,73 @@ def _config(ckpt, data, **overrides):
     return cfg
 
 
-def _launch(tmp_path, name, nproc, mode, config, **extra):
-    spec = {"mode": mode, "out": str(tmp_path / f"{name}.json"), "config": config, **extra}
-    (tmp_path / f"{name}.spec.json").write_text(json.dumps(spec))
-    proc = run_torchrun(nproc, WORKER, str(tmp_path / f"{name}.spec.json"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads((tmp_path / f"{name}.json").read_text())
+PEFT_CASES = [(1, 1, True, None), (2, 1, True, None), (1, 2, True, None),
+              (2, 1, False, "linear_fc2,linear_qkv")]  # unpacked rows, a subset of targets
+LAYOUT_RUNS = ["tp1", "tp2", "pp2vpp2", "dp2", "recompute", "bf16"]
+RESUME = dict(train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1,
+              tensor_model_parallel_size=2, lr=3e-3)
+
+
+def _peft_name(tp, pp, packing, targets):
+    return f"peft-tp{tp}pp{pp}-{'packed' if packing else 'unpacked'}-{targets or 'all'}"
+
+
+def _scenarios(world, sft_assets, checkpoints, root):
+    """Every LoRA run of this module on ``world`` ranks, by name (one launch per world)."""
+    data, ck = sft_assets["data"], checkpoints
+    out = {}
+    for tp, pp, packing, targets in PEFT_CASES:
+        if tp * pp == world:
+            name = _peft_name(tp, pp, packing, targets)
+            out[name] = {"kind": "lora", "mode": "peft_loss", "hf": str(sft_assets["hf"]),
+                         "b_std": 0.05, "config": _config(
+                             ck[(tp, pp)], data, packing=packing, save=str(root / name),
+                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             **({"lora_target_modules": targets} if targets else {}))}
+    train = {
+        # 1 rank
+        "tp1": (1, _config(ck[(1, 1)], data)),
+        # Recompute wraps each layer in an autograd Function: with a frozen embedding its input
+        # would not require grad and the adapters would silently get none.
+        "recompute": (1, _config(ck[(1, 1)], data, recompute_granularity="full")),
+        # bf16 weights and adapters, fp32 master copies of the adapters only
+        "bf16": (1, _config(ck[(1, 1)], data, bf16=True)),
+        "full": (1, _config(ck[(1, 1)], data, lora_rank=0, lr=1e-4)),
+        # 2 ranks
+        "tp2": (2, _config(ck[(2, 1)], data, tensor_model_parallel_size=2)),
+        "pp2vpp2": (2, _config(ck["vpp"], data, pipeline_model_parallel_size=2,  # interleaved
+                               num_layers_per_virtual_pipeline_stage=1)),
+        "dp2": (2, _config(ck[(1, 1)], data, use_distributed_optimizer=True,
+                           micro_batch_size=1)),
+    }
+    for name, (n, config) in train.items():
+        if n == world:
+            out[name] = {"kind": "lora", "mode": "train", "config": config}
+    if world == 2:
+        # One run saves at 2 and goes on to 4; a second is pointed back at 2 (as a user rolls
+        # back), redoes 3 exactly, and saves and exits there (--exit-interval 3).
+        save = root / "run"
+        out["resume-straight"] = {"kind": "lora", "mode": "train", "config": _config(
+            ck[(2, 1)], data, save=str(save), save_interval=2, **RESUME)}
+        out["resume-resumed"] = {"kind": "lora", "mode": "train", "config": _config(
+            str(save), data, save=str(root / "run2"), exit_interval=3, **RESUME),
+            "before": [{"set_latest": [str(save), 2]}]}
+    return out
+
+
+def _batch(world, sft_assets, checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"lora-world{world}")
+    return run_batch(root, world, _scenarios(world, sft_assets, checkpoints, root))
+
+
+@pytest.fixture(scope="module")
+def world1(sft_assets, checkpoints, tmp_path_factory):
+    return _batch(1, sft_assets, checkpoints, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def world2(sft_assets, checkpoints, tmp_path_factory):
+    return _batch(2, sft_assets, checkpoints, tmp_path_factory)
 
 
 def _logits(model, tokens):
@@ -42,23 +102,18 @@ def _logits(model, tokens):
 
 
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.parametrize("tp, pp, packing, targets", [
-    (1, 1, True, None), (2, 1, True, None), (1, 2, True, None),
-    (2, 1, False, "linear_fc2,linear_qkv")])  # unpacked rows and a subset of targets at once
-def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_assets,
-                                                 checkpoints, tmp_path):
+@pytest.mark.parametrize("tp, pp, packing, targets", PEFT_CASES)
+def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_assets, request,
+                                                 tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
     from megatron.sft.lora.merge import open_checkpoint
 
-    save = tmp_path / "run"
-    r = _launch(tmp_path, "peft", tp * pp, "peft_loss", _config(
-        checkpoints[(tp, pp)], sft_assets["data"], packing=packing, save=str(save),
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        **({"lora_target_modules": targets} if targets else {})),
-        hf=str(sft_assets["hf"]), b_std=0.05)
+    batch = request.getfixturevalue(f"world{tp * pp}")
+    name = _peft_name(tp, pp, packing, targets)
+    r, save = batch[name], batch.root / name
     # 4 layers x 7 HF modules (4 for q/k/v + down) x (A, B), every one loaded by peft
     modules = 4 if targets else 7
     assert r["adapter_tensors"] == 4 * modules * 2
@@ -85,29 +140,10 @@ def test_lora_loss_equals_peft_and_exports_agree(tp, pp, packing, targets, sft_a
 
 
 @pytest.mark.xdist_group("multiprocess")
-def test_only_adapters_train_and_curve_is_independent_of_layout_and_recompute(
-        sft_assets, checkpoints, tmp_path):
-    runs = {
-        "tp1": _launch(tmp_path, "tp1", 1, "train", _config(checkpoints[(1, 1)],
-                                                            sft_assets["data"])),
-        "tp2": _launch(tmp_path, "tp2", 2, "train", _config(
-            checkpoints[(2, 1)], sft_assets["data"], tensor_model_parallel_size=2)),
-        "pp2vpp2": _launch(tmp_path, "vpp", 2, "train", _config(  # PP=2, interleaved
-            checkpoints["vpp"], sft_assets["data"], pipeline_model_parallel_size=2,
-            num_layers_per_virtual_pipeline_stage=1)),
-        "dp2": _launch(tmp_path, "dp2", 2, "train", _config(
-            checkpoints[(1, 1)], sft_assets["data"], use_distributed_optimizer=True,
-            micro_batch_size=1)),
-        # Recompute wraps each layer in an autograd Function: with a frozen embedding its input
-        # would not require grad and the adapters would silently get none.
-        "recompute": _launch(tmp_path, "recompute", 1, "train", _config(
-            checkpoints[(1, 1)], sft_assets["data"], recompute_granularity="full")),
-        # bf16 weights and adapters, fp32 master copies of the adapters only
-        "bf16": _launch(tmp_path, "bf16", 1, "train", _config(
-            checkpoints[(1, 1)], sft_assets["data"], bf16=True)),
-    }
-    full = _launch(tmp_path, "full", 1, "train", _config(
-        checkpoints[(1, 1)], sft_assets["data"], lora_rank=0, lr=1e-4))
+def test_only_adapters_train_and_curve_is_independent_of_layout_and_recompute(world1, world2):
+    runs = {name: (world1 if name in ("tp1", "recompute", "bf16") else world2)[name]
+            for name in LAYOUT_RUNS}
+    full = world1["full"]
     # hidden 64, ffn 128, 4 heads/2 KV of 16: per layer r x (in + out) for qkv, proj, fc1, fc2
     per_layer = 4 * ((64 + 128) + (64 + 64) + (64 + 256) + (128 + 64))
     for name, run in runs.items():
@@ -137,19 +173,15 @@ def test_only_adapters_train_and_curve_is_independent_of_layout_and_recompute(
 
 
 @pytest.mark.xdist_group("multiprocess")
-def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoints, tmp_path):
+def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoints, world2,
+                                                            tmp_path):
     from megatron.sft.bridge.checkpoint_io import (iteration_dir, load_rank_state,
                                                      read_latest_iteration, read_metadata)
     from megatron.sft.lora.run_format import read_lora_info
 
     base = checkpoints[(2, 1)]
-    common = dict(train_iters=4, lr_decay_style="cosine", lr_warmup_iters=1,
-                  tensor_model_parallel_size=2, lr=3e-3)
-    # One run saves at 2 and goes on to 4; a second is pointed back at 2 (as a user rolls
-    # back), redoes 3 exactly, and saves and exits there (--exit-interval 3).
-    save = tmp_path / "run"
-    straight = _launch(tmp_path, "straight", 2, "train", _config(
-        base, sft_assets["data"], save=str(save), save_interval=2, **common))["history"]
+    save = world2.root / "run"
+    straight = world2["resume-straight"]["history"]
     assert [h["iteration"] for h in straight] == [1, 2, 3, 4]
     it2 = save / "iter_0000002"
     info = read_lora_info(it2)
@@ -164,13 +196,10 @@ def test_lora_checkpoint_holds_adapters_and_resume_is_exact(sft_assets, checkpoi
 
     assert nbytes(state["model"]) < nbytes(base_state["model"]) / 5
 
-    (save / "latest_checkpointed_iteration.txt").write_text("2\n")
-    resumed = _launch(tmp_path, "resumed", 2, "train", _config(
-        str(save), sft_assets["data"], save=str(tmp_path / "run2"), exit_interval=3,
-        **common))["history"]
+    resumed = world2["resume-resumed"]["history"]
     assert [h["iteration"] for h in resumed] == [3]
-    assert read_latest_iteration(tmp_path / "run2") == 3
-    assert read_lora_info(tmp_path / "run2" / "iter_0000003").base_checkpoint == \
+    assert read_latest_iteration(world2.root / "run2") == 3
+    assert read_lora_info(world2.root / "run2" / "iter_0000003").base_checkpoint == \
         info.base_checkpoint  # a resumed run still names the original base
     a, b = straight[2], resumed[0]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)

@@ -51,7 +51,14 @@ def hf_reference_loss(hf_dir, dataset, rows) -> tuple[float, int]:
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+    run(json.loads(Path(sys.argv[1]).read_text()))
+    from megatron.sft.runtime.distributed import destroy_distributed
+
+    destroy_distributed(wait_for_peers=True)
+
+
+def run(spec: dict) -> None:
+    """One scenario in this process group; the writing rank saves its result to ``out``."""
     import torch
 
     from megatron.sft.training.arguments import TrainConfig
@@ -84,9 +91,8 @@ def main() -> None:
                 "overlap_param_gather": ddp.overlap_param_gather}))
         elif trainer.is_logger:
             Path(spec["out"]).write_text(json.dumps(history))
-    from megatron.sft.runtime.distributed import destroy_distributed
-
-    destroy_distributed(wait_for_peers=True)
+    if trainer.run_lock is not None:
+        trainer.run_lock.release()
 
 
 if __name__ == "__main__":
