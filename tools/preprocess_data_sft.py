@@ -19,10 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron.sft.data.formats import FORMATS, RECORD_FORMATS, FieldMap  # noqa: E402
-from megatron.sft.data.prompt_styles import PROMPT_STYLES  # noqa: E402
-from megatron.sft.data.readers import DEFAULT_MAX_RECORD_BYTES  # noqa: E402
-from megatron.sft.data.render import LOSS_ON, RenderConfig  # noqa: E402
+from megatron.sft.data.render_flags import (  # noqa: E402
+    add_format_arguments,
+    add_reader_arguments,
+    add_render_arguments,
+    render_config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("input_pos", nargs="?", metavar="INPUT", help="same as --input")
     io.add_argument("--input", help=".jsonl, .json (array or JSON lines), either one also as .gz/.bz2/"
                     ".xz/.zst; .parquet; a folder of those; or an HF save_to_disk folder")
-    io.add_argument("--split", help="split to read from an HF DatasetDict folder (default: train)")
+    add_reader_arguments(io)
     io.add_argument("--output-prefix", help="output path prefix (default: "
                     "<input dir>/Tokenized-{dataset}-{tokenizer}-{seq_length})")
     io.add_argument("--force", action="store_true",
@@ -42,34 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_argument_group("tokenizer and rendering")
     tok.add_argument("--tokenizer-model", required=True,
                      help="HF tokenizer folder (tokenizer.json + tokenizer_config.json)")
-    tok.add_argument("--prompt-style", default="chat-template", choices=PROMPT_STYLES,
-                     help="chat-template: the tokenizer's own template (default); alpaca: the "
-                     "classic 'Below is an instruction...' layout + EOS; chatml: <|im_start|> turns")
-    tok.add_argument("--loss-on", default="assistant", choices=LOSS_ON,
-                     help="which tokens are learned: every assistant turn + its end-of-turn token "
-                     "(default), only the last assistant turn, or all tokens")
-    tok.add_argument("--seq-length", type=int, default=None,
-                     help="maximum tokens per sample; longer samples are dropped (or truncated "
-                     "with --truncate) and counted")
-    tok.add_argument("--truncate", action="store_true",
-                     help="keep the first --seq-length tokens of long samples instead of dropping")
-    fmt = p.add_argument_group("record format (auto-detected unless given)")
-    fmt.add_argument("--format", default="auto", choices=FORMATS,
-                     help="; ".join(f"{f.name}: {f.example}" for f in RECORD_FORMATS.values()))
-    for name, what in (("messages", "list of turns"), ("role", "role inside a turn"),
-                       ("content", "text inside a turn"), ("prompt", "alpaca instruction"),
-                       ("input", "alpaca input"), ("response", "alpaca response"),
-                       ("system", "top-level system prompt (default: system)"),
-                       ("tools", "top-level tool definitions passed to the chat template "
-                                 "(default: tools)")):
-        fmt.add_argument(f"--{name}-field", help=f"custom key of the {what}")
+    add_render_arguments(tok)
+    add_format_arguments(p.add_argument_group("record format (auto-detected unless given)"))
     run = p.add_argument_group("run")
     run.add_argument("--workers", type=int, default=1,
                      help="worker processes; output is identical for any value (default 1)")
     run.add_argument("--chunk-size", type=int, default=256, help="records per worker task")
-    run.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES,
-                     help="JSON lines longer than this are dropped as record_too_large without "
-                     f"being parsed or read into memory (default {DEFAULT_MAX_RECORD_BYTES >> 20} MiB)")
     run.add_argument("--strict", action="store_true",
                      help="stop with a non-zero exit at the first bad record (default: skip+count)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -89,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.sft.data.readers import InputError
 
     try:
-        fields = FieldMap(messages=args.messages_field, role=args.role_field,
-                          content=args.content_field, prompt=args.prompt_field,
-                          input=args.input_field, response=args.response_field,
-                          system=args.system_field, tools=args.tools_field)
-        render = RenderConfig(prompt_style=args.prompt_style, loss_on=args.loss_on,
-                              max_length=args.seq_length, truncate=args.truncate,
-                              format=args.format, fields=fields)
+        render = render_config(args)
         config = PreprocessConfig(input=input_path, tokenizer_model=args.tokenizer_model,
                                   output_prefix=args.output_prefix, render=render,
                                   workers=args.workers, chunk_size=args.chunk_size,

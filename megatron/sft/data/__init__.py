@@ -10,13 +10,20 @@ Modules (pure ones import neither torch.distributed nor megatron-core):
 - ``render``            records -> token ids + loss mask, per-turn loss, drops and notices     [pure]
 - ``readers``           streaming .jsonl/.json (plain or .gz/.bz2/.xz/.zst)/.parquet/folder/
                         HF save_to_disk reader                                                 [IO]
+- ``render_flags``      the reading/rendering/record-format CLI flags, defined once for the
+                        pre-tokenizer and the preview                                          [pure]
 - ``indexed_writer``    atomic megatron-core ``IndexedDatasetBuilder`` pair writer             [IO]
+- ``indexed_reader``    numpy-only reader of a (tokens, loss mask) pair: no torch, for previews [IO]
 - ``preprocess``        the N-worker, order-preserving pre-tokenisation pipeline               [IO]
 - ``stats``             counters written to ``<prefix>_stats.json``
 - ``packing``           best-fit-decreasing packing, label shift, position ids, cu_seqlens    [pure numpy]
 - ``sft_dataset``       the training-side torch ``Dataset`` (packed or padded rows)
 - ``validation``        checks at open: .bin size vs .idx, token ids vs the model's vocabulary,
                         samples longer than the model's positions                          [IO]
+- ``inspect``           what is learned, shown: mask runs -> highlighted text ([[…]] or ANSI),
+                        per-sample counts, length / learned-share histogram data               [pure]
+- ``inspect_io``        the preview's sources (a tokenized prefix; a raw file through the
+                        pre-tokenizer's renderer), token-by-token decoding, the --plot PNG     [IO]
 - ``tiny_tokenizer``    a small in-process BPE tokenizer with ChatML/Llama-3/DeepSeek-R1 and
                         two tool-calling (Qwen-style ChatML, Llama-3.1) templates, for tests
 - ``tokenizer_edit``    renaming added/special tokens and swapping the chat template           [pure]

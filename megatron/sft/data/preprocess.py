@@ -224,7 +224,8 @@ def _preprocess_locked(config: PreprocessConfig, prefix: str,
     ConversationRenderer(tokenizer, config.render)  # fail fast on a bad tokenizer/style pair
     records = iter_records(config.input, config.split, config.max_record_bytes)
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
-                            tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer))
+                            tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer),
+                            seq_length=config.render.max_length, truncate=config.render.truncate)
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))
     # The clock starts once the writer is open: like the tokenizer load above, importing

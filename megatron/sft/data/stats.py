@@ -25,6 +25,9 @@ class PreprocessStats:
     output_prefix: str = ""
     tokenizer: str = ""
     tokenizer_vocab_size: int = 0
+    seq_length: int | None = None
+    """``--seq-length`` of the run (``MAX_LEN``): longer samples were dropped or truncated."""
+    truncate: bool = False
     max_token_id: int = -1
     """Largest token id written: training checks it against the model's vocabulary."""
     samples_read: int = 0
@@ -81,6 +84,8 @@ class PreprocessStats:
             "output_prefix": self.output_prefix,
             "tokenizer": self.tokenizer,
             "tokenizer_vocab_size": self.tokenizer_vocab_size,
+            "seq_length": self.seq_length,
+            "truncate": self.truncate,
             "max_token_id": self.max_token_id,
             "samples_read": self.samples_read,
             "samples_written": self.samples_written,
