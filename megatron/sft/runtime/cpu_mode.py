@@ -16,8 +16,14 @@ which is how this project tests the engine in CI.
     aliased to the CPU generator, including megatron-core's private
     ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``.
 
-(d) ``sequence_parallel`` must stay off on CPU (torch norms do not support it); the model config
-builder enforces that, not this module.
+(d) megatron-core's MoE ``alltoall`` token dispatcher turns its split sizes into numpy arrays
+    through ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, but only for tensors that
+    ``is_cuda``; under this mode they stay torch tensors, which gloo's ``all_to_all_single``
+    rejects ("incompatible function arguments"). The patched helper converts CPU tensors too
+    when ``as_numpy=True`` (:func:`_numpy_split_sizes_on_cpu`).
+
+Sequence parallelism with megatron-core's local (torch) norms needs a norm that accepts it:
+``megatron.sft.runtime.block_spec`` substitutes one, for CPU and GPU alike.
 
 Example::
 
@@ -175,6 +181,25 @@ def _alias_megatron_rng() -> None:
     )
 
 
+def _numpy_split_sizes_on_cpu() -> None:
+    """See (d) in the module docstring. ``token_dispatcher`` imported the helper by name, so its
+    module global is replaced too."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_sft_cpu_mode", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._sft_cpu_mode = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def cpu_mode_active() -> bool:
     return _ACTIVE_MODE is not None
 
@@ -192,6 +217,7 @@ def enable_cpu_mode(force: bool = False) -> bool:
         return False
     _stub_torch_cuda()
     _alias_megatron_rng()
+    _numpy_split_sizes_on_cpu()
     mode = _CudaToCpuMode()
     mode.__enter__()
     _ACTIVE_MODE = mode
