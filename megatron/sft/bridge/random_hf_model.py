@@ -42,11 +42,14 @@ def _config_class(architecture: str):
 def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
                          overrides: Optional[dict[str, Any]] = None,
                          dtype: torch.dtype = torch.float32, seed: int = 0,
-                         config: Optional[dict[str, Any]] = None) -> Path:
+                         config: Optional[dict[str, Any]] = None,
+                         fused_experts: bool = False) -> Path:
     """Save a randomly initialised ``architecture`` model with safetensors weights.
 
     Norm weights are randomised too (HF initialises them to ones), so a converter that mixed
-    up two norms would be caught by a logits comparison.
+    up two norms would be caught by a logits comparison. ``save_pretrained`` writes routed
+    experts one tensor per expert; ``fused_experts`` writes them as transformers holds them in
+    memory instead (``mlp.experts.gate_up_proj [E, 2F, D]``...), the form of newer checkpoints.
     """
     import transformers
 
@@ -67,4 +70,12 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
     model = model.to(dtype)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
+    if fused_experts:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        for f in list(out.glob("model*.safetensors")) + list(out.glob("*.index.json")):
+            f.unlink()
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -1,4 +1,5 @@
-"""Re-split a Megatron checkpoint for another TP x PP (x VPP) layout, e.g. to resume elsewhere.
+"""Re-split a Megatron checkpoint for another TP x PP (x VPP) (x EP) layout, e.g. to resume
+elsewhere.
 
 Goes through the HF tensor form (the layout-free representation every table already maps):
 source stage -> HF tensors -> target stage. Model weights and the iteration number move;
@@ -26,10 +27,9 @@ from megatron.sft.bridge.checkpoint_io import (
     write_metadata,
     write_staged,
 )
-from megatron.sft.bridge.convert import save_stage
+from megatron.sft.bridge.convert import write_stage
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.bridge.rules import ShardContext
-from megatron.sft.bridge.stage_mapping import build_stage
 from megatron.sft.bridge.transforms import padded_vocab_size
 from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import exclusive_output
@@ -44,6 +44,7 @@ def reshard_checkpoint(source: "str | Path | CheckpointReader", out_dir: "str | 
     reader = (source if isinstance(source, CheckpointReader)
               else CheckpointReader(source, iteration))
     target.validate(reader.shape)
+    target.check_files()
     check_output_separate(out_dir, "--save-dir", reader.input_dirs())
     out_dir = Path(out_dir)
     with exclusive_output(out_dir, "reshard"):
@@ -72,8 +73,7 @@ def write_resharded(reader: CheckpointReader, root: Path, target: ParallelLayout
     partial = partial_iteration_dir(root, it)
     partial.mkdir(parents=True)
     for pp_rank in tqdm(range(target.pp), desc="reshard stages", disable=not progress):
-        save_stage(partial, pp_rank, it, meta,
-                   build_stage(hf.__getitem__, spec, shape, target, pp_rank, ctx))
+        write_stage(partial, pp_rank, it, meta, hf.__getitem__, spec, shape, ctx)
     write_metadata(partial, meta)
     publish_iteration(root, it)
     return meta
