@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from megatron.sft.runtime.experts import ExpertsImplError, grouped_mm_function
+from megatron.sft.runtime.experts import ExpertsImplError, grouped_linear
 
 
 def _glu(config, x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,6 @@ class GroupedMMExperts(SequentialMLP):
         if unsupported:
             raise ExpertsImplError(f"--moe-experts-impl grouped_mm does not support "
                                    f"{', '.join(unsupported)}; use --moe-experts-impl sequential")
-        self._grouped_mm = grouped_mm_function()
 
     def forward(self, permuted_local_hidden_states: torch.Tensor,
                 tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
@@ -45,7 +44,7 @@ class GroupedMMExperts(SequentialMLP):
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F/tp, H]
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F/tp]
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
-        h = self._grouped_mm(x, fc1.transpose(1, 2), offs=offs)
+        h = grouped_linear(x, fc1, offs)
         h = _glu(self.config, h)
         h = (h * probs.unsqueeze(-1)).to(h.dtype)
-        return self._grouped_mm(h, fc2.transpose(1, 2), offs=offs), None
+        return grouped_linear(h, fc2, offs), None
