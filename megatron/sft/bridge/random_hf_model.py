@@ -47,7 +47,8 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
     """Save a randomly initialised ``architecture`` model with safetensors weights.
 
     Norm weights are randomised too (HF initialises them to ones), so a converter that mixed
-    up two norms would be caught by a logits comparison. ``save_pretrained`` writes routed
+    up two norms would be caught by a logits comparison; MoE routers and shared-expert gates get
+    10x HF's init scale, so routing is decisive and the gate far from its constant 0.5. ``save_pretrained`` writes routed
     experts one tensor per expert; ``fused_experts`` writes them as transformers holds them in
     memory instead (``mlp.experts.gate_up_proj [E, 2F, D]``...), the form of newer checkpoints.
     """
@@ -67,6 +68,8 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
+            elif name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight")):
+                param.normal_(0.0, 0.2)
     model = model.to(dtype)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)

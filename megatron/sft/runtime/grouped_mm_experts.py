@@ -35,8 +35,22 @@ class GroupedMMExperts(SequentialMLP):
             raise ExpertsImplError(f"--moe-experts-impl grouped_mm does not support "
                                    f"{', '.join(unsupported)}; use --moe-experts-impl sequential")
 
+    def _run_linears_pre_hooks(self) -> None:
+        """The experts' linears are read, not called, so run their forward pre-hooks here:
+        megatron-core's DDP waits there for its overlapped parameter all-gather
+        (``--use-distributed-optimizer`` with DP > 1); without it this forward could read
+        weights the all-gather has not written yet."""
+        for expert in self.local_experts:
+            for linear in (expert.linear_fc1, expert.linear_fc2):
+                for key, hook in list(linear._forward_pre_hooks.items()):
+                    if key in linear._forward_pre_hooks_with_kwargs:
+                        hook(linear, (), {})
+                    else:
+                        hook(linear, ())
+
     def forward(self, permuted_local_hidden_states: torch.Tensor,
                 tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
+        self._run_linears_pre_hooks()
         x, probs = permuted_local_hidden_states, permuted_probs
         if self.config.moe_apply_probs_on_input:  # as SequentialMLP
             x = (probs.unsqueeze(-1) * x).to(x.dtype)

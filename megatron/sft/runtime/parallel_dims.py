@@ -88,6 +88,18 @@ class ParallelDims:
         return [ps.get_data_parallel_group(with_context_parallel=True),
                 ps.get_pipeline_model_parallel_group()]
 
+    def routing_groups(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Groups that per-layer MoE routing metrics are reduced over: ``pp`` (each layer lives
+        on one stage), ``split`` (the ranks that split one micro-batch's tokens: CP, and TP
+        under sequence parallelism), ``tp_cp`` (megatron-core's router reduce group) and
+        ``dp`` (data-parallel replicas, without CP, which is in ``split``)."""
+        from megatron.core import parallel_state as ps
+
+        tp_cp = ps.get_tensor_and_context_parallel_group()
+        return {"pp": ps.get_pipeline_model_parallel_group(), "tp_cp": tp_cp,
+                "split": tp_cp if sequence_parallel else ps.get_context_parallel_group(),
+                "dp": ps.get_data_parallel_group()}
+
     # ------------------------------------------------------------------ data
     def microbatch_rows(self, iteration: int, global_batch: int, micro_batch: int
                         ) -> list[list[int]]:

@@ -36,6 +36,8 @@ from megatron.sft.training import lora
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
+from megatron.sft.training import moe
+from megatron.sft.training.moe_metrics import MoEMetrics, console_summary
 from megatron.sft.training.run_guard import acquire_run_lock, check_training_data
 
 
@@ -76,6 +78,7 @@ class Trainer:
     train_ds: SFTDataset
     valid_ds: Optional[SFTDataset]
     sinks: Optional[MetricSinks]
+    moe_metrics: Optional[MoEMetrics]  # per-layer aux loss / load imbalance (MoE models)
     # --- counters
     train_iters: int                    # computed once, from --train-iters or --train-epochs
     iteration: int
@@ -95,6 +98,7 @@ class Trainer:
         self.meta = read_metadata(iteration_dir(Path(cfg.load)))
         _, self.shape = shape_of(self.meta.hf_config)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
+        moe.check_moe_run(cfg, self.shape)
         self.info = initialize_distributed(cfg.parallel_layout(self.shape.num_layers),
                                            seed=cfg.seed)
         self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
@@ -104,8 +108,10 @@ class Trainer:
         if not self.is_logger:  # one voice
             self.log = lambda message: None
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
-                                       self.info.device.type)
-        self.log(f"layers: {self.impl.describe()}")
+                                       self.info.device.type, cfg.moe_experts_impl,
+                                       torch.bfloat16 if cfg.bf16 else torch.float32)
+        self.log(f"layers: {self.impl.describe()}"
+                 + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         self._build_data()
         check_training_data(self)  # vocabulary, lengths, objective: before building the model
         self._build_model()
@@ -150,7 +156,8 @@ class Trainer:
 
         cfg = self.cfg
         overrides: dict[str, Any] = dict(calculate_per_token_loss=True,
-                                         sequence_parallel=cfg.sequence_parallel)
+                                         sequence_parallel=cfg.sequence_parallel,
+                                         **moe.moe_config_overrides(cfg, self.shape))
         if cfg.recompute_granularity:
             overrides.update(recompute_granularity=cfg.recompute_granularity)
             if cfg.recompute_granularity == "full":
@@ -168,6 +175,10 @@ class Trainer:
             lora.refuse_lora_checkpoint(cfg.load)
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
+        self.moe_metrics = None if self.shape.moe is None else MoEMetrics(
+            chunks, self.shape.num_layers, self.shape.moe.layers, self.shape.moe.num_experts,
+            self.dims.routing_groups(tcfg.sequence_parallel), aux_loss=tcfg.moe_aux_loss_coeff > 0,
+            z_loss=bool(tcfg.moe_z_loss_coeff))
         # Data-parallel communication overlaps compute by default when there is any: gradients
         # are reduced bucket by bucket during the backward pass, and with the distributed
         # optimizer the updated parameters are gathered bucket by bucket during the next forward.
@@ -233,10 +244,18 @@ class Trainer:
         batch = next(data_iterator)
         tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
         attention = batch["attention"]
+        extra = {}
+        if self.shape.moe is not None:  # routing losses count real tokens only
+            extra["padding_mask"] = moe.routing_padding_mask(batch["cu_seqlens"],
+                                                             tokens.shape[1])
         if attention.flatten_rows:  # [b, s] -> [1, b*s]: one THD sequence
             tokens, positions = tokens.reshape(1, -1), positions.reshape(1, -1)
+            extra = {k: v.reshape(1, -1) for k, v in extra.items()}
+        if "padding_mask" in extra:
+            extra["padding_mask"] = moe.stage_padding_mask(extra["padding_mask"], model,
+                                                           self.tconfig.sequence_parallel)
         output = model(tokens, positions, attention_mask=attention.attention_mask,
-                       packed_seq_params=attention.packed_seq_params)
+                       packed_seq_params=attention.packed_seq_params, **extra)
         vocab = self.shape.vocab_size
 
         def loss_func(output_tensor):
@@ -365,6 +384,8 @@ class Trainer:
                           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / step.seconds,
                           "skipped": step.skipped}
                 record.update(self._device_metrics(step, step_rows))
+                if self.moe_metrics is not None:
+                    record.update(self.moe_metrics.collect(len(self._rows(step_rows))))
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                     with self._parameters_in_sync():
                         record.update(self.evaluate() or {})
@@ -440,4 +461,6 @@ class Trainer:
             parts.append(f"mem {record['max_memory_gib']:.1f} GiB")
         if "valid_loss" in record:
             parts.append(f"valid_loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f}")
+        if console_summary(record):
+            parts.append(console_summary(record))
         self.log(" | ".join(parts))
