@@ -7,7 +7,12 @@
 - the loss curve at TP2 x EP2 (with sequence parallelism) equals TP1 x EP1's within 1e-4 over
   5 iterations;
 - an EP2 run (distributed optimizer, grouped_mm experts) resumed from its iteration-2 save,
-  under the sequential experts implementation, redoes iterations 3 and 4 exactly.
+  under the sequential experts implementation, redoes iterations 3 and 4 exactly;
+- LoRA at EP2 adapts attention and the shared expert (not the routed experts), and its PEFT
+  export, loaded by peft onto the HF model, gives the merged export's logits.
+
+The model is Qwen2-MoE-shaped: a sigmoid-gated shared expert, top-2 without renormalisation,
+dense layers between the MoE ones; Qwen3-MoE and Mixtral are in the logits parity launch.
 """
 
 import json
@@ -22,7 +27,7 @@ from megatron.sft.runtime.layout import ParallelLayout
 from sft_testing import run_torchrun
 
 WORKER = Path(__file__).with_name("moe_train_worker.py")
-ARCH = "Qwen3MoeForCausalLM"  # 8 experts, 3 MoE layers and a dense one
+ARCH = "Qwen2MoeForCausalLM"  # 4 experts + a shared expert on layers 1 and 3; 0 and 2 dense
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,8 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_assets, tmp_path):
                         moe_experts_impl="sequential",
                         # from the save at iteration 2: the tracker pointed back at it
                         rewind_to=2),
+        "lora": _run(c["ep2"], data, expert_model_parallel_size=2, train_iters=2,
+                     lora_rank=4, lora_alpha=8, save=str(tmp_path / "lora")),
     }
     spec = {"out": str(tmp_path / "out.json"), "hf": moe_assets["hf"], "runs": runs}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
@@ -83,10 +90,10 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_assets, tmp_path):
     logged = {int(k.rsplit("_", 1)[1]): v for k, v in r["aux_ep2"][0].items()
               if k.startswith("moe/aux_loss/")}
     hand = {int(k): v for k, v in r["hand_aux"].items()}
-    assert sorted(logged) == sorted(hand) == [0, 2, 3]  # layer 1 is dense (mlp_only_layers)
+    assert sorted(logged) == sorted(hand) == [1, 3]  # layers 0 and 2 are dense
     for layer, value in hand.items():
         assert abs(logged[layer] - value) <= 1e-5 * value, (layer, logged, hand)
-    assert all(1.0 <= r["aux_ep2"][0][f"moe/imbalance/layer_{l:02d}"] <= 8.0 for l in hand)
+    assert all(1.0 <= r["aux_ep2"][0][f"moe/imbalance/layer_{l:02d}"] <= 4.0 for l in hand)
 
     # TP2 x EP2 (sequence parallel) curve == TP1 x EP1 curve
     assert len(r["ep1"]) == len(r["tp2ep2"]) == 5 and r["ep1"][-1]["loss"] < r["ep1"][0]["loss"]
@@ -108,3 +115,38 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_assets, tmp_path):
     for a, b in zip(r["aux_ep2"][2:], r["resumed"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+    # LoRA at EP2: attention + shared expert adapters, PEFT export == merged export
+    assert len(r["lora"]) == 2 and all(math.isfinite(h["loss"]) for h in r["lora"])
+    _lora_checks(tmp_path / "lora", moe_assets["hf"], tmp_path)
+
+
+def _lora_checks(lora_run, hf, tmp_path):
+    """What a LoRA run of a MoE model holds, and that its PEFT export is its merged model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+    from megatron.sft.lora.merge import open_checkpoint
+    from megatron.sft.lora.peft_export import export_lora_adapter
+
+    files = sorted((lora_run / "iter_0000002").glob("mp_rank_*/model_optim_rng.pt"))
+    assert [f.parent.name for f in files] == ["mp_rank_00_000", "mp_rank_00_001"]
+    names = set(torch.load(files[1], weights_only=True)["model"])
+    assert "decoder.layers.1.mlp.shared_experts.linear_fc1.lora.A" in names
+    assert "decoder.layers.0.mlp.linear_fc1.lora.B" in names  # a dense layer's MLP
+    assert "decoder.layers.3.self_attention.linear_qkv.lora.A" in names
+    assert not any("local_experts" in n or "router" in n for n in names)
+    export_megatron_to_hf(open_checkpoint(lora_run), tmp_path / "merged", hf,
+                          ExportOptions(progress=False))
+    export_lora_adapter(lora_run, tmp_path / "peft", hf)
+    vocab = json.loads((Path(hf) / "config.json").read_text())["vocab_size"]
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(hf)
+        peft = PeftModel.from_pretrained(base, tmp_path / "peft")(tokens).logits
+        plain = AutoModelForCausalLM.from_pretrained(hf)(tokens).logits
+    assert (merged - plain).abs().max() > 1e-4  # the adapters learned something
+    assert (merged - peft).abs().max() <= 1e-5
