@@ -1,4 +1,4 @@
-"""Mixture-of-Experts SFT on megatron-core under gloo, four runs in one 4-rank launch:
+"""Mixture-of-Experts SFT on megatron-core under gloo (five runs of the shared MoE launch):
 
 - the iteration-1 language-model loss equals transformers' masked loss (packed rows) at EP1 and
   at EP2;
@@ -12,7 +12,8 @@
   export, loaded by peft onto the HF model, gives the merged export's logits.
 
 The model is Qwen2-MoE-shaped: a sigmoid-gated shared expert, top-2 without renormalisation,
-dense layers between the MoE ones; Qwen3-MoE and Mixtral are in the logits parity launch.
+dense layers between the MoE ones; Qwen3-MoE and Mixtral are in the logits parity cases. The
+runs are in the shared MoE launch (conftest.py).
 """
 
 import json
@@ -21,64 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-from megatron.sft.bridge.random_hf_model import make_random_hf_model
-from megatron.sft.runtime.layout import ParallelLayout
-from sft_testing import run_torchrun
-
-WORKER = Path(__file__).with_name("moe_train_worker.py")
-ARCH = "Qwen2MoeForCausalLM"  # 4 experts + a shared expert on layers 1 and 3; 0 and 2 dense
-
-
-@pytest.fixture(scope="module")
-def moe_assets(sft_assets, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("moe_sft")
-    vocab = len(AutoTokenizer.from_pretrained(sft_assets["tokenizer"]))
-    hf = make_random_hf_model(ARCH, root / "hf", seed=5, overrides=dict(vocab_size=vocab))
-    ckpts = {}
-    for name, layout in {"ep1": ParallelLayout(), "ep2": ParallelLayout(1, 1, ep=2),
-                         "tp2ep2": ParallelLayout(2, 1, ep=2)}.items():
-        ckpts[name] = str(root / name)
-        convert_hf_to_megatron(hf, ckpts[name], ConvertOptions(layout=layout, progress=False))
-    return {"hf": str(hf), "ckpts": ckpts, "data": sft_assets["data"]}
-
-
-def _run(ckpt, data, **overrides):
-    cfg = dict(load=ckpt, data_path=data, seq_length=128, micro_batch_size=2,
-               global_batch_size=8, train_iters=5, lr=1e-3, lr_decay_style="constant",
-               no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01)
-    cfg.update(overrides)
-    return cfg
-
 
 @pytest.mark.xdist_group("multiprocess")
-def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_assets, tmp_path):
-    c, data = moe_assets["ckpts"], moe_assets["data"]
-    save = tmp_path / "run"
-    runs = {
-        "ep1": _run(c["ep1"], data),
-        "tp2ep2": _run(c["tp2ep2"], data, tensor_model_parallel_size=2,
-                       expert_model_parallel_size=2, sequence_parallel=True),
-        "aux_ep2": _run(c["ep2"], data, expert_model_parallel_size=2, train_iters=4,
-                        lr_decay_style="cosine", lr_warmup_iters=1, save=str(save),
-                        save_interval=2, use_distributed_optimizer=True,
-                        moe_experts_impl="grouped_mm"),
-        "resumed": _run(str(save), data, expert_model_parallel_size=2, train_iters=4,
-                        lr_decay_style="cosine", lr_warmup_iters=1,
-                        save=str(tmp_path / "run2"), use_distributed_optimizer=True,
-                        moe_experts_impl="sequential",
-                        # from the save at iteration 2: the tracker pointed back at it
-                        rewind_to=2),
-        "lora": _run(c["ep2"], data, expert_model_parallel_size=2, train_iters=2,
-                     lora_rank=4, lora_alpha=8, save=str(tmp_path / "lora")),
-    }
-    spec = {"out": str(tmp_path / "out.json"), "hf": moe_assets["hf"], "runs": runs}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = run_torchrun(4, WORKER, str(tmp_path / "spec.json"), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r = json.loads((tmp_path / "out.json").read_text())
+def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
+    r = moe_launch["train"]
 
     # iteration-1 LM loss == transformers' masked loss, at EP1 and EP2 (TP1 and TP2)
     for name in ("ep1", "tp2ep2", "aux_ep2"):
@@ -118,7 +65,7 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_assets, tmp_path):
 
     # LoRA at EP2: attention + shared expert adapters, PEFT export == merged export
     assert len(r["lora"]) == 2 and all(math.isfinite(h["loss"]) for h in r["lora"])
-    _lora_checks(tmp_path / "lora", moe_assets["hf"], tmp_path)
+    _lora_checks(moe_launch["root"] / "lora", moe_launch["hf"], tmp_path)
 
 
 def _lora_checks(lora_run, hf, tmp_path):
