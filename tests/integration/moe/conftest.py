@@ -94,6 +94,9 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                        rewind_to=2, **resume),
         "lora": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, lora_rank=4,
                     lora_alpha=8, save=str(root / "lora")),
+        "recompute_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
+                             recompute_granularity="full"),
+        "bf16_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, bf16=True),
     }
 
 

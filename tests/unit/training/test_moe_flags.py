@@ -68,6 +68,14 @@ def test_what_a_moe_run_refuses():
             "Qwen2MoeForCausalLM").tiny_config}).transformer["moe_aux_loss_coeff"] == 0.001
 
 
+def test_a_checkpoint_at_another_ep_is_refused_with_the_fix():
+    from megatron.sft.runtime.layout import LayoutError, ParallelLayout
+
+    with pytest.raises(LayoutError, match="checkpoint is split TP=1 PP=1 VPP=None but this run "
+                                          "uses TP=1 PP=1 VPP=None EP=2 ETP=1; .*reshard"):
+        ParallelLayout(1, 1, ep=2).check_same_files(ParallelLayout(1, 1))
+
+
 def test_routing_padding_mask_marks_what_follows_the_last_sample():
     cu = torch.tensor([[0, 3, 5], [0, 6, -1]], dtype=torch.int32)  # collate_sft's padding
     assert routing_padding_mask(cu, 6).tolist() == [[False] * 5 + [True], [False] * 6]
