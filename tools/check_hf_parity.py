@@ -100,8 +100,9 @@ def main(argv=None) -> int:
             ref = hf(tokens.to(info.device)).logits.float()
         diff = (logits - ref).abs().max().item()
         ok = diff <= args.atol
-        experts = f", {impl.experts} experts" if "num_experts" in json.dumps(meta.hf_config) \
-            or "num_local_experts" in meta.hf_config else ""
+        from megatron.sft.bridge.architectures import shape_of
+
+        experts = f", {impl.experts} experts" if shape_of(meta.hf_config)[1].moe else ""
         print(f"[parity] {meta.architecture} {meta.layout.describe()} {meta.params_dtype} "
               f"({impl.describe()}{experts}): max|logits - HF| = {diff:.3e} (atol {args.atol}) "
               f"{'OK' if ok else 'FAIL'}", flush=True)

@@ -86,3 +86,16 @@ def stage_padding_mask(mask: torch.Tensor, model, sequence_parallel: bool) -> to
 
     return scatter_to_sequence_parallel_region(mask.transpose(0, 1).contiguous()) \
         .transpose(0, 1).contiguous()
+
+
+def routing_inputs(batch: dict, shape: ModelShape, model, flatten_rows: bool,
+                   sequence_parallel: bool) -> dict[str, torch.Tensor]:
+    """``GPTModel.forward`` keyword arguments a MoE model's micro-batch needs:
+    ``{"padding_mask": ...}`` shaped like the tokens it is called with (``[1, b*s]`` when the
+    attention backend flattens rows), split for this pipeline stage; ``{}`` for dense models."""
+    if shape.moe is None:
+        return {}
+    mask = routing_padding_mask(batch["cu_seqlens"], batch["tokens"].shape[1])
+    if flatten_rows:
+        mask = mask.reshape(1, -1)
+    return {"padding_mask": stage_padding_mask(mask, model, sequence_parallel)}

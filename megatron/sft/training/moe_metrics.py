@@ -105,6 +105,17 @@ class MoEMetrics:
         return out
 
 
+def moe_metrics_for(chunks: list, shape, dims, config) -> Optional[MoEMetrics]:
+    """The metrics of a built model (``None`` for a dense one); ``dims``: ``ParallelDims``,
+    ``config``: the chunks' ``TransformerConfig``."""
+    if shape.moe is None:
+        return None
+    return MoEMetrics(chunks, shape.num_layers, shape.moe.layers, shape.moe.num_experts,
+                      dims.routing_groups(config.sequence_parallel),
+                      aux_loss=(config.moe_aux_loss_coeff or 0) > 0,
+                      z_loss=bool(config.moe_z_loss_coeff))
+
+
 def console_summary(record: dict[str, Any], per_layer_up_to: int = 8) -> Optional[str]:
     """``aux 1.012/1.034 | imbalance 1.20/1.55``: per MoE layer when there are at most
     ``per_layer_up_to`` of them, else the mean and the worst layer; ``None`` without metrics."""

@@ -37,7 +37,7 @@ from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
 from megatron.sft.training import moe
-from megatron.sft.training.moe_metrics import MoEMetrics, console_summary
+from megatron.sft.training.moe_metrics import MoEMetrics, console_summary, moe_metrics_for
 from megatron.sft.training.run_guard import acquire_run_lock, check_training_data
 
 
@@ -175,10 +175,7 @@ class Trainer:
             lora.refuse_lora_checkpoint(cfg.load)
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
-        self.moe_metrics = None if self.shape.moe is None else MoEMetrics(
-            chunks, self.shape.num_layers, self.shape.moe.layers, self.shape.moe.num_experts,
-            self.dims.routing_groups(tcfg.sequence_parallel), aux_loss=tcfg.moe_aux_loss_coeff > 0,
-            z_loss=bool(tcfg.moe_z_loss_coeff))
+        self.moe_metrics = moe_metrics_for(chunks, self.shape, self.dims, tcfg)
         # Data-parallel communication overlaps compute by default when there is any: gradients
         # are reduced bucket by bucket during the backward pass, and with the distributed
         # optimizer the updated parameters are gathered bucket by bucket during the next forward.
@@ -244,16 +241,11 @@ class Trainer:
         batch = next(data_iterator)
         tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
         attention = batch["attention"]
-        extra = {}
-        if self.shape.moe is not None:  # routing losses count real tokens only
-            extra["padding_mask"] = moe.routing_padding_mask(batch["cu_seqlens"],
-                                                             tokens.shape[1])
+        # MoE: the routing padding mask (megatron-core's padding_mask), {} for dense models
+        extra = moe.routing_inputs(batch, self.shape, model, attention.flatten_rows,
+                                   self.tconfig.sequence_parallel)
         if attention.flatten_rows:  # [b, s] -> [1, b*s]: one THD sequence
             tokens, positions = tokens.reshape(1, -1), positions.reshape(1, -1)
-            extra = {k: v.reshape(1, -1) for k, v in extra.items()}
-        if "padding_mask" in extra:
-            extra["padding_mask"] = moe.stage_padding_mask(extra["padding_mask"], model,
-                                                           self.tconfig.sequence_parallel)
         output = model(tokens, positions, attention_mask=attention.attention_mask,
                        packed_seq_params=attention.packed_seq_params, **extra)
         vocab = self.shape.vocab_size
@@ -461,6 +453,6 @@ class Trainer:
             parts.append(f"mem {record['max_memory_gib']:.1f} GiB")
         if "valid_loss" in record:
             parts.append(f"valid_loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f}")
-        if console_summary(record):
-            parts.append(console_summary(record))
+        if (routing := console_summary(record)) is not None:  # MoE: per-layer aux / imbalance
+            parts.append(routing)
         self.log(" | ".join(parts))
