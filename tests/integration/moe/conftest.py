@@ -70,7 +70,8 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     hf = make_random_hf_model(TRAIN_ARCH, root / "hf", seed=5, overrides=dict(vocab_size=vocab))
     c = {}
     for name, layout in {"ep1": ParallelLayout(), "ep2": ParallelLayout(1, 1, ep=2),
-                         "tp2ep2": ParallelLayout(2, 1, ep=2)}.items():
+                         "tp2ep2": ParallelLayout(2, 1, ep=2),
+                         "tp2pp2": ParallelLayout(2, 2)}.items():
         c[name] = str(root / name)
         convert_hf_to_megatron(hf, c[name], ConvertOptions(layout=layout, progress=False))
 
@@ -97,6 +98,9 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         "recompute_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
                              recompute_granularity="full"),
         "bf16_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, bf16=True),
+        # sequence parallelism on a later pipeline stage: its padding mask is split there
+        "tp2pp2": run(c["tp2pp2"], tensor_model_parallel_size=2,
+                      pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),
     }
 
 

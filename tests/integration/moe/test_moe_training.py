@@ -5,7 +5,8 @@
 - the per-layer auxiliary loss the run logs equals megatron-core's formula computed by hand
   from transformers' router logits of the same tokens (padding excluded);
 - the loss curve at TP2 x EP2 (with sequence parallelism) equals TP1 x EP1's within 1e-4 over
-  5 iterations;
+  5 iterations, and TP2 x PP2's (sequence parallel, the second stage's MoE layers too) over 3,
+  with the same per-layer aux losses;
 - an EP2 run (distributed optimizer, grouped_mm experts) resumed from its iteration-2 save,
   under the sequential experts implementation, redoes iterations 3 and 4 exactly;
 - full activation recompute at EP2 gives EP1's curve and per-layer aux loss (the routing losses
@@ -44,11 +45,14 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
         assert abs(logged[layer] - value) <= 1e-5 * value, (layer, logged, hand)
     assert all(1.0 <= r["aux_ep2"][0][f"moe/imbalance/layer_{l:02d}"] <= 4.0 for l in hand)
 
-    # TP2 x EP2 (sequence parallel) curve == TP1 x EP1 curve
+    # TP2 x EP2 and TP2 x PP2 (sequence parallel) curves == TP1 x EP1 curve
     assert len(r["ep1"]) == len(r["tp2ep2"]) == 5 and r["ep1"][-1]["loss"] < r["ep1"][0]["loss"]
-    for a, b in zip(r["ep1"], r["tp2ep2"]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
-        assert math.isfinite(b["grad_norm"])
+    for other in ("tp2ep2", "tp2pp2"):
+        for a, b in zip(r["ep1"], r[other]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4, (other, a, b)
+            assert math.isfinite(b["grad_norm"])
+            for key in (k for k in a if k.startswith("moe/aux_loss/")):
+                assert abs(a[key] - b[key]) <= 1e-4 * a[key], (other, key, a[key], b[key])
 
     print(json.dumps({  # the numbers, for the record (pytest -s)
         "loss_rel_diff_vs_hf": {n: abs(r[n][0]["loss"] - r["hf_loss"]) / r["hf_loss"]
@@ -56,6 +60,8 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
         "aux_rel_diff_vs_hand": {l: abs(logged[l] - v) / v for l, v in hand.items()},
         "tp2ep2_vs_ep1_max_abs": max(abs(a["loss"] - b["loss"])
                                      for a, b in zip(r["ep1"], r["tp2ep2"])),
+        "tp2pp2_vs_ep1_max_abs": max(abs(a["loss"] - b["loss"])
+                                     for a, b in zip(r["ep1"], r["tp2pp2"])),
         "resume_max_abs": max(abs(a["loss"] - b["loss"])
                               for a, b in zip(r["aux_ep2"][2:], r["resumed"])),
         "recompute_vs_ep1_max_abs": max(abs(a["loss"] - b["loss"])
