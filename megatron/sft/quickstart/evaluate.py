@@ -17,7 +17,6 @@ def generation_accuracy(model_dir: "str | Path", tokenizer_dir: "str | Path",
     more they wait on each other (transformers' MoE experts are many tiny GEMMs; on a busy
     2-core machine its forward took 6x longer on 2 threads than on 1)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
