@@ -165,6 +165,30 @@ def run_training(runs, hf) -> dict:
     return results
 
 
+def check_uneven_collectives() -> dict:
+    """cpu_mode's (e): megatron-core's uneven TP gather / reduce-scatter on gloo, against
+    what they mean, over all ranks (rank r contributes r + 1 rows)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group(list(range(world)))
+    sizes = [r + 1 for r in range(world)]
+    mine = torch.full((sizes[rank], 3), float(rank))
+    gathered = mappings._gather_along_first_dim(mine, group, output_split_sizes=sizes)
+    want = torch.cat([torch.full((n, 3), float(r)) for r, n in enumerate(sizes)])
+    full = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3) * (rank + 1)
+    scattered = mappings._reduce_scatter_along_first_dim(full, group, input_split_sizes=sizes)
+    start = sum(sizes[:rank])
+    total = sum(r + 1 for r in range(world))
+    want_rs = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3)[
+        start:start + sizes[rank]] * total
+    ok = torch.tensor([float(torch.equal(gathered, want) and torch.equal(scattered, want_rs))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return {"uneven_gather_and_reduce_scatter": bool(ok.item())}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch.distributed as dist
@@ -173,7 +197,8 @@ def main() -> None:
     from megatron.sft.runtime.layout import ParallelLayout
 
     initialize_distributed(ParallelLayout())  # the process group; each case sets its layout
-    out = {"parity": run_parity(spec.get("parity", [])),
+    out = {"shims": check_uneven_collectives(),
+           "parity": run_parity(spec.get("parity", [])),
            "train": run_training(spec.get("runs", {}), spec.get("hf"))}
     if dist.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps(out))

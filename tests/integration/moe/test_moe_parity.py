@@ -22,3 +22,11 @@ def test_moe_logits_match_transformers(moe_launch):
         else:
             assert r["max_abs_diff"] <= ATOL, f"{name}: {r}"
     print(json.dumps({k: f"{v['max_abs_diff']:.1e}" for k, v in results.items()}, indent=1))
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_gloo_runs_megatron_cores_uneven_tp_collectives(moe_launch):
+    """The alltoall dispatcher with expert TP and sequence parallelism gathers and
+    reduce-scatters uneven token counts; gloo cannot, cpu_mode's (e) makes it (the TP2 x EP2
+    training run needs it too)."""
+    assert moe_launch["shims"] == {"uneven_gather_and_reduce_scatter": True}
