@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Benchmark HF -> Megatron conversion and Megatron -> HF export on a ~0.5B Qwen2-shaped model.
+"""Benchmark HF -> Megatron conversion and Megatron -> HF export on a ~0.5B Qwen2-shaped model
+(or, with ``--moe``, a ~0.6B Qwen3-MoE-shaped one: 16 experts on each of 12 layers).
 
 Measures wall time, peak RSS (each step in its own process, read from wait4) and bytes on
 disk, against two references: the model's own byte size (goal: peak RSS <= 1.5x) and the time
 to read and write those bytes once with plain file I/O (goal: wall time <= 3x).
 
   python benchmarks/bench_convert.py [--workdir /tmp/bench_convert] [--dtype bf16] [--tp 1 --pp 1]
+  python benchmarks/bench_convert.py --moe --ep 4 [--fused]   # experts split over 4 EP ranks
 
 The random model is written straight to safetensors from the architecture's shapes (making it
 through transformers would itself take several GB); conversion coverage checks prove it has
@@ -25,6 +27,51 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+#: ~0.6B parameters, Qwen3-MoE-shaped: routed experts are 85% of the non-embedding bytes
+QWEN3_MOE_0_6B_CONFIG = dict(
+    vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=768,
+    num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, num_hidden_layers=12,
+    num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=32768,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1000000.0)
+
+
+def make_moe_model(out: Path, dtype_name: str, fused: bool) -> int:
+    """The MoE model from the table's own names and shapes (per expert, or fused)."""
+    import torch
+
+    from megatron.sft.bridge.architectures import get_architecture
+    from megatron.sft.bridge.safetensors_io import StreamingShardWriter
+    from megatron.sft.bridge.stage_mapping import expected_hf_shapes
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    cfg = dict(QWEN3_MOE_0_6B_CONFIG, architectures=["Qwen3MoeForCausalLM"],
+               model_type="qwen3_moe", hidden_act="silu",
+               torch_dtype=str(dtype).replace("torch.", ""))
+    spec = get_architecture("Qwen3MoeForCausalLM")
+    shape = spec.shape(cfg)
+    shapes = expected_hf_shapes(spec, shape)
+    if fused:  # [E, rows, cols] per layer and kind, as transformers 5 holds them
+        for layer in shape.moe.layers:
+            for f in spec.fused_experts.tensors:
+                parts = [[p.format(i=layer, e=e) for p in f.parts]
+                         for e in range(shape.moe.num_experts)]
+                rows = sum(shapes[p][0] for p in parts[0])
+                cols = shapes[parts[0][0]][1]
+                for names in parts:
+                    for n in names:
+                        del shapes[n]
+                shapes[f.fused.format(i=layer)] = (shape.moe.num_experts, rows, cols)
+    out.mkdir(parents=True)
+    writer = StreamingShardWriter(out / "model.safetensors",
+                                  [(n, dtype, s) for n, s in shapes.items()])
+    gen = torch.Generator().manual_seed(0)
+    for n, s in shapes.items():
+        writer.write(n, (torch.randn(s, generator=gen) * 0.02).to(dtype))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return writer.nbytes
 
 
 def make_model(out: Path, dtype_name: str) -> int:
@@ -101,10 +148,17 @@ def main() -> int:
                    help="dtype of the random model's weights (default: bf16)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert to")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages to convert to")
+    p.add_argument("--moe", action="store_true",
+                   help="a Qwen3-MoE-shaped model (16 experts x 12 layers) instead of Qwen2")
+    p.add_argument("--ep", type=int, default=1, help="--moe: expert-parallel size to convert to")
+    p.add_argument("--fused", action="store_true",
+                   help="--moe: the HF experts fused ([E, 2F, D] per layer) instead of one "
+                        "tensor per expert")
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make_model:  # child mode: keeps the big random tensors out of the parent's RSS
-        print(make_model(Path(args.make_model), args.dtype))
+        print(make_moe_model(Path(args.make_model), args.dtype, args.fused) if args.moe
+              else make_model(Path(args.make_model), args.dtype))
         return 0
     work = Path(args.workdir)
     if work.exists():
@@ -114,7 +168,8 @@ def main() -> int:
 
     # Everything heavy runs in child processes: Linux carries a parent's peak RSS into a forked
     # child's ru_maxrss, so the parent must stay small for the readings to mean anything.
-    run_measured([sys.executable, __file__, "--make-model", str(hf), "--dtype", args.dtype])
+    run_measured([sys.executable, __file__, "--make-model", str(hf), "--dtype", args.dtype]
+                 + (["--moe"] if args.moe else []) + (["--fused"] if args.fused else []))
     model_bytes = (hf / "model.safetensors").stat().st_size
     ref_time = min(copy_once(hf / "model.safetensors", work / "copy.bin") for _ in range(2))
     (work / "copy.bin").unlink()
@@ -123,14 +178,18 @@ def main() -> int:
                                      "--load-dir", str(hf), "--save-dir", str(ckpt),
                                      "--target-tensor-parallel-size", str(args.tp),
                                      "--target-pipeline-parallel-size", str(args.pp),
+                                     "--target-expert-model-parallel-size", str(args.ep),
                                      "--no-progress"])
     exp_t, exp_rss = run_measured([py, str(REPO / "tools/export_megatron_to_hf.py"),
                                    "--load-dir", str(ckpt), "--save-dir", str(export),
                                    "--hf-reference", str(hf), "--no-progress"])
     _, idle_rss = run_measured([py, "-c", "import torch, megatron.sft.bridge.convert"])
     gib = 1 << 30
-    print(f"model: Qwen2-0.5B-shaped, {args.dtype}, {model_bytes / gib:.3f} GiB of tensors; "
-          f"layout TP{args.tp} PP{args.pp}; {os.cpu_count()} CPUs")
+    kind = (f"Qwen3-MoE-0.6B-shaped ({'fused' if args.fused else 'per-expert'} experts)"
+            if args.moe else "Qwen2-0.5B-shaped")
+    print(f"model: {kind}, {args.dtype}, {model_bytes / gib:.3f} GiB of tensors; "
+          f"layout TP{args.tp} PP{args.pp}" + (f" EP{args.ep}" if args.ep > 1 else "")
+          + f"; {os.cpu_count()} CPUs")
     print(f"reference: read+write the bytes once = {ref_time:.2f} s; "
           f"python+torch import baseline RSS = {idle_rss / gib:.3f} GiB")
     for name, t, rss, out in (("convert", conv_t, conv_rss, ckpt), ("export", exp_t, exp_rss, export)):

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Compare a Megatron checkpoint's logits with the HuggingFace model it came from.
 
-Launch with one process per model-parallel rank of the checkpoint, e.g. for TP2 x PP2:
+Reads the layout from the checkpoint and runs on as many ranks as it needs: a plain
+``python tools/check_hf_parity.py --load CKPT --hf-model HF_DIR`` starts itself under torchrun
+with the fewest ranks the layout runs on (TP2 x PP2 -> 4; expert parallelism is carved out of
+the data-parallel ranks, so TP1 x EP2 -> 2 and TP2 x EP2 -> 4). Under torchrun, any multiple
+of that works:
 
     torchrun --nproc-per-node 4 tools/check_hf_parity.py --load CKPT --hf-model HF_DIR
 
@@ -23,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv=None):
     # The choices are the registries' (a backend registered in runtime/attention.py shows here).
     from megatron.sft.runtime.attention import attention_backend_choices
+    from megatron.sft.runtime.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
     from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,8 +46,21 @@ def parse_args(argv=None):
                    default="auto", help="layer modules (as in tools/train_sft.py)")
     p.add_argument("--attention-backend", choices=attention_backend_choices(),
                    default="auto", help="core attention (as in tools/train_sft.py)")
+    p.add_argument("--moe-experts-impl", choices=MOE_EXPERTS_IMPLS, default="auto",
+                   help="Mixture-of-Experts models: " + MOE_EXPERTS_HELP)
     p.add_argument("--output-json", default=None, help="write the measured differences here")
     return p.parse_args(argv)
+
+
+def launch_on_enough_ranks(nproc: int, argv) -> int:
+    """Run this tool again under torchrun on ``nproc`` local ranks; returns its exit code."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(nproc), os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
+    print(f"[parity] the checkpoint's layout needs {nproc} ranks: {' '.join(cmd[1:])}",
+          flush=True)
+    return subprocess.call(cmd)
 
 
 def main(argv=None) -> int:
@@ -53,13 +71,17 @@ def main(argv=None) -> int:
     from megatron.sft.runtime.distributed import destroy_distributed, initialize_distributed
 
     meta = read_metadata(iteration_dir(args.load, args.iteration))
+    needed = meta.layout.min_world_size()
+    if "RANK" not in os.environ and needed > 1:
+        return launch_on_enough_ranks(needed, argv)
     info = initialize_distributed(meta.layout, seed=args.seed)
     from megatron.sft.training.forward_logits import pipeline_logits
     from megatron.sft.training.model_builder import build_model_from_checkpoint
 
     from megatron.sft.runtime.layer_impl import resolve_layer_impl
 
-    impl = resolve_layer_impl(args.transformer_impl, args.attention_backend, info.device.type)
+    impl = resolve_layer_impl(args.transformer_impl, args.attention_backend, info.device.type,
+                              args.moe_experts_impl, getattr(torch, meta.params_dtype))
     chunks, meta, _ = build_model_from_checkpoint(args.load, args.iteration, impl=impl,
                                                   seq_length=args.seq_length)
     vocab = meta.hf_config["vocab_size"]
@@ -78,7 +100,11 @@ def main(argv=None) -> int:
             ref = hf(tokens.to(info.device)).logits.float()
         diff = (logits - ref).abs().max().item()
         ok = diff <= args.atol
-        print(f"[parity] {meta.architecture} {meta.layout.describe()} {meta.params_dtype} ({impl.describe()}): max|logits - HF| = {diff:.3e} (atol {args.atol}) "
+        from megatron.sft.bridge.architectures import shape_of
+
+        experts = f", {impl.experts} experts" if shape_of(meta.hf_config)[1].moe else ""
+        print(f"[parity] {meta.architecture} {meta.layout.describe()} {meta.params_dtype} "
+              f"({impl.describe()}{experts}): max|logits - HF| = {diff:.3e} (atol {args.atol}) "
               f"{'OK' if ok else 'FAIL'}", flush=True)
         if args.output_json:
             with open(args.output_json, "w") as f:

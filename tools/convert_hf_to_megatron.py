@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Convert a HuggingFace model directory (safetensors) into a Megatron-LM checkpoint split for
-tensor x pipeline parallelism.
+tensor x pipeline (x expert) parallelism.
 
 Output layout (what Megatron-LM and our training/export tools read):
 
   SAVE_DIR/latest_checkpointed_iteration.txt
   SAVE_DIR/iter_0000001/sft_metadata.json
-  SAVE_DIR/iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt
+  SAVE_DIR/iter_0000001/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt
 
 Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-Qwen3ForCausalLM. Everything is validated (architecture, TP/PP divisibility, every tensor name
+Qwen3ForCausalLM, and the Mixture-of-Experts Qwen3MoeForCausalLM, Qwen2MoeForCausalLM,
+MixtralForCausalLM (routed experts one tensor per expert or fused, either is read). Everything is validated (architecture, TP/PP divisibility, every tensor name
 and shape) before anything is written; output appears only when complete.
 """
 
@@ -38,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    metavar="N", help="interleaved pipeline: layers per virtual stage "
                    "(checkpoint then holds model0, model1, ... per rank)")
+    p.add_argument("--target-expert-model-parallel-size", type=int, default=1, metavar="EP",
+                   help="Mixture-of-Experts models: split each layer's routed experts over EP "
+                        "ranks (must divide the experts; one file per TP x PP x EP rank, "
+                        "default: 1)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (default: 128)")
     p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -59,7 +64,8 @@ def main(argv=None) -> int:
         layers = shape_of(load_hf_config(args.load_dir))[1].num_layers
     layout = ParallelLayout.from_flags(args.target_tensor_parallel_size,
                                        args.target_pipeline_parallel_size,
-                                       args.target_num_layers_per_virtual_pipeline_stage, layers)
+                                       args.target_num_layers_per_virtual_pipeline_stage, layers,
+                                       ep=args.target_expert_model_parallel_size)
     opts = ConvertOptions(
         layout=layout,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

@@ -22,8 +22,9 @@ sys.path.insert(0, str(REPO))
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default=str(REPO / "runs" / "demo"),
-                   help="where everything is written (replaced on each run)")
+    p.add_argument("--workdir", default=None,
+                   help="where everything is written (replaced on each run; default runs/demo, "
+                        "runs/demo_moe with --moe)")
     p.add_argument("--train-iters", type=int, default=400,
                    help="full-SFT iterations (global batch 32 samples of up to 128 tokens)")
     p.add_argument("--lora-rank", type=int, default=0,
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
                         "task's accuracy; the summary puts its training time beside full SFT's")
     p.add_argument("--lora-train-iters", type=int, default=200,
                    help="iterations of the LoRA stage (with --lora-rank)")
+    p.add_argument("--moe", action="store_true",
+                   help="a Mixture-of-Experts model instead: tiny Qwen3-MoE (8 experts, top-2), "
+                        "its experts split over the 2 ranks (EP=2); workdir runs/demo_moe")
     p.add_argument("--min-accuracy", type=float, default=0.9,
                    help="exit 1 when held-out accuracy after SFT (or after the LoRA stage) is "
                         "below this")
@@ -42,8 +46,10 @@ def main(argv=None) -> int:
     quiet_megatron_import_warnings()
     from megatron.sft.quickstart.pipeline import Demo, DemoConfig, StageFailed
 
-    demo = Demo(DemoConfig(workdir=Path(args.workdir), train_iters=args.train_iters,
-                           lora_rank=args.lora_rank, lora_train_iters=args.lora_train_iters))
+    workdir = args.workdir or str(REPO / "runs" / ("demo_moe" if args.moe else "demo"))
+    demo = Demo(DemoConfig(workdir=Path(workdir), train_iters=args.train_iters,
+                           lora_rank=args.lora_rank, lora_train_iters=args.lora_train_iters,
+                           moe=args.moe))
     try:
         results = demo.run()
     except StageFailed as e:

@@ -33,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    metavar="N", help="interleaved pipeline: layers per virtual stage of the "
                    "output (needs PP >= 2)")
+    p.add_argument("--target-expert-model-parallel-size", type=int, default=1, metavar="EP",
+                   help="Mixture-of-Experts models: split each layer's routed experts over EP "
+                        "ranks (must divide the experts; one file per TP x PP x EP rank, "
+                        "default: 1)")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--lora-base", default=None, metavar="DIR",
                    help="LoRA run only: use this checkpoint (latest iteration) as the base "
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
         layers = CheckpointReader(args.load_dir, args.iteration).shape.num_layers
     target = ParallelLayout.from_flags(args.target_tensor_parallel_size,
                                        args.target_pipeline_parallel_size,
-                                       args.target_num_layers_per_virtual_pipeline_stage, layers)
+                                       args.target_num_layers_per_virtual_pipeline_stage, layers,
+                                       ep=args.target_expert_model_parallel_size)
     meta = reshard_checkpoint(args.load_dir, args.save_dir, target, args.iteration, args.force,
                               progress=not args.no_progress, lora_base=args.lora_base,
                               merge_lora=args.merge_lora, verify=not args.no_verify)

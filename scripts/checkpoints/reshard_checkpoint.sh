@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Re-split a Megatron checkpoint for another TP x PP layout (weights, iteration, LR schedule and
-# data position; the optimizer state starts fresh).
+# Re-split a Megatron checkpoint for another TP x PP (x EP) layout (weights, iteration, LR
+# schedule and data position; the optimizer state starts fresh).
 #
 # Usage: scripts/checkpoints/reshard_checkpoint.sh CKPT_DIR OUT_DIR TP PP [ITER]
-# Environment: VPP_LAYERS=N (layers per virtual stage), FORCE=1, NO_VERIFY=1 (skip the checksum
-#              check of CKPT_DIR), PYTHON (default python3)
+# Environment: EP=N (experts over N ranks, Mixture-of-Experts models; default 1), VPP_LAYERS=N
+# (layers per virtual stage), FORCE=1, NO_VERIFY=1 (skip the checksum check of CKPT_DIR),
+# PYTHON (default python3)
 # A LoRA run stays adapters-only, on its base resharded into OUT_DIR/base; LORA_BASE=DIR uses
 # DIR (the same model, already at TP x PP) as the base instead; MERGE_LORA=1 merges instead.
 set -euo pipefail
@@ -16,10 +17,11 @@ fi
 : "${PYTHON:=python3}"
 : "${FORCE:=0}"
 : "${MERGE_LORA:=0}"
+: "${EP:=1}"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 args=(--load-dir "$1" --save-dir "$2" --target-tensor-parallel-size "$3"
-      --target-pipeline-parallel-size "$4")
+      --target-pipeline-parallel-size "$4" --target-expert-model-parallel-size "$EP")
 [[ $# -ge 5 ]] && args+=(--iteration "$5")
 [[ -n "${VPP_LAYERS:-}" ]] && args+=(--target-num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
 [[ -n "${LORA_BASE:-}" ]] && args+=(--lora-base "$LORA_BASE")

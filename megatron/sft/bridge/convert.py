@@ -1,8 +1,12 @@
-"""HuggingFace safetensors directory -> Megatron-LM checkpoint split for TP x PP (x VPP).
+"""HuggingFace safetensors directory -> Megatron-LM checkpoint split for TP x PP (x VPP)
+(x EP for Mixture-of-Experts models).
 
 Memory: tensors are read one at a time (positioned reads, no mmap) and each pipeline stage is
 written and freed before the next, so peak memory is about one stage (all its TP ranks) plus one
-source tensor, never a multiple of the model.
+source tensor, never a multiple of the model. With expert parallelism a stage's dense tensors
+are built once and written into every EP rank's files, and each EP rank's experts are built,
+written and freed in turn; routed experts are read in either HF form (one tensor per expert, or
+fused ``[E, rows, cols]``, see ``expert_layout``), every one exactly once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from megatron.sft.bridge.checkpoint_io import (
     write_staged,
 )
 from megatron.sft.bridge.integrity import FileDigest, write_checksums
+from megatron.sft.bridge.expert_layout import ExpertLayoutError, ExpertLayoutSource
 from megatron.sft.bridge.reader import CoverageError
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
@@ -60,8 +65,8 @@ def load_hf_config(hf_dir: Path) -> dict:
     return read_json(path, "HF model config")
 
 
-def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...]], spec,
-                   shape) -> None:
+def check_coverage(source: "SafetensorsSource | ExpertLayoutSource",
+                   expected: dict[str, tuple[int, ...]], spec, shape) -> None:
     """Every needed tensor present with its expected shape; every present tensor used (or known
     to be ignorable). All problems are reported at once."""
     needed = set(expected)
@@ -84,13 +89,17 @@ def check_coverage(source: SafetensorsSource, expected: dict[str, tuple[int, ...
         if wrong:
             lines.append(f"{len(wrong)} with the wrong shape: {'; '.join(wrong[:8])}"
                          + (" ..." if len(wrong) > 8 else ""))
+        if missing and spec.fused_experts is not None and any(".experts." in n for n in missing):
+            fused = sorted({f.fused for f in spec.fused_experts.tensors})
+            lines.append(f"routed experts are read one tensor per expert or fused as "
+                         f"{', '.join(fused)} ({{i}} = each MoE layer)")
         raise CoverageError(
             f"weights in {source.dir} do not match {spec.hf_architecture} with "
             f"{shape.num_layers} layers: " + "; ".join(lines)
         )
 
 
-def _checkpoint_dtype(source: SafetensorsSource, names: list[str], log) -> torch.dtype:
+def _checkpoint_dtype(source, names: list[str], log) -> torch.dtype:
     """One dtype for the whole model (megatron-core builds it with one ``params_dtype``): the
     dtype most of the weights' bytes have; a checkpoint that mixes dtypes is told so."""
     by_dtype: dict[torch.dtype, list[str]] = {}
@@ -124,18 +133,57 @@ def refuse_non_finite(name: str, t: torch.Tensor, fix: str) -> None:
                          f"{t.numel()}); {fix}")
 
 
+def open_source(hf_dir: Path, spec, shape) -> "tuple[ExpertLayoutSource, dict]":
+    """``hf_dir``'s tensors under the table's names (fused experts presented per expert) and
+    the table's ``{name: shape}``, after checking every tensor is there once with its shape."""
+    expected = expected_hf_shapes(spec, shape)
+    experts = shape.moe.num_experts if shape.moe is not None else 0
+    try:
+        source = ExpertLayoutSource(SafetensorsSource(hf_dir), spec.fused_experts,
+                                    shape.num_layers, experts, expected)
+    except ExpertLayoutError as e:
+        raise CoverageError(f"weights in {hf_dir}: {e}") from None
+    check_coverage(source, expected, spec, shape)
+    return source, expected
+
+
 def save_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMetadata,
-               ranks: list[dict], extra: Optional[dict] = None) -> list[FileDigest]:
-    """Write one pipeline stage's TP rank files, releasing each rank's tensors once saved;
-    returns their digests (for ``checksums.json``). ``extra`` entries go into every file."""
+               ranks: list[dict], ep_rank: int = 0, extra: Optional[dict] = None
+               ) -> list[FileDigest]:
+    """Write one pipeline stage's TP rank files (of EP rank ``ep_rank``), releasing each rank's
+    tensors once saved; returns their digests (for ``checksums.json``). ``extra`` entries go
+    into every file."""
     digests = []
     while ranks:
         tp_rank = len(ranks) - 1
         models = ranks.pop()
         digests.append(save_rank_state(iter_dir, meta.layout, tp_rank, pp_rank, {
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-            "sft_metadata": meta.to_dict(), **(extra or {}), **models}))
+            "sft_metadata": meta.to_dict(), **(extra or {}), **models}, ep_rank=ep_rank))
         del models
+    return digests
+
+
+def write_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMetadata,
+                get_hf, spec, shape, ctx: ShardContext, on_tensor=lambda name: None,
+                extra: Optional[dict] = None) -> list[FileDigest]:
+    """Build and write every file of pipeline stage ``pp_rank`` at ``meta.layout``: one per
+    TP rank, times one per EP rank with expert parallelism (each with the stage's dense
+    tensors, built once, and its own experts); returns their digests."""
+    layout = meta.layout
+    if layout.ep == 1:
+        return save_stage(iter_dir, pp_rank, iteration, meta,
+                          build_stage(get_hf, spec, shape, layout, pp_rank, ctx, on_tensor),
+                          extra=extra)
+    digests = []
+    dense = build_stage(get_hf, spec, shape, layout, pp_rank, ctx, on_tensor, experts=False)
+    for ep_rank in range(layout.ep):
+        experts = build_stage(get_hf, spec, shape, layout, pp_rank, ctx, on_tensor, ep_rank,
+                              dense=False)
+        files = [{key: {**dense[tp][key], **experts[tp][key]} for key in dense[tp]}
+                 for tp in range(layout.tp)]
+        del experts
+        digests += save_stage(iter_dir, pp_rank, iteration, meta, files, ep_rank, extra)
     return digests
 
 
@@ -147,6 +195,7 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
     spec, shape = shape_of(config)
     layout = opts.layout
     layout.validate(shape)
+    layout.check_files()
     check_output_separate(out_dir, "--save-dir", {"--load-dir": hf_dir})
     with exclusive_output(out_dir, "conversion"):
         check_output_dir(out_dir, opts.force)
@@ -156,9 +205,7 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
 def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: dict, spec,
                     shape) -> CheckpointMetadata:
     layout = opts.layout
-    source = SafetensorsSource(hf_dir)
-    expected = expected_hf_shapes(spec, shape)
-    check_coverage(source, expected, spec, shape)
+    source, expected = open_source(hf_dir, spec, shape)
     required = list(expected)
     dtype = opts.params_dtype or _checkpoint_dtype(source, required, opts.log)
     ctx = ShardContext(shape, layout.tp,
@@ -193,10 +240,10 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
         partial.mkdir(parents=True)
         digests = []
         for pp_rank in range(layout.pp):
-            # One stage in memory at a time: save_stage's locals die with it.
-            digests += save_stage(partial, pp_rank, opts.iteration, meta, build_stage(
-                lambda n: finite(n, cast(source.read(n))), spec, shape, layout, pp_rank, ctx,
-                on_tensor=lambda n: bar.update(1)))
+            # One stage in memory at a time: write_stage's locals die with it.
+            digests += write_stage(partial, pp_rank, opts.iteration, meta,
+                                   lambda n: finite(n, cast(source.read(n))), spec, shape, ctx,
+                                   on_tensor=lambda n: bar.update(1))
         write_metadata(partial, meta)
         write_checksums(partial, digests)
         publish_iteration(staging, opts.iteration)

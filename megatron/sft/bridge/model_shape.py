@@ -26,7 +26,16 @@ class RopeConfig:
 @dataclasses.dataclass(frozen=True)
 class MoEShape:
     """The Mixture-of-Experts part of a decoder: routed experts on the layers in ``layers``
-    (the others keep the dense MLP of ``ModelShape.ffn_hidden_size``)."""
+    (the others keep the dense MLP of ``ModelShape.ffn_hidden_size``), and how tokens are
+    routed to them.
+
+    Routing is softmax top-k, as in Qwen2/3-MoE and Mixtral: ``p = softmax(router_logits)``
+    over all experts, the ``top_k`` largest kept, and with ``renormalize`` divided by their sum
+    (transformers' ``norm_topk_prob``; Mixtral always). megatron-core expresses the same as
+    ``moe_router_pre_softmax = not renormalize``: softmax over the top-k *logits* equals the
+    renormalised top-k probabilities (``tests/unit/bridge/test_moe_router_semantics.py``
+    checks this against transformers' routers).
+    """
 
     num_experts: int
     #: experts each token is routed to
@@ -37,6 +46,12 @@ class MoEShape:
     layers: tuple[int, ...]
     #: intermediate size of the always-on shared expert(s), ``None`` without one
     shared_expert_ffn_hidden_size: Optional[int] = None
+    #: the top-k probabilities are divided by their sum (``norm_topk_prob``)
+    renormalize: bool = True
+    #: the shared expert's output is scaled by ``sigmoid(x . shared_expert_gate)`` (Qwen2-MoE)
+    shared_expert_gate: bool = False
+    #: the HF config's ``router_aux_loss_coef``: the default of ``--moe-aux-loss-coeff``
+    aux_loss_coeff: float = 0.0
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.layers
@@ -68,7 +83,10 @@ class ModelShape:
     def dim(self, symbol: str) -> int:
         """Sizes named in weight tables: ``hidden``, ``ffn``, ``vocab``, ``head_dim``, ``q``
         (all query heads), ``kv`` (all key or value heads); with experts also ``experts``,
-        ``expert_ffn`` (one routed expert's intermediate size) and ``shared_ffn``."""
+        ``expert_ffn`` (one routed expert's intermediate size) and ``shared_ffn``. An int is a
+        literal size (``(1, "hidden")`` for Qwen2-MoE's one-row shared-expert gate)."""
+        if isinstance(symbol, int):
+            return symbol
         sizes = {
             "hidden": self.hidden_size,
             "ffn": self.ffn_hidden_size,
@@ -87,15 +105,18 @@ class ModelShape:
                            f"{'MoE' if self.moe else 'dense'} model") from None
 
     #: conditions that depend on the layer (``when=`` of per-layer rules)
-    LAYER_FLAGS = ("moe_layer", "dense_layer")
+    LAYER_FLAGS = ("moe_layer", "dense_layer", "shared_expert_layer")
 
     def flag(self, name: str, layer: Optional[int] = None) -> bool:
-        """Conditions used by weight tables (``when=...``). ``moe_layer`` / ``dense_layer``
-        ask about global layer ``layer`` (a dense model's layers are all dense)."""
+        """Conditions used by weight tables (``when=...``). ``moe_layer`` / ``dense_layer`` /
+        ``shared_expert_layer`` (a MoE layer with a shared expert) ask about global layer
+        ``layer`` (a dense model's layers are all dense)."""
         if name in self.LAYER_FLAGS:
             if layer is None:
                 raise ValueError(f"table error: when={name!r} needs a per-layer rule")
             moe = self.moe is not None and self.moe.is_moe_layer(layer)
+            if name == "shared_expert_layer":
+                return moe and self.flag("shared_expert")
             return moe if name == "moe_layer" else not moe
         conditions = {
             "qkv_bias": self.qkv_bias,

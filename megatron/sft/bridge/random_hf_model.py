@@ -42,11 +42,15 @@ def _config_class(architecture: str):
 def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
                          overrides: Optional[dict[str, Any]] = None,
                          dtype: torch.dtype = torch.float32, seed: int = 0,
-                         config: Optional[dict[str, Any]] = None) -> Path:
+                         config: Optional[dict[str, Any]] = None,
+                         fused_experts: bool = False) -> Path:
     """Save a randomly initialised ``architecture`` model with safetensors weights.
 
     Norm weights are randomised too (HF initialises them to ones), so a converter that mixed
-    up two norms would be caught by a logits comparison.
+    up two norms would be caught by a logits comparison; MoE routers and shared-expert gates get
+    10x HF's init scale, so routing is decisive and the gate far from its constant 0.5. ``save_pretrained`` writes routed
+    experts one tensor per expert; ``fused_experts`` writes them as transformers holds them in
+    memory instead (``mlp.experts.gate_up_proj [E, 2F, D]``...), the form of newer checkpoints.
     """
     import transformers
 
@@ -64,7 +68,17 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
+            elif name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight")):
+                param.normal_(0.0, 0.2)
     model = model.to(dtype)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
+    if fused_experts:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+        for f in list(out.glob("model*.safetensors")) + list(out.glob("*.index.json")):
+            f.unlink()
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

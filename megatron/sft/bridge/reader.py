@@ -1,4 +1,5 @@
-"""Read a Megatron checkpoint (any TP x PP x VPP) as HF tensors, one pipeline stage at a time.
+"""Read a Megatron checkpoint (any TP x PP x VPP x EP) as HF tensors, one pipeline stage (and
+expert-parallel rank) at a time.
 
 The reader is the one way export and reshard see a checkpoint. It reads the rank files as
 they are; a checkpoint kind whose files are not the whole model (a LoRA run holds adapters
@@ -50,10 +51,12 @@ class CheckpointReader:
         must lie outside all of them)."""
         return {"--load-dir": self.iter_dir.parent}
 
-    def rank_states(self, pp_rank: int) -> list[dict]:
-        """One pipeline stage's rank files as they are on disk (``mmap``: nothing is read
-        until a tensor is used), by TP rank."""
-        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank, verify=self.verify)
+    def rank_states(self, pp_rank: int, ep_rank: int = 0) -> list[dict]:
+        """One pipeline stage's rank files (of expert-parallel rank ``ep_rank``) as they are
+        on disk (``mmap``: nothing is read until a tensor is used), by TP rank; each checked
+        against the iteration's checksums first (unless ``verify`` is off)."""
+        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank, ep_rank,
+                                verify=self.verify)
                 for tp in range(self.layout.tp)]
 
     def training_state(self) -> dict:
@@ -63,28 +66,35 @@ class CheckpointReader:
         state = self.rank_states(0)[0]
         return {k: state[k] for k in ("train_state", "opt_param_scheduler") if k in state}
 
-    def stage_states(self, pp_rank: int, merge: bool = True) -> list[dict]:
-        """The model's states of one pipeline stage, by TP rank. A checkpoint kind whose files
-        are not the model overrides this; ``merge=False`` then asks only for states with the
-        model's structure (same names, shapes and dtypes), for checks that read no values."""
-        return self.rank_states(pp_rank)
+    def stage_states(self, pp_rank: int, merge: bool = True, ep_rank: int = 0) -> list[dict]:
+        """The model's states of one pipeline stage (and EP rank), by TP rank. A checkpoint
+        kind whose files are not the model overrides this; ``merge=False`` then asks only for
+        states with the model's structure (same names, shapes and dtypes), for checks that read
+        no values."""
+        return self.rank_states(pp_rank, ep_rank)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every HF tensor once: per stage the dense ones and EP rank 0's experts from EP rank
+        0's files, then each further EP rank's experts from its own."""
         for pp_rank in range(self.layout.pp):
-            states = self.stage_states(pp_rank)
-            yield from stage_to_hf(states, self.spec, self.shape, self.layout, pp_rank, self.ctx)
-            del states
+            for ep_rank in range(self.layout.ep):
+                states = self.stage_states(pp_rank, ep_rank=ep_rank)
+                yield from stage_to_hf(states, self.spec, self.shape, self.layout, pp_rank,
+                                       self.ctx, ep_rank)
+                del states
 
     def check_coverage(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """The planned output ``(name, dtype, shape)`` list, after checking that every rank file
         holds every tensor the table needs (nothing is read but the pickles' structure)."""
         entries, absent = [], []
-        for pp_rank in range(self.layout.pp):
-            states = self.stage_states(pp_rank, merge=False)
-            for name, key, mname, dims in export_plan(self.spec, self.shape, self.layout, pp_rank):
+        for pp_rank, ep_rank in ((p, e) for p in range(self.layout.pp)
+                                 for e in range(self.layout.ep)):
+            states = self.stage_states(pp_rank, merge=False, ep_rank=ep_rank)
+            for name, key, mname, dims in export_plan(self.spec, self.shape, self.layout,
+                                                      pp_rank, ep_rank):
                 have = [s.get(key, {}).get(mname) for s in states]
                 if any(t is None for t in have):
-                    absent.append(f"{mname} (pp={pp_rank}, {key})")
+                    absent.append(f"{mname} (pp={pp_rank}, ep={ep_rank}, {key})")
                     continue
                 entries.append((name, have[0].dtype, dims))
         names = [e[0] for e in entries]

@@ -1,4 +1,5 @@
-"""Re-split a Megatron checkpoint for another TP x PP (x VPP) layout, e.g. to resume elsewhere.
+"""Re-split a Megatron checkpoint for another TP x PP (x VPP) (x EP) layout, e.g. to resume
+elsewhere.
 
 Goes through the HF tensor form (the layout-free representation every table already maps):
 source stage -> HF tensors -> target stage. Model weights, the iteration number and, for a
@@ -27,11 +28,10 @@ from megatron.sft.bridge.checkpoint_io import (
     write_metadata,
     write_staged,
 )
-from megatron.sft.bridge.convert import save_stage
+from megatron.sft.bridge.convert import write_stage
 from megatron.sft.bridge.integrity import write_checksums
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.bridge.rules import ShardContext
-from megatron.sft.bridge.stage_mapping import build_stage
 from megatron.sft.bridge.transforms import padded_vocab_size
 from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import exclusive_output
@@ -47,6 +47,7 @@ def reshard_checkpoint(source: "str | Path | CheckpointReader", out_dir: "str | 
     reader = (source if isinstance(source, CheckpointReader)
               else CheckpointReader(source, iteration, verify))
     target.validate(reader.shape)
+    target.check_files()
     check_output_separate(out_dir, "--save-dir", reader.input_dirs())
     out_dir = Path(out_dir)
     with exclusive_output(out_dir, "reshard"):
@@ -78,9 +79,8 @@ def write_resharded(reader: CheckpointReader, root: Path, target: ParallelLayout
     partial.mkdir(parents=True)
     digests = []
     for pp_rank in tqdm(range(target.pp), desc="reshard stages", disable=not progress):
-        digests += save_stage(partial, pp_rank, it, meta,
-                              build_stage(hf.__getitem__, spec, shape, target, pp_rank, ctx),
-                              extra=carried)
+        digests += write_stage(partial, pp_rank, it, meta, hf.__getitem__, spec, shape, ctx,
+                               extra=carried)
     write_metadata(partial, meta)
     write_checksums(partial, digests)
     publish_iteration(root, it)

@@ -120,6 +120,25 @@ class SafetensorsSource:
             raise SafetensorsError(f"{path}: truncated while reading {name}")
         return buf.view(dtype).reshape(shape)
 
+    def read_range(self, name: str, start: int, count: int, shape: tuple[int, ...]
+                   ) -> torch.Tensor:
+        """Elements ``start .. start+count`` of tensor ``name`` (row-major) as ``shape``: one
+        positioned read of just those bytes (one expert of a fused ``[E, R, C]`` tensor)."""
+        path, dtype, full, offset, nbytes = self._entries[name]
+        size = _element_size(dtype)
+        total = int(torch.Size(full).numel())
+        if start < 0 or count < 0 or start + count > total or \
+                int(torch.Size(shape).numel()) != count:
+            raise SafetensorsError(f"{path}: elements {start}..{start + count} as {shape} are "
+                                   f"not inside {name} {full}")
+        buf = torch.empty(count * size, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset + start * size)
+            got = f.readinto(buf.numpy()) if count else 0
+        if got != count * size:
+            raise SafetensorsError(f"{path}: truncated while reading {name}")
+        return buf.view(dtype).reshape(shape)
+
 
 class StreamingShardWriter:
     """Write one safetensors file whose tensors are known by shape up front, streamed in order."""

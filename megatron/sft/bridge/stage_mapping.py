@@ -2,6 +2,12 @@
 
 Both directions take the tensors through callables/dicts, so the same code runs on real
 tensors and on ``meta`` tensors (the converter's dry run that validates names and shapes).
+
+With expert parallelism a stage has one file per (TP rank, EP rank), as in Megatron-LM: every
+EP rank's file holds the stage's dense tensors (replicated over EP) and its own block of routed
+experts. ``ep_rank`` selects the block; ``dense`` / ``experts`` select what is mapped, so a
+converter builds the dense part once per stage and each EP rank's experts on their own, and an
+export reads the dense tensors from EP rank 0's files and every expert exactly once.
 """
 
 from __future__ import annotations
@@ -19,27 +25,29 @@ TIED_OUTPUT = "output_layer.weight"
 
 
 def _chunk_rules(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
-                 pp_rank: int, chunk: int, ep_rank: int = 0
-                 ) -> Iterator[tuple[WeightRule, str, tuple[str, ...]]]:
+                 pp_rank: int, chunk: int, ep_rank: int = 0, *, dense: bool = True,
+                 experts: bool = True) -> Iterator[tuple[WeightRule, str, tuple[str, ...]]]:
     """Yield ``(rule, megatron_name, hf_names)`` for everything one model chunk holds on
-    expert-parallel rank ``ep_rank``: ``{i}`` and ``{e}`` expanded (see ``rules``)."""
+    expert-parallel rank ``ep_rank``: ``{i}`` and ``{e}`` expanded (see ``rules``); only the
+    routed experts' tensors without ``dense``, none of them without ``experts``."""
     rules = spec.active_rules(shape)
-    if layout.has_embedding(pp_rank, chunk):
+    if dense and layout.has_embedding(pp_rank, chunk):
         for r in rules:
             if r.stage == "first":
                 yield r, r.megatron, r.hf
-    experts = layout.local_experts(shape, ep_rank)
+    local_experts = layout.local_experts(shape, ep_rank)
     for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
         for r in rules:
             if not r.per_layer or not r.applies(shape, layer):
                 continue
             if not r.per_expert:
-                yield r, r.megatron.format(i=local), tuple(h.format(i=layer) for h in r.hf)
+                if dense:
+                    yield r, r.megatron.format(i=local), tuple(h.format(i=layer) for h in r.hf)
                 continue
-            for local_e, e in enumerate(experts):
+            for local_e, e in enumerate(local_experts if experts else ()):
                 yield (r, r.megatron.format(i=local, e=local_e),
                        tuple(h.format(i=layer, e=e) for h in r.hf))
-    if layout.has_output(pp_rank, chunk):
+    if dense and layout.has_output(pp_rank, chunk):
         for r in rules:
             if r.stage == "last":
                 yield r, r.megatron, r.hf
@@ -64,12 +72,14 @@ def required_hf_names(spec: ArchitectureSpec, shape: ModelShape) -> list[str]:
 
 
 def export_plan(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
-                pp_rank: int) -> list[tuple[str, str, str, tuple[int, ...]]]:
+                pp_rank: int, ep_rank: int = 0) -> list[tuple[str, str, str, tuple[int, ...]]]:
     """``(hf_name, chunk_key, megatron_name, hf_shape)`` in the order :func:`stage_to_hf`
-    yields them; planning an export needs no tensor math."""
+    yields them from EP rank ``ep_rank``'s files (the dense tensors come from EP rank 0's);
+    planning an export needs no tensor math."""
     plan = []
     for chunk in range(layout.chunks):
-        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk):
+        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank,
+                                                  dense=ep_rank == 0):
             if mname == TIED_OUTPUT and shape.tie_word_embeddings:
                 continue
             for name, dims in zip(hf_names, rule.hf_shapes(shape)):
@@ -85,14 +95,21 @@ def build_stage(
     pp_rank: int,
     ctx: ShardContext,
     on_tensor: Callable[[str], None] = lambda name: None,
+    ep_rank: int = 0,
+    *,
+    dense: bool = True,
+    experts: bool = True,
 ) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Per TP rank: ``{"model" | "model0".. : state_dict}`` for pipeline stage ``pp_rank``."""
+    """Per TP rank: ``{"model" | "model0".. : state_dict}`` for pipeline stage ``pp_rank`` on
+    expert-parallel rank ``ep_rank`` (``dense`` / ``experts``: which part, see the module
+    docstring)."""
     ranks: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(layout.tp)]
     for chunk in range(layout.chunks):
         key = layout.model_key(chunk)
         for sd in ranks:
             sd[key] = {}
-        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk):
+        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank,
+                                                  dense=dense, experts=experts):
             tensors = tuple(get_hf(h) for h in hf_names)
             try:
                 shards = rule.to_megatron(tensors, ctx)
@@ -113,19 +130,22 @@ def stage_to_hf(
     layout: ParallelLayout,
     pp_rank: int,
     ctx: ShardContext,
+    ep_rank: int = 0,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Inverse of :func:`build_stage`: yield ``(hf_name, tensor)`` for one stage."""
+    """Inverse of :func:`build_stage`: yield ``(hf_name, tensor)`` for one stage from EP rank
+    ``ep_rank``'s files: its routed experts, and the dense tensors when ``ep_rank`` is 0."""
     for chunk in range(layout.chunks):
         key = layout.model_key(chunk)
-        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk):
+        for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank,
+                                                  dense=ep_rank == 0):
             if mname == TIED_OUTPUT and shape.tie_word_embeddings:
                 continue  # the embedding already produced this HF tensor
             try:
                 shards = [sd[key][mname] for sd in rank_states]
             except KeyError:
                 raise KeyError(
-                    f"checkpoint stage pp={pp_rank} ({key}) has no tensor {mname!r}"
-                ) from None
+                    f"checkpoint stage pp={pp_rank} ep={ep_rank} ({key}) has no tensor "
+                    f"{mname!r}") from None
             yield from zip(hf_names, rule.to_hf(shards, ctx))
 
 

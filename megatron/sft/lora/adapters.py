@@ -126,13 +126,27 @@ def _unwrap(model):
     return model
 
 
+def target_module(layer, target: str) -> Optional[torch.nn.Module]:
+    """The base linear ``target`` names in ``layer``; on a Mixture-of-Experts layer the MLP
+    targets are its shared expert's linears (``None`` without one: routed experts get no
+    adapters), as ``lora.split.layer_target_names`` names them."""
+    parent = getattr(layer, PARENT[target])
+    if PARENT[target] == "mlp" and hasattr(parent, "router"):
+        parent = getattr(parent, "shared_experts", None)
+        if parent is None:
+            return None
+    return getattr(parent, target)
+
+
 def iter_targets(chunks: list, targets: tuple[str, ...] = tuple(LORA_TARGETS)
                  ) -> Iterator[tuple[int, str, Any]]:
     """``(global layer number (1-based), target name, base linear)`` over the model chunks."""
     for chunk in chunks:
         for layer in _unwrap(chunk).decoder.layers:
             for name in targets:
-                yield layer.layer_number, name, getattr(getattr(layer, PARENT[name]), name)
+                base = target_module(layer, name)
+                if base is not None:
+                    yield layer.layer_number, name, base
 
 
 def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings) -> "LoRAAdapter":

@@ -63,14 +63,14 @@ class LoRARunReader(CheckpointReader):
     def base_dir(self) -> Path:
         return check_base(self.lora, self.meta, self.iter_dir)
 
-    def stage_states(self, pp_rank: int, merge: bool = True) -> list[dict]:
+    def stage_states(self, pp_rank: int, merge: bool = True, ep_rank: int = 0) -> list[dict]:
         """``merge=False``: the base states as they are (same names, shapes and dtypes as
         merged), for checks that need only the structure; merging costs a matmul per adapted
         weight, which on a 14B model is worth doing once, not twice."""
         base_dir, layout = self.base_dir(), self.layout
         out = []
-        for tp, adapters in enumerate(self.rank_states(pp_rank)):
-            base = load_rank_state(base_dir, layout, tp, pp_rank, verify=self.verify)
+        for tp, adapters in enumerate(self.rank_states(pp_rank, ep_rank)):
+            base = load_rank_state(base_dir, layout, tp, pp_rank, ep_rank, verify=self.verify)
             state = dict(base)
             for chunk in range(layout.chunks if merge else 0):
                 key = layout.model_key(chunk)

@@ -18,7 +18,7 @@ import torch
 from megatron.sft.bridge.checkpoint_io import CheckpointError, check_output_dir, write_staged
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.lora.run_format import LORA_FILE, LoRACheckpointInfo, read_lora_info
-from megatron.sft.lora.split import adapter_to_hf, hf_target_modules, target_names
+from megatron.sft.lora.split import adapter_to_hf, hf_target_modules, layer_target_names
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
 
@@ -30,14 +30,16 @@ def read_run_adapters(run: CheckpointReader, info: LoRACheckpointInfo) -> PeftAd
     """A LoRA run's adapters in the layout-free PEFT form (adapters are small, so all of them at
     once)."""
     layout, shape = run.layout, run.shape
-    names = {t: target_names(run.spec, t) for t in info.settings.targets}
     out: PeftAdapters = {}
     for pp_rank in range(layout.pp):
         states = run.rank_states(pp_rank)
         for chunk in range(layout.chunks):
             key = layout.model_key(chunk)
             for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
-                for target, tn in names.items():
+                for target in info.settings.targets:
+                    tn = layer_target_names(run.spec, shape, layer, target)
+                    if tn is None:  # a MoE layer's MLP without a shared expert
+                        continue
                     prefix = tn.adapter_prefix(local)
                     try:
                         a = [s[key][prefix + "A"] for s in states]
@@ -69,7 +71,7 @@ def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
     check_output_separate(out_dir, "OUT_DIR", {"RUN_DIR": ckpt_dir, "HF_REF_DIR": hf_ref_dir})
     tensors: dict[str, torch.Tensor] = {}
     for (layer, target), modules in read_run_adapters(run, info).items():
-        names = target_names(run.spec, target)
+        names = layer_target_names(run.spec, run.shape, layer, target)
         for module, (ha, hb) in modules.items():
             for part, t in (("A", ha), ("B", hb)):
                 t = t.to(dtype) if dtype is not None else t
@@ -79,7 +81,7 @@ def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info.settings.rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": info.settings.dropout,
-        "target_modules": hf_target_modules(run.spec, info.settings.targets),
+        "target_modules": hf_target_modules(run.spec, info.settings.targets, run.shape),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
         "init_lora_weights": True, "modules_to_save": None,
         "base_model_name_or_path": str(hf_ref_dir) if hf_ref_dir is not None else None,

@@ -52,7 +52,7 @@ from megatron.sft.lora.run_format import (
     check_base,
     write_lora_info,
 )
-from megatron.sft.lora.split import adapter_from_hf, target_names
+from megatron.sft.lora.split import adapter_from_hf, layer_target_names
 from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
@@ -118,14 +118,16 @@ def adapter_stage(run: CheckpointReader, adapters: PeftAdapters, targets: tuple[
     """Per TP rank: ``{"model" | "model0".. : {adapter name: tensor}}`` for pipeline stage
     ``pp_rank`` (stage-local layer numbers, as a LoRA run saves them)."""
     shape: ModelShape = run.shape
-    names = {t: target_names(run.spec, t) for t in targets}
     ranks: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(layout.tp)]
     for chunk in range(layout.chunks):
         key = layout.model_key(chunk)
         for sd in ranks:
             sd[key] = {}
         for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
-            for target, tn in names.items():
+            for target in targets:
+                tn = layer_target_names(run.spec, shape, layer, target)
+                if tn is None:  # a MoE layer's MLP without a shared expert
+                    continue
                 a_shards, b_shards = adapter_from_hf(tn, adapters[(layer, target)], shape,
                                                      layout.tp)
                 prefix = tn.adapter_prefix(local)
@@ -156,9 +158,11 @@ def write_adapter_run(run: LoRARunReader, root: Path, base_iter_dir: Path,
     partial.mkdir(parents=True)
     digests = []
     for pp_rank in range(layout.pp):
-        digests += save_stage(partial, pp_rank, it, meta,
-                              adapter_stage(run, adapters, info.settings.targets, layout,
-                                            pp_rank), extra=run.training_state())
+        for ep_rank in range(layout.ep):  # adapters are never on routed experts: the same
+            digests += save_stage(  # in every expert-parallel rank's file
+                partial, pp_rank, it, meta,
+                adapter_stage(run, adapters, info.settings.targets, layout, pp_rank), ep_rank,
+                extra=run.training_state())
     write_metadata(partial, meta)
     write_checksums(partial, digests)
     write_lora_info(partial, LoRACheckpointInfo(

@@ -19,6 +19,7 @@ so ``B_rank @ A`` is exactly rank ``i``'s rows of the base's fused QKV update.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -59,9 +60,12 @@ class TargetNames:
         return f"base_model.model.{self.layer_prefix.format(i=layer)}{module}.lora_{part}.weight"
 
 
-def target_names(spec: ArchitectureSpec, target: str) -> TargetNames:
-    """The names of ``target`` (a key of ``LORA_TARGETS``) in architecture ``spec``."""
-    megatron = f"{_LAYER}{PARENT[target]}.{target}.weight"
+def target_names(spec: ArchitectureSpec, target: str, shared_expert: bool = False
+                 ) -> TargetNames:
+    """The names of ``target`` (a key of ``LORA_TARGETS``) in architecture ``spec``; with
+    ``shared_expert``, of the MoE shared expert's linear of that name."""
+    parent = "mlp.shared_experts" if shared_expert else PARENT[target]
+    megatron = f"{_LAYER}{parent}.{target}.weight"
     rules = [r for r in spec.rules if r.megatron == megatron]
     if len(rules) != 1:
         raise ValueError(f"table error: {spec.hf_architecture} has {len(rules)} rules for "
@@ -81,10 +85,29 @@ def target_names(spec: ArchitectureSpec, target: str) -> TargetNames:
     return TargetNames(target, rule, prefixes.pop(), tuple(modules))
 
 
-def hf_target_modules(spec: ArchitectureSpec, targets: tuple[str, ...]) -> list[str]:
+def layer_target_names(spec: ArchitectureSpec, shape: ModelShape, layer: int, target: str
+                       ) -> Optional[TargetNames]:
+    """What ``target`` adapts on global layer ``layer``. On a Mixture-of-Experts layer the MLP
+    targets (``linear_fc1``/``linear_fc2``) are its shared expert's linears, and nothing
+    without a shared expert: routed experts get no adapters (``None``)."""
+    if PARENT[target] == "mlp" and shape.flag("moe_layer", layer):
+        if not shape.flag("shared_expert_layer", layer):
+            return None
+        return target_names(spec, target, shared_expert=True)
+    return target_names(spec, target)
+
+
+def hf_target_modules(spec: ArchitectureSpec, targets: tuple[str, ...],
+                      shape: Optional[ModelShape] = None) -> list[str]:
     """PEFT's ``target_modules`` for these targets: the HF module names
-    (``["down_proj", "q_proj", ...]``)."""
-    return sorted({m.split(".")[-1] for t in targets for m in target_names(spec, t).modules})
+    (``["down_proj", "q_proj", ...]``), over every layer of ``shape`` when given (a MoE layer's
+    MLP targets are its shared expert's)."""
+    if shape is None:
+        names = [target_names(spec, t) for t in targets]
+    else:
+        names = [n for t in targets for layer in range(shape.num_layers)
+                 if (n := layer_target_names(spec, shape, layer, t)) is not None]
+    return sorted({m.split(".")[-1] for n in names for m in n.modules})
 
 
 def _ctx(shape: ModelShape, tp: int) -> ShardContext:

@@ -11,7 +11,22 @@ from megatron.sft.quickstart.task import is_correct
 def generation_accuracy(model_dir: "str | Path", tokenizer_dir: "str | Path",
                         heldout: list[tuple[str, str]], max_new_tokens: int = 24
                         ) -> tuple[float, list[tuple[str, str, str]]]:
-    """Returns ``(accuracy, examples)`` with examples ``(prompt, expected, generated)``."""
+    """Returns ``(accuracy, examples)`` with examples ``(prompt, expected, generated)``.
+
+    Generates on one CPU thread: a tiny model's ops are too small to gain from more, and with
+    more they wait on each other (transformers' MoE experts are many tiny GEMMs; on a busy
+    2-core machine its forward took 6x longer on 2 threads than on 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _generation_accuracy(model_dir, tokenizer_dir, heldout, max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generation_accuracy(model_dir, tokenizer_dir, heldout, max_new_tokens):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

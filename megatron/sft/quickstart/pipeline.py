@@ -4,6 +4,7 @@ tokenizer (BPE trained here, ChatML template) -> tiny Qwen2 HF model -> syntheti
 data with held-out prompts -> accuracy before SFT -> convert to Megatron TP=2 -> logits parity
 -> pre-tokenize -> SFT on 2 gloo ranks -> export to HF -> logits parity of the export ->
 accuracy after SFT -> loss-curve PNG. Each stage is timed; the summary says what happened.
+With ``moe`` the model is a tiny Qwen3-MoE (8 experts, top-2) split EP=2 over the 2 ranks.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ class DemoConfig:
     lora_rank: int = 0
     lora_train_iters: int = 200
     lora_lr: float = 3e-3
+    #: a Mixture-of-Experts model instead: Qwen3-MoE-shaped (8 experts, top-2, expert FFN
+    #: ``hidden_size``), its experts split over the ranks (EP = TP size, TP 1)
+    moe: bool = False
+    num_experts: int = 8
+
+
+#: what the demo's model is, dense or MoE: (architecture, extra config, what to call it)
+_MODELS = {
+    False: ("Qwen2ForCausalLM", lambda c: dict(intermediate_size=3 * c.hidden_size),
+            "Qwen2-shaped"),
+    True: ("Qwen3MoeForCausalLM", lambda c: dict(
+        intermediate_size=3 * c.hidden_size, moe_intermediate_size=c.hidden_size,
+        num_experts=c.num_experts, num_experts_per_tok=2, norm_topk_prob=True,
+        head_dim=c.hidden_size // 4, tie_word_embeddings=False), "Qwen3-MoE-shaped"),
+}
 
 
 class StageFailed(RuntimeError):
@@ -88,8 +104,18 @@ class Demo:
             shutil.rmtree(self.w)
         (self.w / "logs").mkdir(parents=True)
         tp = c.tensor_model_parallel_size
-        paths = dict(tokenizer=self.w / "tokenizer", hf=self.w / "hf_tiny_qwen2",
-                     data=self.w / "data" / "repeat.jsonl", ckpt=self.w / f"megatron_TP{tp}PP1",
+        arch, arch_config, arch_name = _MODELS[c.moe]
+        # The ranks split the experts when there are any, else the layers' heads and FFN.
+        from megatron.sft.runtime.layout import ParallelLayout
+
+        layout = ParallelLayout(1, 1, ep=tp) if c.moe else ParallelLayout(tp, 1)
+        split = layout.describe().replace(" ", "").replace("PP1", "")
+        parallel = (["--expert-model-parallel-size", str(tp)] if c.moe
+                    else ["--tensor-model-parallel-size", str(tp)])
+        paths = dict(tokenizer=self.w / "tokenizer",
+                     hf=self.w / ("hf_tiny_qwen3_moe" if c.moe else "hf_tiny_qwen2"),
+                     data=self.w / "data" / "repeat.jsonl",
+                     ckpt=self.w / ("megatron_TP1PP1EP%d" % tp if c.moe else f"megatron_TP{tp}PP1"),
                      run=self.w / "sft_run", export=self.w / "export_hf",
                      log=self.w / "train_log.jsonl", png=self.w / "loss_curve.png")
         self.results["paths"] = {k: str(v) for k, v in paths.items()}
@@ -108,13 +134,15 @@ class Demo:
         def model():
             from megatron.sft.bridge.random_hf_model import make_random_hf_model
 
-            make_random_hf_model("Qwen2ForCausalLM", paths["hf"], seed=c.task.seed, overrides=dict(
-                vocab_size=self.vocab, hidden_size=c.hidden_size,
-                intermediate_size=3 * c.hidden_size, num_hidden_layers=c.num_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+            make_random_hf_model(arch, paths["hf"], seed=c.task.seed, overrides=dict(
+                vocab_size=self.vocab, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                **arch_config(c)))
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(paths["tokenizer"] / name, paths["hf"] / name)
-            return f"Qwen2-shaped, {c.num_layers} layers, hidden {c.hidden_size}, random weights"
+            experts = f", {c.num_experts} experts (top-2)" if c.moe else ""
+            return (f"{arch_name}, {c.num_layers} layers, hidden {c.hidden_size}{experts}, "
+                    "random weights")
 
         def data():
             paths["data"].parent.mkdir(parents=True)
@@ -134,11 +162,10 @@ class Demo:
 
         def convert():
             from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-            from megatron.sft.runtime.layout import ParallelLayout
 
             meta = convert_hf_to_megatron(paths["hf"], paths["ckpt"], ConvertOptions(
-                layout=ParallelLayout(tp, 1), progress=False))
-            return f"TP{tp}: vocab padded {self.vocab} -> {meta.padded_vocab_size}"
+                layout=layout, progress=False))
+            return f"{split}: vocab padded {self.vocab} -> {meta.padded_vocab_size}"
 
         def parity(ckpt: Path, hf: Path, tag: str):
             def run():
@@ -173,7 +200,7 @@ class Demo:
                     "--global-batch-size", str(c.global_batch_size), "--train-iters", str(iters),
                     "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-decay-style", "cosine",
                     "--lr-warmup-iters", str(max(1, iters // 20)),
-                    "--tensor-model-parallel-size", str(tp), "--attention-backend", "sdpa",
+                    *parallel, "--attention-backend", "sdpa",
                     "--eval-interval", str(c.eval_interval),
                     "--eval-iters", "2", "--log-interval", str(c.log_interval),
                     "--log-json", str(log_json), "--no-progress", *extra]
@@ -188,7 +215,7 @@ class Demo:
                          if "packing efficiency" in line), "")
             eff = rows.split("packing efficiency ")[-1].split(")")[0] if rows else "?"
             self.results["packing_efficiency"] = eff
-            return (f"{c.train_iters} iterations, TP{tp} on {tp} gloo ranks, packing efficiency "
+            return (f"{c.train_iters} iterations, {split} on {tp} gloo ranks, packing efficiency "
                     f"{eff}; loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
 
         def export(run: Path, out: Path):
@@ -247,7 +274,8 @@ class Demo:
             env = dict(os.environ, PYTHONPATH=str(REPO))
             subprocess.run([sys.executable, str(REPO / "tools" / "plot_training_log.py"),
                             str(paths["log"]), str(paths["png"]), "--title",
-                            "Megatron-SFT demo: tiny Qwen2 learns 'Repeat:'"],
+                            f"Megatron-SFT demo: tiny {arch_name.split('-shaped')[0]} learns "
+                            "'Repeat:'"],
                            check=True, env=env, capture_output=True)
             return str(paths["png"])
 

@@ -16,8 +16,21 @@ which is how this project tests the engine in CI.
     aliased to the CPU generator, including megatron-core's private
     ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``.
 
-(d) ``sequence_parallel`` must stay off on CPU (torch norms do not support it); the model config
-builder enforces that, not this module.
+(d) megatron-core's MoE ``alltoall`` token dispatcher turns its split sizes into numpy arrays
+    through ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, but only for tensors that
+    ``is_cuda``; under this mode they stay torch tensors, which gloo's ``all_to_all_single``
+    rejects ("incompatible function arguments"). The patched helper converts CPU tensors too
+    when ``as_numpy=True`` (:func:`_numpy_split_sizes_on_cpu`).
+
+(e) gloo's ``all_gather`` and ``reduce_scatter`` take equal-sized tensors only, while the
+    ``alltoall`` dispatcher with expert tensor parallelism and sequence parallelism gathers and
+    reduce-scatters *uneven* token counts over the TP ranks (``output_split_sizes`` of
+    ``tensor_parallel.mappings._gather_along_first_dim``; NCCL handles those). The patched
+    helpers pad to the largest part and gather, or all-reduce and keep this rank's part: the
+    same numbers (:func:`_uneven_collectives_on_gloo`).
+
+Sequence parallelism with megatron-core's local (torch) norms needs a norm that accepts it:
+``megatron.sft.runtime.block_spec`` substitutes one, for CPU and GPU alike.
 
 Example::
 
@@ -175,6 +188,64 @@ def _alias_megatron_rng() -> None:
     )
 
 
+def _numpy_split_sizes_on_cpu() -> None:
+    """See (d) in the module docstring. ``token_dispatcher`` imported the helper by name, so its
+    module global is replaced too."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_sft_cpu_mode", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._sft_cpu_mode = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _uneven_collectives_on_gloo() -> None:
+    """See (e) in the module docstring. Even sizes keep megatron-core's own path."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, \
+        mappings._reduce_scatter_along_first_dim
+    if getattr(gather, "_sft_cpu_mode", False):
+        return
+
+    def _even(sizes, group) -> bool:
+        return sizes is None or group.size() == 1 or len(set(int(n) for n in sizes)) == 1
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None,
+                                use_global_buffer=False):
+        if _even(output_split_sizes, group):
+            return gather(input_, group, None, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        width = max(sizes)
+        padded = input_.new_zeros((width,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        out = gather(padded, group, None, False)
+        return torch.cat([out[i * width: i * width + n] for i, n in enumerate(sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                        use_global_buffer=False):
+        if _even(input_split_sizes, group):
+            return reduce_scatter(input_, group, None, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start: start + sizes[group.rank()]].contiguous()
+
+    _gather_along_first_dim._sft_cpu_mode = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
 def cpu_mode_active() -> bool:
     return _ACTIVE_MODE is not None
 
@@ -192,6 +263,8 @@ def enable_cpu_mode(force: bool = False) -> bool:
         return False
     _stub_torch_cuda()
     _alias_megatron_rng()
+    _numpy_split_sizes_on_cpu()
+    _uneven_collectives_on_gloo()
     mode = _CudaToCpuMode()
     mode.__enter__()
     _ACTIVE_MODE = mode

@@ -18,6 +18,7 @@ import torch
 
 from megatron.sft.runtime.cpu_mode import enable_cpu_mode
 from megatron.sft.runtime.layout import ParallelLayout
+from megatron.sft.runtime.mcore_compat import apply_megatron_core_fixes
 from megatron.sft.runtime.parallel_dims import (
     ParallelDims,
     parallel_dims_or_none,
@@ -80,6 +81,7 @@ def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234,
     layout.validate(world_size=world)
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     cpu = not use_cuda and enable_cpu_mode()
+    apply_megatron_core_fixes()
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     import torch.distributed as dist

@@ -1,6 +1,6 @@
 """How the transformer layers are implemented: the one place that knows.
 
-Two independent choices make a :class:`LayerImpl`:
+Independent choices make a :class:`LayerImpl`:
 
 - ``linear``: ``"te"`` (Transformer Engine modules, each pre-norm fused into the following
   linear) or ``"local"`` (megatron-core's own torch modules, separate norms). Chosen with
@@ -8,6 +8,9 @@ Two independent choices make a :class:`LayerImpl`:
 - ``attention``: the name of a core-attention backend registered in
   :mod:`megatron.sft.runtime.attention` (``--attention-backend te|varlen|flex|sdpa|dense|auto``);
   :attr:`LayerImpl.backend` is its :class:`~megatron.sft.runtime.attention.AttentionBackendSpec`.
+- ``experts``: how a Mixture-of-Experts layer computes its routed experts
+  (``--moe-experts-impl``, :mod:`megatron.sft.runtime.experts`): ``grouped_mm``,
+  ``sequential`` or ``te``; unused by dense models.
 
 Everything downstream reads the object instead of comparing strings: the layer spec
 (:meth:`LayerImpl.layer_spec`), the ``TransformerConfig`` fusion flags
@@ -31,6 +34,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from megatron.sft.runtime import experts as E
 from megatron.sft.runtime.attention import (  # noqa: F401  AttentionInputs: re-exported
     AttentionBackendSpec,
     AttentionInputs,
@@ -75,11 +79,22 @@ def _rename(name: str, pairs) -> str:
     return name
 
 
+def _fuses_pre_mlp_norm(name: str, state: dict[str, Any]) -> bool:
+    """Whether TE would fuse this local ``pre_mlp_layernorm`` into ``linear_fc1``: only in a
+    layer with a dense MLP. A MoE layer keeps its own norm module under both specs, so its
+    checkpoint name is ``pre_mlp_layernorm.weight`` too."""
+    if ".pre_mlp_layernorm." not in name:
+        return True
+    return name.split(".pre_mlp_layernorm.")[0] + ".mlp.linear_fc1.weight" in state
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerImpl:
     linear: LinearImpl
     #: a registered attention backend's name
     attention: str
+    #: routed experts of MoE layers: ``grouped_mm``, ``sequential`` or ``te``
+    experts: str = "sequential"
 
     @property
     def backend(self) -> AttentionBackendSpec:
@@ -93,6 +108,9 @@ class LayerImpl:
         ``MegatronSettings.layer_spec``: ``num_experts``, ``moe_grouped_gemm``, ...)."""
         from megatron.core.models.gpt import gpt_layer_specs as specs
 
+        moe = spec_args.get("num_experts") is not None
+        if moe:
+            spec_args = dict(spec_args, moe_grouped_gemm=self.experts == "te")
         if self.linear == "te":
             spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm,
                                                                     **spec_args)
@@ -102,6 +120,10 @@ class LayerImpl:
         core = self.backend.core_attention(self.linear, sliding_window)
         if core is not None:  # else the spec's own (TEDotProductAttention / DotProductAttention)
             spec.submodules.self_attention.submodules.core_attention = core
+        if moe and self.experts == "grouped_mm":
+            from megatron.sft.runtime.grouped_mm_experts import GroupedMMExperts
+
+            spec.submodules.mlp.submodules.experts.module = GroupedMMExperts
         return spec
 
     def config_overrides(self, *, cpu: bool, sliding_window: Optional[int]) -> dict[str, Any]:
@@ -130,6 +152,8 @@ class LayerImpl:
         ...     {"decoder.layers.0.mlp.linear_fc1.layer_norm_weight": 1})
         {'decoder.layers.0.pre_mlp_layernorm.weight': 1}
         """
+        if self.experts == "te":
+            state = E.te_expert_renames(state, to_checkpoint=False)
         if self.linear == "te":
             return dict(state)
         return {_rename(k, _LOCAL_RENAMES): v for k, v in state.items()}
@@ -138,10 +162,13 @@ class LayerImpl:
         """Inverse of :meth:`checkpoint_to_model`; drops empty ``_extra_state`` entries."""
         state = {k: v for k, v in state.items()
                  if not (k.endswith("._extra_state") and v is None)}
+        if self.experts == "te":
+            state = E.te_expert_renames(state, to_checkpoint=True)
         if self.linear == "te":
             return state
         inverse = tuple((dst, src) for src, dst in _LOCAL_RENAMES)
-        return {_rename(k, inverse): v for k, v in state.items()}
+        return {(_rename(k, inverse) if _fuses_pre_mlp_norm(k, state) else k): v
+                for k, v in state.items()}
 
     def describe(self) -> str:
         linear = "Transformer Engine" if self.linear == "te" else "megatron-core local"
@@ -150,8 +177,10 @@ class LayerImpl:
 
 # ---------------------------------------------------------------------------- the factory
 def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = "auto",
-                       device_type: Optional[str] = None) -> LayerImpl:
-    """Flag values -> :class:`LayerImpl`.
+                       device_type: Optional[str] = None, moe_experts: str = "sequential",
+                       dtype: torch.dtype = torch.float32) -> LayerImpl:
+    """Flag values -> :class:`LayerImpl` (``moe_experts``: ``--moe-experts-impl``, resolved by
+    :func:`megatron.sft.runtime.experts.resolve_experts_impl` for ``dtype``).
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =
     the first registered backend by ``auto_rank`` that runs here: ``te`` with TE layers, else
@@ -159,7 +188,7 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
     that cannot run is an error naming the alternative, never a silent fallback.
 
     >>> resolve_layer_impl("local", "auto", "cpu")
-    LayerImpl(linear='local', attention='sdpa')
+    LayerImpl(linear='local', attention='sdpa', experts='sequential')
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,4 +218,8 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
         reason = spec.check(linear, device_type)
         if reason is not None:
             raise LayerImplError(reason)
-    return LayerImpl(linear, spec.name)
+    try:
+        experts = E.resolve_experts_impl(moe_experts, linear, device_type, dtype)
+    except E.ExpertsImplError as e:
+        raise LayerImplError(str(e)) from None
+    return LayerImpl(linear, spec.name, experts)

@@ -118,6 +118,14 @@ class ParallelLayout:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
 
+    def min_world_size(self) -> int:
+        """The fewest ranks that run this layout: a multiple of TP x PP x CP (the dense grid)
+        and of ETP x EP x PP (experts, carved out of data parallelism). TP2 x EP2 -> 4,
+        TP1 x EP2 -> 2, TP2 x PP2 -> 4."""
+        import math
+
+        return math.lcm(self.model_parallel_size, self.expert_tp * self.ep * self.pp)
+
     def describe(self) -> str:
         """``TP2 PP1``, ``TP1 PP2 VPP2``, ``TP2 PP1 CP2 EP4``: how messages name a layout."""
         text = f"TP{self.tp} PP{self.pp}" + (f" VPP{self.vpp}" if self.vpp else "")
@@ -199,6 +207,7 @@ class ParallelLayout:
                            f"{s.size('pp', self.pp)}; launch a multiple of {experts} processes")
         if self.vpp is not None and self.vpp > 1 and self.pp < 2:
             out.append(s.vpp_needs_pp)
+
         layers = shape.num_layers if shape is not None else num_layers
         stages = self.pp * self.chunks
         if layers is not None and layers % stages:
@@ -246,6 +255,18 @@ class ParallelLayout:
         raise LayoutError("cannot shard this model: " + "; ".join(problems)
                           + f". Valid TP sizes: {valid_tp_sizes(shape)}; valid PP (x VPP) "
                             f"sizes: {[d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]}")
+
+    def check_files(self, spelling: Spelling = SHORT) -> None:
+        """What our checkpoint files can hold, beyond what megatron-core can run: one file per
+        (TP, PP, EP) rank holds that TP rank's shard of the dense weights *and* of its experts,
+        so the experts must be split over TP like the rest. With another expert TP size the
+        ranks of one (TP, PP, EP) coordinate would hold different expert shards (or a needed
+        coordinate no rank at all)."""
+        if self.etp is not None and self.etp != self.tp:
+            raise LayoutError(
+                f"{spelling.size('etp', self.etp)} with {spelling.size('tp', self.tp)}: checkpoint "
+                "files are per (TP, PP, EP) rank, so the experts are split over TP like the "
+                f"other weights; use {spelling.size('etp', self.tp)} or leave it unset")
 
     @staticmethod
     def _qkv_rows(shape: ShapeLike) -> int:

@@ -32,6 +32,8 @@ class ParallelDims:
     dp_size: int
     cp_rank: int = 0
     ep_rank: int = 0
+    #: rank among the ranks holding the same experts (world / (ETP x EP x PP) of them)
+    expert_dp_rank: int = 0
 
     @classmethod
     def from_parallel_state(cls, layout: ParallelLayout) -> "ParallelDims":
@@ -44,13 +46,18 @@ class ParallelDims:
                    dp_rank=ps.get_data_parallel_rank(),
                    dp_size=ps.get_data_parallel_world_size(),
                    cp_rank=ps.get_context_parallel_rank(),
-                   ep_rank=ps.get_expert_model_parallel_rank())
+                   ep_rank=ps.get_expert_model_parallel_rank(),
+                   expert_dp_rank=ps.get_expert_data_parallel_rank())
 
     # ------------------------------------------------------------------ roles
     @property
     def writes_rank_file(self) -> bool:
         """Exactly one rank writes each (tp, pp[, ep]) file: weights are replicated over DP and
-        CP, so their rank 0 does."""
+        CP, so their rank 0 does; with expert parallelism a file holds one EP rank's experts
+        too, which are replicated over the expert-data-parallel ranks (DP x CP / EP), so their
+        rank 0 does (with expert TP = TP there is one such rank per (tp, pp, ep))."""
+        if self.layout.ep > 1:
+            return self.expert_dp_rank == 0
         return self.dp_rank == 0 and self.cp_rank == 0
 
     @property
@@ -80,6 +87,18 @@ class ParallelDims:
 
         return [ps.get_data_parallel_group(with_context_parallel=True),
                 ps.get_pipeline_model_parallel_group()]
+
+    def routing_groups(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Groups that per-layer MoE routing metrics are reduced over: ``pp`` (each layer lives
+        on one stage), ``split`` (the ranks that split one micro-batch's tokens: CP, and TP
+        under sequence parallelism), ``tp_cp`` (megatron-core's router reduce group) and
+        ``dp`` (data-parallel replicas, without CP, which is in ``split``)."""
+        from megatron.core import parallel_state as ps
+
+        tp_cp = ps.get_tensor_and_context_parallel_group()
+        return {"pp": ps.get_pipeline_model_parallel_group(), "tp_cp": tp_cp,
+                "split": tp_cp if sequence_parallel else ps.get_context_parallel_group(),
+                "dp": ps.get_data_parallel_group()}
 
     # ------------------------------------------------------------------ data
     def microbatch_rows(self, iteration: int, global_batch: int, micro_batch: int

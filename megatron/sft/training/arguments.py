@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from megatron.sft.lora.settings import LoRASettings
 from megatron.sft.runtime.attention import attention_backend_choices, attention_backend_help
+from megatron.sft.runtime.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
 from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
 from megatron.sft.runtime.layout import FLAGS, ParallelLayout
 
@@ -127,6 +128,23 @@ class TrainConfig:
     #: choices and help come from the backend registry in megatron/sft/runtime/attention.py
     attention_backend: str = _field("auto", attention_backend_help,
                                     choices=attention_backend_choices)
+    # --- Mixture-of-Experts (megatron/sft/training/moe.py); ignored by dense models
+    expert_model_parallel_size: int = _field(1, "EP: split each MoE layer's routed experts over "
+                                                "this many ranks (carved out of data "
+                                                "parallelism; must divide the experts)")
+    expert_tensor_parallel_size: Optional[int] = _field(
+        None, "TP inside each expert (default and only supported value: the TP size, which "
+              "checkpoint files are split by)")
+    moe_token_dispatcher_type: Optional[Literal["alltoall", "allgather"]] = _field(
+        None, "how tokens reach their experts' ranks (default: alltoall with EP > 1, else "
+              "allgather)")
+    moe_aux_loss_coeff: Optional[float] = _field(
+        None, "load-balancing loss coefficient (default: the HF config's router_aux_loss_coef; "
+              "megatron-core's loss is per layer and summed over layers, see README)")
+    moe_z_loss_coeff: Optional[float] = _field(None, "router z-loss coefficient (default: off)")
+    moe_expert_capacity_factor: Optional[float] = _field(
+        None, "drop tokens beyond this factor of each expert's even share (default: dropless)")
+    moe_experts_impl: str = _field("auto", MOE_EXPERTS_HELP, choices=MOE_EXPERTS_IMPLS)
     # --- LoRA adapters (megatron/sft/lora/)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
                                "full fine-tuning); either --transformer-impl, no "
@@ -156,12 +174,15 @@ class TrainConfig:
         ``--num-layers-per-virtual-pipeline-stage`` into chunks per pipeline rank)."""
         return ParallelLayout.from_flags(
             self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-            self.num_layers_per_virtual_pipeline_stage, num_layers, spelling=FLAGS)
+            self.num_layers_per_virtual_pipeline_stage, num_layers,
+            ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
+            spelling=FLAGS)
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
         layout = self.parallel_layout(num_layers)
         layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS)
+        layout.check_files(FLAGS)
         dp = layout.data_parallel_size(world_size)
         self._check_counts(dp)
         if self.global_batch_size % (self.micro_batch_size * dp):

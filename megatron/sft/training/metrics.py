@@ -13,13 +13,16 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def _mlp_weights_per_token(shape: ModelShape, layer: int) -> float:
     """Multiply-adds of one layer's MLP for one token: SwiGLU's three matrices; on a MoE layer
-    only what a token activates: its top-k routed experts, the shared expert and the router."""
+    only what a token activates: its top-k routed experts, the router, the shared expert and
+    its one-output gate."""
     h, moe = shape.hidden_size, shape.moe
     if moe is None or not moe.is_moe_layer(layer):
         return 3.0 * h * shape.ffn_hidden_size
     active = moe.top_k * 3.0 * h * moe.ffn_hidden_size + h * moe.num_experts
     if moe.shared_expert_ffn_hidden_size:
         active += 3.0 * h * moe.shared_expert_ffn_hidden_size
+        if moe.shared_expert_gate:
+            active += h
     return active
 
 

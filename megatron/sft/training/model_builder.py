@@ -17,6 +17,7 @@ from megatron.sft.bridge.checkpoint_io import (
     read_metadata,
 )
 from megatron.sft.runtime.collective import on_every_rank
+from megatron.sft.runtime.block_spec import decoder_block_spec
 from megatron.sft.runtime.cpu_mode import cpu_mode_active
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.layout import LayoutError
@@ -43,15 +44,26 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     dims = parallel_dims()
     dtype = params_dtype or getattr(torch, meta.params_dtype)
     settings = spec.megatron_settings(meta.hf_config)
+    if shape.moe is not None:  # alltoall moves only the routed tokens; allgather all of them
+        config_overrides.setdefault("moe_token_dispatcher_type",
+                                    "alltoall" if dims.layout.ep > 1 else "allgather")
     config = transformer_config(
         shape, dims.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
         architecture_overrides=settings.transformer, **config_overrides)
-    layer_spec = impl.layer_spec(shape.qk_layernorm, shape.sliding_window, **settings.layer_spec)
+    per_layer = shape.moe is not None or config.sequence_parallel
+    layer_spec = None if per_layer else impl.layer_spec(shape.qk_layernorm, shape.sliding_window,
+                                                        **settings.layer_spec)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
     vpp = dims.layout.vpp
     chunks = []
     for chunk in range(dims.layout.chunks):
         pre_process, post_process = dims.stage_flags(chunk)
+        if per_layer:  # dense and MoE layers by global index; norms that allow SP
+            layers = dims.layout.chunk_layers(shape, dims.pp_rank, chunk)
+            layer_spec = decoder_block_spec(
+                impl, qk_layernorm=shape.qk_layernorm, sliding_window=shape.sliding_window,
+                moe_layers=[shape.moe is not None and shape.moe.is_moe_layer(i) for i in layers],
+                spec_args=dict(settings.layer_spec), sequence_parallel=config.sequence_parallel)
         model = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec,

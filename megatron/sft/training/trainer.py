@@ -36,6 +36,8 @@ from megatron.sft.training import lora
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
+from megatron.sft.training import moe
+from megatron.sft.training.moe_metrics import MoEMetrics, console_summary, moe_metrics_for
 from megatron.sft.training.resume import data_identity, plan_resume
 from megatron.sft.training.run_guard import (
     acquire_run_lock,
@@ -84,6 +86,7 @@ class Trainer:
     resume: Any                         # what the --load checkpoint resumes (None: a fresh start)
     plan: Any                           # ResumePlan: data position, schedule decision, notes
     data_identity: dict[str, Any]       # which data the data position points into
+    moe_metrics: Optional[MoEMetrics]  # per-layer aux loss / load imbalance (MoE models)
     # --- counters
     train_iters: int                    # computed once, from --train-iters or --train-epochs
     iteration: int
@@ -105,6 +108,7 @@ class Trainer:
         self.meta = read_metadata(iteration_dir(Path(cfg.load)))
         _, self.shape = shape_of(self.meta.hf_config)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
+        moe.check_moe_run(cfg, self.shape)
         self.info = initialize_distributed(cfg.parallel_layout(self.shape.num_layers),
                                            seed=cfg.seed)
         self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
@@ -115,8 +119,10 @@ class Trainer:
             self.log = lambda message: None
         check_save_directory(cfg)  # never replace or prune an iteration training did not write
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
-                                       self.info.device.type)
-        self.log(f"layers: {self.impl.describe()}")
+                                       self.info.device.type, cfg.moe_experts_impl,
+                                       torch.bfloat16 if cfg.bf16 else torch.float32)
+        self.log(f"layers: {self.impl.describe()}"
+                 + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         lora.check_load(cfg)  # a LoRA run is loaded as one, with its adapters' shape
         self.resume = None if cfg.finetune else peek_resume(cfg)
         self._build_data()
@@ -190,7 +196,8 @@ class Trainer:
 
         cfg = self.cfg
         overrides: dict[str, Any] = dict(calculate_per_token_loss=True,
-                                         sequence_parallel=cfg.sequence_parallel)
+                                         sequence_parallel=cfg.sequence_parallel,
+                                         **moe.moe_config_overrides(cfg, self.shape))
         if cfg.recompute_granularity:
             overrides.update(recompute_granularity=cfg.recompute_granularity)
             if cfg.recompute_granularity == "full":
@@ -207,6 +214,7 @@ class Trainer:
         else:  # setup refused a LoRA run without --lora-rank
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
+        self.moe_metrics = moe_metrics_for(chunks, self.shape, self.dims, tcfg)
         # Data-parallel communication overlaps compute by default when there is any: gradients
         # are reduced bucket by bucket during the backward pass, and with the distributed
         # optimizer the updated parameters are gathered bucket by bucket during the next forward.
@@ -272,10 +280,13 @@ class Trainer:
         batch = next(data_iterator)
         tokens, positions, labels = batch["tokens"], batch["position_ids"], batch["labels"]
         attention = batch["attention"]
+        # MoE: the routing padding mask (megatron-core's padding_mask), {} for dense models
+        extra = moe.routing_inputs(batch, self.shape, model, attention.flatten_rows,
+                                   self.tconfig.sequence_parallel)
         if attention.flatten_rows:  # [b, s] -> [1, b*s]: one THD sequence
             tokens, positions = tokens.reshape(1, -1), positions.reshape(1, -1)
         output = model(tokens, positions, attention_mask=attention.attention_mask,
-                       packed_seq_params=attention.packed_seq_params)
+                       packed_seq_params=attention.packed_seq_params, **extra)
         vocab = self.shape.vocab_size
 
         def loss_func(output_tensor):
@@ -416,6 +427,8 @@ class Trainer:
                           "tokens_per_s": cfg.global_batch_size * cfg.seq_length / step.seconds,
                           "skipped": step.skipped}
                 record.update(self._device_metrics(step, step_rows))
+                if self.moe_metrics is not None:
+                    record.update(self.moe_metrics.collect(len(self._rows(step_rows))))
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                     with self._parameters_in_sync():
                         record.update(self.evaluate() or {})
@@ -491,4 +504,6 @@ class Trainer:
             parts.append(f"mem {record['max_memory_gib']:.1f} GiB")
         if "valid_loss" in record:
             parts.append(f"valid_loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f}")
+        if (routing := console_summary(record)) is not None:  # MoE: per-layer aux / imbalance
+            parts.append(routing)
         self.log(" | ".join(parts))

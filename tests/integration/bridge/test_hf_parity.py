@@ -13,8 +13,9 @@ from megatron.sft.bridge.reshard import reshard_checkpoint
 
 WORKER = Path(__file__).with_name("parity_worker.py")
 ATOL = 1e-4
-#: Mixture-of-Experts families get their own launch (over expert-parallel layouts too).
-DENSE = [a for a in ARCHITECTURES if getattr(get_architecture(a), "moe", None) is None]
+#: Mixture-of-Experts families have their own launch, over expert-parallel layouts too
+#: (tests/integration/moe/test_moe_parity.py): one per layout here would cost a launch each.
+DENSE = [a for a in ARCHITECTURES if get_architecture(a).moe is None]
 
 LAYOUTS = {
     "TP1PP1": ParallelLayout(1, 1),

@@ -77,7 +77,9 @@ def test_rope_spellings_agree():
 
 def test_architecture_flags():
     assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM",
-                                         "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+                                         "MixtralForCausalLM", "Qwen2ForCausalLM",
+                                         "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+                                         "Qwen3MoeForCausalLM"]
     cfg = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                vocab_size=10)
     assert get_architecture("Qwen2ForCausalLM").shape(cfg).qkv_bias

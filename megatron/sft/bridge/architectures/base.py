@@ -7,6 +7,7 @@ import fnmatch
 import sys
 from typing import Any, Callable, Mapping, Optional
 
+from megatron.sft.bridge.expert_layout import FusedExpertLayout
 from megatron.sft.bridge.model_shape import MoEShape, ModelShape, shape_from_hf_config
 from megatron.sft.bridge.rules import WeightRule
 
@@ -66,7 +67,11 @@ class ArchitectureSpec:
        parameters (checked by a unit test).
     4b. **Experts.** ``moe(hf_config) -> MoEShape | None`` reads the experts block from the
        config (``ModelShape.moe``); per-expert weight rules use ``{e}`` beside ``{i}``, and
-       ``when="moe_layer"`` / ``"dense_layer"`` picks which layers a rule maps.
+       ``when="moe_layer"`` / ``"dense_layer"`` picks which layers a rule maps. The shared
+       pieces are in ``_moe.py`` (``MoEConfigKeys``, ``moe_rules``, ``moe_settings``): a MoE
+       family is its dense family's rules plus those (see ``qwen3_moe.py``). Rules name the
+       experts as ``save_pretrained`` writes them (one tensor per expert); ``fused_experts``
+       declares the fused 3-D form (``bridge.expert_layout``), which conversion also accepts.
     5. **Tests pick it up by themselves.** ``tests/sft_testing.ARCHITECTURES`` is
        ``supported_architectures()``, so the table-coverage test
        (``tests/unit/bridge/test_tables_vs_transformers.py``), the lossless TP2xPP2 round trip
@@ -104,6 +109,9 @@ class ArchitectureSpec:
     #: ``hf_config -> MoEShape | None``: the experts block, for Mixture-of-Experts families
     moe: Optional[Callable[[dict[str, Any]], Optional[MoEShape]]] = \
         dataclasses.field(default=None, hash=False)
+    #: the fused form of the routed experts (``[E, rows, cols]`` tensors) that checkpoints may
+    #: hold instead of the per-expert tensors the rules name
+    fused_experts: Optional[FusedExpertLayout] = None
 
     def shape(self, hf_config: dict[str, Any]) -> ModelShape:
         return shape_from_hf_config(

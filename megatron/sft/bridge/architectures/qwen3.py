@@ -7,16 +7,18 @@ from megatron.sft.bridge.rules import Replicated
 _L = "decoder.layers.{i}."
 _H = "model.layers.{i}."
 
+#: the dense decoder plus q/k norms (also Qwen3-MoE's attention)
+QWEN3_RULES = DENSE_DECODER_RULES + (
+    Replicated(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",),
+               (("head_dim",),)),
+    Replicated(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",),
+               (("head_dim",),)),
+)
+
 QWEN3 = register(ArchitectureSpec(
     hf_architecture="Qwen3ForCausalLM",
     hf_config_class="Qwen3Config",
-    rules=DENSE_DECODER_RULES
-    + (
-        Replicated(_L + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",),
-                   (("head_dim",),)),
-        Replicated(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",),
-                   (("head_dim",),)),
-    ),
+    rules=QWEN3_RULES,
     qkv_bias="attention_bias",
     qk_layernorm=True,
     # q/k norms, an explicit head_dim (24) that differs from hidden/heads (16).

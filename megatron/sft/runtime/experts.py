@@ -1,0 +1,150 @@
+"""How routed experts are computed (``--moe-experts-impl``), and a fast implementation that
+needs neither Transformer Engine nor the ``grouped_gemm`` package.
+
+megatron-core 0.16 offers three expert modules: ``TEGroupedMLP`` (Transformer Engine's grouped
+GEMM), ``GroupedMLP`` (the CUDA ``grouped_gemm`` package) and ``SequentialMLP``, a Python loop
+with one small matmul per expert and projection, the only one without extra packages. PyTorch
+itself now has a grouped GEMM, ``torch.nn.functional.grouped_mm`` (``torch._grouped_mm`` in
+older releases; CPU fp32/bf16 as well as CUDA), so:
+
+===========  ==============================================================================
+choice       experts module
+===========  ==============================================================================
+grouped_mm   ``GroupedMMExperts``: ``SequentialMLP``'s parameters, two grouped GEMMs
+sequential   megatron-core's ``SequentialMLP``: the reference
+te           megatron-core's ``TEGroupedMLP`` (needs Transformer Engine layers)
+auto         ``te`` with Transformer Engine layers, else ``grouped_mm`` where this torch runs it
+             on this device and dtype, else ``sequential``
+===========  ==============================================================================
+
+``GroupedMMExperts`` (:mod:`megatron.sft.runtime.grouped_mm_experts`, imported only to build a
+model) *is* a ``SequentialMLP`` (a subclass that keeps its ``__init__``), so
+it has the same module tree, parameter names, shapes, tensor/expert-parallel attributes and
+initialisation: checkpoints, the optimizer state and the distributed optimizer's buffers are the
+same under both, and a run resumes under either. Only ``forward`` differs: the local experts'
+weights are stacked (``[E, 2F/tp, H]`` and ``[E, H, F/tp]``) and every token, already sorted by
+expert by the dispatcher, goes through one grouped GEMM per projection, with ``offs`` the
+cumulative tokens per expert. Example, 3 local experts receiving 2, 0 and 3 tokens::
+
+    x [5, H] rows 0-1 -> expert 0, rows 2-4 -> expert 2;  offs = [2, 2, 5]
+    h = grouped_mm(x, W1.transpose(1, 2), offs)   [5, 2F]   (row r uses its expert's W1)
+
+The TE expert module names its weights ``linear_fc1.weight{e}``; :func:`te_expert_renames`
+maps them to ``SequentialMLP``'s ``local_experts.{e}.linear_fc1.weight``, the checkpoint names.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Optional
+
+import torch
+
+#: ``--moe-experts-impl``'s choices (the CLIs read them from here)
+MOE_EXPERTS_IMPLS = ("auto", "grouped_mm", "sequential", "te")
+MOE_EXPERTS_HELP = ("routed experts: grouped_mm (torch's grouped GEMM, no extra packages), "
+                    "sequential (megatron-core's per-expert loop, the reference), te "
+                    "(Transformer Engine's grouped GEMM), auto (te with Transformer Engine "
+                    "layers, else grouped_mm where it runs, else sequential)")
+
+
+class ExpertsImplError(ValueError):
+    """An experts implementation that cannot run here; says what to use."""
+
+
+def grouped_mm_function() -> Optional[Callable[..., torch.Tensor]]:
+    """PyTorch's grouped GEMM: ``torch.nn.functional.grouped_mm`` (torch >= 2.10),
+    ``torch._grouped_mm`` before that, ``None`` in releases without one."""
+    fn = getattr(torch.nn.functional, "grouped_mm", None)
+    return fn if fn is not None else getattr(torch, "_grouped_mm", None)
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: ``grouped_mm``'s
+    backward rejects stride-0 gradients (``y.sum().backward()`` gives one: "Invalid
+    strides/sizes, got [0, 0]" in torch 2.13), which upstream ops may hand it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` grouped by ``offs`` (cumulative rows per group), each times its group's
+    ``weights[g].T``: ``[T, K] x [G, N, K] -> [T, N]``, one grouped GEMM."""
+    return ContiguousGrad.apply(grouped_mm_function()(x, weights.transpose(1, 2), offs=offs))
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_problem(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why this torch cannot run ``GroupedMMExperts`` on ``device_type`` in ``dtype``
+    (``None`` when it can): a tiny forward and backward, compared with a per-group matmul."""
+    fn = grouped_mm_function()
+    if fn is None:
+        return f"torch {torch.__version__} has no grouped_mm (torch.nn.functional.grouped_mm " \
+               "or torch._grouped_mm)"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(6, 16, generator=gen).to(device_type, dtype).requires_grad_()
+        w = torch.randn(2, 16, 16, generator=gen).to(device_type, dtype).requires_grad_()
+        offs = torch.tensor([2, 6], dtype=torch.int32, device=device_type)
+        y = grouped_linear(x, w, offs)
+        y.float().sum().backward()
+        ref = torch.cat([x[:2] @ w[0].T, x[2:] @ w[1].T])
+        if not torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2):
+            return "grouped_mm gives wrong results here"
+    except Exception as e:  # an unsupported device/dtype raises, in several ways
+        return f"grouped_mm does not run on {device_type} in {dtype}: {e}"
+    return None
+
+
+def resolve_experts_impl(choice: str, linear: str, device_type: str,
+                         dtype: torch.dtype = torch.float32) -> str:
+    """``--moe-experts-impl`` -> ``grouped_mm`` | ``sequential`` | ``te`` for layers of kind
+    ``linear`` (``te`` / ``local``); asking for one that cannot run is an error naming one that
+    can, never a silent fallback."""
+    if choice not in MOE_EXPERTS_IMPLS:
+        raise ExpertsImplError(f"--moe-experts-impl {choice!r}: use one of "
+                               f"{', '.join(MOE_EXPERTS_IMPLS)}")
+    if choice == "te" and linear != "te":
+        raise ExpertsImplError(
+            "--moe-experts-impl te needs Transformer Engine layers (--transformer-impl "
+            "transformer_engine, in the NVIDIA PyTorch container); use --moe-experts-impl "
+            "grouped_mm")
+    if choice == "grouped_mm":
+        problem = grouped_mm_problem(device_type, dtype)
+        if problem is not None:
+            raise ExpertsImplError(f"--moe-experts-impl grouped_mm: {problem}; use "
+                                   "--moe-experts-impl sequential")
+    if choice != "auto":
+        return choice
+    if linear == "te":
+        return "te"
+    return "grouped_mm" if grouped_mm_problem(device_type, dtype) is None else "sequential"
+
+
+#: (TEGroupedMLP name, checkpoint = SequentialMLP name) of a routed expert's weight
+_TE_GROUPED = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.weight(\d+)$")
+_SEQUENTIAL = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.weight$")
+
+
+def te_expert_renames(state: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
+    """``...mlp.experts.linear_fc1.weight3`` (TE) <-> ``...mlp.experts.local_experts.3.
+    linear_fc1.weight`` (checkpoint).
+
+    >>> te_expert_renames({"decoder.layers.0.mlp.experts.linear_fc2.weight1": 0}, True)
+    {'decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight': 0}
+    """
+    out = {}
+    for k, v in state.items():
+        if to_checkpoint and (m := _TE_GROUPED.match(k)):
+            k = f"{m[1]}local_experts.{m[3]}.{m[2]}.weight"
+        elif not to_checkpoint and (m := _SEQUENTIAL.match(k)):
+            k = f"{m[1]}{m[3]}.weight{m[2]}"
+        out[k] = v
+    return out

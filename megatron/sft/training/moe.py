@@ -1,0 +1,101 @@
+"""Mixture-of-Experts runs: the ``--moe-*`` flags as megatron-core settings, what a MoE run
+refuses, and the routing padding mask of a micro-batch.
+
+Routing losses count real tokens only. Packed rows end in padding after their last sample,
+unpacked rows after their one sample (``collate_sft``'s ``cu_seqlens`` say where): those
+positions are routed like any other (dropless dispatch has room for them) but excluded from
+the load-balancing and z losses and from their token counts, through megatron-core's
+``padding_mask`` (True = padding). Example, ``seq_length`` 6, rows with ``cu_seqlens``
+``[0, 3, 5]`` and ``[0, 6]``::
+
+    padding_mask = [[F F F F F T],
+                    [F F F F F F]]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron.sft.bridge.model_shape import ModelShape
+
+
+def moe_config_overrides(cfg, shape: ModelShape) -> dict[str, Any]:
+    """``TransformerConfig`` fields of a run's ``--moe-*`` flags (``cfg``: ``TrainConfig``);
+    unset flags keep the architecture's values (``moe_aux_loss_coeff`` = the HF config's
+    ``router_aux_loss_coef``) and megatron-core's defaults (dropless, no z-loss)."""
+    if shape.moe is None:
+        return {}
+    out: dict[str, Any] = {}
+    if cfg.moe_token_dispatcher_type is not None:
+        out["moe_token_dispatcher_type"] = cfg.moe_token_dispatcher_type
+    if cfg.moe_aux_loss_coeff is not None:
+        out["moe_aux_loss_coeff"] = cfg.moe_aux_loss_coeff
+    if cfg.moe_z_loss_coeff:
+        out["moe_z_loss_coeff"] = cfg.moe_z_loss_coeff
+    if cfg.moe_expert_capacity_factor is not None:
+        out["moe_expert_capacity_factor"] = cfg.moe_expert_capacity_factor
+    return out
+
+
+def check_moe_run(cfg, shape: ModelShape) -> None:
+    """Refuse, naming the flags and the fix, what megatron-core's MoE layer cannot train."""
+    moe_flags = [f for f, v in (("--moe-token-dispatcher-type", cfg.moe_token_dispatcher_type),
+                                ("--moe-aux-loss-coeff", cfg.moe_aux_loss_coeff),
+                                ("--moe-z-loss-coeff", cfg.moe_z_loss_coeff),
+                                ("--moe-expert-capacity-factor",
+                                 cfg.moe_expert_capacity_factor)) if v is not None]
+    if shape.moe is None:
+        if moe_flags:
+            raise ValueError(f"{', '.join(moe_flags)}: {shape.architecture} has no experts; "
+                             "drop the flag(s)")
+        return
+    if cfg.tensor_model_parallel_size > 1 and not cfg.sequence_parallel:
+        # Without it every TP rank sends the same tokens to the experts, whose gradients would
+        # then count each token TP times; megatron-core's MoE layer refuses to train so.
+        raise ValueError(f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} with "
+                         f"a Mixture-of-Experts model ({shape.architecture}) needs "
+                         "--sequence-parallel")
+    if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
+        raise ValueError(f"--moe-expert-capacity-factor {cfg.moe_expert_capacity_factor}: must "
+                         "be positive (leave it unset for dropless routing)")
+    if cfg.lora_rank and cfg.tensor_model_parallel_size > 1:
+        raise ValueError("--lora-rank with --tensor-model-parallel-size > 1 on a "
+                         "Mixture-of-Experts model: MoE with TP trains only with "
+                         "--sequence-parallel, which LoRA does not support; use TP 1 (with EP)")
+
+
+def routing_padding_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """``[b, s]`` bool, True after each row's last sample (see the module docstring); rows of
+    ``cu_seqlens`` are ``collate_sft``'s, right-padded with -1."""
+    used = cu_seqlens.max(dim=1).values.to(torch.int64)  # the last valid boundary
+    positions = torch.arange(seq_length, device=cu_seqlens.device)
+    return positions.unsqueeze(0) >= used.unsqueeze(1)
+
+
+def stage_padding_mask(mask: torch.Tensor, model, sequence_parallel: bool) -> torch.Tensor:
+    """The mask as ``model``'s MoE layers need it. megatron-core 0.16's ``GPTModel`` splits it
+    over TP for sequence parallelism only on the first pipeline stage (in ``_preprocess``,
+    next to the embedding); later stages get it whole, and it must be split here."""
+    while hasattr(model, "module"):
+        model = model.module
+    if not sequence_parallel or model.pre_process:
+        return mask
+    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+    return scatter_to_sequence_parallel_region(mask.transpose(0, 1).contiguous()) \
+        .transpose(0, 1).contiguous()
+
+
+def routing_inputs(batch: dict, shape: ModelShape, model, flatten_rows: bool,
+                   sequence_parallel: bool) -> dict[str, torch.Tensor]:
+    """``GPTModel.forward`` keyword arguments a MoE model's micro-batch needs:
+    ``{"padding_mask": ...}`` shaped like the tokens it is called with (``[1, b*s]`` when the
+    attention backend flattens rows), split for this pipeline stage; ``{}`` for dense models."""
+    if shape.moe is None:
+        return {}
+    mask = routing_padding_mask(batch["cu_seqlens"], batch["tokens"].shape[1])
+    if flatten_rows:
+        mask = mask.reshape(1, -1)
+    return {"padding_mask": stage_padding_mask(mask, model, sequence_parallel)}

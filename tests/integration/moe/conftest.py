@@ -1,0 +1,119 @@
+"""One 4-rank launch for every Mixture-of-Experts proof that needs processes: the logits parity
+cases (test_moe_parity.py) and the training runs (test_moe_training.py) share it, as one
+torchrun costs what many cases in it do on a 2-core machine."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron.sft.bridge.architectures import get_architecture
+from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+from megatron.sft.bridge.random_hf_model import make_random_hf_model
+from megatron.sft.runtime.layout import ParallelLayout
+from sft_testing import ARCHITECTURES, run_torchrun
+
+WORKER = Path(__file__).with_name("moe_worker.py")
+MOE = [a for a in ARCHITECTURES if get_architecture(a).moe is not None]
+
+#: the layouts every family's logits are checked at, under both experts implementations
+PARITY_LAYOUTS = {"EP2": ParallelLayout(1, 1, ep=2), "TP2EP2": ParallelLayout(2, 1, ep=2),
+                  "PP2EP2": ParallelLayout(1, 2, ep=2)}
+#: and one family each at these (grouped_mm): one local expert per rank, virtual stages
+EXTRA_LAYOUTS = {"EP4": ("Qwen2MoeForCausalLM", ParallelLayout(1, 1, ep=4)),
+                 "PP2VPP2EP2": ("Qwen3MoeForCausalLM", ParallelLayout(1, 2, 2, ep=2))}
+#: the training runs' model: a sigmoid-gated shared expert, top-2 without renormalisation,
+#: dense layers (0, 2) between the MoE ones (1, 3)
+TRAIN_ARCH = "Qwen2MoeForCausalLM"
+
+
+def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
+    cases = []
+
+    def checkpoint(arch, name, layout):
+        ckpt = root / f"{arch}_{name}"
+        convert_hf_to_megatron(tiny_hf_models[arch], ckpt, ConvertOptions(layout=layout,
+                                                                           progress=False))
+        return str(ckpt)
+
+    for name, layout in PARITY_LAYOUTS.items():
+        for arch in MOE:
+            ckpt, hf = checkpoint(arch, name, layout), str(tiny_hf_models[arch])
+            for experts in ("grouped_mm", "sequential"):
+                cases.append({"name": f"{arch}/{name}/{experts}", "ckpt": ckpt, "hf": hf,
+                              "experts": experts})
+            if name == "EP2":
+                if arch == "MixtralForCausalLM":
+                    cases.append({"name": f"{arch}/{name}/allgather", "ckpt": ckpt, "hf": hf,
+                                  "experts": "grouped_mm",
+                                  "overrides": {"moe_token_dispatcher_type": "allgather"}})
+                # negative controls: a wrong setting must be seen
+                if arch == "Qwen2MoeForCausalLM":
+                    cases.append({"name": "control/Qwen2-MoE with its shared-expert gate "
+                                  "weight zeroed", "ckpt": ckpt, "hf": hf,
+                                  "experts": "grouped_mm", "zero": "shared_experts.gate_weight"})
+                if arch == "Qwen3MoeForCausalLM":
+                    cases.append({"name": "control/Qwen3-MoE softmax before top-k (not "
+                                  "renormalised)", "ckpt": ckpt, "hf": hf,
+                                  "experts": "grouped_mm",
+                                  "overrides": {"moe_router_pre_softmax": True}})
+    for name, (arch, layout) in EXTRA_LAYOUTS.items():
+        cases.append({"name": f"{arch}/{name}/grouped_mm", "ckpt": checkpoint(arch, name, layout),
+                      "hf": str(tiny_hf_models[arch]), "experts": "grouped_mm"})
+    return cases
+
+
+def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(sft_assets["tokenizer"]))
+    hf = make_random_hf_model(TRAIN_ARCH, root / "hf", seed=5, overrides=dict(vocab_size=vocab))
+    c = {}
+    for name, layout in {"ep1": ParallelLayout(), "ep2": ParallelLayout(1, 1, ep=2),
+                         "tp2ep2": ParallelLayout(2, 1, ep=2),
+                         "tp2pp2": ParallelLayout(2, 2)}.items():
+        c[name] = str(root / name)
+        convert_hf_to_megatron(hf, c[name], ConvertOptions(layout=layout, progress=False))
+
+    def run(ckpt, **overrides):
+        cfg = dict(load=ckpt, data_path=sft_assets["data"], seq_length=128, micro_batch_size=2,
+                   global_batch_size=8, train_iters=5, lr=1e-3, lr_decay_style="constant",
+                   no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01)
+        return dict(cfg, **overrides)
+
+    save = root / "run"
+    resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
+                  lr_warmup_iters=1, use_distributed_optimizer=True)
+    return str(hf), {
+        "ep1": run(c["ep1"]),
+        "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                      sequence_parallel=True),
+        "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",
+                       **resume),
+        # from the save at iteration 2 (the tracker pointed back at it), other experts impl
+        "resumed": run(str(save), save=str(root / "run2"), moe_experts_impl="sequential",
+                       rewind_to=2, **resume),
+        "lora": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, lora_rank=4,
+                    lora_alpha=8, save=str(root / "lora")),
+        "recompute_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
+                             recompute_granularity="full"),
+        "bf16_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, bf16=True),
+        # sequence parallelism on a later pipeline stage: its padding mask is split there
+        "tp2pp2": run(c["tp2pp2"], tensor_model_parallel_size=2,
+                      pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def moe_launch(tiny_hf_models, sft_assets, tmp_path_factory):
+    """``{"parity": {case: result}, "train": {run: history, hf_loss, hand_aux...}, "hf":
+    training model dir, "root": where the runs are}`` of the one launch."""
+    root = tmp_path_factory.mktemp("moe")
+    hf, runs = train_runs(sft_assets, root)
+    spec = {"out": str(root / "out.json"), "hf": hf, "runs": runs,
+            "parity": parity_cases(tiny_hf_models, root)}
+    (root / "spec.json").write_text(json.dumps(spec))
+    proc = run_torchrun(4, WORKER, str(root / "spec.json"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    out = json.loads((root / "out.json").read_text())
+    return {**out, "hf": hf, "root": root, "cases": spec["parity"]}

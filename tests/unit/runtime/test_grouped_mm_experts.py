@@ -1,0 +1,95 @@
+"""``--moe-experts-impl grouped_mm`` is megatron-core's ``SequentialMLP`` with another forward:
+same parameters (names, shapes, attributes), same outputs and gradients (fp32 within 1e-6;
+on CPU they are bit-identical), on one process (a world of one, no other rank)."""
+
+import pytest
+import torch
+
+from megatron.sft.runtime.experts import (
+    ExpertsImplError,
+    grouped_mm_problem,
+    resolve_experts_impl,
+    te_expert_renames,
+)
+
+
+@pytest.fixture(scope="module")
+def world_of_one(tmp_path_factory):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron.sft.runtime.mcore_compat import apply_megatron_core_fixes
+
+    store = tmp_path_factory.mktemp("process_group") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    ps.initialize_model_parallel(1, 1)
+    apply_megatron_core_fixes()
+    yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _experts(cls, dtype, experts=4, hidden=32, ffn=16):
+    import torch.nn.functional as F
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=hidden, ffn_hidden_size=64, num_attention_heads=4,
+        num_moe_experts=experts, moe_ffn_hidden_size=ffn, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
+        params_dtype=dtype, bias_activation_fusion=False, gradient_accumulation_fusion=False)
+    spec = get_moe_module_spec(use_te=False, num_experts=experts).submodules.experts
+    torch.manual_seed(0)
+    return cls(experts, config, spec.submodules, pg_collection=get_default_pg_collection())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_grouped_mm_equals_sequential(world_of_one, dtype, tol):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron.sft.runtime.grouped_mm_experts import GroupedMMExperts
+
+    ref, fast = _experts(SequentialMLP, dtype), _experts(GroupedMMExperts, dtype)
+    assert [(n, p.shape, getattr(p, "allreduce", None)) for n, p in ref.named_parameters()] == \
+        [(n, p.shape, getattr(p, "allreduce", None)) for n, p in fast.named_parameters()]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    fast.load_state_dict(ref.state_dict())  # the same checkpoint names: one loads the other
+    tokens = torch.tensor([3, 0, 7, 5])  # an expert without tokens too
+    x = torch.randn(int(tokens.sum()), 32, generator=gen).to(dtype)
+    probs = torch.rand(int(tokens.sum()), generator=gen)
+    dy = torch.randn(int(tokens.sum()), 32, generator=gen).to(dtype)
+    outs = []
+    for module in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out, bias = module(xi, tokens, probs)
+        assert bias is None
+        out.backward(dy)
+        outs.append((out, xi.grad, [p.grad for p in module.parameters()]))
+    (a, ga, wa), (b, gb, wb) = outs
+    assert (a.float() - b.float()).abs().max() <= tol * max(1.0, a.float().abs().max())
+    assert (ga.float() - gb.float()).abs().max() <= tol * max(1.0, ga.float().abs().max())
+    for p, q in zip(wa, wb):
+        assert (p.float() - q.float()).abs().max() <= tol * max(1.0, p.float().abs().max())
+
+
+def test_choices_and_errors():
+    assert grouped_mm_problem("cpu", torch.float32) is None  # torch 2.13 on CPU, fp32 and bf16
+    assert grouped_mm_problem("cpu", torch.bfloat16) is None
+    assert resolve_experts_impl("auto", "local", "cpu") == "grouped_mm"
+    assert resolve_experts_impl("auto", "te", "cuda") == "te"
+    assert resolve_experts_impl("sequential", "local", "cpu") == "sequential"
+    with pytest.raises(ExpertsImplError, match="--moe-experts-impl te needs Transformer Engine"):
+        resolve_experts_impl("te", "local", "cpu")
+    with pytest.raises(ExpertsImplError, match="use one of auto, grouped_mm, sequential, te"):
+        resolve_experts_impl("loop", "local", "cpu")
+    names = {"decoder.layers.2.mlp.experts.local_experts.3.linear_fc1.weight": 1,
+             "decoder.layers.2.mlp.router.weight": 2}
+    te = te_expert_renames(names, to_checkpoint=False)
+    assert set(te) == {"decoder.layers.2.mlp.experts.linear_fc1.weight3",
+                       "decoder.layers.2.mlp.router.weight"}
+    assert te_expert_renames(te, to_checkpoint=True) == names
