@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys

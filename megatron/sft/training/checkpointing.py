@@ -152,7 +152,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
             optim_path = rank_path.with_name(DISTRIB_OPTIM_FILE)
             with disk_full_guard(save, sum(sizes), f"{optim_path.name} of {final.name}"):
                 optimizer.save_parameter_state(str(optim_path))
-            if optim_path.exists() and dims.dp_rank == 0:
+            if optim_path.exists() and dims.writes_rank_file:  # its writer
                 digests.append(file_digest(optim_path, optim_path.relative_to(partial)
                                            .as_posix()))
         if state is not None:
@@ -186,7 +186,7 @@ def _save_size_estimate(state: Optional[dict], optimizer, distributed: bool) -> 
     0, which writes the gathered shards) the distributed optimizer's fp32 main weights and two
     Adam moments of its model-parallel part."""
     total = state_nbytes(state) if state is not None else 0
-    if distributed and parallel_dims().dp_rank == 0:
+    if distributed and parallel_dims().writes_rank_file:
         params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         total += 12 * params
     return total

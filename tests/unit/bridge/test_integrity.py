@@ -3,7 +3,6 @@ every kind of damage is named, a full disk and a collective failure read as one 
 
 import errno
 import hashlib
-import json
 
 import pytest
 import torch
