@@ -14,16 +14,21 @@ which is how this project tests the engine in CI.
 (b) ``Tensor.type()`` (no arguments) reporting ``torch.cuda.<X>Tensor`` names;
 (c) stubs for ``torch.cuda`` device/RNG/stream/event/synchronize/memory calls, with the CUDA RNG
     aliased to the CPU generator, including megatron-core's private
-    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``.
+    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``;
+(d) ``pin_memory=True`` dropped and ``Tensor.pin_memory()`` a no-op: page-locked memory is a
+    host-to-GPU transfer optimisation, and without an accelerator torch refuses it (megatron-core's
+    RoPE slicing for context-parallel ranks, ``get_pos_emb_on_this_cp_rank``, asks for it).
 
-(d) ``sequence_parallel`` must stay off on CPU (torch norms do not support it); the model config
-builder enforces that, not this module.
+Sequence parallelism runs on CPU too: the local layer spec uses our own sequence-parallel-aware
+norms (:mod:`megatron.sft.runtime.norms`), not megatron-core's ``WrappedTorchNorm``.
 
 Example::
 
     >>> enable_cpu_mode()             # no-op when torch.cuda.is_available()
     >>> torch.empty(2, device="cuda").device
     device(type='cpu')
+    >>> torch.tensor([0, 3], device="cpu", pin_memory=True).cuda(non_blocking=True).tolist()
+    [0, 3]
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # noqa: D401
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name

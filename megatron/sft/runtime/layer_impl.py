@@ -102,7 +102,25 @@ class LayerImpl:
         core = self.backend.core_attention(self.linear, sliding_window)
         if core is not None:  # else the spec's own (TEDotProductAttention / DotProductAttention)
             spec.submodules.self_attention.submodules.core_attention = core
+        if self.linear == "local":
+            _use_local_norms(spec)
         return spec
+
+    def block_spec(self, layer_spec, config, vp_stage: Optional[int] = None):
+        """What ``GPTModel`` takes as ``transformer_layer_spec``: the layer spec as it is with TE
+        layers; on the local spec a block spec whose final norm is ours too (megatron-core would
+        build ``WrappedTorchNorm``, which refuses sequence parallelism)."""
+        if self.linear != "local":
+            return layer_spec
+        from megatron.core.transformer.transformer_block import (
+            TransformerBlockSubmodules,
+            get_num_layers_to_build,
+        )
+
+        from megatron.sft.runtime.norms import LocalNorm
+
+        layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=LocalNorm)
 
     def config_overrides(self, *, cpu: bool, sliding_window: Optional[int]) -> dict[str, Any]:
         """``TransformerConfig`` fields that depend on the implementation."""
@@ -116,11 +134,14 @@ class LayerImpl:
 
     # ------------------------------------------------------------------ per micro-batch
     def attention_inputs(self, cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                         sliding_window: Optional[int] = None) -> AttentionInputs:
+                         sliding_window: Optional[int] = None, *, cp_size: int = 1,
+                         cp_rank: int = 0) -> AttentionInputs:
         """``cu_seqlens`` is ``collate_sft``'s ``[b, n]`` for packed rows, ``None`` unpacked
         (THD-flattened rows for ``te``, a ``[b, 1, s, s]`` mask for ``dense``, document
-        segments for the packed backends)."""
-        return self.backend.attention_inputs(cu_seqlens, rows, seq_length, sliding_window)
+        segments for the packed backends). With ``cp_size > 1`` the inputs also say which
+        tokens context-parallel rank ``cp_rank`` runs (``AttentionInputs.local_index``)."""
+        return self.backend.attention_inputs(cu_seqlens, rows, seq_length, sliding_window,
+                                             cp_size=cp_size, cp_rank=cp_rank)
 
     # ------------------------------------------------------------------ checkpoint names
     def checkpoint_to_model(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -148,14 +169,31 @@ class LayerImpl:
         return f"{linear} layers, {self.attention} attention"
 
 
+def _use_local_norms(spec) -> None:
+    """Our sequence-parallel-aware norms in a local layer spec (see runtime/norms.py)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron.sft.runtime.norms import LocalHeadNorm, LocalNorm
+
+    layer = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(layer, name) is not IdentityOp:
+            setattr(layer, name, LocalNorm)
+    attention = layer.self_attention.submodules
+    for name in ("q_layernorm", "k_layernorm"):
+        if getattr(attention, name, IdentityOp) is not IdentityOp:
+            setattr(attention, name, LocalHeadNorm)
+
+
 # ---------------------------------------------------------------------------- the factory
 def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = "auto",
-                       device_type: Optional[str] = None) -> LayerImpl:
+                       device_type: Optional[str] = None, cp: int = 1) -> LayerImpl:
     """Flag values -> :class:`LayerImpl`.
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =
     the first registered backend by ``auto_rank`` that runs here: ``te`` with TE layers, else
-    ``varlen`` on CUDA (``flex`` if this torch lacks varlen), else ``sdpa``. Asking for something
+    ``varlen`` on CUDA (``flex`` if this torch lacks varlen), else ``sdpa``; with context
+    parallelism (``cp > 1``) only backends that do CP are candidates. Asking for something
     that cannot run is an error naming the alternative, never a silent fallback.
 
     >>> resolve_layer_impl("local", "auto", "cpu")
@@ -180,13 +218,14 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
     else:
         linear = "local"
     if attention_backend == "auto":
-        spec = auto_backend(linear, device_type)
+        spec = auto_backend(linear, device_type, cp)
         if spec is None:
             raise LayerImplError(f"no attention backend runs with {linear} layers on "
-                                 f"{device_type}; give --attention-backend")
+                                 f"{device_type}" + (f" at context parallel size {cp}" if cp > 1
+                                                     else "") + "; give --attention-backend")
     else:
         spec = get_attention_backend(attention_backend)
-        reason = spec.check(linear, device_type)
+        reason = spec.check(linear, device_type, cp)
         if reason is not None:
             raise LayerImplError(reason)
     return LayerImpl(linear, spec.name)
