@@ -197,27 +197,6 @@ def document_ids(bounds: Sequence[int]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
 
 
-def check_rows(seq_length: int, cp: int, tp: int = 1, sequence_parallel: bool = False,
-               spelling_seq: str = "--seq-length", spelling_cp: str = "--context-parallel-size",
-               spelling_tp: str = "--tensor-model-parallel-size") -> Optional[str]:
-    """Why rows of ``seq_length`` cannot be cut for this CP (x TP with sequence parallelism),
-    naming the values and the nearest lengths that work; ``None`` when they can.
-
-    >>> check_rows(100, 2, 2, True)[:60]
-    '--seq-length 100 is not divisible by 2 x --context-parallel-'
-    """
-    m = row_multiple(cp, tp, sequence_parallel)
-    if seq_length % m == 0:
-        return None
-    parts = [f"2 x {spelling_cp} {cp}"] if cp > 1 else []
-    if sequence_parallel and tp > 1:
-        parts.append(f"{spelling_tp} {tp} (--sequence-parallel)")
-    lower, upper = seq_length // m * m, (seq_length // m + 1) * m
-    return (f"{spelling_seq} {seq_length} is not divisible by {' x '.join(parts)} = {m}: each "
-            f"row is cut into 2 x CP chunks{' and each rank s tokens over TP' if len(parts) > 1 else ''}; "
-            f"use {spelling_seq} {upper}" + (f" or {lower}" if lower else ""))
-
-
 # ---------------------------------------------------------------------------- Transformer Engine
 @dataclasses.dataclass(frozen=True)
 class ThdLayout:

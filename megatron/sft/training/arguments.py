@@ -19,7 +19,11 @@ import typing
 from typing import Any, Callable, Literal, Optional, Union
 
 from megatron.sft.lora.settings import LoRASettings
-from megatron.sft.runtime.attention import attention_backend_choices, attention_backend_help
+from megatron.sft.runtime.attention import (
+    attention_backend_choices,
+    attention_backend_help,
+    get_attention_backend,
+)
 from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
 from megatron.sft.runtime.layout import FLAGS, ParallelLayout
 
@@ -85,8 +89,13 @@ class TrainConfig:
     pipeline_model_parallel_size: int = _field(1, "PP: split the layers into this many stages")
     num_layers_per_virtual_pipeline_stage: Optional[int] = _field(
         None, "interleaved pipeline (VPP): layers per virtual stage")
-    sequence_parallel: bool = _field(False, "sequence parallelism for norms/dropout (GPU with "
-                                            "Transformer Engine only)")
+    context_parallel_size: int = _field(
+        1, "CP: split each row over this many ranks (chunks r and 2·CP-1-r of 2·CP; K/V "
+           "all-gathered per layer); --seq-length must be divisible by 2·CP (x TP with "
+           "--sequence-parallel); attention sdpa, varlen, flex or te")
+    sequence_parallel: bool = _field(False, "sequence parallelism: norms, dropout and residuals "
+                                            "on s/TP tokens per tensor-parallel rank (any "
+                                            "--transformer-impl, CPU too)")
     use_distributed_optimizer: bool = _field(False, "shard optimizer state over data-parallel "
                                                     "ranks (ZeRO-1)")
     overlap_grad_reduce: bool = _field(
@@ -109,7 +118,7 @@ class TrainConfig:
                                     choices=attention_backend_choices)
     # --- LoRA adapters (megatron/sft/lora/)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
-                               "full fine-tuning); either --transformer-impl, no "
+                               "full fine-tuning); either --transformer-impl, with or without "
                                "--sequence-parallel")
     lora_alpha: float = _field(16.0, "LoRA: the adapter's output is scaled by alpha / rank")
     lora_dropout: float = _field(0.0, "LoRA: dropout on the adapter's input")
@@ -117,6 +126,11 @@ class TrainConfig:
         "linear_qkv,linear_proj,linear_fc1,linear_fc2",
         "LoRA: comma-separated megatron-core linears that get adapters (HF: linear_qkv = "
         "q/k/v_proj, linear_proj = o_proj, linear_fc1 = gate/up_proj, linear_fc2 = down_proj)")
+    # --- loss
+    chunked_loss: Literal["auto", "on", "off"] = _field(
+        "auto", "output layer + cross-entropy in chunks of tokens, recomputed in backward, so "
+                "the [tokens, vocab/TP] logits never exist whole (exact); auto = on when "
+                "micro-batch x seq-length x vocab / TP exceeds 2^26 logits")
     # --- evaluation and logging
     eval_interval: Optional[int] = _field(None, "validate every N iterations")
     eval_iters: int = _field(10, "validation batches per evaluation")
@@ -136,12 +150,15 @@ class TrainConfig:
         ``--num-layers-per-virtual-pipeline-stage`` into chunks per pipeline rank)."""
         return ParallelLayout.from_flags(
             self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-            self.num_layers_per_virtual_pipeline_stage, num_layers, spelling=FLAGS)
+            self.num_layers_per_virtual_pipeline_stage, num_layers,
+            cp=self.context_parallel_size, spelling=FLAGS)
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
         layout = self.parallel_layout(num_layers)
-        layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS)
+        layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS,
+                        seq_length=self.seq_length, sequence_parallel=self.sequence_parallel,
+                        attention=self._attention_cp_problem)
         dp = layout.data_parallel_size(world_size)
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(
@@ -165,13 +182,18 @@ class TrainConfig:
         if self.lora_rank != 0:  # negative ranks are refused there too
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
-            if self.sequence_parallel:
-                raise ValueError(f"--lora-rank {self.lora_rank} with --sequence-parallel: LoRA "
-                                 "adapters do not support sequence-sharded inputs; drop "
-                                 "--sequence-parallel")
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")
+
+    def _attention_cp_problem(self, cp: int) -> Optional[str]:
+        """A named backend that has no context parallelism at all (device-specific refusals,
+        e.g. varlen on CPU, come from the layer factory once the device is known)."""
+        if self.attention_backend == "auto" or \
+                self.attention_backend not in attention_backend_choices():
+            return None
+        spec = get_attention_backend(self.attention_backend)
+        return None if spec.supports_cp else spec.check("local", "cpu", cp)
 
     def warmup_iters(self, total: int) -> int:
         if self.lr_warmup_iters is not None:

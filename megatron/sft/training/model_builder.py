@@ -53,7 +53,7 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
         pre_process, post_process = dims.stage_flags(chunk)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=impl.block_spec(layer_spec, config, chunk if vpp else None),
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=parallel_output,

@@ -24,9 +24,6 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImp
                        architecture_overrides: Mapping[str, Any] = (), **overrides: Any):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if cpu and overrides.get("sequence_parallel"):
-        raise ValueError("--sequence-parallel is not supported on CPU (torch norms lack it); "
-                         "drop the flag or run on GPU with Transformer Engine")
     kwargs: dict[str, Any] = dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,

@@ -15,6 +15,7 @@ from megatron.sft.runtime.attention import (
     segments_from_cu_seqlens,
 )
 from megatron.sft.runtime.cp_split import ContextParallelError, Piece
+from megatron.sft.runtime.layout import FLAGS, SHORT, ParallelLayout
 
 CPU = torch.device("cpu")
 S = 48
@@ -100,11 +101,19 @@ def test_split_examples_and_errors():
         Piece(0, 2, 0, 4), Piece(2, 3, 0, 5), Piece(3, 4, 5, 6))
     with pytest.raises(ContextParallelError, match="use a --seq-length divisible by 4"):
         cp_split.row_positions(10, 2, 0)
-    msg = cp_split.check_rows(100, 2, 2, sequence_parallel=True)
-    assert "--seq-length 100" in msg and "2 x --context-parallel-size 2" in msg \
-        and "--tensor-model-parallel-size 2" in msg and "use --seq-length 104 or 96" in msg
-    assert cp_split.check_rows(96, 2, 2, sequence_parallel=True) is None
-    assert cp_split.check_rows(100, 1, 2) is None  # no CP, no SP: any length
+    # the layout's check, in the trainer's words and the tools'
+    layout = ParallelLayout(tp=2, cp=2)
+    [msg] = layout.sequence_problems(100, True, FLAGS)
+    assert "--seq-length 100 is not divisible by 2 x --context-parallel-size 2 x " \
+        "--tensor-model-parallel-size 2 (--sequence-parallel) = 8" in msg
+    assert msg.endswith("use --seq-length 104 or --seq-length 96")
+    assert layout.sequence_problems(100, True, SHORT)[0].startswith(
+        "SEQ_LEN=100 is not divisible by 2 x CP=2 x TP=2 (SP) = 8")
+    assert layout.sequence_problems(96, True) == [] == layout.sequence_problems(100)
+    assert ParallelLayout(cp=2).sequence_problems(102) == [
+        "SEQ_LEN=102 is not divisible by 2 x CP=2 = 4 (each row is cut into 2 x CP chunks); "
+        "use SEQ_LEN=104 or SEQ_LEN=100"]
+    assert ParallelLayout(tp=2).sequence_problems(100) == []  # no CP, no SP: any length
 
 
 @pytest.mark.parametrize("cp", [2, 4])
