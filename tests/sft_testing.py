@@ -73,3 +73,31 @@ def write_arithmetic_conversations(path: Path, count: int, seed: int) -> Path:
                          {"role": "assistant", "content": f"Doubled it is {2 * (a + b)}."}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+def _largest_tensor_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        """Records the largest tensor any op creates (forward and backward): the probe behind
+        "no s x s tensor" (attention) and "no whole logits" (chunked loss)."""
+
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    return LargestTensor
+
+
+def __getattr__(name):
+    if name == "LargestTensor":  # built on first use: importing this module stays torch-free
+        return _largest_tensor_mode()
+    raise AttributeError(name)

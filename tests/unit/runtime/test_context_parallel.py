@@ -132,7 +132,7 @@ def test_sdpa_simulated_cp_equals_full_attention(cp, window, hq, hkv):
 
 
 def test_prefix_causal_merge_in_bf16_and_without_a_queries_x_keys_tensor():
-    from test_attention_backends import _LargestTensor
+    from sft_testing import LargestTensor as _LargestTensor
 
     # bf16 (fp32 log-sum-exp merge) within bf16 rounding of the fp32 reference
     q, k, v = _qkv(64, 4, 2, dtype=torch.float32, seed=3)

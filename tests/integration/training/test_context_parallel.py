@@ -1,0 +1,155 @@
+"""Context parallelism, sequence parallelism and the chunked loss in the real model under gloo,
+all from one 4-rank launch (``cp_worker.py``; megatron-core's parallel state is rebuilt per
+layout):
+
+- logits and the SFT loss equal transformers' at CP2, CP4, CP2 x TP2 with SP and CP2 x PP2 (and
+  their CP1 layouts), on packed rows with a document longer than a chunk, a 1-token document, a
+  document spanning the chunk pair of a rank and padding; tied (Qwen2) and untied (Llama, with
+  llama3 RoPE scaling) embeddings;
+- parameter gradients summed over CP equal CP1's, and the chunked loss gives the same loss and
+  gradients as the unchunked one at every layout;
+- through the trainer: a 5-iteration curve (and gradient norms) at CP2 equals CP1, resuming at
+  CP2 is exact, TP2 with SP equals TP2 without (3 iterations), with and without LoRA, and the
+  trainer's loss at CP2 x TP2 with SP and the chunked loss equals transformers'.
+
+The chunked loss's ``>= 4x`` smaller peak tensor and its exactness on one process (fp32, bf16,
+padded vocabulary) are unit tests (``tests/unit/training/test_chunked_loss.py``), the CP split
+and attention math too (``tests/unit/runtime/test_context_parallel.py``).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+from megatron.sft.bridge.random_hf_model import make_random_hf_model
+from megatron.sft.runtime.layout import ParallelLayout
+from sft_testing import run_torchrun
+
+WORKER = Path(__file__).with_name("cp_worker.py")
+SEQ = 48
+#: CP2 chunks are 12 tokens, CP4's 6: a document longer than a chunk (30), a 1-token document,
+#: padding (row 0); a document over CP2 rank 1's chunk pair [12, 36) (row 1, [5, 45))
+ROWS = [[30, 1, 13], [5, 40, 3]]
+#: (tp, pp, cp, sequence parallel); each CP1 layout before the CP layouts it is compared with
+LAYOUTS = [(1, 1, 1, False), (1, 1, 2, False), (1, 1, 4, False), (2, 1, 1, False),
+           (2, 1, 2, True), (1, 2, 1, False), (1, 2, 2, False)]
+CP_LAYOUTS = [f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in LAYOUTS
+              if cp > 1]
+
+
+def _train(name, ckpt, data, **overrides):
+    cfg = dict(load=ckpt, data_path=data, seq_length=128, micro_batch_size=2,
+               global_batch_size=8, train_iters=5, lr=1e-3, lr_decay_style="cosine",
+               lr_warmup_iters=1, no_progress=True, split="90,10,0", attention_backend="sdpa",
+               transformer_impl="local")
+    cfg.update(overrides)
+    return {"name": name, "config": cfg}
+
+
+@pytest.fixture(scope="module")
+def results(sft_assets, checkpoints, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cp")
+    llama = make_random_hf_model("LlamaForCausalLM", tmp / "hf-llama", seed=11)
+    llama_ckpts = {}
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        llama_ckpts[f"TP{tp}PP{pp}"] = str(tmp / f"llama-tp{tp}pp{pp}")
+        convert_hf_to_megatron(llama, llama_ckpts[f"TP{tp}PP{pp}"],
+                               ConvertOptions(layout=ParallelLayout(tp, pp), progress=False))
+    qwen = {f"TP{tp}PP{pp}": checkpoints[(tp, pp)] for tp, pp in ((1, 1), (2, 1), (1, 2))}
+    data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
+    one = checkpoints[(1, 1)]
+    lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
+    train = [
+        _train("cp1", one, data),
+        _train("cp2", one, data, context_parallel_size=2, save=str(tmp / "cp2"),
+               save_interval=2, keep_last=0),
+        {**_train("cp2_resumed", str(tmp / "cp2"), data, context_parallel_size=2,
+                  save=str(tmp / "cp2-resumed")), "rewind_to": 2},
+        # sequence parallelism: 3-iteration curves (the CP curve above has 5)
+        _train("tp2", tp2, data, tensor_model_parallel_size=2, train_iters=3),
+        _train("tp2_sp", tp2, data, tensor_model_parallel_size=2, sequence_parallel=True,
+               train_iters=3),
+        _train("tp2_lora", tp2, data, tensor_model_parallel_size=2, train_iters=3, **lora),
+        _train("tp2_sp_lora", tp2, data, tensor_model_parallel_size=2, sequence_parallel=True,
+               train_iters=3, **lora),
+        {**_train("cp2_tp2_sp_chunked_hf", tp2, data, context_parallel_size=2,
+                  tensor_model_parallel_size=2, sequence_parallel=True, chunked_loss="on"),
+         "hf_loss": True, "hf": str(sft_assets["hf"])},
+    ]
+    spec = {"out": str(tmp / "results.json"),
+            "model": {"models": [{"name": "qwen2-tied", "hf": str(sft_assets["hf"]),
+                                  "ckpts": qwen},
+                                 {"name": "llama-untied", "hf": str(llama),
+                                  "ckpts": llama_ckpts}],
+                      "layouts": LAYOUTS, "rows": ROWS, "seq_length": SEQ},
+            "train": train}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    proc = run_torchrun(4, WORKER, str(tmp / "spec.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((tmp / "results.json").read_text())
+
+
+def _curve(results, name):
+    return results["train"][name]["result"]
+
+
+@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied"])
+def test_logits_and_loss_equal_transformers_at_every_layout(results, model):
+    layouts = results["model"][model]
+    assert set(CP_LAYOUTS) <= set(layouts)
+    for name, r in layouts.items():
+        assert r["logits_abs_max"] > 0.1, (name, "degenerate reference")
+        assert r["logits_max_abs_diff"] <= 1e-4, (name, r)
+        assert abs(r["loss_sum"] - r["hf_loss_sum"]) <= 1e-5 * r["hf_loss_sum"], (name, r)
+
+
+@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied"])
+def test_gradients_equal_cp1_and_the_chunked_loss_is_exact(results, model):
+    for name, r in results["model"][model].items():
+        assert r["same_grad_keys"], name
+        assert r["grad_abs_max"] > 1e-3, (name, "no gradient reached the parameters")
+        scale = max(1.0, r["grad_abs_max"])
+        assert r["grad_max_abs_diff_vs_cp1"] <= 1e-5 * scale, (name, r)
+        assert r["chunked_grad_max_abs_diff"] <= 1e-5 * scale, (name, r)
+        assert abs(r["chunked_loss_sum"] - r["loss_sum"]) <= 1e-6 * r["loss_sum"], (name, r)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_cp2_curve_equals_cp1_and_resumes_exactly(results):
+    cp1, cp2, resumed = (_curve(results, n) for n in ("cp1", "cp2", "cp2_resumed"))
+    assert "CP2" in results["train"]["cp2"]["describe"]
+    assert len(cp1) == len(cp2) == 5 and cp1[-1]["loss"] < cp1[0]["loss"]
+    for a, b in zip(cp1, cp2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+        assert a["loss_tokens"] == b["loss_tokens"]
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (a, b)
+    assert [h["iteration"] for h in resumed] == [3, 4, 5]
+    for a, b in zip(cp2[2:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_sequence_parallel_curve_equals_tp2_with_and_without_lora(results):
+    for plain, sp in (("tp2", "tp2_sp"), ("tp2_lora", "tp2_sp_lora")):
+        a_curve, b_curve = _curve(results, plain), _curve(results, sp)
+        assert len(a_curve) == len(b_curve) == 3
+        for a, b in zip(a_curve, b_curve):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4, (sp, a, b)
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (sp, a, b)
+    # LoRA trains something else than full fine-tuning (the adapters really ran under SP)
+    assert abs(_curve(results, "tp2_sp_lora")[-1]["loss"] - _curve(results, "tp2_sp")[-1]["loss"]) \
+        > 1e-3
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_trainer_loss_at_cp2_tp2_sp_with_the_chunked_loss_equals_transformers(results):
+    run = results["train"]["cp2_tp2_sp_chunked_hf"]
+    r = run["result"]
+    assert run["chunked_loss"] and "TP2 PP1 CP2" in run["describe"]
+    assert r["megatron_tokens"] == r["hf_tokens"] > 0
+    assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r
