@@ -25,7 +25,7 @@ from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sf
 from megatron.sft.runtime.distributed import RuntimeInfo, initialize_distributed
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.parallel_dims import ParallelDims
-from megatron.sft.training.arguments import TrainConfig
+from megatron.sft.training.arguments import TE_CP_PIPELINE, TrainConfig
 from megatron.sft.training.batch import local_micro_batch, masked_loss_sum
 from megatron.sft.training.chunked_loss import (
     chunked_loss_sum,
@@ -112,6 +112,8 @@ class Trainer:
             self.log = lambda message: None
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cp=self.dims.cp_size)
+        if self.impl.attention == "te" and self.dims.cp_size > 1 and self.dims.layout.pp > 1:
+            raise ValueError(TE_CP_PIPELINE)
         self.log(f"layers: {self.impl.describe()}")
         self._build_data()
         check_training_data(self)  # vocabulary, lengths, objective: before building the model

@@ -29,6 +29,9 @@ def _cfg(**kw):
     (dict(context_parallel_size=2, tensor_model_parallel_size=2, global_batch_size=4), 6,
      r"world size 6 is not divisible by --tensor-model-parallel-size 2 x "
      r"--pipeline-model-parallel-size 1 x --context-parallel-size 2; launch a multiple of 4"),
+    (dict(context_parallel_size=2, pipeline_model_parallel_size=2, attention_backend="te"), 4,
+     r"--attention-backend te with --context-parallel-size > 1 and "
+     r"--pipeline-model-parallel-size > 1: .*use --attention-backend varlen"),
     (dict(context_parallel_size=2, attention_backend="dense"), 2,
      r"--attention-backend dense has no context parallelism \(--context-parallel-size 2\); use "
      r"--attention-backend .*sdpa"),
