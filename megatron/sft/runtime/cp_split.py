@@ -172,7 +172,9 @@ class VarlenLayout:
 
 
 def varlen_layout(pieces: Sequence[Piece]) -> VarlenLayout:
-    """>>> v = varlen_layout(query_pieces((0, 5, 8), 1, 8, 2, 0))
+    """The pieces as varlen sequences (rank 0 of the :func:`query_pieces` example).
+
+    >>> v = varlen_layout(query_pieces((0, 5, 8), 1, 8, 2, 0))
     >>> v.cu_seqlens_q, v.cu_seqlens_k, v.key_index.tolist()
     ((0, 2, 4), (0, 2, 5), [0, 1, 5, 6, 7])
     """
@@ -218,7 +220,9 @@ class ThdLayout:
 
 
 def thd_layout(bounds: Sequence[int], cp: int, rank: int) -> ThdLayout:
-    """>>> t = thd_layout((0, 3, 8), 2, 0)  # documents 3 -> padded 4, 5 -> padded 8
+    """This rank's part of the micro-batch in TE's THD CP layout.
+
+    >>> t = thd_layout((0, 3, 8), 2, 0)  # documents 3 -> padded 4, 5 -> padded 8
     >>> t.cu_seqlens, t.cu_seqlens_padded, t.index.tolist()
     ((0, 3, 8), (0, 4, 12), [[0, -1, 3, 4, -1, -1]])
     """

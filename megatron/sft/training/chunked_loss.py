@@ -53,7 +53,9 @@ def use_chunked_loss(setting: str, tokens: int, padded_vocab: int, tp: int) -> b
 
 
 def chunk_tokens(vocab_per_rank: int, logits_per_chunk: int = LOGITS_PER_CHUNK) -> int:
-    """>>> chunk_tokens(151936), chunk_tokens(32000)
+    """Tokens per chunk for a vocabulary shard of ``vocab_per_rank`` rows.
+
+    >>> chunk_tokens(151936), chunk_tokens(32000)
     (220, 1048)
     """
     return max(1, logits_per_chunk // vocab_per_rank)
