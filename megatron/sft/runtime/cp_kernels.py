@@ -6,7 +6,7 @@ micro-batch's rows), ``k, v [t, hkv, d]`` (every token of the micro-batch in CP1
 the all-gather of :mod:`megatron.sft.runtime.context_parallel`), the micro-batch's
 ``DocumentSegments`` (whose ``cp_pieces`` come from :func:`cp_split.query_pieces`), the softmax
 scale and an optional sliding window; it returns ``[tq, hq, d]``. All three read the same
-pieces, so the bookkeeping is tested once, on CPU (``tests/unit/runtime/test_context_parallel.py``):
+pieces, so the bookkeeping is tested once, on CPU (``tests/unit/runtime/test_context_parallel_math.py``):
 
 - ``sdpa``: one call per piece. A piece whose document started before it sees more keys than
   it has queries; its causal mask is aligned to the bottom-right corner, which

@@ -2,7 +2,7 @@
 today's logits -> fp32 -> padded-vocabulary mask -> cross-entropy path (fp64, fp32, bf16, a
 frozen weight), and at s = 8192, vocabulary 32000 no tensor within 4x of the logits' size in
 forward + backward (the probe of the attention test). TP2, SP, PP and CP are
-``tests/integration/training/test_context_parallel.py``."""
+``tests/integration/training/test_context_parallel_training.py``."""
 
 import pytest
 import torch

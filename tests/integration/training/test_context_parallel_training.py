@@ -14,7 +14,7 @@ layout):
 
 The chunked loss's ``>= 4x`` smaller peak tensor and its exactness on one process (fp32, bf16,
 padded vocabulary) are unit tests (``tests/unit/training/test_chunked_loss.py``), the CP split
-and attention math too (``tests/unit/runtime/test_context_parallel.py``).
+and attention math too (``tests/unit/runtime/test_context_parallel_math.py``).
 """
 
 import json
