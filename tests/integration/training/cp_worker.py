@@ -10,8 +10,9 @@ group stays).
   ``sdpa`` backend: the max |logits - transformers| over this rank's real tokens (HF runs each
   document alone), the masked loss sum over the CP group vs transformers', and every
   parameter's gradient summed over CP (and over TP for sequence-parallel norms, as
-  ``finalize_model_grads`` does) vs the CP1 layout with the same TP x PP. Each layout runs a
-  second time with the chunked loss: its loss and gradients vs the unchunked ones.
+  ``finalize_model_grads`` does) vs the CP1 layout with the same TP x PP. The layouts in
+  ``chunked_layouts`` (default: all) run a second time with the chunked loss: its loss and
+  gradients vs the unchunked ones.
 - ``train``: ``[{name, config, resume_from?, rewind_to?}]`` TrainConfig runs in order; each
   writes its per-iteration history. ``rewind_to`` points the tracker of ``resume_from``'s
   ``--save`` back to that iteration first (a rolled-back resume). ``hf_loss`` entries instead
@@ -192,7 +193,9 @@ def run_models(spec):
             layout = ParallelLayout(tp, pp, cp=cp)
             reinit(layout)
             logits, loss, grads, index = run_model_layout(pair, layout, sp, False, data, seq)
-            _, c_loss, c_grads, _ = run_model_layout(pair, layout, sp, True, data, seq)
+            c_loss, c_grads = loss, grads  # the chunked loss where the spec asks for it
+            if [tp, pp, cp, sp] in spec.get("chunked_layouts", spec["layouts"]):
+                _, c_loss, c_grads, _ = run_model_layout(pair, layout, sp, True, data, seq)
             _log(f"{pair['name']} {name}")
             if cp == 1:
                 cp1_grads[(tp, pp)] = grads

@@ -6,11 +6,12 @@ layout):
   their CP1 layouts), on packed rows with a document longer than a chunk, a 1-token document, a
   document spanning the chunk pair of a rank and padding; tied (Qwen2) and untied (Llama, with
   llama3 RoPE scaling) embeddings;
-- parameter gradients summed over CP equal CP1's, and the chunked loss gives the same loss and
-  gradients as the unchunked one at every layout;
+- parameter gradients summed over CP equal CP1's, and the chunked loss (chunks of 7 tokens)
+  gives the same loss and gradients as the unchunked one at TP1, CP2 x TP2 with SP and
+  CP2 x PP2;
 - through the trainer: a 5-iteration curve (and gradient norms) at CP2 equals CP1, resuming at
-  CP2 is exact, TP2 with SP equals TP2 without (3 iterations), with and without LoRA, and the
-  trainer's loss at CP2 x TP2 with SP and the chunked loss equals transformers'.
+  CP2 is exact, TP2 with SP equals TP2 without (3 iterations of 4 rows), with and without
+  LoRA, and the trainer's loss at CP2 x TP2 with SP and the chunked loss equals transformers'.
 
 The chunked loss's ``>= 4x`` smaller peak tensor and its exactness on one process (fp32, bf16,
 padded vocabulary) are unit tests (``tests/unit/training/test_chunked_loss.py``), the CP split
@@ -37,6 +38,8 @@ LAYOUTS = [(1, 1, 1, False), (1, 1, 2, False), (1, 1, 4, False), (2, 1, 1, False
            (2, 1, 2, True), (1, 2, 1, False), (1, 2, 2, False)]
 CP_LAYOUTS = [f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in LAYOUTS
               if cp > 1]
+#: the chunked loss vs the unchunked one: TP1, and TP2 with SP, CP and PP each in one layout
+CHUNKED = [(1, 1, 1, False), (2, 1, 2, True), (1, 2, 2, False)]
 
 
 def _train(name, ckpt, data, **overrides):
@@ -61,19 +64,18 @@ def results(sft_assets, checkpoints, tmp_path_factory):
     data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
     one = checkpoints[(1, 1)]
     lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
+    sp_run = dict(tensor_model_parallel_size=2, train_iters=3, global_batch_size=4)
     train = [
         _train("cp1", one, data),
         _train("cp2", one, data, context_parallel_size=2, save=str(tmp / "cp2"),
                save_interval=2, keep_last=0),
         {**_train("cp2_resumed", str(tmp / "cp2"), data, context_parallel_size=2,
                   save=str(tmp / "cp2-resumed")), "rewind_to": 2},
-        # sequence parallelism: 3-iteration curves (the CP curve above has 5)
-        _train("tp2", tp2, data, tensor_model_parallel_size=2, train_iters=3),
-        _train("tp2_sp", tp2, data, tensor_model_parallel_size=2, sequence_parallel=True,
-               train_iters=3),
-        _train("tp2_lora", tp2, data, tensor_model_parallel_size=2, train_iters=3, **lora),
-        _train("tp2_sp_lora", tp2, data, tensor_model_parallel_size=2, sequence_parallel=True,
-               train_iters=3, **lora),
+        # sequence parallelism: 3-iteration curves of 4 rows (the CP curve above has 5 of 8)
+        _train("tp2", tp2, data, **sp_run),
+        _train("tp2_sp", tp2, data, sequence_parallel=True, **sp_run),
+        _train("tp2_lora", tp2, data, **sp_run, **lora),
+        _train("tp2_sp_lora", tp2, data, sequence_parallel=True, **sp_run, **lora),
         {**_train("cp2_tp2_sp_chunked_hf", tp2, data, context_parallel_size=2,
                   tensor_model_parallel_size=2, sequence_parallel=True, chunked_loss="on"),
          "hf_loss": True, "hf": str(sft_assets["hf"])},
@@ -83,7 +85,8 @@ def results(sft_assets, checkpoints, tmp_path_factory):
                                   "ckpts": qwen},
                                  {"name": "llama-untied", "hf": str(llama),
                                   "ckpts": llama_ckpts}],
-                      "layouts": LAYOUTS, "rows": ROWS, "seq_length": SEQ},
+                      "layouts": LAYOUTS, "chunked_layouts": CHUNKED, "rows": ROWS,
+                      "seq_length": SEQ},
             "train": train}
     (tmp / "spec.json").write_text(json.dumps(spec))
     proc = run_torchrun(4, WORKER, str(tmp / "spec.json"))
@@ -109,6 +112,8 @@ def test_logits_and_loss_equal_transformers_at_every_layout(results, model):
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied"])
 def test_gradients_equal_cp1_and_the_chunked_loss_is_exact(results, model):
+    chunked = {f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in CHUNKED}
+    assert chunked <= set(results["model"][model])
     for name, r in results["model"][model].items():
         assert r["same_grad_keys"], name
         assert r["grad_abs_max"] > 1e-3, (name, "no gradient reached the parameters")
