@@ -2,8 +2,9 @@
 ``sdpa`` on CUDA) runs each simulated CP rank's queries against the whole micro-batch's K/V (what
 the all-gather hands it), and the ranks' outputs put back in row order equal full attention,
 forward and backward, in bf16. One GPU cannot run CP > 1 over NCCL; the all-gather itself is
-tested on CPU under gloo (tests/integration/training/test_context_parallel_training.py), and the pieces
-every backend reads are tested on CPU (tests/unit/runtime/test_context_parallel_math.py).
+tested on CPU under gloo (tests/integration/training/test_context_parallel_training.py), and
+the pieces every backend reads are tested on CPU
+(tests/unit/runtime/test_context_parallel_math.py).
 
 Tolerance (bf16 inputs), as tests/gpu/test_attention_backends_gpu.py: the reference is the
 dense masked softmax computed in fp32 from the same bf16 inputs; outputs and q/k/v gradients

@@ -6,7 +6,8 @@ micro-batch's rows), ``k, v [t, hkv, d]`` (every token of the micro-batch in CP1
 the all-gather of :mod:`megatron.sft.runtime.context_parallel`), the micro-batch's
 ``DocumentSegments`` (whose ``cp_pieces`` come from :func:`cp_split.query_pieces`), the softmax
 scale and an optional sliding window; it returns ``[tq, hq, d]``. All three read the same
-pieces, so the bookkeeping is tested once, on CPU (``tests/unit/runtime/test_context_parallel_math.py``):
+pieces, so the bookkeeping is tested once, on CPU
+(``tests/unit/runtime/test_context_parallel_math.py``):
 
 - ``sdpa``: one call per piece. A piece whose document started before it sees more keys than
   it has queries; its causal mask is aligned to the bottom-right corner, which
@@ -61,8 +62,8 @@ class PrefixCausalAttention(torch.autograd.Function):
 
     Forward: ``(o_p, lse_p)`` over the ``S - L`` prefix keys (no mask) and ``(o_d, lse_d)`` over
     the last ``L`` (square causal); ``lse = logaddexp(lse_p, lse_d)``,
-    ``out = o_p·exp(lse_p − lse) + o_d·exp(lse_d − lse)``. Backward: the kernel's backward on each
-    block with the merged ``out`` and ``lse`` gives each block's exact share of dq and its own
+    ``out = o_p·exp(lse_p − lse) + o_d·exp(lse_d − lse)``. Backward: the kernel's backward on
+    each block with the merged ``out`` and ``lse`` gives each block's exact share of dq and its own
     dk, dv (softmax probabilities are ``exp(score − lse)`` with the global ``lse``). GQA: the
     kernel takes fewer K/V heads as they are.
     """
