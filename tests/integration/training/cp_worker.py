@@ -42,16 +42,23 @@ def _log(what):
         _T0[0] = now
 
 
-def reinit(layout):
-    """megatron-core's parallel state for ``layout`` on the existing process group."""
+def reset():
+    """Drop megatron-core's parallel state (the process group stays), so the next layout can
+    initialise it."""
     from megatron.core import parallel_state as ps
 
-    from megatron.sft.runtime.distributed import initialize_distributed
     from megatron.sft.runtime.parallel_dims import set_parallel_dims
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     set_parallel_dims(None)
+
+
+def reinit(layout):
+    """megatron-core's parallel state for ``layout`` on the existing process group."""
+    from megatron.sft.runtime.distributed import initialize_distributed
+
+    reset()
     return initialize_distributed(layout)
 
 
@@ -241,7 +248,7 @@ def run_trainings(entries):
             save = Path(entry["config"]["load"])
             (save / "latest_checkpointed_iteration.txt").write_text(f"{entry['rewind_to']}\n")
         dist.barrier()
-        reinit(cfg.parallel_layout())
+        reset()  # Trainer.setup initialises the run's layout
         trainer = Trainer(cfg, log=lambda m: None)
         trainer.setup()
         if entry.get("hf_loss"):
@@ -255,6 +262,9 @@ def run_trainings(entries):
             result = trainer.train()
         result = {"result": result, "chunked_loss": trainer.chunked_loss,
                   "describe": trainer.dims.describe()}
+        if cfg.save and dist.get_rank() == 0:  # the files of the last save
+            last = sorted(Path(cfg.save).glob("iter_*"))[-1]
+            result["files"] = sorted(str(f.relative_to(last)) for f in last.rglob("*.pt"))
         if trainer.run_lock is not None:
             trainer.run_lock.release()
         out[entry["name"]] = result

@@ -9,8 +9,9 @@ layout):
 - parameter gradients summed over CP equal CP1's, and the chunked loss (chunks of 7 tokens)
   gives the same loss and gradients as the unchunked one at TP1, CP2 x TP2 with SP and
   CP2 x PP2;
-- through the trainer: a 5-iteration curve (and gradient norms) at CP2 equals CP1, resuming at
-  CP2 is exact, TP2 with SP equals TP2 without (3 iterations of 4 rows), with and without
+- through the trainer: a 5-iteration curve (and gradient norms) at CP2 equals CP1, with the
+  distributed optimizer and with PP2 x VPP2 and full recompute; resuming at CP2 is exact and
+  writes TP1 PP1's files once; LoRA at CP2 equals LoRA without CP; TP2 with SP equals TP2 without (3 iterations of 4 rows), with and without
   LoRA, and the trainer's loss at CP2 x TP2 with SP and the chunked loss equals transformers'.
 
 The chunked loss's ``>= 4x`` smaller peak tensor and its exactness on one process (fp32, bf16,
@@ -64,18 +65,28 @@ def results(sft_assets, checkpoints, tmp_path_factory):
     data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
     one = checkpoints[(1, 1)]
     lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
-    sp_run = dict(tensor_model_parallel_size=2, train_iters=3, global_batch_size=4)
+    # no warmup: every one of the 3 steps moves the weights (the warmup's first step has lr 0)
+    sp_run = dict(tensor_model_parallel_size=2, train_iters=3, global_batch_size=4,
+                  lr_warmup_iters=0)
     train = [
         _train("cp1", one, data),
+        # CP2 x DP2 with the distributed optimizer, saved at 2 and resumed from there
         _train("cp2", one, data, context_parallel_size=2, save=str(tmp / "cp2"),
-               save_interval=2, keep_last=0),
+               save_interval=2, keep_last=0, use_distributed_optimizer=True),
         {**_train("cp2_resumed", str(tmp / "cp2"), data, context_parallel_size=2,
-                  save=str(tmp / "cp2-resumed")), "rewind_to": 2},
+                  save=str(tmp / "cp2-resumed"), use_distributed_optimizer=True),
+         "rewind_to": 2},
+        # CP2 x PP2 interleaved (VPP2) with full recompute: the all-gather runs again in backward
+        _train("cp2_vpp_recompute", checkpoints["vpp"], data, context_parallel_size=2,
+               pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
+               recompute_granularity="full"),
         # sequence parallelism: 3-iteration curves of 4 rows (the CP curve above has 5 of 8)
         _train("tp2", tp2, data, **sp_run),
         _train("tp2_sp", tp2, data, sequence_parallel=True, **sp_run),
         _train("tp2_lora", tp2, data, **sp_run, **lora),
         _train("tp2_sp_lora", tp2, data, sequence_parallel=True, **sp_run, **lora),
+        _train("cp2_lora", one, data, context_parallel_size=2, train_iters=3,
+               global_batch_size=4, lr_warmup_iters=0, **lora),
         {**_train("cp2_tp2_sp_chunked_hf", tp2, data, context_parallel_size=2,
                   tensor_model_parallel_size=2, sequence_parallel=True, chunked_loss="on"),
          "hf_loss": True, "hf": str(sft_assets["hf"])},
@@ -136,6 +147,20 @@ def test_cp2_curve_equals_cp1_and_resumes_exactly(results):
     for a, b in zip(cp2[2:], resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    # one writer per file: CP ranks hold the same weights, the files are TP1 PP1's
+    saved = results["train"]["cp2"]["files"]
+    assert saved == ["mp_rank_00/distrib_optim.pt", "mp_rank_00/model_optim_rng.pt"], saved
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_cp_composes_with_interleaved_pipelines_recompute_and_lora(results):
+    cp1, vpp = _curve(results, "cp1"), _curve(results, "cp2_vpp_recompute")
+    assert "CP2" in results["train"]["cp2_vpp_recompute"]["describe"] and len(vpp) == 5
+    for a, b in zip(cp1, vpp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
+    # LoRA at CP2 x DP2 trains what LoRA at TP2 x DP2 (no CP) does
+    for a, b in zip(_curve(results, "tp2_lora"), _curve(results, "cp2_lora")):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a, b)
 
 
 @pytest.mark.xdist_group("multiprocess")
