@@ -71,16 +71,18 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
     """``(hidden [n, h], weight [v/TP, h], labels [n], mask [n]) -> sum of mask · loss`` (fp32
     scalar), ``chunk`` tokens at a time; see the module docstring. ``vocab_start`` is this
     rank's first vocabulary row, ``vocab_size`` the real (unpadded) vocabulary, ``group`` the TP
-    group (``None`` at TP1)."""
+    group (``None`` at TP1). ``grad=False`` skips the gradient work (evaluation: inside
+    ``forward`` grad mode is always off, and ``ctx.needs_input_grad`` does not know it was off
+    outside)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, mask, vocab_size: int, vocab_start: int,
-                group: Optional[Any], chunk: int):
+                group: Optional[Any], chunk: int, grad: bool = True):
         from torch.distributed import ReduceOp
 
         n, per_rank = hidden.shape[0], weight.shape[0]
         pad_from = max(min(vocab_size - vocab_start, per_rank), 0)  # padded rows: [pad_from, )
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_dh, want_dw = (grad and ctx.needs_input_grad[0]), (grad and ctx.needs_input_grad[1])
         dh = torch.empty_like(hidden) if want_dh else None
         acc = torch.promote_types(weight.dtype, torch.float32)  # dW summed over chunks in fp32
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dw else None
@@ -120,7 +122,7 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         dh = next(saved) * grad_total if ctx.has[0] else None
         dw = (next(saved) * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -148,7 +150,7 @@ def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     per_rank = weight.shape[0]
     total = ChunkedVocabParallelCrossEntropy.apply(
         h.reshape(s * b, h.shape[-1]), weight, y, m, vocab_size, tp_rank * per_rank, tp_group,
-        chunk or chunk_tokens(per_rank))
+        chunk or chunk_tokens(per_rank), torch.is_grad_enabled())
     return total, m.sum().to(torch.int64)
 
 

@@ -12,7 +12,8 @@ layout):
 - through the trainer: a 5-iteration curve (and gradient norms) at CP2 equals CP1, with the
   distributed optimizer and with PP2 x VPP2 and full recompute; resuming at CP2 is exact and
   writes TP1 PP1's files once; LoRA at CP2 equals LoRA without CP; TP2 with SP equals TP2 without (3 iterations of 4 rows), with and without
-  LoRA, and the trainer's loss at CP2 x TP2 with SP and the chunked loss equals transformers'.
+  LoRA, and the trainer's loss at CP2 x TP2 with SP and the chunked loss, and at CP4 on
+  unpacked rows, equals transformers'.
 
 The chunked loss's ``>= 4x`` smaller peak tensor and its exactness on one process (fp32, bf16,
 padded vocabulary) are unit tests (``tests/unit/training/test_chunked_loss.py``), the CP split
@@ -89,6 +90,8 @@ def results(sft_assets, checkpoints, tmp_path_factory):
                global_batch_size=4, lr_warmup_iters=0, **lora),
         {**_train("cp2_tp2_sp_chunked_hf", tp2, data, context_parallel_size=2,
                   tensor_model_parallel_size=2, sequence_parallel=True, chunked_loss="on"),
+         "hf_loss": True, "hf": str(sft_assets["hf"])},
+        {**_train("cp4_unpacked_hf", one, data, context_parallel_size=4, packing=False),
          "hf_loss": True, "hf": str(sft_assets["hf"])},
     ]
     spec = {"out": str(tmp / "results.json"),
@@ -177,9 +180,12 @@ def test_sequence_parallel_curve_equals_tp2_with_and_without_lora(results):
 
 
 @pytest.mark.xdist_group("multiprocess")
-def test_trainer_loss_at_cp2_tp2_sp_with_the_chunked_loss_equals_transformers(results):
-    run = results["train"]["cp2_tp2_sp_chunked_hf"]
+@pytest.mark.parametrize("name, layout", [("cp2_tp2_sp_chunked_hf", "TP2 PP1 CP2"),
+                                          ("cp4_unpacked_hf", "TP1 PP1 CP4")])
+def test_trainer_loss_equals_transformers(results, name, layout):
+    """CP2 x TP2 with SP and the chunked loss on packed rows; CP4 on unpacked (padded) rows."""
+    run = results["train"][name]
     r = run["result"]
-    assert run["chunked_loss"] and "TP2 PP1 CP2" in run["describe"]
+    assert run["chunked_loss"] == (name == "cp2_tp2_sp_chunked_hf") and layout in run["describe"]
     assert r["megatron_tokens"] == r["hf_tokens"] > 0
     assert abs(r["megatron"] - r["hf"]) <= 1e-5 * r["hf"], r

@@ -61,6 +61,28 @@ def test_frozen_weight_gets_no_gradient_work():
     assert (dh - ref).abs().max() < 1e-5
 
 
+def test_no_gradient_work_without_grad_mode():
+    """Evaluation runs one matmul per chunk (the logits), training three (+ dH, dW)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.mm.default
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, labels, mask, vocab = _inputs()  # 37 tokens: 8 chunks of 5
+    counts = {}
+    for grad in (False, True):
+        with CountMatmuls() as probe, torch.set_grad_enabled(grad):
+            got = ChunkedVocabParallelCrossEntropy.apply(hidden, weight, labels, mask, vocab, 0,
+                                                         None, 5, torch.is_grad_enabled())
+        counts[grad] = probe.count
+        assert abs(got.item() - _unchunked(hidden, weight, labels, mask, vocab).item()) < 1e-4
+    assert counts == {False: 8, True: 24}
+
+
 def test_largest_tensor_at_8192_tokens_and_32000_vocab_is_over_4x_smaller():
     s, vocab, h = 8192, 32000, 16
     gen = torch.Generator().manual_seed(0)
