@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2] / "megatron" / "sft"
 PURE = ["bridge/transforms.py", "bridge/model_shape.py", "bridge/rules.py",
         "bridge/stage_mapping.py", "bridge/architectures", "lora/split.py", "lora/settings.py",
         "runtime/attention.py", "runtime/cp_split.py", "runtime/cp_kernels.py",
-        "runtime/norms.py", "runtime/layout.py", "runtime/layer_impl.py", "lora/bases.py",
+        "runtime/norms.py", "runtime/tp_attributes.py", "runtime/layout.py", "runtime/layer_impl.py", "lora/bases.py",
         "training/batch.py",
         "training/model_config.py"]
 FORBIDDEN = ("torch.distributed", "megatron.core.parallel_state", "megatron.core.tensor_parallel")

@@ -20,6 +20,7 @@ from megatron.sft.runtime.cpu_mode import cpu_mode_active
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.layout import LayoutError
 from megatron.sft.runtime.parallel_dims import parallel_dims
+from megatron.sft.runtime.tp_attributes import mark_tensor_parallel_weights
 from megatron.sft.training.model_config import gpt_model_kwargs, transformer_config
 
 
@@ -60,6 +61,9 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
             vp_stage=chunk if vpp else None,
             **kwargs,
         )
+        # Built without initialisation, megatron-core 0.16 leaves TP-split weights unmarked and
+        # its grad norm (and clipping) would skip their shards on TP ranks > 0.
+        mark_tensor_parallel_weights(model)
         # megatron-core's local-spec norms (torch RMSNorm) ignore params_dtype and stay fp32.
         # TE's norms and HF's bf16 checkpoints keep them in the model dtype, and the distributed
         # optimizer mis-indexes fp32 params mixed into bf16 groups, so make the model uniform.

@@ -82,8 +82,9 @@ def results(sft_assets, checkpoints, tmp_path_factory):
                pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
                recompute_granularity="full"),
         # sequence parallelism: 3-iteration curves of 4 rows (the CP curve above has 5 of 8)
-        _train("tp2", tp2, data, **sp_run),
-        _train("tp2_sp", tp2, data, sequence_parallel=True, **sp_run),
+        # (TP2 without LoRA on cp1's 8 rows: its first gradient norm is cp1's)
+        _train("tp2", tp2, data, **{**sp_run, "global_batch_size": 8}),
+        _train("tp2_sp", tp2, data, sequence_parallel=True, **{**sp_run, "global_batch_size": 8}),
         _train("tp2_lora", tp2, data, **sp_run, **lora),
         _train("tp2_sp_lora", tp2, data, sequence_parallel=True, **sp_run, **lora),
         _train("cp2_lora", one, data, context_parallel_size=2, train_iters=3,
@@ -174,6 +175,11 @@ def test_sequence_parallel_curve_equals_tp2_with_and_without_lora(results):
         for a, b in zip(a_curve, b_curve):
             assert abs(a["loss"] - b["loss"]) <= 1e-4, (sp, a, b)
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (sp, a, b)
+    # TP-split weights count on every TP rank in the gradient norm (tp_attributes.py): TP2's
+    # first gradient norm, on the same 8 rows and weights, is TP1's
+    tp1, tp2 = _curve(results, "cp1")[0], _curve(results, "tp2")[0]
+    assert tp1["loss"] == pytest.approx(tp2["loss"], rel=1e-6)
+    assert tp1["grad_norm"] == pytest.approx(tp2["grad_norm"], rel=1e-5), (tp1, tp2)
     # LoRA trains something else than full fine-tuning (the adapters really ran under SP)
     assert abs(_curve(results, "tp2_sp_lora")[-1]["loss"] - _curve(results, "tp2_sp")[-1]["loss"]) \
         > 1e-3
