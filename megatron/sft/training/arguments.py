@@ -137,9 +137,9 @@ class TrainConfig:
         "q/k/v_proj, linear_proj = o_proj, linear_fc1 = gate/up_proj, linear_fc2 = down_proj)")
     # --- loss
     chunked_loss: Literal["auto", "on", "off"] = _field(
-        "auto", "output layer + cross-entropy in chunks of tokens, recomputed in backward, so "
-                "the [tokens, vocab/TP] logits never exist whole (exact); auto = on when "
-                "micro-batch x seq-length x vocab / TP exceeds 2^26 logits")
+        "auto", "output layer + cross-entropy in chunks of tokens, each chunk's gradients "
+                "computed at once, so the [tokens, vocab/TP] logits never exist whole (exact); "
+                "auto = on when micro-batch x seq-length / CP x vocab / TP exceeds 2^26 logits")
     # --- evaluation and logging
     eval_interval: Optional[int] = _field(None, "validate every N iterations")
     eval_iters: int = _field(10, "validation batches per evaluation")
