@@ -136,9 +136,13 @@ def sdpa_cp_attention(q, k, v, segments, scale: float, window: Optional[int] = N
         qd, kd, vd = q[p.q_start:p.q_end], k[p.k_start:p.k_end], v[p.k_start:p.k_end]
         if window is not None:
             mask = _band(p.queries, p.keys, window, q.device)
-            out = F.scaled_dot_product_attention(
-                _heads_first(qd), _heads_first(kd), _heads_first(vd), attn_mask=mask,
-                scale=scale, enable_gqa=kd.shape[1] != qd.shape[1])
+            qh, kh, vh = _heads_first(qd), _heads_first(kd), _heads_first(vd)
+            gqa = kh.shape[1] != qh.shape[1]
+            if gqa and q.device.type != "cpu":  # as at CP1: not every CUDA kernel takes GQA
+                kh, vh = _repeat_kv(kh, qh.shape[1], 1), _repeat_kv(vh, qh.shape[1], 1)
+                gqa = False
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                                 enable_gqa=gqa)
             outs.append(out.squeeze(0).transpose(0, 1))
         else:
             outs.append(bottom_right_causal(qd, kd, vd, scale))
