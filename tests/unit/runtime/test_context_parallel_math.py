@@ -9,6 +9,7 @@ import torch
 
 from megatron.sft.runtime import cp_kernels, cp_split
 from megatron.sft.runtime.attention import (
+    attention_backends,
     dense_reference_attention,
     document_segments,
     get_attention_backend,
@@ -190,3 +191,16 @@ def test_transformer_engine_layout_pads_documents_and_splits_each():
     assert cp_split.thd_layout(bounds, 2, 1).index.tolist() == [[1, 2, 5, 6, 7, -1, -1, -1]]
     tokens = torch.arange(100, 109).view(1, 9)
     assert cp_split.take_tokens(tokens, torch.tensor([[0, -1, 8]])).tolist() == [[100, 0, 108]]
+
+
+@pytest.mark.parametrize("name", [s.name for s in attention_backends() if s.supports_cp])
+@pytest.mark.parametrize("cp", [2, 4])
+def test_every_cp_backend_cuts_the_batch_into_the_ranks_tokens(name, cp):
+    """Every registered backend with context parallelism gives each rank tokens of equal
+    count that together are the micro-batch, each once (padding aside)."""
+    spec = get_attention_backend(name)
+    cuts = [spec.attention_inputs(CU, 2, S, None, cp_size=cp, cp_rank=r).local_index
+            for r in range(cp)]
+    assert len({tuple(c.shape) for c in cuts}) == 1
+    tokens = sorted(i for c in cuts for i in c.flatten().tolist() if i >= 0)
+    assert tokens == list(range(2 * S))
