@@ -11,6 +11,9 @@ iterations after ``--warmup``, read from the run's JSON log; MFU counts attentio
   python benchmarks/bench_train_gpu.py                       # every available backend, 4k and 16k
   python benchmarks/bench_train_gpu.py --seq-lengths 4096 --backends varlen flex --recompute none
   python benchmarks/bench_train_gpu.py --device cpu --tiny   # dry run of the whole harness on CPU
+  # the chunked loss's effect (the [16k, 152k] logits never whole): peak memory, tokens/s
+  python benchmarks/bench_train_gpu.py --seq-lengths 16384 --backends varlen --recompute selective \
+      --chunked-loss on off
 
 A configuration that runs out of memory is reported as OOM, not as a failure of the harness.
 Results also go to ``--output-json``.
@@ -54,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--recompute", nargs="+", default=["none", "selective", "full"],
                    choices=["none", "selective", "full"],
                    help="activation recompute settings to measure (default: all three)")
+    p.add_argument("--chunked-loss", nargs="+", default=["auto"], choices=["auto", "on", "off"],
+                   help="--chunked-loss settings to measure (default: auto, which is on at 16k "
+                        "with this vocabulary)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="rows per forward/backward")
     p.add_argument("--global-batch-size", type=int, default=8, help="rows per optimizer step")
     p.add_argument("--iters", type=int, default=8, help="measured iterations")
@@ -120,8 +126,8 @@ def available_backends(device: str) -> list[str]:
 
 
 def run_one(args, ckpt: Path, data: str, seq: int, backend: str, recompute: str,
-            work: Path) -> dict:
-    log = work / f"log-{seq}-{backend}-{recompute}.jsonl"
+            work: Path, chunked: str = "auto") -> dict:
+    log = work / f"log-{seq}-{backend}-{recompute}-{chunked}.jsonl"
     log.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(REPO / "tools" / "train_sft.py"), "--load", str(ckpt), "--data-path", data,
@@ -130,7 +136,8 @@ def run_one(args, ckpt: Path, data: str, seq: int, backend: str, recompute: str,
            "--global-batch-size", str(args.global_batch_size),
            "--train-iters", str(args.warmup + args.iters), "--lr", "1e-5",
            "--lr-decay-style", "constant", "--use-distributed-optimizer", "--no-progress",
-           "--attention-backend", backend, "--log-json", str(log), "--log-interval", "1000"]
+           "--attention-backend", backend, "--log-json", str(log), "--log-interval", "1000",
+           "--chunked-loss", chunked]
     if backend == "te":
         cmd += ["--transformer-impl", "transformer_engine"]
     if args.device == "cuda":
@@ -143,7 +150,7 @@ def run_one(args, ckpt: Path, data: str, seq: int, backend: str, recompute: str,
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     result = {"seq_length": seq, "backend": backend, "recompute": recompute,
-              "wall_s": round(time.perf_counter() - t0, 1)}
+              "chunked_loss": chunked, "wall_s": round(time.perf_counter() - t0, 1)}
     if proc.returncode != 0:
         text = proc.stdout + proc.stderr
         result["status"] = "OOM" if "out of memory" in text.lower() else "error"
@@ -159,11 +166,11 @@ def run_one(args, ckpt: Path, data: str, seq: int, backend: str, recompute: str,
 
 
 def _fmt(r: dict) -> str:
+    head = (f"{r['seq_length']:>6} {r['backend']:<7} {r['recompute']:<9} "
+            f"{r.get('chunked_loss', 'auto'):<7}")
     if r["status"] != "ok":
-        return (f"{r['seq_length']:>6} {r['backend']:<7} {r['recompute']:<9} "
-                f"{r['status']}: {r.get('error', '')}")
-    cells = [f"{r['seq_length']:>6}", f"{r['backend']:<7}", f"{r['recompute']:<9}",
-             f"{r['tokens_per_s']:>10.0f}", f"{r['ms_per_iter']:>9.0f}"]
+        return f"{head} {r['status']}: {r.get('error', '')}"
+    cells = [head, f"{r['tokens_per_s']:>10.0f}", f"{r['ms_per_iter']:>9.0f}"]
     cells.append(f"{r['tflops_per_gpu']:>8.1f}" if "tflops_per_gpu" in r else f"{'n/a':>8}")
     cells.append(f"{100 * r['mfu']:>6.1f}%" if "mfu" in r else f"{'n/a':>7}")
     cells.append(f"{r['max_memory_gib']:>8.1f}" if "max_memory_gib" in r else f"{'n/a':>8}")
@@ -191,16 +198,17 @@ def main(argv=None) -> int:
           f"({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, vocab "
           f"{shape['vocab_size']}); global batch {args.global_batch_size} rows; backends "
           f"{' '.join(backends)}", flush=True)
-    print(f"{'seq':>6} {'backend':<7} {'recompute':<9} {'tokens/s':>10} {'ms/iter':>9} "
-          f"{'TFLOP/s':>8} {'MFU':>7} {'mem GiB':>8}", flush=True)
+    print(f"{'seq':>6} {'backend':<7} {'recompute':<9} {'chunked':<7} {'tokens/s':>10} "
+          f"{'ms/iter':>9} {'TFLOP/s':>8} {'MFU':>7} {'mem GiB':>8}", flush=True)
     results = []
     for seq in seqs:
         ckpt, data = make_assets(work, shape, seq, args.documents)
         for backend in backends:
             for recompute in args.recompute:
-                r = run_one(args, ckpt, data, seq, backend, recompute, work)
-                results.append(r)
-                print(_fmt(r), flush=True)
+                for chunked in args.chunked_loss:
+                    r = run_one(args, ckpt, data, seq, backend, recompute, work, chunked)
+                    results.append(r)
+                    print(_fmt(r), flush=True)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"device": device, "results": results},
                                                      indent=1))

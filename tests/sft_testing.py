@@ -135,3 +135,29 @@ def run_batch(root: Path, nproc: int, scenarios: dict[str, dict]) -> Batch:
         path = root / f"{name}.json"
         results[name] = json.loads(path.read_text()) if path.exists() else None
     return Batch(root, results, log)
+def _largest_tensor_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        """Records the largest tensor any op creates (forward and backward): the probe behind
+        "no s x s tensor" (attention) and "no whole logits" (chunked loss)."""
+
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    return LargestTensor
+
+
+def __getattr__(name):
+    if name == "LargestTensor":  # built on first use: importing this module stays torch-free
+        return _largest_tensor_mode()
+    raise AttributeError(name)

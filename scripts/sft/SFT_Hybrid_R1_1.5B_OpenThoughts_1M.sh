@@ -26,13 +26,18 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${MASTER_ADDR:=localhost}"
 : "${MASTER_PORT:=6000}"
 
-# --- parallelism: the converted checkpoint must be split the same way (convert_*.sh SIZE TP PP)
+# --- parallelism: the converted checkpoint must be split the same way (convert_*.sh SIZE TP PP);
+# CP (context parallelism) splits every row over CP GPUs and never changes the checkpoint
 : "${TP:=1}"
 : "${PP:=1}"
+: "${CP:=1}"
 : "${VPP_LAYERS:=}"             # layers per virtual pipeline stage (interleaved 1F1B), needs PP>=2
 
-# --- data and batch: 16k-token packed sequences, global batch in sequences
-: "${SEQ_LEN:=16384}"
+# --- data and batch: 16k-token packed sequences, global batch in sequences. MAX_LEN is
+# tokenize_dataset.sh's (the data's name, its longest sample); a row holds SEQ_LEN tokens, and
+# each GPU MBS x SEQ_LEN / CP of them per micro-batch (what CP and MBS are sized for).
+: "${MAX_LEN:=16384}"
+: "${SEQ_LEN:=$MAX_LEN}"
 : "${MBS:=1}"
 : "${GBS:=64}"
 : "${TRAIN_EPOCHS:=1}"
@@ -50,7 +55,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 # --- paths
 : "${CKPT:=$ASSETS_DIR/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP${TP}PP${PP}}"
-: "${DATA_PATH:=$ASSETS_DIR/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B-${SEQ_LEN}}"
+: "${DATA_PATH:=$ASSETS_DIR/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B-${MAX_LEN}}"
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_Hybrid_R1_1.5B}"
 : "${SAVE_INTERVAL:=500}"
 : "${EVAL_INTERVAL:=500}"
@@ -71,6 +76,15 @@ if [[ ! -f "${DATA_PATH}_text_document.idx" ]]; then
 fi
 mkdir -p "$SAVE_DIR"
 
+# --- rows are cut into 2 x CP chunks, and each GPU's tokens over TP with sequence parallelism
+# (on whenever TP > 1): round SEQ_LEN up to that multiple (the extra positions are padding)
+MULTIPLE=$(( (CP > 1 ? 2 * CP : 1) * (TP > 1 ? TP : 1) ))
+if (( SEQ_LEN % MULTIPLE )); then
+  ROUNDED=$(( (SEQ_LEN / MULTIPLE + 1) * MULTIPLE ))
+  echo "note: SEQ_LEN $SEQ_LEN -> $ROUNDED, a multiple of $MULTIPLE (2 x CP=$CP x TP=$TP)" >&2
+  SEQ_LEN=$ROUNDED
+fi
+
 args=(
   --load "$LOAD" --save "$SAVE_DIR" --save-interval "$SAVE_INTERVAL"
   --data-path "$DATA_PATH" --split 99,1,0 --seq-length "$SEQ_LEN"
@@ -78,6 +92,7 @@ args=(
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --adam-beta1 0.9 --adam-beta2 0.95
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --context-parallel-size "$CP"
   --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --eval-interval "$EVAL_INTERVAL" --eval-iters 10 --log-interval 1
   --tensorboard-dir "$SAVE_DIR/tensorboard" --log-json "$SAVE_DIR/train_log.jsonl"

@@ -27,9 +27,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${MASTER_PORT:=6000}"
 
 # --- parallelism: the converted checkpoint must be split the same way (convert_*.sh 14B TP PP).
-# TP=2 holds the frozen bf16 base (28 GB) in 14 GB per GPU; no sequence parallelism with LoRA.
+# TP=2 holds the frozen bf16 base (28 GB) in 14 GB per GPU. CP splits each row over CP GPUs.
+# Sequence parallelism works with LoRA (proven on CPU, not yet on a GPU): SEQUENCE_PARALLEL=1.
 : "${TP:=2}"
 : "${PP:=1}"
+: "${CP:=1}"
+: "${SEQUENCE_PARALLEL:=0}"
 
 # --- LoRA: rank-R adapters on every attention and MLP linear; the update is scaled by alpha/R
 : "${LORA_RANK:=32}"
@@ -90,6 +93,7 @@ args=(
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --adam-beta1 0.9 --adam-beta2 0.95
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --context-parallel-size "$CP"
   --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --eval-interval "$EVAL_INTERVAL" --eval-iters 10 --log-interval 1
   --tensorboard-dir "$SAVE_DIR/tensorboard" --log-json "$SAVE_DIR/train_log.jsonl"
@@ -97,6 +101,7 @@ args=(
 if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args+=(--train-epochs "$TRAIN_EPOCHS"); fi
 [[ "$RECOMPUTE" != "none" ]] && args+=(--recompute-granularity "$RECOMPUTE")
 [[ -n "$WANDB_PROJECT" ]] && args+=(--wandb-project "$WANDB_PROJECT")
+[[ "$SEQUENCE_PARALLEL" == 1 ]] && args+=(--sequence-parallel)
 
 # --- launch one process per GPU on every node
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets TP communication overlap compute

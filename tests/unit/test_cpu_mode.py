@@ -29,6 +29,9 @@ def test_cuda_placements_become_cpu():
         assert x.to(torch.float64).dtype == torch.float64
         assert x.type() == "torch.cuda.FloatTensor"
         assert x.type(torch.float64).dtype == torch.float64
+        # megatron-core's CP RoPE slicing pins memory before moving to the GPU
+        assert torch.tensor([1, 2], pin_memory=True).cuda(non_blocking=True).tolist() == [1, 2]
+        assert x.pin_memory() is x
         ev = torch.cuda.Event(enable_timing=True); ev.record(); torch.cuda.synchronize()
         with torch.cuda.stream(torch.cuda.Stream()):
             pass

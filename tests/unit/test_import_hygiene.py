@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "megatron" / "sft"
 PURE = ["bridge/transforms.py", "bridge/model_shape.py", "bridge/rules.py",
         "bridge/stage_mapping.py", "bridge/architectures", "lora/split.py", "lora/settings.py",
-        "runtime/attention.py", "runtime/containers.py", "runtime/layout.py",
+        "runtime/attention.py", "runtime/containers.py", "runtime/cp_split.py",
+        "runtime/cp_kernels.py", "runtime/norms.py", "runtime/tp_attributes.py", "runtime/layout.py",
         "runtime/layer_impl.py", "lora/bases.py",
         "training/batch.py",
         "training/model_config.py"]

@@ -16,6 +16,15 @@ its base layer is, so the sum is exact at any TP size:
   ``A_rank·x_rank`` are summed with ``reduce_from_tensor_model_parallel_region`` (all-reduce
   forward, identity backward) before ``B``, exactly like the base's own reduce.
 
+With sequence parallelism (``--sequence-parallel``) a column-parallel base gets ``x`` for this
+rank's ``s / TP`` tokens and all-gathers it inside; a row-parallel base reduce-scatters its output
+to ``s / TP`` tokens. The adapter follows on its rank-``r`` middle, which is cheaper to move
+than ``x``: column, ``h = all_gather(A·x_local)`` (backward reduce-scatters); row,
+``h = reduce_scatter(A_rank·x_rank)`` (backward all-gathers) before ``B``. The replicated
+factor (``A`` of a column adapter, ``B`` of a row one) then sees only this rank's tokens, so
+it is marked ``sequence_parallel`` and megatron-core all-reduces its gradient over TP, as it
+does for the norms.
+
 Worked shapes, hidden 64, 4 heads / 2 KV groups of head_dim 16, r = 8, TP = 2::
 
     linear_qkv  W [64, 64] per rank (128 rows / 2)  A [8, 64] (replicated)  B [64, 8]
@@ -71,11 +80,13 @@ class LoRAAdapter(torch.nn.Module):
     """
 
     def __init__(self, parallel: Literal["column", "row"], in_features: int, out_features: int,
-                 settings: LoRASettings, dtype: torch.dtype, device: Optional[torch.device]):
+                 settings: LoRASettings, dtype: torch.dtype, device: Optional[torch.device],
+                 sequence_parallel: bool = False):
         super().__init__()
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         self.parallel = parallel
+        self.sequence_parallel = sequence_parallel
         self.scale = settings.scale
         self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout else None
         r = settings.rank
@@ -85,15 +96,20 @@ class LoRAAdapter(torch.nn.Module):
         # the replicated one once.
         split, dim = (self.B, 0) if parallel == "column" else (self.A, 1)
         set_tensor_model_parallel_attributes(split, is_parallel=True, dim=dim, stride=1)
+        if sequence_parallel:  # the replicated factor sees s / TP tokens: sum it over TP
+            replicated = self.A if parallel == "column" else self.B
+            setattr(replicated, "sequence_parallel", True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import (
             copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
             reduce_from_tensor_model_parallel_region,
+            reduce_scatter_to_sequence_parallel_region,
         )
 
         if self.dropout is not None:
-            if self.parallel == "row":
+            if self.parallel == "row" or self.sequence_parallel:
                 # This rank's slice of the input gets its own mask (megatron's TP-split RNG);
                 # a replicated input gets the same mask on every TP rank (the default RNG).
                 from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -104,9 +120,11 @@ class LoRAAdapter(torch.nn.Module):
                 x = self.dropout(x)
         h = torch.nn.functional.linear(x, self.A)
         if self.parallel == "column":
-            h = copy_to_tensor_model_parallel_region(h)
+            h = (gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+                 if self.sequence_parallel else copy_to_tensor_model_parallel_region(h))
         else:
-            h = reduce_from_tensor_model_parallel_region(h)
+            h = (reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel
+                 else reduce_from_tensor_model_parallel_region(h))
         return torch.nn.functional.linear(h, self.B) * self.scale
 
 
@@ -155,7 +173,8 @@ def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings) -> "
     parallel = LORA_TARGETS[target]
     kind = recognise_base(base, target, parallel)
     base.lora = LoRAAdapter(parallel, *adapter_shape(base), settings, dtype=base.weight.dtype,
-                            device=base.weight.device)
+                            device=base.weight.device,
+                            sequence_parallel=bool(getattr(base, "sequence_parallel", False)))
     base.register_forward_hook(functools.partial(_add_update, kind=kind), with_kwargs=True)
     return base.lora
 

@@ -102,10 +102,6 @@ def recognise_base(base: torch.nn.Module, target: str,
         raise LoRABaseError(f"{where}: this {name} holds no 2-D weight of its own (got "
                             f"{type(weight).__name__}); LoRA needs the base weight allocated "
                             "in the module (no skip_weight_param_allocation)")
-    if getattr(base, "sequence_parallel", False):
-        raise LoRABaseError(f"{where}: {name} runs with sequence parallelism, which LoRA does "
-                            "not support (its input is sharded by sequence); drop "
-                            "--sequence-parallel")
     if kind.transformer_engine:
         mode = getattr(base, "parallel_mode", None)
         if mode != split:

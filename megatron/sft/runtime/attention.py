@@ -20,6 +20,12 @@ the order of ``--attention-backend``'s choices:
              and GPU, O(sum l_i^2) work, no s x s tensor unless a window forces a banded mask.
 - ``dense``  megatron-core's ``DotProductAttention`` with a ``[b, 1, s, s]`` mask (reference).
 
+Context parallelism (``--context-parallel-size``): ``sdpa``, ``varlen`` and ``flex`` run this
+rank's queries against K/V all-gathered over the CP group (their ``cp_kernel``, in
+:mod:`megatron.sft.runtime.cp_kernels`, on the pieces of :mod:`megatron.sft.runtime.cp_split`);
+``te`` uses Transformer Engine's own CP attention on documents padded to ``2·CP``; ``dense``
+has none.
+
 Each is one :class:`AttentionBackendSpec` registered next to its code; ``--attention-backend``'s
 choices and help (``tools/train_sft.py``, ``tools/check_hf_parity.py``), ``auto``'s choice,
 the start-up checks, :class:`~megatron.sft.runtime.layer_impl.LayerImpl` and
@@ -36,7 +42,10 @@ Adding an attention backend (this file only)
    naming the alternative, ``auto_rank`` its place in ``auto``'s order, and
    ``PackedCoreAttention`` calls the kernel. A backend that is not a packed kernel (like ``te``
    or ``dense``) gives ``build_inputs`` (what a micro-batch passes to the model) and
-   ``build_core_attention`` (the module in the layer spec) instead.
+   ``build_core_attention`` (the module in the layer spec) instead. For context parallelism
+   give ``cp_kernel`` (local queries against all-gathered K/V, reading
+   ``segments.cp_pieces``) or, when the backend's own module does CP, ``cp_native=True`` and
+   a ``build_inputs`` that cuts the micro-batch (``AttentionInputs.local_index``).
 3. ``tests/unit/runtime/test_attention_registry.py`` iterates the registry: every packed kernel
    that runs on CPU is compared with :func:`dense_reference_attention` there, every one on CUDA
    in ``tests/gpu/test_attention_backends_gpu.py``; nothing to add unless the backend has
@@ -58,6 +67,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron.sft.runtime import cp_kernels, cp_split
 
 
 # --------------------------------------------------------------------------------- segments
@@ -81,6 +92,13 @@ def _document_segments_class() -> type:
         row_length: int = 0
         #: created lazily by the flex backend and reused by every layer of the micro-batch
         block_mask: object = None
+        #: context parallelism: this rank's query pieces (``cp_split.query_pieces``) and the
+        #: ``[rows, s / CP]`` global index of its tokens; empty / ``None`` at CP1
+        cp_size: int = 1
+        cp_pieces: tuple = ()
+        cp_query_index: Optional[torch.Tensor] = None
+        #: created lazily by the varlen backend at CP > 1 (``cp_kernels.cp_varlen_inputs``)
+        cp_varlen: object = None
 
         @property
         def max_document_length(self) -> int:
@@ -121,13 +139,23 @@ def segments_from_cu_seqlens(cu_seqlens: Optional[torch.Tensor], rows: int,
 
 
 def document_segments(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                      device: torch.device) -> DocumentSegments:
+                      device: torch.device, *, cp_size: int = 1, cp_rank: int = 0,
+                      window: Optional[int] = None) -> DocumentSegments:
+    """``seq_length`` is the whole row's length, at any CP size."""
     bounds = segments_from_cu_seqlens(cu_seqlens, rows, seq_length)
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-    # max_seqlen_* = the row length: megatron-core sizes its RoPE table from it.
+    cp = {}
+    if cp_size > 1:
+        cp = dict(cp_size=cp_size,
+                  cp_pieces=cp_split.query_pieces(bounds, rows, seq_length, cp_size, cp_rank,
+                                                  window),
+                  cp_query_index=cp_split.local_token_index(rows, seq_length, cp_size,
+                                                            cp_rank).to(device))
+    # max_seqlen_* = the row length: megatron-core sizes its RoPE table from it (and, at CP > 1,
+    # gives each rank the positions of its chunks, the ones cp_split gives it).
     return _document_segments_class()(
         qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq_length,
-        max_seqlen_kv=seq_length, bounds=bounds, rows=rows, row_length=seq_length)
+        max_seqlen_kv=seq_length, bounds=bounds, rows=rows, row_length=seq_length, **cp)
 
 
 def segment_ids(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -181,18 +209,24 @@ class AttentionInputs:
 
     ``flatten_rows``: Transformer Engine's THD path wants the ``b`` rows as one sequence of
     ``b * s`` tokens (``[b, s] -> [1, b*s]``), and its output reshaped back.
+
+    ``local_index``: with context parallelism, the tokens this rank runs, as indices into the
+    micro-batch flattened to ``b * s`` (``-1``: a padding token); the micro-batch's tokens,
+    labels, loss mask and positions are cut with it (``cp_split.take_tokens``). ``None``: all.
     """
 
     attention_mask: Optional[torch.Tensor] = None
     packed_seq_params: Any = None
     flatten_rows: bool = False
+    local_index: Optional[torch.Tensor] = None
 
 
 #: a packed backend's kernel: q [t, hq, d], k/v [t, hkv, d], DocumentSegments, softmax scale,
 #: sliding window (or None) -> [t, hq, d]
 Kernel = Callable[..., torch.Tensor]
-#: (cu_seqlens [b, n] or None when unpacked, rows, seq_length, sliding window) -> AttentionInputs
-InputsBuilder = Callable[[Optional[torch.Tensor], int, int, Optional[int]], AttentionInputs]
+#: (cu_seqlens [b, n] or None when unpacked, rows, seq_length, sliding window, *, cp_size,
+#: cp_rank) -> AttentionInputs
+InputsBuilder = Callable[..., AttentionInputs]
 
 
 def _nothing_missing() -> Optional[str]:
@@ -239,6 +273,12 @@ class AttentionBackendSpec:
     build_core_attention: Optional[Callable[[str, Optional[int]], Any]] = None
     #: ``window -> TransformerConfig`` fields this backend reads (e.g. TE's ``window_size``)
     config_overrides: Callable[[Optional[int]], dict[str, Any]] = _no_config_overrides
+    #: context parallelism, packed backends: ``(q_local, k_all, v_all, segments, scale,
+    #: window)`` after the K/V all-gather (:mod:`megatron.sft.runtime.cp_kernels`)
+    cp_kernel: Optional[Kernel] = None
+    #: context parallelism done by the backend's own core attention (TE); its ``build_inputs``
+    #: cuts the micro-batch
+    cp_native: bool = False
 
     def __post_init__(self):
         if not self.name or self.name == "auto":
@@ -251,10 +291,21 @@ class AttentionBackendSpec:
             raise ValueError(f"attention backend {self.name!r}: give a kernel (packed "
                              "backends) or build_inputs (what a micro-batch passes)")
 
+    @property
+    def supports_cp(self) -> bool:
+        return self.cp_kernel is not None or self.cp_native
+
     # ------------------------------------------------------------------ can it run here
-    def check(self, linear: str, device_type: str) -> Optional[str]:
+    def check(self, linear: str, device_type: str, cp: int = 1) -> Optional[str]:
         """Why this backend cannot run with ``linear`` layers (``"te"`` / ``"local"``) on
-        ``device_type``, naming the alternative; ``None`` when it can."""
+        ``device_type`` (at context parallel size ``cp``), naming the alternative; ``None``
+        when it can."""
+        if cp > 1 and not self.supports_cp:
+            others = [s.name for s in attention_backends() if s.supports_cp
+                      and s.check(linear, device_type, cp) is None]
+            return (f"--attention-backend {self.name} has no context parallelism "
+                    f"(--context-parallel-size {cp}); use --attention-backend "
+                    f"{' or '.join(others) or 'sdpa'}")
         if self.needs_te_layers and linear != "te":
             return (f"--attention-backend {self.name} needs Transformer Engine layers; use "
                     "--transformer-impl transformer_engine (NVIDIA PyTorch container), or "
@@ -270,9 +321,12 @@ class AttentionBackendSpec:
 
     # ------------------------------------------------------------------ what it builds
     def attention_inputs(self, cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                         window: Optional[int] = None) -> AttentionInputs:
+                         window: Optional[int] = None, *, cp_size: int = 1,
+                         cp_rank: int = 0) -> AttentionInputs:
+        if cp_size > 1 and not self.supports_cp:
+            raise ValueError(self.check("local", "cpu", cp_size))
         build = self.build_inputs or packed_attention_inputs
-        return build(cu_seqlens, rows, seq_length, window)
+        return build(cu_seqlens, rows, seq_length, window, cp_size=cp_size, cp_rank=cp_rank)
 
     def core_attention(self, linear: str, window: Optional[int]):
         """The layer spec's core-attention module, or ``None`` to keep the spec's own."""
@@ -324,9 +378,10 @@ def auto_order() -> tuple[AttentionBackendSpec, ...]:
     return tuple(sorted(ranked, key=lambda s: s.auto_rank))
 
 
-def auto_backend(linear: str, device_type: str) -> Optional[AttentionBackendSpec]:
-    """``auto``: the first backend of :func:`auto_order` that runs here (``None`` if none)."""
-    return next((s for s in auto_order() if s.check(linear, device_type) is None), None)
+def auto_backend(linear: str, device_type: str, cp: int = 1) -> Optional[AttentionBackendSpec]:
+    """``auto``: the first backend of :func:`auto_order` that runs here, at context parallel
+    size ``cp`` (``None`` if none)."""
+    return next((s for s in auto_order() if s.check(linear, device_type, cp) is None), None)
 
 
 def attention_backend_help() -> str:
@@ -347,8 +402,16 @@ def attention_backend_help() -> str:
 
 
 def packed_attention_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                            window: Optional[int] = None) -> AttentionInputs:
-    """The packed backends' inputs: :class:`DocumentSegments` as ``packed_seq_params``."""
+                            window: Optional[int] = None, *, cp_size: int = 1,
+                            cp_rank: int = 0) -> AttentionInputs:
+    """The packed backends' inputs: :class:`DocumentSegments` as ``packed_seq_params``; at
+    CP > 1 also for unpacked rows (a document a row), with this rank's pieces and tokens."""
+    if cp_size > 1:
+        device = cu_seqlens.device if cu_seqlens is not None else torch.device("cpu")
+        segments = document_segments(cu_seqlens, rows, seq_length, device, cp_size=cp_size,
+                                     cp_rank=cp_rank, window=window)
+        return AttentionInputs(packed_seq_params=segments,
+                               local_index=segments.cp_query_index)
     if cu_seqlens is None:
         return AttentionInputs()  # PackedCoreAttention treats each row as one document
     return AttentionInputs(packed_seq_params=document_segments(
@@ -359,13 +422,28 @@ def packed_attention_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_l
 # In --attention-backend's order; each registers right below its code.
 
 def _te_thd_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                   window: Optional[int] = None) -> AttentionInputs:
+                   window: Optional[int] = None, *, cp_size: int = 1,
+                   cp_rank: int = 0) -> AttentionInputs:
     """Transformer Engine's THD format: the ``b`` rows become one sequence of ``b * s`` tokens
-    with document boundaries ``cu_seqlens`` (``max_seqlen`` = the longest document)."""
-    if cu_seqlens is None:
-        return AttentionInputs()
+    with document boundaries ``cu_seqlens`` (``max_seqlen`` = the longest document). At CP > 1
+    every document is padded to ``2·CP`` and this rank keeps chunks ``r`` and ``2·CP−1−r`` of
+    each (``cp_split.thd_layout``), the layout TE's CP attention and megatron-core's THD RoPE
+    expect (``cu_seqlens_*_padded``)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    if cp_size > 1:
+        bounds = segments_from_cu_seqlens(cu_seqlens, rows, seq_length)
+        layout = cp_split.thd_layout(bounds, cp_size, cp_rank)
+        device = cu_seqlens.device if cu_seqlens is not None else torch.device("cpu")
+        cu = torch.tensor(layout.cu_seqlens, dtype=torch.int32, device=device)
+        cu_pad = torch.tensor(layout.cu_seqlens_padded, dtype=torch.int32, device=device)
+        return AttentionInputs(packed_seq_params=PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+            cu_seqlens_kv_padded=cu_pad, max_seqlen_q=layout.max_seqlen,
+            max_seqlen_kv=layout.max_seqlen), flatten_rows=True,
+            local_index=layout.index.to(device))
+    if cu_seqlens is None:
+        return AttentionInputs()
     bounds = segments_from_cu_seqlens(cu_seqlens, rows, seq_length)
     cu = torch.tensor(bounds, dtype=torch.int32, device=cu_seqlens.device)
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
@@ -381,7 +459,7 @@ def _te_window(window: Optional[int]) -> dict[str, Any]:
 
 register_backend(AttentionBackendSpec(
     name="te", description="Transformer Engine THD", needs_te_layers=True, auto_rank=10,
-    build_inputs=_te_thd_inputs, config_overrides=_te_window))
+    build_inputs=_te_thd_inputs, config_overrides=_te_window, cp_native=True))
 
 
 # Packed kernels: q [t, hq, d], k/v [t, hkv, d] (t = flattened tokens), segments -> [t, hq, d].
@@ -420,6 +498,8 @@ def varlen_attention(q, k, v, segments: DocumentSegments, scale: float,
     if q.dtype not in (torch.float16, torch.bfloat16):
         # Flash kernels take half precision only; fp32 runs (parity checks) stay exact.
         _warn_once(f"varlen attention needs bf16/fp16, got {q.dtype}: using sdpa per document")
+        if segments.cp_size > 1:
+            return cp_kernels.sdpa_cp_attention(q, k, v, segments, scale, window)
         return sdpa_attention(q, k, v, segments.bounds, scale, window)
     params = _varlen_signature()
     kwargs = {}
@@ -438,6 +518,10 @@ def varlen_attention(q, k, v, segments: DocumentSegments, scale: float,
                          "--attention-backend flex or sdpa for sliding-window models")
     if "is_causal" in params:
         kwargs["is_causal"] = True
+    if segments.cp_size > 1:  # one "sequence" per piece, its keys copied out of the gather
+        cu_q, cu_k, key_index, max_q, max_k = cp_kernels.cp_varlen_inputs(segments, q.device)
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     cu = segments.cu_seqlens_q
     longest = segments.max_document_length
     return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
@@ -453,7 +537,7 @@ def _varlen_missing() -> Optional[str]:
 register_backend(AttentionBackendSpec(
     name="varlen", description="torch flash varlen", devices=("cuda",),
     devices_why="torch has no CPU kernel for it", requires=_varlen_missing, auto_rank=20,
-    kernel=varlen_attention))
+    kernel=varlen_attention, cp_kernel=varlen_attention))
 
 
 @functools.lru_cache(maxsize=None)
@@ -466,6 +550,10 @@ def _compiled_flex() -> Callable:
 def _flex_block_mask(segments: DocumentSegments, window: Optional[int], device):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if segments.cp_size > 1:  # local queries at their global positions, every key
+        mask_mod, q_len, kv_len = cp_kernels.cp_flex_mask_mod(segments, window, device)
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                                 device=device, _compile=device.type == "cuda")
     total = segments.bounds[-1]
     lengths = torch.tensor([b - a for a, b in zip(segments.bounds[:-1], segments.bounds[1:])],
                            device=device)
@@ -510,7 +598,7 @@ def _flex_missing() -> Optional[str]:
 register_backend(AttentionBackendSpec(
     name="flex", description="flex_attention", devices=("cuda",),
     devices_why="torch has no CPU backward for it", requires=_flex_missing, auto_rank=30,
-    kernel=flex_attention_packed))
+    kernel=flex_attention_packed, cp_kernel=flex_attention_packed))
 
 
 def sdpa_attention(q, k, v, bounds: tuple[int, ...], scale: float,
@@ -544,7 +632,7 @@ def _sdpa_kernel(q, k, v, segments: DocumentSegments, scale: float,
 
 register_backend(AttentionBackendSpec(
     name="sdpa", description="per document, CPU and GPU", auto_rank=100,  # runs anywhere
-    kernel=_sdpa_kernel))
+    kernel=_sdpa_kernel, cp_kernel=cp_kernels.sdpa_cp_attention))
 
 
 def dense_reference_attention(q, k, v, bounds: tuple[int, ...], scale: float,
@@ -564,7 +652,8 @@ def dense_reference_attention(q, k, v, bounds: tuple[int, ...], scale: float,
 
 
 def _dense_mask_inputs(cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                       window: Optional[int] = None) -> AttentionInputs:
+                       window: Optional[int] = None, *, cp_size: int = 1,
+                       cp_rank: int = 0) -> AttentionInputs:
     """megatron-core's attention with our ``[b, 1, s, s]`` block-diagonal causal mask."""
     if cu_seqlens is None and window is None:
         return AttentionInputs()  # megatron-core's own causal mask
@@ -602,13 +691,18 @@ class PackedCoreAttention(torch.nn.Module):
                  cp_comm_type: Optional[str] = None, pg_collection=None, *, backend: str,
                  window: Optional[int] = None):
         super().__init__()
-        kernel = get_attention_backend(backend).kernel
+        spec = get_attention_backend(backend)
+        kernel = spec.kernel
         if kernel is None:
             raise ValueError(f"--attention-backend {backend} has no packed kernel: its layer "
                              "spec keeps megatron-core's core attention")
-        if config.context_parallel_size != 1:
-            raise ValueError(f"--attention-backend {backend} does not support context "
-                             "parallelism; use --attention-backend te")
+        self.cp_size = config.context_parallel_size
+        if self.cp_size > 1:
+            if spec.cp_kernel is None:
+                raise ValueError(spec.check("local", "cpu", self.cp_size))
+            kernel = spec.cp_kernel
+        #: the context-parallel group (megatron-core hands its process groups to the module)
+        self.cp_group = getattr(pg_collection, "cp", None)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"--attention-backend {backend} has no attention dropout "
@@ -626,9 +720,31 @@ class PackedCoreAttention(torch.nn.Module):
             raise ValueError(f"--attention-backend {self.backend} takes no attention bias")
         s, b, hq, d = query.shape
         segments = packed_seq_params
+        if self.cp_size > 1:
+            return self._context_parallel(query, key, value, segments)
         if not isinstance(segments, _document_segments_class()):  # unpacked: a document a row
             segments = document_segments(None, b, s, query.device)
         # [s, b, h, d] -> [b*s, h, d]: documents are contiguous runs of the flattened rows.
         q, k, v = (x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (query, key, value))
         out = self.kernel(q, k, v, segments, self.scale, self.window)
         return out.reshape(b, s, hq * d).transpose(0, 1).contiguous()
+
+    def _context_parallel(self, query, key, value, segments):
+        """This rank's ``s / CP`` queries against every rank's keys and values: K/V are
+        all-gathered over the CP group (backward reduce-scatters dK, dV), put back in row
+        order, and the backend's ``cp_kernel`` runs on the rank's pieces."""
+        from megatron.sft.runtime.context_parallel import gather_sequence
+
+        if not isinstance(segments, _document_segments_class()) or segments.cp_size != \
+                self.cp_size:
+            raise ValueError(f"--attention-backend {self.backend} at context parallel size "
+                             f"{self.cp_size} needs this rank's document pieces in "
+                             "packed_seq_params (AttentionBackendSpec.attention_inputs with "
+                             "cp_size)")
+        s_local, b, hq, d = query.shape
+        s = segments.row_length
+        key, value = (gather_sequence(x, s, self.cp_group) for x in (key, value))
+        q = query.transpose(0, 1).reshape(b * s_local, hq, d)
+        k, v = (x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (key, value))
+        out = self.kernel(q, k, v, segments, self.scale, self.window)
+        return out.reshape(b, s_local, hq * d).transpose(0, 1).contiguous()

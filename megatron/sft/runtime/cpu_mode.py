@@ -14,29 +14,32 @@ which is how this project tests the engine in CI.
 (b) ``Tensor.type()`` (no arguments) reporting ``torch.cuda.<X>Tensor`` names;
 (c) stubs for ``torch.cuda`` device/RNG/stream/event/synchronize/memory calls, with the CUDA RNG
     aliased to the CPU generator, including megatron-core's private
-    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``.
-
-(d) megatron-core's MoE ``alltoall`` token dispatcher turns its split sizes into numpy arrays
+    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``;
+(d) ``pin_memory=True`` dropped and ``Tensor.pin_memory()`` a no-op: page-locked memory is a
+    host-to-GPU transfer optimisation, and without an accelerator torch refuses it (megatron-core's
+    RoPE slicing for context-parallel ranks, ``get_pos_emb_on_this_cp_rank``, asks for it);
+(e) megatron-core's MoE ``alltoall`` token dispatcher turns its split sizes into numpy arrays
     through ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, but only for tensors that
     ``is_cuda``; under this mode they stay torch tensors, which gloo's ``all_to_all_single``
     rejects ("incompatible function arguments"). The patched helper converts CPU tensors too
-    when ``as_numpy=True`` (:func:`_numpy_split_sizes_on_cpu`).
-
-(e) gloo's ``all_gather`` and ``reduce_scatter`` take equal-sized tensors only, while the
+    when ``as_numpy=True`` (:func:`_numpy_split_sizes_on_cpu`);
+(f) gloo's ``all_gather`` and ``reduce_scatter`` take equal-sized tensors only, while the
     ``alltoall`` dispatcher with expert tensor parallelism and sequence parallelism gathers and
     reduce-scatters *uneven* token counts over the TP ranks (``output_split_sizes`` of
     ``tensor_parallel.mappings._gather_along_first_dim``; NCCL handles those). The patched
     helpers pad to the largest part and gather, or all-reduce and keep this rank's part: the
     same numbers (:func:`_uneven_collectives_on_gloo`).
 
-Sequence parallelism with megatron-core's local (torch) norms needs a norm that accepts it:
-``megatron.sft.runtime.block_spec`` substitutes one, for CPU and GPU alike.
+Sequence parallelism runs on CPU too: the local layer spec uses our own sequence-parallel-aware
+norms (:mod:`megatron.sft.runtime.norms`), not megatron-core's ``WrappedTorchNorm``.
 
 Example::
 
     >>> enable_cpu_mode()             # no-op when torch.cuda.is_available()
     >>> torch.empty(2, device="cuda").device
     device(type='cpu')
+    >>> torch.tensor([0, 3], device="cpu", pin_memory=True).cuda(non_blocking=True).tolist()
+    [0, 3]
 """
 
 from __future__ import annotations
@@ -72,8 +75,10 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):  # noqa: D401
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name

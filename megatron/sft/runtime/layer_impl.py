@@ -124,7 +124,22 @@ class LayerImpl:
             from megatron.sft.runtime.grouped_mm_experts import GroupedMMExperts
 
             spec.submodules.mlp.submodules.experts.module = GroupedMMExperts
+        if self.linear == "local":
+            _use_local_norms(spec)
         return spec
+
+    def final_norm(self):
+        """The decoder's final norm module, as megatron-core picks it (Apex's fused norm when
+        Apex imports), but ours where it would be ``WrappedTorchNorm``, which refuses sequence
+        parallelism (same torch norm, same parameter names and numbers)."""
+        from megatron.core.transformer import transformer_block as tb
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from megatron.sft.runtime.norms import LocalNorm
+
+        if self.linear == "local" or tb.LayerNormImpl is WrappedTorchNorm:
+            return LocalNorm
+        return tb.LayerNormImpl
 
     def config_overrides(self, *, cpu: bool, sliding_window: Optional[int]) -> dict[str, Any]:
         """``TransformerConfig`` fields that depend on the implementation."""
@@ -138,11 +153,14 @@ class LayerImpl:
 
     # ------------------------------------------------------------------ per micro-batch
     def attention_inputs(self, cu_seqlens: Optional[torch.Tensor], rows: int, seq_length: int,
-                         sliding_window: Optional[int] = None) -> AttentionInputs:
+                         sliding_window: Optional[int] = None, *, cp_size: int = 1,
+                         cp_rank: int = 0) -> AttentionInputs:
         """``cu_seqlens`` is ``collate_sft``'s ``[b, n]`` for packed rows, ``None`` unpacked
         (THD-flattened rows for ``te``, a ``[b, 1, s, s]`` mask for ``dense``, document
-        segments for the packed backends)."""
-        return self.backend.attention_inputs(cu_seqlens, rows, seq_length, sliding_window)
+        segments for the packed backends). With ``cp_size > 1`` the inputs also say which
+        tokens context-parallel rank ``cp_rank`` runs (``AttentionInputs.local_index``)."""
+        return self.backend.attention_inputs(cu_seqlens, rows, seq_length, sliding_window,
+                                             cp_size=cp_size, cp_rank=cp_rank)
 
     # ------------------------------------------------------------------ checkpoint names
     def checkpoint_to_model(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -175,16 +193,34 @@ class LayerImpl:
         return f"{linear} layers, {self.attention} attention"
 
 
+def _use_local_norms(spec) -> None:
+    """Our sequence-parallel-aware norms in a local layer spec (see runtime/norms.py)."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron.sft.runtime.norms import LocalHeadNorm, LocalNorm
+
+    layer = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(layer, name) is not IdentityOp:
+            setattr(layer, name, LocalNorm)
+    attention = layer.self_attention.submodules
+    for name in ("q_layernorm", "k_layernorm"):
+        if getattr(attention, name, IdentityOp) is not IdentityOp:
+            setattr(attention, name, LocalHeadNorm)
+
+
 # ---------------------------------------------------------------------------- the factory
 def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = "auto",
                        device_type: Optional[str] = None, moe_experts: str = "sequential",
-                       dtype: torch.dtype = torch.float32) -> LayerImpl:
+                       dtype: torch.dtype = torch.float32, cp: int = 1) -> LayerImpl:
     """Flag values -> :class:`LayerImpl` (``moe_experts``: ``--moe-experts-impl``, resolved by
-    :func:`megatron.sft.runtime.experts.resolve_experts_impl` for ``dtype``).
+    :func:`megatron.sft.runtime.experts.resolve_experts_impl` for ``dtype``; ``cp``: the
+    context-parallel size the attention backend must support).
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =
     the first registered backend by ``auto_rank`` that runs here: ``te`` with TE layers, else
-    ``varlen`` on CUDA (``flex`` if this torch lacks varlen), else ``sdpa``. Asking for something
+    ``varlen`` on CUDA (``flex`` if this torch lacks varlen), else ``sdpa``; with context
+    parallelism (``cp > 1``) only backends that do CP are candidates. Asking for something
     that cannot run is an error naming the alternative, never a silent fallback.
 
     >>> resolve_layer_impl("local", "auto", "cpu")
@@ -209,13 +245,14 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
     else:
         linear = "local"
     if attention_backend == "auto":
-        spec = auto_backend(linear, device_type)
+        spec = auto_backend(linear, device_type, cp)
         if spec is None:
             raise LayerImplError(f"no attention backend runs with {linear} layers on "
-                                 f"{device_type}; give --attention-backend")
+                                 f"{device_type}" + (f" at context parallel size {cp}" if cp > 1
+                                                     else "") + "; give --attention-backend")
     else:
         spec = get_attention_backend(attention_backend)
-        reason = spec.check(linear, device_type)
+        reason = spec.check(linear, device_type, cp)
         if reason is not None:
             raise LayerImplError(reason)
     try:

@@ -34,7 +34,7 @@ Example, 8 layers, PP=2, VPP=2 (chunks of 2 layers)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 
 class LayoutError(ValueError):
@@ -68,6 +68,9 @@ class Spelling:
     vpp_needs_pp: str
     #: layers per virtual stage that do not divide the model (``{k}``, ``{pp}``, ``{layers}``)
     virtual_stage: str
+    #: the row length and sequence parallelism, as the audience sets them
+    seq: str = "SEQ_LEN={}"
+    sp: str = "SP"
 
     def size(self, dim: str, value: Any) -> str:
         return getattr(self, dim).format(value)
@@ -87,7 +90,8 @@ FLAGS = Spelling(
     vpp_needs_pp="--num-layers-per-virtual-pipeline-stage needs "
                  "--pipeline-model-parallel-size >= 2",
     virtual_stage="num_layers {layers} is not divisible by --pipeline-model-parallel-size {pp} "
-                  "x --num-layers-per-virtual-pipeline-stage {k}")
+                  "x --num-layers-per-virtual-pipeline-stage {k}",
+    seq="--seq-length {}", sp="--sequence-parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +184,14 @@ class ParallelLayout:
 
     # ------------------------------------------------------------------ validation
     def problems(self, shape: Optional[ShapeLike] = None, world_size: Optional[int] = None,
-                 spelling: Spelling = SHORT, num_layers: Optional[int] = None) -> list[str]:
+                 spelling: Spelling = SHORT, num_layers: Optional[int] = None, *,
+                 seq_length: Optional[int] = None, sequence_parallel: bool = False,
+                 attention: Optional[Callable[[int], Optional[str]]] = None) -> list[str]:
         """Every reason this layout cannot run ``shape`` on ``world_size`` ranks (``None``: not
         checked; ``num_layers`` alone checks only the pipeline split), in the words of
-        ``spelling``."""
+        ``spelling``. ``seq_length``: rows of that length must cut into ``2·CP`` chunks (x TP
+        with ``sequence_parallel``); ``attention(cp)``: why the run's attention backend cannot
+        do this CP on this device (``AttentionBackendSpec.check``), or ``None``."""
         s = spelling
         sizes = {"tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep,
                  "etp": self.expert_tp}
@@ -207,7 +215,12 @@ class ParallelLayout:
                            f"{s.size('pp', self.pp)}; launch a multiple of {experts} processes")
         if self.vpp is not None and self.vpp > 1 and self.pp < 2:
             out.append(s.vpp_needs_pp)
-
+        if seq_length is not None:
+            out += self.sequence_problems(seq_length, sequence_parallel, s)
+        if attention is not None and self.cp > 1:
+            reason = attention(self.cp)
+            if reason:
+                out.append(reason)
         layers = shape.num_layers if shape is not None else num_layers
         stages = self.pp * self.chunks
         if layers is not None and layers % stages:
@@ -243,11 +256,36 @@ class ParallelLayout:
                        f"{s.size('ep', 1)}")
         return out
 
+    def sequence_problems(self, seq_length: int, sequence_parallel: bool = False,
+                          spelling: Spelling = SHORT) -> list[str]:
+        """Rows must cut into ``2·CP`` equal chunks (the CP split, see ``cp_split``), and each
+        rank's ``s / CP`` tokens into TP equal parts with sequence parallelism.
+
+        >>> ParallelLayout(tp=2, cp=2).sequence_problems(100, True, FLAGS)[0][:77]
+        '--seq-length 100 is not divisible by 2 x --context-parallel-size 2 x --tensor'
+        """
+        s = spelling
+        sp = sequence_parallel and self.tp > 1
+        multiple = (2 * self.cp if self.cp > 1 else 1) * (self.tp if sp else 1)
+        if seq_length % multiple == 0:
+            return []
+        parts = ([f"2 x {s.size('cp', self.cp)}"] if self.cp > 1 else []) + \
+            ([f"{s.size('tp', self.tp)} ({s.sp})"] if sp else [])
+        why = " and ".join(w for w, on in (("each row is cut into 2 x CP chunks", self.cp > 1),
+                                           (f"{s.sp} splits each rank's tokens over TP", sp))
+                           if on)
+        lower, upper = seq_length // multiple * multiple, (seq_length // multiple + 1) * multiple
+        return [f"{s.size('seq', seq_length)} is not divisible by {' x '.join(parts)} = "
+                f"{multiple} ({why}); use {s.size('seq', upper)}"
+                + (f" or {s.size('seq', lower)}" if lower else "")]
+
     def validate(self, shape: Optional[ShapeLike] = None, world_size: Optional[int] = None,
-                 spelling: Spelling = SHORT, num_layers: Optional[int] = None) -> None:
+                 spelling: Spelling = SHORT, num_layers: Optional[int] = None,
+                 **sequence: Any) -> None:
         """Raise :class:`LayoutError` with the numbers and a fix when the split is impossible;
-        with a model ``shape`` the message lists the sizes that would work."""
-        problems = self.problems(shape, world_size, spelling, num_layers)
+        with a model ``shape`` the message lists the sizes that would work. ``sequence``:
+        :meth:`problems`' ``seq_length``, ``sequence_parallel``, ``attention``."""
+        problems = self.problems(shape, world_size, spelling, num_layers, **sequence)
         if not problems:
             return
         if shape is None:

@@ -8,7 +8,10 @@ writes the checkpoint", "the loss is summed over DP and PP") code asks :func:`pa
   coordinates), so a new dimension that replicates weights cannot add writers;
 - ``is_logger``: the one voice (the last rank holds the last pipeline stage);
 - ``loss_groups``: the groups a loss sum crosses to become the global batch's;
-- ``microbatch_rows``: how a global batch is cut for this rank;
+- ``microbatch_rows``: how a global batch is cut for this rank; ``cp_size`` / ``cp_rank``: how
+  each of its rows is cut again over context-parallel ranks (the split itself is the pure
+  :mod:`megatron.sft.runtime.cp_split`, applied through ``AttentionInputs.local_index``);
+- ``tp_group``, ``cp_group``: the process groups the loss and attention collectives use;
 - ``tp_rank``, ``pp_rank``, ``ep_rank``, stage predicates: which weights this rank holds.
 """
 
@@ -78,7 +81,21 @@ class ParallelDims:
         return self.layout.has_embedding(self.pp_rank, chunk), \
             self.layout.has_output(self.pp_rank, chunk)
 
+    @property
+    def cp_size(self) -> int:
+        return self.layout.cp
+
     # ------------------------------------------------------------------ collectives
+    def tp_group(self) -> Any:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_tensor_model_parallel_group()
+
+    def cp_group(self) -> Any:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_context_parallel_group()
+
     def loss_groups(self) -> list[Any]:
         """Process groups a micro-batch loss sum is all-reduced over to become the global
         batch's, on every rank: the data-parallel ranks (with their context-parallel ranks,
@@ -112,8 +129,9 @@ class ParallelDims:
         return rows_from(first_row, global_batch, micro_batch, self.dp_rank, self.dp_size)
 
     def describe(self) -> str:
+        cp = f", cp {self.cp_rank}" if self.layout.cp > 1 else ""
         return (f"rank {self.rank}/{self.world_size}: {self.layout.describe()} DP{self.dp_size}"
-                f" (tp {self.tp_rank}, pp {self.pp_rank}, dp {self.dp_rank})")
+                f" (tp {self.tp_rank}, pp {self.pp_rank}, dp {self.dp_rank}{cp})")
 
 
 _DIMS: Optional[ParallelDims] = None

@@ -20,10 +20,23 @@ import typing
 from typing import Any, Callable, Literal, Optional, Union
 
 from megatron.sft.lora.settings import LoRASettings
-from megatron.sft.runtime.attention import attention_backend_choices, attention_backend_help
+from megatron.sft.runtime.attention import (
+    attention_backend_choices,
+    attention_backend_help,
+    get_attention_backend,
+)
 from megatron.sft.runtime.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
 from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
 from megatron.sft.runtime.layout import FLAGS, ParallelLayout
+
+
+#: TE's CP pads every document to 2·CP, so a rank's THD tokens vary per micro-batch and the
+#: pipeline's fixed activation shape cannot carry them (checked here for --attention-backend te,
+#: and by the trainer once ``auto`` has chosen)
+TE_CP_PIPELINE = ("--attention-backend te with --context-parallel-size > 1 and "
+                  "--pipeline-model-parallel-size > 1: TE pads each document to 2 x CP, so the "
+                  "tokens per rank change per micro-batch and cannot cross pipeline stages; use "
+                  "--attention-backend varlen (or flex) with --transformer-impl local, or PP 1")
 
 
 def _field(default: Any, help: Union[str, Callable[[], str]], *, flag: Optional[str] = None,
@@ -106,8 +119,13 @@ class TrainConfig:
     pipeline_model_parallel_size: int = _field(1, "PP: split the layers into this many stages")
     num_layers_per_virtual_pipeline_stage: Optional[int] = _field(
         None, "interleaved pipeline (VPP): layers per virtual stage")
-    sequence_parallel: bool = _field(False, "sequence parallelism for norms/dropout (GPU with "
-                                            "Transformer Engine only)")
+    context_parallel_size: int = _field(
+        1, "CP: split each row over this many ranks (chunks r and 2·CP-1-r of 2·CP; K/V "
+           "all-gathered per layer); --seq-length must be divisible by 2·CP (x TP with "
+           "--sequence-parallel); attention sdpa, varlen, flex or te")
+    sequence_parallel: bool = _field(False, "sequence parallelism: norms, dropout and residuals "
+                                            "on s/TP tokens per tensor-parallel rank (any "
+                                            "--transformer-impl, CPU too)")
     use_distributed_optimizer: bool = _field(False, "shard optimizer state over data-parallel "
                                                     "ranks (ZeRO-1)")
     overlap_grad_reduce: bool = _field(
@@ -147,7 +165,7 @@ class TrainConfig:
     moe_experts_impl: str = _field("auto", MOE_EXPERTS_HELP, choices=MOE_EXPERTS_IMPLS)
     # --- LoRA adapters (megatron/sft/lora/)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
-                               "full fine-tuning); either --transformer-impl, no "
+                               "full fine-tuning); either --transformer-impl, with or without "
                                "--sequence-parallel")
     lora_alpha: float = _field(16.0, "LoRA: the adapter's output is scaled by alpha / rank")
     lora_dropout: float = _field(0.0, "LoRA: dropout on the adapter's input")
@@ -155,6 +173,11 @@ class TrainConfig:
         "linear_qkv,linear_proj,linear_fc1,linear_fc2",
         "LoRA: comma-separated megatron-core linears that get adapters (HF: linear_qkv = "
         "q/k/v_proj, linear_proj = o_proj, linear_fc1 = gate/up_proj, linear_fc2 = down_proj)")
+    # --- loss
+    chunked_loss: Literal["auto", "on", "off"] = _field(
+        "auto", "output layer + cross-entropy in chunks of tokens, each chunk's gradients "
+                "computed at once, so the [tokens, vocab/TP] logits never exist whole (exact); "
+                "auto = on when micro-batch x seq-length / CP x vocab / TP exceeds 2^26 logits")
     # --- evaluation and logging
     eval_interval: Optional[int] = _field(None, "validate every N iterations")
     eval_iters: int = _field(10, "validation batches per evaluation")
@@ -176,12 +199,14 @@ class TrainConfig:
             self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
             self.num_layers_per_virtual_pipeline_stage, num_layers,
             ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
-            spelling=FLAGS)
+            cp=self.context_parallel_size, spelling=FLAGS)
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
         layout = self.parallel_layout(num_layers)
-        layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS)
+        layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS,
+                        seq_length=self.seq_length, sequence_parallel=self.sequence_parallel,
+                        attention=self._attention_cp_problem)
         layout.check_files(FLAGS)
         dp = layout.data_parallel_size(world_size)
         self._check_counts(dp)
@@ -208,10 +233,6 @@ class TrainConfig:
         if self.lora_rank != 0:  # negative ranks are refused there too
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
-            if self.sequence_parallel:
-                raise ValueError(f"--lora-rank {self.lora_rank} with --sequence-parallel: LoRA "
-                                 "adapters do not support sequence-sharded inputs; drop "
-                                 "--sequence-parallel")
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")
@@ -310,6 +331,16 @@ class TrainConfig:
             f"--lr-warmup-iters {warmup} is not below {iters}: the learning rate would never "
             f"finish warming up; use --lr-warmup-iters {train_iters // 10} (or any value below "
             f"{train_iters}), --lr-warmup-fraction 0.1, or train longer")
+    def _attention_cp_problem(self, cp: int) -> Optional[str]:
+        """A named backend that has no context parallelism at all (device-specific refusals,
+        e.g. varlen on CPU, come from the layer factory once the device is known)."""
+        if self.attention_backend == "auto" or \
+                self.attention_backend not in attention_backend_choices():
+            return None
+        spec = get_attention_backend(self.attention_backend)
+        if spec.cp_native and self.pipeline_model_parallel_size > 1:
+            return TE_CP_PIPELINE
+        return None if spec.supports_cp else spec.check("local", "cpu", cp)
 
     def warmup_iters(self, total: int) -> int:
         if self.lr_warmup_iters is not None:

@@ -22,6 +22,7 @@ from megatron.sft.runtime.cpu_mode import cpu_mode_active
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.layout import LayoutError
 from megatron.sft.runtime.parallel_dims import parallel_dims
+from megatron.sft.runtime.tp_attributes import mark_tensor_parallel_weights
 from megatron.sft.training.model_config import gpt_model_kwargs, transformer_config
 
 
@@ -50,29 +51,29 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     config = transformer_config(
         shape, dims.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
         architecture_overrides=settings.transformer, **config_overrides)
-    per_layer = shape.moe is not None or config.sequence_parallel
-    layer_spec = None if per_layer else impl.layer_spec(shape.qk_layernorm, shape.sliding_window,
-                                                        **settings.layer_spec)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
     vpp = dims.layout.vpp
     chunks = []
     for chunk in range(dims.layout.chunks):
         pre_process, post_process = dims.stage_flags(chunk)
-        if per_layer:  # dense and MoE layers by global index; norms that allow SP
-            layers = dims.layout.chunk_layers(shape, dims.pp_rank, chunk)
-            layer_spec = decoder_block_spec(
-                impl, qk_layernorm=shape.qk_layernorm, sliding_window=shape.sliding_window,
-                moe_layers=[shape.moe is not None and shape.moe.is_moe_layer(i) for i in layers],
-                spec_args=dict(settings.layer_spec), sequence_parallel=config.sequence_parallel)
+        # dense and MoE layers by global index, our norms on the local spec
+        layers = dims.layout.chunk_layers(shape, dims.pp_rank, chunk)
+        block_spec = decoder_block_spec(
+            impl, qk_layernorm=shape.qk_layernorm, sliding_window=shape.sliding_window,
+            moe_layers=[shape.moe is not None and shape.moe.is_moe_layer(i) for i in layers],
+            spec_args=dict(settings.layer_spec))
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=block_spec,
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=parallel_output,
             vp_stage=chunk if vpp else None,
             **kwargs,
         )
+        # Built without initialisation, megatron-core 0.16 leaves TP-split weights unmarked and
+        # its grad norm (and clipping) would skip their shards on TP ranks > 0.
+        mark_tensor_parallel_weights(model)
         # megatron-core's local-spec norms (torch RMSNorm) ignore params_dtype and stay fp32.
         # TE's norms and HF's bf16 checkpoints keep them in the model dtype, and the distributed
         # optimizer mis-indexes fp32 params mixed into bf16 groups, so make the model uniform.

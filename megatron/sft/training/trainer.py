@@ -25,8 +25,14 @@ from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sf
 from megatron.sft.runtime.distributed import RuntimeInfo, initialize_distributed
 from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.parallel_dims import ParallelDims
-from megatron.sft.training.arguments import TrainConfig
-from megatron.sft.training.batch import masked_loss_sum
+from megatron.sft.training.arguments import TE_CP_PIPELINE, TrainConfig
+from megatron.sft.training.batch import local_micro_batch, masked_loss_sum
+from megatron.sft.training.chunked_loss import (
+    chunked_loss_sum,
+    defer_output_layer,
+    output_weight,
+    use_chunked_loss,
+)
 from megatron.sft.training.checkpointing import (
     load_training_state,
     peek_resume,
@@ -75,6 +81,7 @@ class Trainer:
     run_lock: Any                       # exclusive lock on --save for the life of the run
     # --- components
     model: list                         # DDP-wrapped GPTModel chunks (one per virtual stage)
+    chunked_loss: bool                  # output layer + loss in chunks (model returns hiddens)
     overlap_param_gather: bool          # parameters reach modules in their forward pre-hooks
     optimizer: Any                      # megatron-core MegatronOptimizer
     lora: Any                           # LoRACheckpointInfo when --lora-rank > 0, else None
@@ -120,7 +127,10 @@ class Trainer:
         check_save_directory(cfg)  # never replace or prune an iteration training did not write
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
-                                       torch.bfloat16 if cfg.bf16 else torch.float32)
+                                       torch.bfloat16 if cfg.bf16 else torch.float32,
+                                       cp=self.dims.cp_size)
+        if self.impl.attention == "te" and self.dims.cp_size > 1 and self.dims.layout.pp > 1:
+            raise ValueError(TE_CP_PIPELINE)
         self.log(f"layers: {self.impl.describe()}"
                  + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         lora.check_load(cfg)  # a LoRA run is loaded as one, with its adapters' shape
@@ -215,6 +225,11 @@ class Trainer:
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
         self.moe_metrics = moe_metrics_for(chunks, self.shape, self.dims, tcfg)
+        self.chunked_loss = use_chunked_loss(
+            cfg.chunked_loss, cfg.micro_batch_size * cfg.seq_length // self.dims.cp_size,
+            self.meta.padded_vocab_size, self.dims.layout.tp)
+        if self.chunked_loss:
+            defer_output_layer(chunks)
         # Data-parallel communication overlaps compute by default when there is any: gradients
         # are reduced bucket by bucket during the backward pass, and with the distributed
         # optimizer the updated parameters are gathered bucket by bucket during the next forward.
@@ -270,9 +285,12 @@ class Trainer:
         for micro in rows:
             batch = collate_sft([dataset[r % len(dataset)] for r in micro])
             batch = {k: v.to(device) for k, v in batch.items()}
-            batch["attention"] = self.impl.attention_inputs(
+            attention = self.impl.attention_inputs(
                 batch["cu_seqlens"] if self.cfg.packing else None, len(micro),
-                self.cfg.seq_length, self.shape.sliding_window)
+                self.cfg.seq_length, self.shape.sliding_window, cp_size=self.dims.cp_size,
+                cp_rank=self.dims.cp_rank)
+            batch = local_micro_batch(batch, attention.local_index)  # this CP rank's tokens
+            batch["attention"] = attention
             out.append(batch)
         return out
 
@@ -292,8 +310,14 @@ class Trainer:
         def loss_func(output_tensor):
             if attention.flatten_rows:
                 output_tensor = output_tensor.reshape(labels.shape + output_tensor.shape[-1:])
-            per_token = vocab_parallel_token_loss(output_tensor, labels, vocab)
-            loss_sum, count = masked_loss_sum(per_token, batch["loss_mask"])
+            if self.chunked_loss:  # output_tensor is the final hidden states
+                loss_sum, count = chunked_loss_sum(
+                    output_tensor, output_weight(model), labels, batch["loss_mask"], vocab,
+                    sequence_parallel=self.tconfig.sequence_parallel, tp_rank=self.dims.tp_rank,
+                    tp_group=self.dims.tp_group())
+            else:
+                per_token = vocab_parallel_token_loss(output_tensor, labels, vocab)
+                loss_sum, count = masked_loss_sum(per_token, batch["loss_mask"])
             return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(),
                                                              count.to(loss_sum.dtype)])}
 

@@ -13,11 +13,12 @@ def test_dry_run_reports_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_tool("benchmarks/bench_train_gpu.py", "--device", "cpu", "--tiny",
                     "--seq-lengths", "256", "--backends", "sdpa", "--recompute", "full",
+                    "--chunked-loss", "on",  # the chunked loss through the real launcher
                     "--iters", "1", "--warmup", "1", "--documents", "300",
                     "--workdir", str(tmp_path / "work"), "--output-json", str(out), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert [(r["backend"], r["recompute"], r["status"]) for r in results] == [
-        ("sdpa", "full", "ok")]
+    assert [(r["backend"], r["recompute"], r["chunked_loss"], r["status"]) for r in results] == [
+        ("sdpa", "full", "on", "ok")]
     assert all(r["tokens_per_s"] > 0 and r["ms_per_iter"] > 0 for r in results)
-    assert "256 sdpa" in " ".join(proc.stdout.split())
+    assert "256 sdpa full on" in " ".join(proc.stdout.split())

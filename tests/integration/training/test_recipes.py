@@ -80,3 +80,37 @@ def test_tiny_recipe_with_two_datasets_lists_them_and_how_to_pick(tmp_path):
     r = run_tool(TINY, "train", env={"DEMO_DIR": str(tmp_path), "PYTHON": "echo", "DATA_PATH": b})
     cmd = r.stdout.split()
     assert cmd[cmd.index("--lr-warmup-iters") + 1] == "5"  # the default 60 iterations: as before
+CP_RECIPE = "scripts/sft/SFT_R1_7B_32k_CP.sh"
+
+
+def test_cp_recipe_trains_7b_on_32k_rows_at_cp2_tp2_and_rounds_the_row_length(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "deepseek_ai_DeepSeek_R1_Distill_Qwen_7B_Megatron_TP2PP1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
+    data = tmp_path / "data" / "Vinnnf-Hybrid-OpenThoughts2-1M-1.5B"
+    data.mkdir(parents=True)
+    prefix = data / ("Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_"
+                     "Distill_Qwen_7B-32768")
+    (prefix.parent / (prefix.name + "_text_document.idx")).write_text("")
+    env = {"ASSETS_DIR": str(tmp_path), "PYTHON": "echo"}
+    r = run_tool(CP_RECIPE, "train", env=env)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+
+    def value(flag):
+        return cmd[cmd.index(flag) + 1]
+    assert value("--nproc-per-node") == "8" and value("--context-parallel-size") == "2"
+    assert value("--tensor-model-parallel-size") == "2" and "--sequence-parallel" in cmd
+    assert value("--seq-length") == "32768" and value("--data-path") == str(prefix)
+    assert value("--chunked-loss") == "auto"
+    # a row length that does not cut into 2 x CP x TP parts is rounded up, and said so
+    r = run_tool(CP_RECIPE, "train", env={**env, "SEQ_LEN": "30000", "CP": "4"})
+    cmd = r.stdout.split()
+    assert r.returncode == 0 and value("--seq-length") == "30000"  # 1875 x (2 x 4 x 2)
+    r = run_tool(CP_RECIPE, "train", env={**env, "SEQ_LEN": "30001"})
+    cmd = r.stdout.split()
+    assert cmd[cmd.index("--seq-length") + 1] == "30008"
+    assert "SEQ_LEN 30001 -> 30008, a multiple of 8 (2 x CP=2 x TP=2)" in r.stderr
+    # the 1.5B recipe takes CP too
+    r = run_tool(RECIPE, "train", env={"ASSETS_DIR": str(tmp_path), "CP": "2"})
+    assert r.returncode == 2 and "convert_deepseek_r1_to_megatron.sh 1.5B 1 1" in r.stderr

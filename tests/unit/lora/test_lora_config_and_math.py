@@ -37,13 +37,16 @@ def test_lora_flags_parse_and_default_off():
     (dict(lora_rank=4, lora_target_modules=" , "), "--lora-target-modules .*none given"),
     (dict(lora_rank=4, lora_alpha=0.0), "--lora-alpha 0.0: must be positive"),
     (dict(lora_rank=4, lora_dropout=1.0), r"--lora-dropout 1.0: must be in \[0, 1\)"),
-    (dict(lora_rank=4, sequence_parallel=True),
-     "--lora-rank 4 with --sequence-parallel: .*drop --sequence-parallel"),
 ])
 def test_bad_lora_flags_are_clear_errors(overrides, message):
     cfg = TrainConfig(load="/c", data_path="/d", train_iters=1, **overrides)
     with pytest.raises(ValueError, match=message):
         cfg.validate(1, 4)
+
+
+def test_lora_takes_sequence_parallelism():
+    TrainConfig(load="/c", data_path="/d", train_iters=1, lora_rank=4, sequence_parallel=True,
+                tensor_model_parallel_size=2, seq_length=128).validate(2, 4)
 
 
 def _shape():

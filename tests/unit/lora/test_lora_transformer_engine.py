@@ -266,6 +266,17 @@ def test_adapter_sizes_come_from_the_per_rank_weight():
         assert (tuple(ad.A.shape), tuple(ad.B.shape)) == ((r, inp), (out, r)), name
 
 
+def test_sequence_parallel_bases_mark_the_replicated_factor():
+    """With SP the replicated factor (column A, row B) sees s / TP tokens on each rank; it is
+    marked so megatron-core sums its gradient over TP. Without SP nothing is marked."""
+    for sp in (True, False):
+        for name, base in _linears(_te_chunk(tp_size=2, sequence_parallel=sp)).items():
+            ad = add_adapter(base, name, SETTINGS)
+            replicated = ad.A if name in ("linear_qkv", "linear_fc1") else ad.B
+            assert ad.sequence_parallel is sp
+            assert getattr(replicated, "sequence_parallel", False) is sp, (name, sp)
+
+
 def test_returned_bias_passes_through_untouched():
     base = TERowParallelLinear(PROJ_IN, HIDDEN, bias=True, skip_bias_add=True)
     ad = add_adapter(base, "linear_proj", SETTINGS)
@@ -307,8 +318,6 @@ def _expert_row():
      r"TELayerNormColumnParallelLinear.*--transformer-impl local or transformer_engine"),
     (lambda: _swap(_te_chunk(), "linear_qkv", TERowParallelLinear(HIDDEN, QKV)),
      "TERowParallelLinear is row-parallel but linear_qkv must be column-parallel"),
-    (lambda: _te_chunk(tp_size=2, sequence_parallel=True),
-     "runs with sequence parallelism.*drop --sequence-parallel"),
     (lambda: _swap(_te_chunk(), "linear_fc2", _expert_row()),
      "has parallel_mode None, expected 'row'; expert or duplicated"),
     (lambda: _swap(_te_chunk(), "linear_qkv", TELayerNormColumnParallelLinear(

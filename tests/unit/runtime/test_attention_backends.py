@@ -3,7 +3,6 @@ backend but ``dense`` creates an s x s tensor."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron.sft.runtime.attention import (
     banded_causal_mask,
@@ -13,6 +12,7 @@ from megatron.sft.runtime.attention import (
     segments_from_cu_seqlens,
 )
 from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
+from sft_testing import LargestTensor
 
 
 def _qkv(t, hq, hkv, d=8, seed=0):
@@ -80,19 +80,7 @@ def test_flattened_segments_and_window_mask():
     assert all(bool(allowed[i, j]) == (0 <= i - j < 2) for i in range(5) for j in range(5))
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op creates (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+_LargestTensor = LargestTensor  # the probe, shared with the CP and chunked-loss tests
 
 
 @pytest.mark.parametrize("backend, bounds", [
