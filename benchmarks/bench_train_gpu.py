@@ -38,6 +38,16 @@ QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                   max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False,
                   rope_theta=10000.0)
+#: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B's config.json (a Qwen2 of Qwen2-1.5B's shape with
+#: R1's special-token ids and an unused 4096 sliding window), for benchmarks/gpu_proof.py: the
+#: GPU machine gets the repository only, not the downloaded model.
+R1_DISTILL_QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                            num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                            max_position_embeddings=131072, max_window_layers=21,
+                            rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096,
+                            use_sliding_window=False, tie_word_embeddings=False,
+                            hidden_act="silu", attention_dropout=0.0, initializer_range=0.02,
+                            bos_token_id=151643, eos_token_id=151643, use_cache=True)
 TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
             rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0)

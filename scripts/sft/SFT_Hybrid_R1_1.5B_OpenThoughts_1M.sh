@@ -58,6 +58,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${DATA_PATH:=$ASSETS_DIR/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B-${MAX_LEN}}"
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_Hybrid_R1_1.5B}"
 : "${SAVE_INTERVAL:=500}"
+: "${KEEP_LAST:=2}"             # checkpoints kept in SAVE_DIR (a 1.5B one with optimizer state: ~25 GB)
 : "${EVAL_INTERVAL:=500}"
 : "${WANDB_PROJECT:=}"
 
@@ -86,7 +87,7 @@ if (( SEQ_LEN % MULTIPLE )); then
 fi
 
 args=(
-  --load "$LOAD" --save "$SAVE_DIR" --save-interval "$SAVE_INTERVAL"
+  --load "$LOAD" --save "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --keep-last "$KEEP_LAST"
   --data-path "$DATA_PATH" --split 99,1,0 --seq-length "$SEQ_LEN"
   --micro-batch-size "$MBS" --global-batch-size "$GBS"
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
