@@ -757,7 +757,7 @@ class Proof:
         env = dict(self.env, ASSETS_DIR=str(p["assets"]), GPUS_PER_NODE="1", GBS="4",
                    SAVE_INTERVAL="2", KEEP_LAST="1")
         if self.args.tiny:
-            env["SEQ_LEN"] = "256"
+            env["MAX_LEN"] = env["SEQ_LEN"] = "256"  # the recipe names its data by MAX_LEN
         recipe = ["bash", str(REPO / "scripts/sft/SFT_Hybrid_R1_1.5B_OpenThoughts_1M.sh"),
                   "train"]
         log_json = p["save"] / "train_log.jsonl"
