@@ -71,6 +71,28 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _redirect_custom_backward() -> None:
+    """Run custom autograd functions' ``backward`` under the mode too.
+
+    ``loss.backward()`` is itself a torch function: the engine runs inside the mode's handler,
+    where the mode is off the stack, so megatron-core's TP collectives, which allocate on
+    ``torch.cuda.current_device()`` (ordinal 0) in their backward, would ask for ``cuda:0``.
+    The engine calls ``BackwardCFunction.apply`` for every custom function; it re-enters the
+    mode when it is not on the stack.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if _ACTIVE_MODE is None or torch._C._len_torch_function_stack():
+            return original(self, *args)
+        with _ACTIVE_MODE:
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 class _NoOpStream:
     """Stands in for ``torch.cuda.Stream``: CPU ops are already ordered."""
 
@@ -132,10 +154,11 @@ def _cpu_rng_set(state, *args, **kwargs) -> None:
 def _stub_torch_cuda() -> None:
     cuda = torch.cuda
     stubs = {
-        # The CPU device itself, not ordinal 0: autograd runs custom backward functions
-        # (megatron-core's TP collectives allocate there) outside the TorchFunctionMode, where
-        # an int device would still mean "cuda:0".
-        "current_device": lambda: torch.device("cpu"),
+        # Ordinal 0, an int as on a GPU: megatron-core formats it (f"cuda:{...}", Megatron-FSDP)
+        # and passes it as an index (torch.device("cuda", ...), FSDP2's device mesh). The
+        # placements it becomes ("cuda:0", 0) are redirected by the mode, which custom backward
+        # functions also run under (_redirect_custom_backward).
+        "current_device": lambda: 0,
         "set_device": lambda *a, **k: None,
         "synchronize": lambda *a, **k: None,
         "get_rng_state": _cpu_rng_get,
@@ -192,6 +215,7 @@ def enable_cpu_mode(force: bool = False) -> bool:
         return False
     _stub_torch_cuda()
     _alias_megatron_rng()
+    _redirect_custom_backward()
     mode = _CudaToCpuMode()
     mode.__enter__()
     _ACTIVE_MODE = mode

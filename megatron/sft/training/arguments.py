@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from megatron.sft.lora.settings import LoRASettings
 from megatron.sft.runtime.attention import attention_backend_choices, attention_backend_help
 from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
-from megatron.sft.runtime.layout import FLAGS, ParallelLayout
+from megatron.sft.runtime.layout import FLAGS, FSDP_STRATEGIES, ParallelLayout
 
 
 def _field(default: Any, help: Union[str, Callable[[], str]], *, flag: Optional[str] = None,
@@ -60,6 +60,11 @@ class TrainConfig:
         False, "on resume, train with the LR schedule of the flags (--lr, --min-lr, "
                "--lr-decay-style, warm-up, --train-iters, --weight-decay) from the checkpoint's "
                "iteration on, instead of the checkpoint's schedule")
+    no_load_optim: bool = _field(
+        False, "on resume, do not load the optimizer state (Adam moments, fp32 main weights): "
+               "it starts fresh, while weights, iteration, LR schedule and data position "
+               "continue. Needed to resume under another data-parallel sharding "
+               "(--use-megatron-fsdp, its strategy or DP size, --use-distributed-optimizer)")
     reset_data_position: bool = _field(
         False, "on resume, start the data (--data-path, --seq-length, --split, packing, --seed) "
                "from its first row: needed when they differ from the checkpoint's; iteration "
@@ -109,6 +114,14 @@ class TrainConfig:
                                             "Transformer Engine only)")
     use_distributed_optimizer: bool = _field(False, "shard optimizer state over data-parallel "
                                                     "ranks (ZeRO-1)")
+    use_megatron_fsdp: bool = _field(
+        False, "fully sharded data parallel with megatron-core's Megatron-FSDP: shard what "
+               "--data-parallel-sharding-strategy says over the data-parallel ranks (with TP, "
+               "not PP); checkpoints keep the per-(TP, PP) rank files")
+    data_parallel_sharding_strategy: Optional[str] = _field(
+        None, "with --use-megatron-fsdp: no_shard (DDP), optim (ZeRO-1), optim_grads (ZeRO-2) "
+              "or optim_grads_params (ZeRO-3, the default here; Megatron-LM's is no_shard)",
+        choices=FSDP_STRATEGIES)
     overlap_grad_reduce: bool = _field(
         True, "with data parallelism, do not overlap the gradient all-reduce/reduce-scatter "
               "with the backward pass (overlap is on by default when DP > 1)",
@@ -156,10 +169,22 @@ class TrainConfig:
         ``--num-layers-per-virtual-pipeline-stage`` into chunks per pipeline rank)."""
         return ParallelLayout.from_flags(
             self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-            self.num_layers_per_virtual_pipeline_stage, num_layers, spelling=FLAGS)
+            self.num_layers_per_virtual_pipeline_stage, num_layers,
+            fsdp=self.fsdp_strategy, spelling=FLAGS)
+
+    @property
+    def fsdp_strategy(self) -> Optional[str]:
+        """Megatron-FSDP's sharding strategy, ``None`` without ``--use-megatron-fsdp``."""
+        if not self.use_megatron_fsdp:
+            return None
+        return self.data_parallel_sharding_strategy or "optim_grads_params"
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
+        if self.data_parallel_sharding_strategy is not None and not self.use_megatron_fsdp:
+            raise ValueError(f"--data-parallel-sharding-strategy "
+                             f"{self.data_parallel_sharding_strategy} needs --use-megatron-fsdp; "
+                             "add it, or drop the strategy")
         layout = self.parallel_layout(num_layers)
         layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS)
         dp = layout.data_parallel_size(world_size)
@@ -187,6 +212,12 @@ class TrainConfig:
         if self.lora_rank != 0:  # negative ranks are refused there too
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
+            if self.use_megatron_fsdp:
+                raise ValueError(f"--lora-rank {self.lora_rank} with --use-megatron-fsdp: "
+                                 "megatron-core 0.16's Megatron-FSDP puts a gradient hook on "
+                                 "every weight and fails on LoRA's frozen base; drop "
+                                 "--use-megatron-fsdp (with --use-distributed-optimizer the "
+                                 "adapters' optimizer state is sharded, and LoRA has no other)")
             if self.sequence_parallel:
                 raise ValueError(f"--lora-rank {self.lora_rank} with --sequence-parallel: LoRA "
                                  "adapters do not support sequence-sharded inputs; drop "
