@@ -80,3 +80,22 @@ def test_tiny_recipe_with_two_datasets_lists_them_and_how_to_pick(tmp_path):
     r = run_tool(TINY, "train", env={"DEMO_DIR": str(tmp_path), "PYTHON": "echo", "DATA_PATH": b})
     cmd = r.stdout.split()
     assert cmd[cmd.index("--lr-warmup-iters") + 1] == "5"  # the default 60 iterations: as before
+
+
+def test_recipe_with_fsdp_uses_megatron_fsdp_and_refuses_a_pipeline(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP1PP1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
+    env = {"ASSETS_DIR": str(tmp_path), "PYTHON": "echo", "FSDP": "1", "TRAIN_ITERS": "10"}
+    data = tmp_path / "data" / "Vinnnf-Hybrid-OpenThoughts2-1M-1.5B"
+    data.mkdir(parents=True)
+    (data / "Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_"
+            "Qwen_1.5B-16384_text_document.idx").write_text("")
+    r = run_tool(RECIPE, "train", env=env)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    assert "--use-megatron-fsdp" in cmd and "--use-distributed-optimizer" not in cmd
+    assert cmd[cmd.index("--data-parallel-sharding-strategy") + 1] == "optim_grads_params"
+    r = run_tool(RECIPE, "train", env={**env, "PP": "2"})
+    assert r.returncode == 2 and "error: FSDP=1 with PP=2: megatron-core's Megatron-FSDP does " \
+        "not support pipeline parallelism" in r.stderr
