@@ -19,6 +19,10 @@ parameters in bf16 with fp32 gradients and Adam (bytes)::
     optim_grads          2N        4N / dp 12N / dp
     optim_grads_params   2N / dp   4N / dp 12N / dp       (ZeRO-3)
 
+(fp32 weights are their own main weights: 4N + 4N + 8N, each divided the same way.) Against
+the distributed optimizer (2N + 4N + 12N/dp) ZeRO-3 is 3/(dp+2) of its bytes in bf16 (0.75 at
+DP=2, 0.5 at DP=4) and 2/(dp+1) in fp32; against plain DDP it is 1/dp.
+
 Saving: each parameter group (one transformer layer under ``optim_grads_params``) is gathered
 on its own onto the rank that writes the (TP, PP) rank file and moved to host memory, so the
 device never holds more than one unsharded group beyond the shards. Every data-parallel rank
@@ -62,7 +66,9 @@ def wrap(chunks: list, tconfig, strategy: str, *, overlap_grad_reduce: bool,
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=True, use_megatron_fsdp=True,
-        data_parallel_sharding_strategy=strategy, average_in_collective=False)
+        data_parallel_sharding_strategy=strategy, average_in_collective=False,
+        # fp32 weights are their own main weights: a second fp32 copy would cost 4N/dp bytes
+        preserve_fp32_weights=tconfig.params_dtype != torch.float32)
     return [FullyShardedDataParallel(config=tconfig, ddp_config=ddp_config, module=m,
                                      device=device, disable_bucketing=i > 0)
             for i, m in enumerate(chunks)]
