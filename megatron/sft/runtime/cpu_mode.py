@@ -14,7 +14,12 @@ which is how this project tests the engine in CI.
 (b) ``Tensor.type()`` (no arguments) reporting ``torch.cuda.<X>Tensor`` names;
 (c) stubs for ``torch.cuda`` device/RNG/stream/event/synchronize/memory calls, with the CUDA RNG
     aliased to the CPU generator, including megatron-core's private
-    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``.
+    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``. ``current_device()`` is
+    ordinal ``0``, an int as on a GPU (megatron-core formats it into ``f"cuda:{...}"`` and
+    passes it as a device index); what it becomes (``0``, ``"cuda:0"``) is redirected by (a);
+(e) custom autograd functions' ``backward`` run under the mode too (``loss.backward()`` runs the
+    engine inside the mode's own handler, where the mode is off the stack), so megatron-core's
+    TP collectives that allocate on ``current_device()`` in their backward stay on the CPU.
 
 (d) ``sequence_parallel`` must stay off on CPU (torch norms do not support it); the model config
 builder enforces that, not this module.
