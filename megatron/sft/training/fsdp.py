@@ -58,8 +58,14 @@ def wrap(chunks: list, tconfig, strategy: str, *, overlap_grad_reduce: bool,
     ``optim_grads_params`` the parameter all-gather (Megatron-FSDP sets both itself).
     """
     from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.fsdp import mcore_fsdp_adapter
     from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
 
+    if not isinstance(mcore_fsdp_adapter.TELinear, type):
+        # Without Transformer Engine megatron-core's TELinear is a MagicMock, and the adapter's
+        # `isinstance(module, (TELinear,))` (asked of every module when TP > 1) raises
+        # TypeError. No module is a TELinear then: a class nothing derives from says exactly so.
+        mcore_fsdp_adapter.TELinear = type("TransformerEngineAbsent", (), {})
     if device.type == "cpu":  # it warns that the device is not cuda:{current_device()}
         logging.getLogger("megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp") \
             .addFilter(lambda record: "instead of the current device" not in record.getMessage())
