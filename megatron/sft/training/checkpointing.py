@@ -24,11 +24,11 @@ import torch
 from megatron.sft.runtime.layer_impl import LayerImpl
 from megatron.sft.bridge.checkpoint_io import (
     CHECKPOINT_VERSION,
-    load_file_state,
     CheckpointError,
     CheckpointMetadata,
     dtype_name,
     iteration_dir,
+    load_file_state,
     load_rank_state,
     partial_iteration_dir,
     publish_iteration,
@@ -199,8 +199,8 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
 
 
 def _optimizer_layout(model: list, optimizer) -> dict[str, Any]:
-    """What ``train_state``'s resume check compares: how this run's optimizer state is saved
-    (plus, under FSDP, which shard this rank writes)."""
+    """How this run's optimizer state is saved, as the rank file records it for the resume
+    check (``resume.optimizer_layout``; under FSDP plus which shard this rank writes)."""
     if not fsdp.is_fsdp(model):
         return optimizer_layout(fsdp=None, distributed=uses_distributed_optimizer(optimizer),
                                 shards=1)

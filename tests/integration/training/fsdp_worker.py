@@ -59,7 +59,7 @@ def main() -> None:
     # --- the reference and the FSDP run: 5 iterations, saved at 3 and 5. One micro-batch per
     #     rank: with more, FSDP reduce-scatters each micro-batch's gradients where DDP sums the
     #     micro-batches first, a different order of fp32 additions (the bf16 runs below have two)
-    one = dict(micro_batch_size=2)
+    one = dict(micro_batch_size=2, eval_interval=5, eval_iters=2)  # + validation at the end
     run("base", use_distributed_optimizer=True, save=str(work / "base"), save_interval=3, **one)
     trainer = run("fsdp", save=str(work / "fsdp"), save_interval=3, **fsdp, **one)
     if trainer is not None and results["fsdp"]["error"] is None:

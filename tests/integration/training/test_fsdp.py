@@ -54,6 +54,8 @@ def test_fsdp_curve_equals_dp_without_fsdp(runs):
     _close(base[:1], sharded[:1], 1e-6)  # iteration 1
     _close(base, sharded, 1e-5)
     assert runs["fsdp_weights_sharded"]  # optim_grads_params really shards the weights
+    valid = [r["history"][-1]["valid_loss"] for r in (runs["base"], runs["fsdp"])]
+    _close(valid[:1], valid[1:], 1e-6)  # evaluation gathers the weights in its forward too
 
 
 def test_fsdp_saves_our_rank_files_plus_one_optimizer_shard_per_rank(runs):
