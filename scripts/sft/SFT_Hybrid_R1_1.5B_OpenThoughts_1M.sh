@@ -8,11 +8,12 @@
 # Writes assets/checkpoints/SFT_Hybrid_R1_1.5B/ (iter_*/, latest_checkpointed_iteration.txt,
 #        tensorboard/, train_log.jsonl). Re-running resumes from the latest checkpoint there.
 # Every knob is an environment override, e.g.  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 LR=2e-5 bash ...
+# FSDP=1 shards weights, gradients and optimizer state over the data-parallel GPUs (ZeRO-3).
 set -euo pipefail
 
 MODE=${1:-}
 if [[ "$MODE" != "train" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -32,6 +33,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${PP:=1}"
 : "${CP:=1}"
 : "${VPP_LAYERS:=}"             # layers per virtual pipeline stage (interleaved 1F1B), needs PP>=2
+# Megatron-FSDP instead of the distributed optimizer (PP=1 only); FSDP_STRATEGY: optim_grads_params
+# (ZeRO-3) | optim_grads (ZeRO-2) | optim (ZeRO-1) | no_shard. Checkpoints are the same files.
+: "${FSDP:=0}"
+: "${FSDP_STRATEGY:=optim_grads_params}"
 
 # --- data and batch: 16k-token packed sequences, global batch in sequences. MAX_LEN is
 # tokenize_dataset.sh's (the data's name, its longest sample); a row holds SEQ_LEN tokens, and
@@ -61,6 +66,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${KEEP_LAST:=2}"             # checkpoints kept in SAVE_DIR (a 1.5B one with optimizer state: ~25 GB)
 : "${EVAL_INTERVAL:=500}"
 : "${WANDB_PROJECT:=}"
+
+# --- a layout megatron-core refuses, said before anything else
+if [[ "$FSDP" == 1 ]] && (( PP > 1 )); then
+  echo "error: FSDP=1 with PP=$PP: megatron-core's Megatron-FSDP does not support pipeline parallelism; use PP=1 (FSDP shards the layers instead) or FSDP=0" >&2
+  exit 2
+fi
 
 # --- resume from our own latest checkpoint when there is one, else start from the conversion
 LOAD=$CKPT
@@ -94,7 +105,7 @@ args=(
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --adam-beta1 0.9 --adam-beta2 0.95
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --context-parallel-size "$CP"
-  --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
+  --bf16 --attention-backend "$ATTENTION_BACKEND"
   --eval-interval "$EVAL_INTERVAL" --eval-iters 10 --log-interval 1
   --tensorboard-dir "$SAVE_DIR/tensorboard" --log-json "$SAVE_DIR/train_log.jsonl"
 )
@@ -103,9 +114,21 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 [[ "$RECOMPUTE" != "none" ]] && args+=(--recompute-granularity "$RECOMPUTE")
 [[ -n "$WANDB_PROJECT" ]] && args+=(--wandb-project "$WANDB_PROJECT")
 (( TP > 1 )) && args+=(--sequence-parallel)
+# FSDP: weights all-gathered layer by layer in the forward pass; else ZeRO-1 (optimizer state only)
+if [[ "$FSDP" == 1 ]]; then
+  args+=(--use-megatron-fsdp --data-parallel-sharding-strategy "$FSDP_STRATEGY")
+else
+  args+=(--use-distributed-optimizer)
+fi
 
 # --- launch one process per GPU on every node
-export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets TP communication overlap compute
+# One connection lets TP communication overlap compute; FSDP needs several so its all-gathers
+# and reduce-scatters run beside compute (Megatron-LM refuses FSDP with 1).
+if [[ "$FSDP" == 1 ]]; then
+  export CUDA_DEVICE_MAX_CONNECTIONS=8
+else
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+fi
 exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   "$REPO/tools/train_sft.py" "${args[@]}"

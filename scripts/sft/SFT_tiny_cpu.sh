@@ -10,11 +10,12 @@
 #              LR_WARMUP_ITERS (default 5, a tenth of TRAIN_ITERS below 50),
 #              ATTENTION_BACKEND (default sdpa: per-document attention, no s x s mask),
 #              LORA_RANK=R (>0: train LoRA adapters on the frozen model, saved to sft_tiny_lora_rR),
-#              LORA_ALPHA (default 2 x LORA_RANK).
+#              LORA_ALPHA (default 2 x LORA_RANK),
+#              FSDP=1 (Megatron-FSDP ZeRO-3 over the data-parallel ranks: NPROC=4 for DP=2 at TP=2).
 set -euo pipefail
 
 if [[ "${1:-}" != "train" ]]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -49,6 +50,7 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   DATA_PATH=${datasets[0]:-}
 fi
 : "${LORA_RANK:=0}"
+: "${FSDP:=0}"
 : "${LORA_ALPHA:=$((2 * LORA_RANK))}"
 if (( LORA_RANK > 0 )); then
   : "${SAVE_DIR:=$DEMO_DIR/sft_tiny_lora_r$LORA_RANK}"
@@ -66,6 +68,8 @@ LOAD=$CKPT
 # the run's checkpoints hold adapters only
 lora=()
 (( LORA_RANK > 0 )) && lora=(--lora-rank "$LORA_RANK" --lora-alpha "$LORA_ALPHA")
+# FSDP: weights, gradients and optimizer state sharded over the data-parallel ranks
+[[ "$FSDP" == 1 ]] && lora+=(--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params)
 
 # --- gloo on CPU: real megatron-core TP code paths, one process per TP rank
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \

@@ -35,6 +35,23 @@ def test_cuda_placements_become_cpu():
         ev = torch.cuda.Event(enable_timing=True); ev.record(); torch.cuda.synchronize()
         with torch.cuda.stream(torch.cuda.Stream()):
             pass
+        # Megatron-FSDP formats the ordinal, FSDP2's device mesh passes it as an index
+        index = torch.cuda.current_device()
+        assert type(index) is int and index == 0
+        assert torch.empty(1, device=torch.device(f"cuda:{index}")).device.type == "cpu"
+        assert torch.zeros(1, device=torch.device("cuda", index=index)).device.type == "cpu"
+        # megatron-core's TP collectives allocate on current_device() inside custom backward
+        # functions, which the engine runs inside backward()'s own torch-function call
+        class AllocatesInBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x * 2
+            @staticmethod
+            def backward(ctx, g):
+                return g + torch.zeros(g.shape, device=torch.cuda.current_device())
+        x = torch.ones(3, requires_grad=True)
+        AllocatesInBackward.apply(x).sum().backward()
+        assert torch.equal(x.grad, torch.ones(3))
         print("ok")
     """)
     assert r.returncode == 0, r.stderr

@@ -211,7 +211,13 @@ def save_rank_state(iter_dir: Path, layout: ParallelLayout, tp_rank: int, pp_ran
                     state: dict[str, Any], ep_rank: int = 0) -> FileDigest:
     """Write one rank file; returns its digest for ``checksums.json`` (computed as it streams
     out). A write that fails for lack of space is a ``DiskFullError`` naming the directory."""
-    path = rank_file(iter_dir, layout, tp_rank, pp_rank, ep_rank)
+    return save_file_state(iter_dir, rank_file(iter_dir, layout, tp_rank, pp_rank, ep_rank),
+                           state)
+
+
+def save_file_state(iter_dir: Path, path: Path, state: dict[str, Any]) -> FileDigest:
+    """:func:`save_rank_state` for any file of the iteration ``iter_dir`` (an optimizer shard
+    beside a rank file)."""
     state = compact_views(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")

@@ -14,7 +14,9 @@ which is how this project tests the engine in CI.
 (b) ``Tensor.type()`` (no arguments) reporting ``torch.cuda.<X>Tensor`` names;
 (c) stubs for ``torch.cuda`` device/RNG/stream/event/synchronize/memory calls, with the CUDA RNG
     aliased to the CPU generator, including megatron-core's private
-    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``;
+    ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state``. ``current_device()`` is
+    ordinal ``0``, an int as on a GPU (megatron-core formats it into ``f"cuda:{...}"`` and
+    passes it as a device index); what it becomes (``0``, ``"cuda:0"``) is redirected by (a);
 (d) ``pin_memory=True`` dropped and ``Tensor.pin_memory()`` a no-op: page-locked memory is a
     host-to-GPU transfer optimisation, and without an accelerator torch refuses it (megatron-core's
     RoPE slicing for context-parallel ranks, ``get_pos_emb_on_this_cp_rank``, asks for it);
@@ -28,7 +30,10 @@ which is how this project tests the engine in CI.
     reduce-scatters *uneven* token counts over the TP ranks (``output_split_sizes`` of
     ``tensor_parallel.mappings._gather_along_first_dim``; NCCL handles those). The patched
     helpers pad to the largest part and gather, or all-reduce and keep this rank's part: the
-    same numbers (:func:`_uneven_collectives_on_gloo`).
+    same numbers (:func:`_uneven_collectives_on_gloo`);
+(g) custom autograd functions' ``backward`` run under the mode too (``loss.backward()`` runs the
+    engine inside the mode's own handler, where the mode is off the stack), so megatron-core's
+    TP collectives that allocate on ``current_device()`` in their backward stay on the CPU.
 
 Sequence parallelism runs on CPU too: the local layer spec uses our own sequence-parallel-aware
 norms (:mod:`megatron.sft.runtime.norms`), not megatron-core's ``WrappedTorchNorm``.
@@ -87,6 +92,28 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to:
             args = (args[0],) + tuple(_redirect(a) for a in args[1:])
         return func(*args, **kwargs)
+
+
+def _redirect_custom_backward() -> None:
+    """Run custom autograd functions' ``backward`` under the mode too.
+
+    ``loss.backward()`` is itself a torch function: the engine runs inside the mode's handler,
+    where the mode is off the stack, so megatron-core's TP collectives, which allocate on
+    ``torch.cuda.current_device()`` (ordinal 0) in their backward, would ask for ``cuda:0``.
+    The engine calls ``BackwardCFunction.apply`` for every custom function; it re-enters the
+    mode when it is not on the stack.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    original = BackwardCFunction.apply
+
+    def apply(self, *args):
+        if _ACTIVE_MODE is None or torch._C._len_torch_function_stack():
+            return original(self, *args)
+        with _ACTIVE_MODE:
+            return original(self, *args)
+
+    BackwardCFunction.apply = apply
 
 
 class _NoOpStream:
@@ -150,10 +177,11 @@ def _cpu_rng_set(state, *args, **kwargs) -> None:
 def _stub_torch_cuda() -> None:
     cuda = torch.cuda
     stubs = {
-        # The CPU device itself, not ordinal 0: autograd runs custom backward functions
-        # (megatron-core's TP collectives allocate there) outside the TorchFunctionMode, where
-        # an int device would still mean "cuda:0".
-        "current_device": lambda: torch.device("cpu"),
+        # Ordinal 0, an int as on a GPU: megatron-core formats it (f"cuda:{...}", Megatron-FSDP)
+        # and passes it as an index (torch.device("cuda", ...), FSDP2's device mesh). The
+        # placements it becomes ("cuda:0", 0) are redirected by the mode, which custom backward
+        # functions also run under (_redirect_custom_backward).
+        "current_device": lambda: 0,
         "set_device": lambda *a, **k: None,
         "synchronize": lambda *a, **k: None,
         "get_rng_state": _cpu_rng_get,
@@ -270,6 +298,7 @@ def enable_cpu_mode(force: bool = False) -> bool:
     _alias_megatron_rng()
     _numpy_split_sizes_on_cpu()
     _uneven_collectives_on_gloo()
+    _redirect_custom_backward()
     mode = _CudaToCpuMode()
     mode.__enter__()
     _ACTIVE_MODE = mode

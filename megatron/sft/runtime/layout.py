@@ -14,11 +14,16 @@ vpp   virtual_pipeline_model_...      model chunks per pipeline rank (``None``: 
 cp    context_parallel_size           each sequence split over ranks (weights replicated)
 ep    expert_model_parallel_size      MoE experts split over ranks (carved out of DP x CP)
 etp   expert_tensor_parallel_size     TP inside each expert (``None``: same as ``tp``)
+fsdp  data_parallel_sharding_strategy what Megatron-FSDP shards over DP (``None``: no FSDP)
 ====  ==============================  =====================================================
 
 ``world = tp x pp x cp x dp`` for the dense part, and ``world = etp x ep x pp x edp`` for the
 experts. Checkpoint files are per (tp, pp[, ep]) rank, so ``cp`` (like ``dp``) never changes
-them: :meth:`ParallelLayout.for_checkpoint` is the layout a checkpoint records.
+them: :meth:`ParallelLayout.for_checkpoint` is the layout a checkpoint records. Nor does
+``fsdp``: a run under Megatron-FSDP saves the same per-(tp, pp) files, gathered at save time, and
+its process groups are those of the same layout without it (:meth:`ParallelLayout.to_megatron`).
+megatron-core 0.16's Megatron-FSDP builds its device mesh over DP x CP x TP only, so it refuses
+pipeline parallelism (an einops error deep in ``FullyShardedDataParallel``): checked here first.
 
 Megatron-LM's file layout: one ``model_optim_rng.pt`` per rank under ``iter_NNNNNNN/mp_rank_TT``
 (PP = 1), ``mp_rank_TT_PPP`` (PP > 1), plus ``_EEE`` with EP > 1. With virtual pipeline stages a
@@ -71,6 +76,12 @@ class Spelling:
     #: the row length and sequence parallelism, as the audience sets them
     seq: str = "SEQ_LEN={}"
     sp: str = "SP"
+    #: Megatron-FSDP with sharding strategy ``{}``
+    fsdp: str = "FSDP={}"
+    #: Megatron-FSDP asked for with a pipeline (``{fsdp}``, ``{pp}``: spelled sizes)
+    fsdp_needs_no_pp: str = ("{fsdp} with {pp}: megatron-core's Megatron-FSDP does not support "
+                             "pipeline parallelism; use PP=1 (FSDP shards the layers instead) "
+                             "or drop FSDP")
 
     def size(self, dim: str, value: Any) -> str:
         return getattr(self, dim).format(value)
@@ -91,7 +102,15 @@ FLAGS = Spelling(
                  "--pipeline-model-parallel-size >= 2",
     virtual_stage="num_layers {layers} is not divisible by --pipeline-model-parallel-size {pp} "
                   "x --num-layers-per-virtual-pipeline-stage {k}",
-    seq="--seq-length {}", sp="--sequence-parallel")
+    seq="--seq-length {}", sp="--sequence-parallel",
+    fsdp="--use-megatron-fsdp --data-parallel-sharding-strategy {}",
+    fsdp_needs_no_pp="{fsdp} with {pp}: megatron-core's Megatron-FSDP does not support "
+                     "pipeline parallelism (its device mesh spans data, context and tensor "
+                     "parallel ranks only); use --pipeline-model-parallel-size 1 (FSDP shards "
+                     "the layers instead), or drop --use-megatron-fsdp")
+
+#: Megatron-FSDP's ``data_parallel_sharding_strategy`` values (ZeRO-0 .. ZeRO-3)
+FSDP_STRATEGIES = ("no_shard", "optim", "optim_grads", "optim_grads_params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +123,8 @@ class ParallelLayout:
     ep: int = 1
     #: tensor parallelism inside experts; ``None`` = ``tp`` (megatron-core's default)
     etp: Optional[int] = None
+    #: Megatron-FSDP's sharding strategy (one of ``FSDP_STRATEGIES``); ``None`` = no FSDP
+    fsdp: Optional[str] = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -137,13 +158,14 @@ class ParallelLayout:
                                      ("ETP", self.etp, None)):
             if value != default:
                 text += f" {name}{value}"
-        return text
+        return text + (f" FSDP({self.fsdp})" if self.fsdp else "")
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_flags(cls, tp: int = 1, pp: int = 1, layers_per_virtual_stage: Optional[int] = None,
                    num_layers: Optional[int] = None, *, cp: int = 1, ep: int = 1,
-                   etp: Optional[int] = None, spelling: Spelling = SHORT) -> "ParallelLayout":
+                   etp: Optional[int] = None, fsdp: Optional[str] = None,
+                   spelling: Spelling = SHORT) -> "ParallelLayout":
         """Megatron-LM's flags -> a layout; ``--num-layers-per-virtual-pipeline-stage`` becomes
         chunks per pipeline rank (one chunk per rank is plain, non-interleaved PP).
 
@@ -153,11 +175,12 @@ class ParallelLayout:
         True
         """
         return cls(tp, pp, virtual_stages(num_layers, pp, layers_per_virtual_stage, spelling),
-                   cp, ep, etp)
+                   cp, ep, etp, fsdp)
 
     def for_checkpoint(self) -> "ParallelLayout":
-        """What decides a checkpoint's files: CP ranks hold the same weights, like DP ranks."""
-        return dataclasses.replace(self, cp=1)
+        """What decides a checkpoint's files: CP ranks hold the same weights, like DP ranks, and
+        FSDP saves gathered weights."""
+        return dataclasses.replace(self, cp=1, fsdp=None)
 
     def to_megatron(self) -> dict[str, Any]:
         """megatron-core's names, as ``initialize_model_parallel`` and ``TransformerConfig``
@@ -221,6 +244,18 @@ class ParallelLayout:
             reason = attention(self.cp)
             if reason:
                 out.append(reason)
+        if self.fsdp is not None:
+            if self.fsdp not in FSDP_STRATEGIES:
+                out.append(f"{s.size('fsdp', self.fsdp)}: use one of {', '.join(FSDP_STRATEGIES)}")
+            elif self.pp > 1:
+                out.append(s.fsdp_needs_no_pp.format(fsdp=s.size("fsdp", self.fsdp),
+                                                     pp=s.size("pp", self.pp)))
+            for dim in ("cp", "ep"):
+                if sizes[dim] > 1:  # our rank-file gather and optimizer shards assume DP only
+                    out.append(f"{s.size('fsdp', self.fsdp)} with {s.size(dim, sizes[dim])}: "
+                               "fully sharded data parallel is proven here with TP and DP "
+                               f"only; drop {s.size(dim, sizes[dim])} or use the distributed "
+                               "optimizer instead of FSDP")
         layers = shape.num_layers if shape is not None else num_layers
         stages = self.pp * self.chunks
         if layers is not None and layers % stages:

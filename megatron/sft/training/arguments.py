@@ -27,7 +27,7 @@ from megatron.sft.runtime.attention import (
 )
 from megatron.sft.runtime.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
 from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
-from megatron.sft.runtime.layout import FLAGS, ParallelLayout
+from megatron.sft.runtime.layout import FLAGS, FSDP_STRATEGIES, ParallelLayout
 
 
 #: TE's CP pads every document to 2·CP, so a rank's THD tokens vary per micro-batch and the
@@ -74,6 +74,11 @@ class TrainConfig:
         False, "on resume, train with the LR schedule of the flags (--lr, --min-lr, "
                "--lr-decay-style, warm-up, --train-iters, --weight-decay) from the checkpoint's "
                "iteration on, instead of the checkpoint's schedule")
+    no_load_optim: bool = _field(
+        False, "on resume, do not load the optimizer state (Adam moments, fp32 main weights): "
+               "it starts fresh, while weights, iteration, LR schedule and data position "
+               "continue. Needed to resume under another data-parallel sharding "
+               "(--use-megatron-fsdp, its strategy or DP size, --use-distributed-optimizer)")
     reset_data_position: bool = _field(
         False, "on resume, start the data (--data-path, --seq-length, --split, packing, --seed) "
                "from its first row: needed when they differ from the checkpoint's; iteration "
@@ -128,6 +133,14 @@ class TrainConfig:
                                             "--transformer-impl, CPU too)")
     use_distributed_optimizer: bool = _field(False, "shard optimizer state over data-parallel "
                                                     "ranks (ZeRO-1)")
+    use_megatron_fsdp: bool = _field(
+        False, "fully sharded data parallel with megatron-core's Megatron-FSDP: shard what "
+               "--data-parallel-sharding-strategy says over the data-parallel ranks (with TP, "
+               "not PP); checkpoints keep the per-(TP, PP) rank files")
+    data_parallel_sharding_strategy: Optional[str] = _field(
+        None, "with --use-megatron-fsdp: no_shard (DDP), optim (ZeRO-1), optim_grads (ZeRO-2) "
+              "or optim_grads_params (ZeRO-3, the default here; Megatron-LM's is no_shard)",
+        choices=FSDP_STRATEGIES)
     overlap_grad_reduce: bool = _field(
         True, "with data parallelism, do not overlap the gradient all-reduce/reduce-scatter "
               "with the backward pass (overlap is on by default when DP > 1)",
@@ -199,10 +212,21 @@ class TrainConfig:
             self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
             self.num_layers_per_virtual_pipeline_stage, num_layers,
             ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
-            cp=self.context_parallel_size, spelling=FLAGS)
+            cp=self.context_parallel_size, fsdp=self.fsdp_strategy, spelling=FLAGS)
+
+    @property
+    def fsdp_strategy(self) -> Optional[str]:
+        """Megatron-FSDP's sharding strategy, ``None`` without ``--use-megatron-fsdp``."""
+        if not self.use_megatron_fsdp:
+            return None
+        return self.data_parallel_sharding_strategy or "optim_grads_params"
 
     def validate(self, world_size: int, num_layers: Optional[int] = None) -> None:
         """Raise ``ValueError`` naming the flags, their values and the fix."""
+        if self.data_parallel_sharding_strategy is not None and not self.use_megatron_fsdp:
+            raise ValueError(f"--data-parallel-sharding-strategy "
+                             f"{self.data_parallel_sharding_strategy} needs --use-megatron-fsdp; "
+                             "add it, or drop the strategy")
         layout = self.parallel_layout(num_layers)
         layout.validate(world_size=world_size, num_layers=num_layers, spelling=FLAGS,
                         seq_length=self.seq_length, sequence_parallel=self.sequence_parallel,
@@ -233,6 +257,12 @@ class TrainConfig:
         if self.lora_rank != 0:  # negative ranks are refused there too
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
+            if self.use_megatron_fsdp:
+                raise ValueError(f"--lora-rank {self.lora_rank} with --use-megatron-fsdp: "
+                                 "megatron-core 0.16's Megatron-FSDP puts a gradient hook on "
+                                 "every weight and fails on LoRA's frozen base; drop "
+                                 "--use-megatron-fsdp (with --use-distributed-optimizer the "
+                                 "adapters' optimizer state is sharded, and LoRA has no other)")
         if self.data_path is None:
             raise ValueError("--data-path is required (a prefix written by "
                              "scripts/data/tokenize_dataset.sh)")

@@ -2,7 +2,9 @@
 
 Each rank writes ``iter_N.partial/mp_rank_TT[_PPP]/model_optim_rng.pt`` (model chunks in the
 checkpoint naming, optimizer, LR schedule, RNG, iteration); with the distributed optimizer
-each data-parallel group also writes ``distrib_optim.pt`` there. After a barrier, rank 0 renames
+each data-parallel group also writes ``distrib_optim.pt`` there; under Megatron-FSDP the weights
+are gathered into the same rank files and every data-parallel rank writes its optimizer shard
+``fsdp_optim_SSS.pt`` there (:mod:`training.fsdp`). After a barrier, rank 0 renames
 the directory into place, then updates ``latest_checkpointed_iteration.txt`` and prunes old
 iterations. A crash mid-save leaves only a ``.partial`` directory.
 """
@@ -26,11 +28,13 @@ from megatron.sft.bridge.checkpoint_io import (
     CheckpointMetadata,
     dtype_name,
     iteration_dir,
+    load_file_state,
     load_rank_state,
     partial_iteration_dir,
     publish_iteration,
     rank_file,
     read_metadata,
+    save_file_state,
     save_rank_state,
     state_nbytes,
     write_metadata,
@@ -44,6 +48,8 @@ from megatron.sft.runtime.parallel_dims import parallel_dims
 
 from megatron.sft.lora.run_format import read_lora_info, write_lora_info
 from megatron.sft.lora.settings import adapter_state_dict
+from megatron.sft.training import fsdp
+from megatron.sft.training.resume import optimizer_layout
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 
@@ -107,8 +113,12 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
     partial = partial_iteration_dir(save, iteration)
     final = save / iteration_dir_name(iteration)
     rank0 = dist.get_rank() == 0
-    dtype = next(_unwrap(model[0]).parameters()).dtype
+    sharded = fsdp.is_fsdp(model)
+    dtype = fsdp.model_dtype(model) if sharded else next(_unwrap(model[0]).parameters()).dtype
     meta_now = dataclasses.replace(meta, params_dtype=dtype_name(dtype), producer="training")
+    # Megatron-FSDP: every rank takes part in gathering the weights, group by group
+    gathered = fsdp.gathered_state_dicts(model, keep=dims.writes_rank_file) if sharded else None
+    saved_layout = _optimizer_layout(model, optimizer)
     state: Optional[dict[str, Any]] = None
     if dims.writes_rank_file:
         state = {
@@ -119,12 +129,15 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
             "opt_param_scheduler": scheduler.state_dict(),
             "rng_state": rng_state(),
             "train_state": dict(train_state),
+            "optimizer_layout": saved_layout,
         }
         for chunk, m in enumerate(model):
-            sd = impl.model_to_checkpoint(_unwrap(m).state_dict())
+            sd = impl.model_to_checkpoint(gathered[chunk] if sharded else _unwrap(m).state_dict())
             state[meta.layout.model_key(chunk)] = sd if lora is None else adapter_state_dict(sd)
-    distributed_optimizer = uses_distributed_optimizer(optimizer)
-    sizes = on_every_rank(lambda: _save_size_estimate(state, optimizer, distributed_optimizer),
+    del gathered
+    distributed_optimizer = uses_distributed_optimizer(optimizer) and not sharded
+    sizes = on_every_rank(lambda: _save_size_estimate(state, optimizer, distributed_optimizer)
+                          + (fsdp.optimizer_shard_nbytes(optimizer) if sharded else 0),
                           gather=True)
 
     def prepare() -> None:
@@ -146,6 +159,10 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
     def write() -> list:
         digests = []
         rank_path.parent.mkdir(parents=True, exist_ok=True)
+        if sharded:  # each rank its own shard: nothing is gathered
+            shard = fsdp.shard_file(rank_path.parent, saved_layout["shard"])
+            digests.append(save_file_state(partial, shard, fsdp.optimizer_shard_state(
+                optimizer, saved_layout["strategy"], saved_layout["shards"])))
         if distributed_optimizer:
             # Collective over the data-parallel group; its rank 0 writes the gathered shards
             # (megatron-core's torch.save: hashed by reading it back).
@@ -181,6 +198,30 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
         raise
 
 
+def _optimizer_layout(model: list, optimizer) -> dict[str, Any]:
+    """How this run's optimizer state is saved, as the rank file records it for the resume
+    check (``resume.optimizer_layout``; under FSDP plus which shard this rank writes)."""
+    if not fsdp.is_fsdp(model):
+        return optimizer_layout(fsdp=None, distributed=uses_distributed_optimizer(optimizer),
+                                shards=1)
+    import torch.distributed as dist
+
+    group = fsdp.shard_group(model[0])
+    return {**optimizer_layout(fsdp=model[0].ddp_config.data_parallel_sharding_strategy,
+                               distributed=True, shards=group.size()),
+            "shard": dist.get_rank(group)}
+
+
+def saved_optimizer_layout(state: dict[str, Any], rank_path: Path) -> dict[str, Any]:
+    """How the optimizer state of a rank file was saved; checkpoints from before this was
+    recorded tell by their files."""
+    saved = state.get("optimizer_layout")
+    if saved is not None:
+        return {k: v for k, v in saved.items() if k != "shard"}
+    return optimizer_layout(fsdp=None, distributed=rank_path.with_name(DISTRIB_OPTIM_FILE)
+                            .exists(), shards=1)
+
+
 def _save_size_estimate(state: Optional[dict], optimizer, distributed: bool) -> int:
     """Bytes this rank is about to write: its rank file's tensors, plus (on data-parallel rank
     0, which writes the gathered shards) the distributed optimizer's fp32 main weights and two
@@ -213,6 +254,8 @@ class ResumeSource:
     schedule: Optional[dict[str, Any]]
     #: optimizer state to restore (a resharded training checkpoint carries none)
     has_optimizer: bool
+    #: how that optimizer state was saved (``resume.optimizer_layout``); ``None`` without one
+    optimizer_layout: Optional[dict[str, Any]] = None
 
 
 def peek_resume(cfg) -> Optional[ResumeSource]:
@@ -228,8 +271,11 @@ def peek_resume(cfg) -> Optional[ResumeSource]:
                                                   dims.ep_rank, verify=cfg.verify))
     if "optimizer" not in state and "train_state" not in state:
         return None
+    has_optimizer = "optimizer" in state
+    saved = saved_optimizer_layout(state, rank_file(it_dir, layout, dims.tp_rank, dims.pp_rank,
+                                                    dims.ep_rank)) if has_optimizer else None
     return ResumeSource(int(state["iteration"]), dict(state.get("train_state", {})),
-                        state.get("opt_param_scheduler"), "optimizer" in state)
+                        state.get("opt_param_scheduler"), has_optimizer, saved)
 
 
 @contextlib.contextmanager
@@ -253,20 +299,44 @@ def _step_state_hidden(optimizer):
             state["step"] = step.detach().clone()
 
 
+def _load_fsdp_optimizer(it_dir: Path, path: Path, optimizer, model: list, verify: bool) -> None:
+    """This rank's ``fsdp_optim_SSS.pt`` into the optimizer (the resume plan checked that the
+    checkpoint was saved with the same strategy and shard count)."""
+    import torch.distributed as dist
+
+    shard = fsdp.shard_file(path.parent, dist.get_rank(fsdp.shard_group(model[0])))
+
+    def read() -> dict[str, Any]:
+        if not shard.exists():
+            raise CheckpointError(f"{shard} is missing: the checkpoint holds no Megatron-FSDP "
+                                  "optimizer shard for this rank; resume with its setting, or "
+                                  "pass --no-load-optim")
+        if verify:
+            verify_file(it_dir, shard)
+        return load_file_state(shard, mmap=False)
+
+    saved = on_every_rank(read)
+    fsdp.load_optimizer_shard_state(saved, optimizer, model, shard)
+
+
 def load_training_state(load_dir: str, optimizer, scheduler, iteration: Optional[int] = None,
                         *, optimizer_state: bool = True, override_schedule: bool = False,
-                        verify: bool = True) -> dict[str, Any]:
+                        verify: bool = True, fsdp_model: Optional[list] = None
+                        ) -> dict[str, Any]:
     """Restore optimizer (unless ``optimizer_state`` is false: a resharded checkpoint), LR
     schedule and RNG (model weights were loaded at build time); returns the saved
     ``train_state`` with ``iteration``. ``override_schedule``: the scheduler keeps the flags'
-    values and only takes the step count from the checkpoint."""
+    values and only takes the step count from the checkpoint. ``fsdp_model``: the Megatron-FSDP
+    chunks, whose optimizer comes from this rank's shard file."""
     dims = parallel_dims()
     it_dir = iteration_dir(Path(load_dir), iteration)
     layout = read_metadata(it_dir).layout
     path = rank_file(it_dir, layout, dims.tp_rank, dims.pp_rank, dims.ep_rank)
     state = on_every_rank(lambda: load_rank_state(it_dir, layout, dims.tp_rank, dims.pp_rank,
                                                   dims.ep_rank, mmap=False, verify=verify))
-    if optimizer_state:
+    if optimizer_state and fsdp_model is not None:
+        _load_fsdp_optimizer(it_dir, path, optimizer, fsdp_model, verify)
+    elif optimizer_state:
         optim_path = path.with_name(DISTRIB_OPTIM_FILE)
         distributed = uses_distributed_optimizer(optimizer)
         if distributed and verify:

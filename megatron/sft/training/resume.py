@@ -161,6 +161,45 @@ def _data_position(cfg, iteration: int, saved: dict, identity: dict, saved_gbs: 
     return position
 
 
+def optimizer_layout(*, fsdp: Optional[str], distributed: bool, shards: int) -> dict[str, Any]:
+    """How a run's optimizer state is laid out on disk, as checkpoints record it: Megatron-FSDP's
+    per-rank shard files (layout-specific: strategy and shard count), the distributed optimizer's
+    gathered ``distrib_optim.pt`` (any DP size), or the plain optimizer in the rank file.
+
+    >>> optimizer_layout(fsdp="optim_grads_params", distributed=True, shards=2)
+    {'sharding': 'megatron_fsdp', 'strategy': 'optim_grads_params', 'shards': 2}
+    """
+    if fsdp is not None:
+        return {"sharding": "megatron_fsdp", "strategy": fsdp, "shards": shards}
+    return {"sharding": "distributed" if distributed else "none"}
+
+
+def _describe_optimizer(layout: dict[str, Any]) -> str:
+    if layout["sharding"] == "megatron_fsdp":
+        return (f"--use-megatron-fsdp --data-parallel-sharding-strategy {layout['strategy']} over "
+                f"{layout['shards']} data-parallel rank(s)")
+    return ("--use-distributed-optimizer" if layout["sharding"] == "distributed"
+            else "neither --use-megatron-fsdp nor --use-distributed-optimizer")
+
+
+def check_optimizer_layout(saved: Optional[dict[str, Any]], wanted: dict[str, Any],
+                           ckpt: str) -> None:
+    """The optimizer state of ``ckpt`` loads only into the sharding it was saved under; raise
+    :class:`ResumeError` naming both and the two fixes. ``saved`` ``None``: nothing to check.
+
+    Example: an FSDP run resumed without FSDP -> ``ResumeError: the optimizer state of RUN was
+    saved with --use-megatron-fsdp ... but this run uses neither ...``.
+    """
+    if saved is None or saved == wanted:
+        return
+    raise ResumeError(
+        f"the optimizer state of the checkpoint being resumed ({ckpt}) was saved with "
+        f"{_describe_optimizer(saved)}, but this run uses {_describe_optimizer(wanted)}: it "
+        "cannot be loaded. Resume with the checkpoint's setting, or pass --no-load-optim to "
+        "start the optimizer state fresh (weights, iteration, LR schedule and data position "
+        "continue)")
+
+
 def append_run(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     """``run_metadata.json`` keeps every (re)start of a run: the latest record at the top level
     (what tools read) and all of them, oldest first, under ``"runs"``."""

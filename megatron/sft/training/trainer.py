@@ -38,13 +38,17 @@ from megatron.sft.training.checkpointing import (
     peek_resume,
     save_checkpoint,
 )
-from megatron.sft.training import lora
+from megatron.sft.training import fsdp, lora, moe
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 from megatron.sft.training.model_builder import build_model_from_checkpoint
-from megatron.sft.training import moe
 from megatron.sft.training.moe_metrics import MoEMetrics, console_summary, moe_metrics_for
-from megatron.sft.training.resume import data_identity, plan_resume
+from megatron.sft.training.resume import (
+    check_optimizer_layout,
+    data_identity,
+    optimizer_layout,
+    plan_resume,
+)
 from megatron.sft.training.run_guard import (
     acquire_run_lock,
     check_save_directory,
@@ -143,6 +147,10 @@ class Trainer:
                 saved_train_state=self.resume.train_state, wanted_schedule=self._schedule(),
                 identity=self.data_identity, ckpt=cfg.load)
             self.data_position = self.plan.data_position
+            if self.resume.has_optimizer and not cfg.no_load_optim:
+                check_optimizer_layout(self.resume.optimizer_layout, optimizer_layout(
+                    fsdp=cfg.fsdp_strategy, distributed=cfg.use_distributed_optimizer,
+                    shards=self.dp_size * self.dims.layout.cp), cfg.load)
             self.train_ds.extend_to(self.data_position + max(
                 self.train_iters - self.resume.iteration, 0) * cfg.global_batch_size)
         check_training_data(self)  # vocabulary, lengths, objective: before building the model
@@ -153,17 +161,20 @@ class Trainer:
         self.sinks = (MetricSinks(cfg.tensorboard_dir, cfg.wandb_project, dataclasses.asdict(cfg))
                       if self.is_logger else None)
         if self.resume is not None:
+            load_optim = self.resume.has_optimizer and not cfg.no_load_optim
             state = load_training_state(cfg.load, self.optimizer, self.scheduler,
-                                        optimizer_state=self.resume.has_optimizer,
+                                        optimizer_state=load_optim,
                                         override_schedule=self.plan.override_schedule,
-                                        verify=cfg.verify)
+                                        verify=cfg.verify, fsdp_model=self.model
+                                        if cfg.use_megatron_fsdp else None)
             self.iteration = state["iteration"]
             self.consumed_samples = state.get("consumed_samples", 0)
             for note in self.plan.notes:
                 self.log(note)
-            fresh = "" if self.resume.has_optimizer else (
-                " (a resharded checkpoint: weights, LR schedule and data position carried, the "
-                "optimizer state starts fresh)")
+            fresh = "" if load_optim else (
+                f" ({'--no-load-optim' if cfg.no_load_optim else 'a resharded checkpoint'}: "
+                "weights, LR schedule and data position carried, the optimizer state starts "
+                "fresh)")
             self.log(f"resumed from {cfg.load} at iteration {self.iteration}, data row "
                      f"{self.data_position}{fresh}")
 
@@ -236,14 +247,20 @@ class Trainer:
         overlap_grads = self.dp_size > 1 and cfg.overlap_grad_reduce
         overlap_params = overlap_grads and cfg.use_distributed_optimizer and \
             cfg.overlap_param_gather
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grads,
-            overlap_param_gather=overlap_params,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-            average_in_collective=False)
-        self.model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=m,
-                                              disable_bucketing=i > 0)
-                      for i, m in enumerate(chunks)]
+        if cfg.use_megatron_fsdp:  # training/fsdp.py; it gathers parameters in its own hooks
+            self.model = fsdp.wrap(chunks, tcfg, cfg.fsdp_strategy, device=self.info.device,
+                                   overlap_grad_reduce=overlap_grads)
+            overlap_grads = self.model[0].ddp_config.overlap_grad_reduce and self.dp_size > 1
+            overlap_params = False
+        else:
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grads,
+                overlap_param_gather=overlap_params,
+                use_distributed_optimizer=cfg.use_distributed_optimizer,
+                average_in_collective=False)
+            self.model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=m,
+                                                  disable_bucketing=i > 0)
+                          for i, m in enumerate(chunks)]
         tcfg.finalize_model_grads_func = finalize_model_grads
 
         def per_chunk(name: str):
@@ -267,7 +284,8 @@ class Trainer:
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
             clip_grad=cfg.clip_grad, bf16=cfg.bf16, params_dtype=torch.bfloat16 if cfg.bf16
-            else torch.float32, use_distributed_optimizer=cfg.use_distributed_optimizer)
+            else torch.float32,
+            use_distributed_optimizer=cfg.use_distributed_optimizer or cfg.use_megatron_fsdp)
         self.optimizer = get_megatron_optimizer(ocfg, self.model)
         self.tconfig.grad_scale_func = self.optimizer.scale_loss
         gbs, warmup = cfg.global_batch_size, cfg.warmup_iters(self.train_iters)

@@ -114,3 +114,22 @@ def test_cp_recipe_trains_7b_on_32k_rows_at_cp2_tp2_and_rounds_the_row_length(tm
     # the 1.5B recipe takes CP too
     r = run_tool(RECIPE, "train", env={"ASSETS_DIR": str(tmp_path), "CP": "2"})
     assert r.returncode == 2 and "convert_deepseek_r1_to_megatron.sh 1.5B 1 1" in r.stderr
+
+
+def test_recipe_with_fsdp_uses_megatron_fsdp_and_refuses_a_pipeline(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP1PP1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
+    env = {"ASSETS_DIR": str(tmp_path), "PYTHON": "echo", "FSDP": "1", "TRAIN_ITERS": "10"}
+    data = tmp_path / "data" / "Vinnnf-Hybrid-OpenThoughts2-1M-1.5B"
+    data.mkdir(parents=True)
+    (data / "Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_"
+            "Qwen_1.5B-16384_text_document.idx").write_text("")
+    r = run_tool(RECIPE, "train", env=env)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    assert "--use-megatron-fsdp" in cmd and "--use-distributed-optimizer" not in cmd
+    assert cmd[cmd.index("--data-parallel-sharding-strategy") + 1] == "optim_grads_params"
+    r = run_tool(RECIPE, "train", env={**env, "PP": "2"})
+    assert r.returncode == 2 and "error: FSDP=1 with PP=2: megatron-core's Megatron-FSDP does " \
+        "not support pipeline parallelism" in r.stderr

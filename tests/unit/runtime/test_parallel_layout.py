@@ -57,6 +57,22 @@ MOE = MoEShape(num_experts=6, top_k=2, ffn_hidden_size=30, layers=(0, 1, 2, 3))
      "--pipeline-model-parallel-size 1; launch a multiple of 2 processes"),
     (ParallelLayout(1, 2), dict(num_layers=3, spelling=FLAGS),
      "num_layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    # Megatron-FSDP: megatron-core's device mesh has no pipeline dimension
+    (ParallelLayout(1, 2, fsdp="optim_grads_params"), dict(),
+     "FSDP=optim_grads_params with PP=2: megatron-core's Megatron-FSDP does not support pipeline "
+     "parallelism; use PP=1"),
+    (ParallelLayout(2, 2, 2, fsdp="optim"), dict(spelling=FLAGS),
+     "--use-megatron-fsdp --data-parallel-sharding-strategy optim with "
+     "--pipeline-model-parallel-size 2: megatron-core's Megatron-FSDP does not support pipeline "
+     "parallelism .* use --pipeline-model-parallel-size 1 .* or drop --use-megatron-fsdp"),
+    (ParallelLayout(1, 1, fsdp="zero3"), dict(),
+     "FSDP=zero3: use one of no_shard, optim, optim_grads, optim_grads_params"),
+    (ParallelLayout(1, 1, cp=2, fsdp="optim_grads_params"), dict(),
+     "FSDP=optim_grads_params with CP=2: fully sharded data parallel is proven here with TP and "
+     "DP only; drop CP=2"),
+    (ParallelLayout(1, 1, ep=2, fsdp="optim"), dict(spelling=FLAGS),
+     "--use-megatron-fsdp --data-parallel-sharding-strategy optim with "
+     "--expert-model-parallel-size 2: .* or use the distributed optimizer instead of FSDP"),
 ])
 def test_one_validator_for_every_bad_combination(layout, kwargs, message):
     with pytest.raises(LayoutError, match=message):
@@ -96,6 +112,16 @@ def test_metadata_keeps_the_files_layout_and_reads_old_checkpoints():
     old = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
                virtual_pipeline_model_parallel_size=None)  # before expert parallelism
     assert ParallelLayout.from_metadata(old) == ParallelLayout(2, 1)
+
+
+def test_fsdp_changes_neither_files_nor_process_groups():
+    sharded = ParallelLayout(2, 1, fsdp="optim_grads_params")
+    sharded.validate(_shape(), world_size=4)
+    assert sharded.describe() == "TP2 PP1 FSDP(optim_grads_params)"
+    assert sharded.for_checkpoint() == ParallelLayout(2, 1)
+    assert sharded.to_megatron() == ParallelLayout(2, 1).to_megatron()
+    assert "fsdp" not in str(sharded.to_metadata())
+    ParallelLayout(2, 1).check_same_files(sharded)
 
 
 def test_files_do_not_depend_on_context_parallelism():

@@ -13,7 +13,8 @@ MEGATRON_FLAGS = [
     "--adam-beta1", "--adam-beta2", "--clip-grad", "--bf16", "--use-distributed-optimizer",
     "--recompute-granularity", "--load", "--finetune", "--save", "--save-interval",
     "--eval-interval", "--eval-iters", "--data-path", "--split", "--seed", "--log-interval",
-    "--tensorboard-dir", "--wandb-project", "--exit-interval",
+    "--tensorboard-dir", "--wandb-project", "--exit-interval", "--use-megatron-fsdp",
+    "--data-parallel-sharding-strategy", "--no-load-optim",
 ]
 
 
@@ -49,6 +50,15 @@ def test_yaml_then_command_line(tmp_path):
      "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2"),
     (dict(save_interval=5), 2, 4, "--save-interval needs --save"),
     (dict(min_lr=1.0), 2, 4, "--min-lr 1.0 is larger than --lr"),
+    (dict(use_megatron_fsdp=True, pipeline_model_parallel_size=2,
+          tensor_model_parallel_size=1), 2, 4,
+     "--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params with "
+     "--pipeline-model-parallel-size 2: megatron-core's Megatron-FSDP does not support"),
+    (dict(data_parallel_sharding_strategy="optim"), 2, 4,
+     "--data-parallel-sharding-strategy optim needs --use-megatron-fsdp"),
+    (dict(use_megatron_fsdp=True, lora_rank=8), 2, 4,
+     "--lora-rank 8 with --use-megatron-fsdp: megatron-core 0.16's Megatron-FSDP puts a "
+     "gradient hook on every weight"),
 ])
 def test_invalid_combinations(overrides, world, layers, message):
     base = dict(load="/c", data_path="/d", train_iters=5, tensor_model_parallel_size=2)
@@ -85,3 +95,13 @@ def test_yaml_choices_are_validated(tmp_path):
     cfg = TrainConfig(load="/c", data_path="/d", train_iters=1, lr_decay_style="cosin")
     with pytest.raises(ValueError, match="--lr-decay-style 'cosin': use one of constant, linear"):
         cfg.validate(1, 4)
+
+
+def test_fsdp_flags_read_from_the_command_line_and_yaml(tmp_path):
+    cfg = parse_config(["--load", "/c", "--use-megatron-fsdp"])
+    assert cfg.fsdp_strategy == "optim_grads_params"  # ZeRO-3 unless a strategy is given
+    assert cfg.parallel_layout().fsdp == "optim_grads_params"
+    (tmp_path / "f.yaml").write_text("load: /c\nuse-megatron-fsdp: true\n"
+                                     "data_parallel_sharding_strategy: optim_grads\n")
+    assert parse_config(["--config", str(tmp_path / "f.yaml")]).fsdp_strategy == "optim_grads"
+    assert TrainConfig(load="/c").fsdp_strategy is None

@@ -7,7 +7,13 @@ import re
 import pytest
 
 from megatron.sft.training.arguments import TrainConfig
-from megatron.sft.training.resume import ResumeError, append_run, plan_resume
+from megatron.sft.training.resume import (
+    ResumeError,
+    append_run,
+    check_optimizer_layout,
+    optimizer_layout,
+    plan_resume,
+)
 from megatron.sft.training.run_guard import _would_save_at
 
 SAVED = {"max_lr": 1e-3, "min_lr": 0.0, "lr_decay_style": "cosine", "lr_warmup_steps": 8,
@@ -83,3 +89,31 @@ def test_run_metadata_keeps_every_start(tmp_path):
     assert merged["pid"] == 2 and [r["pid"] for r in merged["runs"]] == [1, 2]
     path.write_text(json.dumps(merged))
     assert [r["pid"] for r in append_run(path, {"pid": 3})["runs"]] == [1, 2, 3]
+
+
+FSDP2 = optimizer_layout(fsdp="optim_grads_params", distributed=True, shards=2)
+
+
+@pytest.mark.parametrize("saved, wanted, message", [
+    (FSDP2, optimizer_layout(fsdp=None, distributed=False, shards=2),
+     "saved with --use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params over 2 "
+     "data-parallel rank(s), but this run uses neither --use-megatron-fsdp nor "
+     "--use-distributed-optimizer"),
+    (FSDP2, optimizer_layout(fsdp="optim_grads_params", distributed=True, shards=4),
+     "over 2 data-parallel rank(s), but this run uses --use-megatron-fsdp "
+     "--data-parallel-sharding-strategy optim_grads_params over 4"),
+    (optimizer_layout(fsdp=None, distributed=True, shards=1), FSDP2,
+     "saved with --use-distributed-optimizer, but this run uses --use-megatron-fsdp"),
+])
+def test_optimizer_state_of_another_sharding_is_an_error_naming_the_fix(saved, wanted, message):
+    with pytest.raises(ResumeError, match=re.escape(message)) as e:
+        check_optimizer_layout(saved, wanted, "/ckpt")
+    assert "Resume with the checkpoint's setting, or pass --no-load-optim" in str(e.value)
+
+
+def test_the_same_optimizer_layout_or_none_saved_passes():
+    check_optimizer_layout(FSDP2, dict(FSDP2), "/ckpt")
+    check_optimizer_layout(None, FSDP2, "/ckpt")  # a resharded checkpoint: no optimizer state
+    # the distributed optimizer's file is gathered: any DP size loads it
+    assert optimizer_layout(fsdp=None, distributed=True, shards=2) == \
+        optimizer_layout(fsdp=None, distributed=True, shards=8)
