@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TextIO
 
+from megatron.sft.quickstart.progress import LogFollower, TrainingView
 from megatron.sft.quickstart.task import TaskConfig, make_task, tokenizer_corpus
 
 REPO = Path(__file__).resolve().parents[3]
@@ -65,14 +66,30 @@ class StageFailed(RuntimeError):
     pass
 
 
-def _torchrun(nproc: int, script: str, args: list[str], log: Path) -> None:
-    """Run one of our tools on ``nproc`` local ranks; its output goes to ``log``."""
+def _torchrun(nproc: int, script: str, args: list[str], log: Path,
+              watch: Optional[Callable[[], None]] = None) -> None:
+    """Run one of our tools on ``nproc`` local ranks; its output goes to ``log``. ``watch`` is
+    called about twice a second while it runs, and once after (the demo's live progress)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(nproc), str(REPO / script), *args]
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if watch is not None:
+                        watch()
+        except BaseException:  # Ctrl-C or a failing view: leave no ranks behind
+            proc.kill()
+            proc.wait()
+            raise
+    if watch is not None:
+        watch()
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise StageFailed(f"{script} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -82,6 +99,9 @@ def _torchrun(nproc: int, script: str, args: list[str], log: Path) -> None:
 class Demo:
     cfg: DemoConfig
     say: Callable[[str], None] = print
+    #: where training's progress goes (a live line in a terminal, else every ``log_interval``
+    #: iterations); ``None``: nowhere
+    progress: Optional[TextIO] = dataclasses.field(default_factory=lambda: sys.stdout)
     rows: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -204,7 +224,18 @@ class Demo:
                     "--eval-interval", str(c.eval_interval),
                     "--eval-iters", "2", "--log-interval", str(c.log_interval),
                     "--log-json", str(log_json), "--no-progress", *extra]
-            _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / log_name)
+            view = None
+            if self.progress is not None:
+                follower = LogFollower(log_json)
+                view = TrainingView("LoRA" if "lora" in log_name else "SFT", iters,
+                                    self.progress, live=self.progress.isatty(),
+                                    every=c.log_interval)
+            try:
+                _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / log_name,
+                          watch=(lambda: view.update(follower.new_records())) if view else None)
+            finally:
+                if view is not None:
+                    view.close()
             return [json.loads(line) for line in log_json.read_text().splitlines()]
 
         def train():

@@ -62,8 +62,15 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
                          "be positive (leave it unset for dropless routing)")
     if cfg.lora_rank and cfg.tensor_model_parallel_size > 1:
         raise ValueError("--lora-rank with --tensor-model-parallel-size > 1 on a "
-                         "Mixture-of-Experts model: MoE with TP trains only with "
-                         "--sequence-parallel, which LoRA does not support; use TP 1 (with EP)")
+                         "Mixture-of-Experts model: LoRA on MoE is proven at TP 1 only; use "
+                         "TP 1 (with EP)")
+    if cfg.context_parallel_size > 1:
+        # The routing padding mask and the per-layer routing statistics are computed on whole
+        # rows; with CP each rank holds two chunks of a row, which nothing here slices for yet.
+        raise ValueError(f"--context-parallel-size {cfg.context_parallel_size} with a "
+                         f"Mixture-of-Experts model ({shape.architecture}): not supported yet "
+                         "(routing of packed-row padding is not split over CP ranks); use "
+                         "--context-parallel-size 1 and shard with EP, TP (+ SP) or PP")
 
 
 def routing_padding_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:

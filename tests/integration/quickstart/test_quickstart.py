@@ -1,6 +1,7 @@
 """The quickstart pipeline at reduced size: every stage's output exists and is valid, the
 exported model loads in transformers and matches the Megatron model's logits."""
 
+import io
 import json
 
 import pytest
@@ -23,8 +24,12 @@ def test_reduced_quickstart_pipeline(tmp_path):
                            log_interval=3, task=TaskConfig(train_conversations=300,
                                                            heldout_prompts=4),
                            lora_rank=4, lora_train_iters=3),
-                say=lambda m: None)
+                say=lambda m: None, progress=io.StringIO())
     r = demo.run()
+    # The training stages talked while they ran: a line every log_interval (3) iterations.
+    progress = demo.progress.getvalue().splitlines()
+    assert [line.split()[:2] for line in progress] == [["SFT", "3/6"], ["SFT", "6/6"],
+                                                       ["LoRA", "3/3"]], progress
     paths = {k: tmp_path / "demo" / v.split("/demo/")[-1] for k, v in r["paths"].items()}
     # Every stage ran and left valid output.
     names = [s["name"] for s in r["stages"]]

@@ -58,6 +58,10 @@ def test_what_a_moe_run_refuses():
     with pytest.raises(ValueError, match="--lora-rank with --tensor-model-parallel-size > 1"):
         check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True, lora_rank=4),
                       moe)
+    with pytest.raises(ValueError, match="--context-parallel-size 2 with a Mixture-of-Experts "
+                                         "model .* use --context-parallel-size 1"):
+        check_moe_run(_cfg(context_parallel_size=2), moe)
+    check_moe_run(_cfg(context_parallel_size=2), dense)  # CP itself is fine on a dense model
     assert moe_config_overrides(_cfg(), moe) == {}  # the architecture's defaults stand
     assert moe_config_overrides(_cfg(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=1e-3,
                                      moe_token_dispatcher_type="allgather"), moe) == {
