@@ -34,7 +34,7 @@ class DemoConfig:
     num_layers: int = 4
     seq_length: int = 128
     micro_batch_size: int = 16
-    global_batch_size: int = 32
+    global_batch_size: int = 16
     train_iters: int = 400
     lr: float = 3e-3
     eval_interval: int = 100
@@ -145,7 +145,7 @@ class Demo:
             from megatron.sft.data.tiny_tokenizer import save_tiny_tokenizer
 
             save_tiny_tokenizer(paths["tokenizer"], template="chatml", corpus=tokenizer_corpus(),
-                                vocab_size=400)
+                                vocab_size=512)
             from transformers import AutoTokenizer
 
             self.vocab = len(AutoTokenizer.from_pretrained(paths["tokenizer"]))
