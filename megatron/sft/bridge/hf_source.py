@@ -25,7 +25,6 @@ import torch
 from megatron.sft.bridge.architectures import shape_of
 from megatron.sft.bridge.checkpoint_io import (
     TRACKER_FILE,
-    CheckpointError,
     CheckpointMetadata,
     dtype_name,
 )
@@ -35,8 +34,6 @@ from megatron.sft.runtime.layout import ParallelLayout
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-#: what the trainer records in the first save's ``sft_metadata.json`` as ``producer``'s source
-SOURCE_KEY = "hf_source"
 
 
 def is_hf_model_dir(path: "str | Path") -> bool:
@@ -130,17 +127,3 @@ def hf_checkpoint_metadata(hf_dir: "str | Path", layout: ParallelLayout, *,
                                             layout.tp),
         params_dtype=dtype_name(dtype), producer="hf", hf_source=hf_fingerprint(hf_dir))
     return meta, source
-
-
-def recorded_source(meta: CheckpointMetadata) -> Optional[Path]:
-    """The HF directory a checkpoint was loaded from (``None`` if it was converted on disk)."""
-    return Path(meta.hf_source["path"]) if meta.hf_source else None
-
-
-def refuse_unknown_source(meta: CheckpointMetadata, where: str) -> None:
-    """An HF source that is gone or changed is named, with the fix (used where it is needed to
-    read weights again, e.g. a LoRA base)."""
-    problem = check_same_source(meta.hf_source) if meta.hf_source else None
-    if problem:
-        raise CheckpointError(f"{where} was loaded from {meta.hf_source['path']}, but {problem}; "
-                              "restore that directory or convert the model you trained from")

@@ -25,7 +25,11 @@ from megatron.sft.bridge.checkpoint_io import (
     read_metadata,
 )
 from megatron.sft.bridge.convert import load_hf_config
-from megatron.sft.bridge.hf_source import describe_load_problem, is_hf_model_dir
+from megatron.sft.bridge.hf_source import (
+    check_same_source,
+    describe_load_problem,
+    is_hf_model_dir,
+)
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sft_datasets, \
     collate_sft
@@ -223,8 +227,12 @@ class Trainer:
                 f"{cfg.load}: pass --load {cfg.save} to resume it, or another --save directory "
                 "to start a new run")
         load, cfg.load, self.hf_load = cfg.load, cfg.save, False
-        return [f"--save {cfg.save} already holds a checkpoint: resuming from it (--load {load} "
-                "is where the run started)"]
+        notes = [f"--save {cfg.save} already holds a checkpoint: resuming from it (--load {load} "
+                 "is where the run started)"]
+        changed = check_same_source(saved) if saved else None
+        if changed:
+            notes.append(f"note: {changed}; the run continues from the weights in --save")
+        return notes
 
     def _schedule(self) -> dict[str, Any]:
         """The LR schedule the flags ask for, in the scheduler's terms (steps are samples)."""
