@@ -103,7 +103,11 @@ def export_iteration(save_dir: str, iteration: int, hf_out: Optional[str],
             iteration=iteration, force=True, progress=False))
         (Path(hf_out) / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
         log(f"exported iteration {iteration} as an HF model to {hf_out}")
-    if adapter_out is not None:
-        export_lora_adapter(save_dir, adapter_out, ref, iteration, force=True)
+    if adapter_out is not None:  # its base_model_name_or_path: the HF weights, when there
+        from megatron.sft.bridge.hf_source import is_hf_model_dir
+
+        source = meta.hf_source["path"] if meta.hf_source else None
+        base = source if source and is_hf_model_dir(source) else ref
+        export_lora_adapter(save_dir, adapter_out, base, iteration, force=True)
         (Path(adapter_out) / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
         log(f"exported iteration {iteration}'s LoRA adapter (PEFT) to {adapter_out}")
