@@ -16,8 +16,8 @@ Worked example, a fused QKV weight, 4 query heads, 2 KV groups, head_dim 1, TP 2
 
 A rule that splits columns (row-parallel ``linear_proj`` / ``linear_fc2``, TP split on dim 1,
 found by running the rule on ``meta`` tensors) is probed along the columns instead; its rows are
-read in blocks of at most ``BLOCK_BYTES`` and the rank's columns kept, so memory stays one block
-above the shard. Casting to the checkpoint dtype happens after the gather, which is the same
+read in blocks of at most ``BLOCK_BYTES`` and the rank's columns kept. Either way the shard is
+allocated once and filled a block at a time, so memory stays one block above the shard. Casting to the checkpoint dtype happens after the gather, which is the same
 value as casting first (casting is per element).
 """
 
@@ -79,54 +79,76 @@ def _probe(rule: WeightRule, metas: tuple[torch.Tensor, ...], ctx: ShardContext,
     return [int(v) for v in out.reshape(-1).tolist()]
 
 
-def _split_axis(rule: WeightRule, metas: tuple[torch.Tensor, ...], ctx: ShardContext) -> int:
-    """1 when the rule splits columns (same rows in as out), else 0."""
-    out = rule.to_megatron(metas, ctx)[0]
+def _split_axis(rule: WeightRule, metas: tuple[torch.Tensor, ...], ctx: ShardContext,
+                tp_rank: int) -> tuple[int, torch.Tensor]:
+    """``(axis, shard as a meta tensor)``: axis 1 when the rule splits columns (same rows in as
+    out), else 0."""
+    out = rule.to_megatron(metas, ctx)[tp_rank]
     if out.dim() == 2 and all(m.dim() == 2 for m in metas) and \
             any(out.shape[1] != m.shape[1] for m in metas):
-        return 1
-    return 0
+        return 1, out
+    return 0, out
 
 
 def shard_tensor(source, rule: WeightRule, hf_names: tuple[str, ...], ctx: ShardContext,
                  tp_rank: int) -> torch.Tensor:
-    """``rule.to_megatron(<the HF tensors>, ctx)[tp_rank]``, reading only what that needs."""
+    """``rule.to_megatron(<the HF tensors>, ctx)[tp_rank]``, reading only what that needs.
+    The shard is allocated once and filled run by run, ``BLOCK_BYTES`` at a time, so memory is
+    the shard plus one block."""
     metas = tuple(source.meta(n) for n in hf_names)
-    axis = _split_axis(rule, metas, ctx)
+    axis, shard = _split_axis(rule, metas, ctx, tp_rank)
     codes = _probe(rule, metas, ctx, tp_rank, axis)
     offsets, total = [], 0
     for m in metas:
         offsets.append(total)
         total += m.shape[axis]
-    pieces = []
+    out = torch.empty(tuple(shard.shape), dtype=metas[0].dtype)
+    at = 0
     for j, first, count in _runs(codes, offsets):
+        target = out.narrow(axis, at, count)
         if j == -1:
-            like = metas[0]
-            pieces.append(torch.zeros((count,) + tuple(like.shape[1:]), dtype=like.dtype))
+            target.zero_()
         elif axis == 0:
-            pieces.append(_read_rows(source, hf_names[j], metas[j], first, count))
+            _read_rows(source, hf_names[j], metas[j], first, target)
         else:
-            pieces.append(_read_columns(source, hf_names[j], metas[j], first, count))
-    if len(pieces) == 1:
-        return pieces[0]
-    return torch.cat(pieces, dim=axis)
+            _read_columns(source, hf_names[j], metas[j], first, target)
+        at += count
+    return out
 
 
-def _read_rows(source, name: str, meta: torch.Tensor, first: int, count: int) -> torch.Tensor:
+def _read_rows(source, name: str, meta: torch.Tensor, first: int, out: torch.Tensor) -> None:
+    """Rows ``first ..`` of ``name`` into ``out`` (its rows), a block of rows per read."""
     per_row = int(meta[0].numel()) if meta.dim() > 1 else 1
-    return source.read_range(name, first * per_row, count * per_row,
-                             (count,) + tuple(meta.shape[1:]))
+    block = max(1, BLOCK_BYTES // max(1, per_row * meta.element_size()))
+    for r0 in range(0, out.shape[0], block):
+        n = min(block, out.shape[0] - r0)
+        out[r0:r0 + n] = source.read_range(name, (first + r0) * per_row, n * per_row,
+                                           (n,) + tuple(meta.shape[1:]))
 
 
-def _read_columns(source, name: str, meta: torch.Tensor, first: int, count: int
-                  ) -> torch.Tensor:
+def _read_columns(source, name: str, meta: torch.Tensor, first: int, out: torch.Tensor
+                  ) -> None:
+    """Columns ``first ..`` of ``name`` into ``out``, whole rows read a block at a time."""
     rows, cols = meta.shape
+    count = out.shape[1]
     block = max(1, BLOCK_BYTES // max(1, cols * meta.element_size()))
-    out = torch.empty((rows, count), dtype=meta.dtype)
     for r0 in range(0, rows, block):
         n = min(block, rows - r0)
-        out[r0:r0 + n] = source.read_range(name, r0 * cols, n * cols, (n, cols))[:, first:first + count]
-    return out
+        out[r0:r0 + n] = source.read_range(name, r0 * cols, n * cols,
+                                           (n, cols))[:, first:first + count]
+
+
+def _refuse_non_finite(name: str, t: torch.Tensor, fix: str) -> None:
+    """``convert.refuse_non_finite`` checked a block of rows at a time (its boolean masks of a
+    whole embedding would cost half the shard again); the error, if any, counts the whole
+    tensor."""
+    if not t.is_floating_point() or t.dim() == 0:
+        return refuse_non_finite(name, t, fix)
+    rows = max(1, BLOCK_BYTES // max(1, t[0].numel() * t.element_size()) if t.dim() > 1
+               else BLOCK_BYTES // t.element_size())
+    for r0 in range(0, t.shape[0], rows):
+        if not bool(torch.isfinite(t[r0:r0 + rows]).all()):
+            refuse_non_finite(name, t, fix)
 
 
 def rank_tensors(source, spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout,
@@ -141,7 +163,7 @@ def rank_tensors(source, spec: ArchitectureSpec, shape: ModelShape, layout: Para
             t = shard_tensor(source, rule, hf_names, ctx, tp_rank)
             if t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
-            refuse_non_finite(mname, t, f"the HF checkpoint in {source.dir} is damaged: "
+            _refuse_non_finite(mname, t, f"the HF checkpoint in {source.dir} is damaged: "
                                         "download or copy it again")
             yield key, mname, t
 
