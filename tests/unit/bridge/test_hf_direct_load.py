@@ -138,3 +138,20 @@ def test_fingerprint_reads_headers_and_sees_changes(tmp_path):
     (hf / "config.json").write_text(json.dumps(config))
     problem = check_same_source(first)
     assert problem is not None and "config.json" in problem
+
+
+def test_a_non_finite_weight_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = make_random_hf_model("LlamaForCausalLM", tmp_path / "hf", seed=4)
+    state = load_file(str(hf / "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    layout = ParallelLayout(2, 1)
+    meta, source = hf_checkpoint_metadata(hf, layout, log=lambda m: None)
+    spec, shape = shape_of(meta.hf_config)
+    ctx = ShardContext(shape, 2, meta.padded_vocab_size)
+    with pytest.raises(ValueError, match=r"decoder\.layers\.1\.mlp\.linear_fc2\.weight holds "
+                                         r"non-finite values \(1 NaN"):
+        for tp in range(2):
+            rank_state(source, spec, shape, layout, ctx, tp, 0, 0, torch.float32)
