@@ -46,6 +46,15 @@ def reference_dir(ckpt_dir: "str | Path", meta: Optional[CheckpointMetadata] = N
     return None
 
 
+def adapter_base(ckpt_dir: "str | Path", meta: CheckpointMetadata) -> Optional[Path]:
+    """What a PEFT adapter of ``ckpt_dir`` names as ``base_model_name_or_path``: the HF
+    directory the run loaded (it has the weights) while it is there, else its reference."""
+    from megatron.sft.bridge.hf_source import is_hf_model_dir
+
+    source = meta.hf_source["path"] if meta.hf_source else None
+    return Path(source) if source and is_hf_model_dir(source) else reference_dir(ckpt_dir, meta)
+
+
 def save_reference_files(hf_dir: "str | Path", save_dir: "str | Path") -> Optional[Path]:
     """Copy ``hf_dir``'s config, tokenizer and generation files (not its weights) into
     ``save_dir/hf_reference`` once (staged, then renamed); returns it, ``None`` if it existed."""
@@ -103,11 +112,8 @@ def export_iteration(save_dir: str, iteration: int, hf_out: Optional[str],
             iteration=iteration, force=True, progress=False))
         (Path(hf_out) / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
         log(f"exported iteration {iteration} as an HF model to {hf_out}")
-    if adapter_out is not None:  # its base_model_name_or_path: the HF weights, when there
-        from megatron.sft.bridge.hf_source import is_hf_model_dir
-
-        source = meta.hf_source["path"] if meta.hf_source else None
-        base = source if source and is_hf_model_dir(source) else ref
-        export_lora_adapter(save_dir, adapter_out, base, iteration, force=True)
+    if adapter_out is not None:
+        export_lora_adapter(save_dir, adapter_out, adapter_base(save_dir, meta), iteration,
+                            force=True)
         (Path(adapter_out) / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
         log(f"exported iteration {iteration}'s LoRA adapter (PEFT) to {adapter_out}")
