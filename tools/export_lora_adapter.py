@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,7 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--load-dir", required=True, help="a LoRA run's --save directory")
     p.add_argument("--save-dir", required=True, help="PEFT adapter directory to create")
     p.add_argument("--hf-reference", default=None,
-                   help="the base HF model directory (recorded as base_model_name_or_path)")
+                   help="the base HF model directory (recorded as base_model_name_or_path); "
+                        "default: the HF directory a run loaded directly (--load HF_DIR)")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast adapter weights (default: the checkpoint's dtype)")
@@ -40,7 +42,14 @@ def main(argv=None) -> int:
     from megatron.sft.bridge.checkpoint_io import dtype_from_name
     from megatron.sft.lora.peft_export import export_lora_adapter
 
-    out = export_lora_adapter(args.load_dir, args.save_dir, args.hf_reference, args.iteration,
+    reference = args.hf_reference
+    if reference is None:  # a run that loaded an HF directory knows its base
+        from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
+        from megatron.sft.training.hf_output import adapter_base
+
+        meta = read_metadata(iteration_dir(Path(args.load_dir), args.iteration))
+        reference = adapter_base(args.load_dir, meta)
+    out = export_lora_adapter(args.load_dir, args.save_dir, reference, args.iteration,
                               force=args.force,
                               dtype=dtype_from_name(args.dtype) if args.dtype else None,
                               verify=not args.no_verify)

@@ -25,7 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--load-dir", required=True, help="Megatron checkpoint directory")
     p.add_argument("--save-dir", required=True, help="HuggingFace directory to create")
     p.add_argument("--hf-reference", default=None,
-                   help="HF directory the checkpoint came from (tokenizer files are copied)")
+                   help="HF directory the checkpoint came from (tokenizer files are copied); "
+                        "default: the checkpoint's hf_reference/ or the HF directory a run "
+                        "loaded directly (--load HF_DIR), when it has one")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast weights (default: the checkpoint's dtype)")
@@ -50,7 +52,14 @@ def main(argv=None) -> int:
 
     # A LoRA run is read merged into its base.
     reader = open_checkpoint(args.load_dir, args.iteration, verify=not args.no_verify)
-    out = export_megatron_to_hf(reader, args.save_dir, args.hf_reference, ExportOptions(
+    reference = args.hf_reference
+    if reference is None:  # a run that loaded an HF directory knows its tokenizer
+        from megatron.sft.training.hf_output import reference_dir
+
+        reference = reference_dir(args.load_dir, reader.meta)
+        if reference is not None:
+            print(f"tokenizer and generation files from {reference} (the run's HF source)")
+    out = export_megatron_to_hf(reader, args.save_dir, reference, ExportOptions(
         iteration=args.iteration,
         dtype=dtype_from_name(args.dtype) if args.dtype else None,
         max_shard_size=args.max_shard_size,

@@ -6,7 +6,9 @@
       --tensor-model-parallel-size 2 --micro-batch-size 1 --global-batch-size 64 \
       --train-iters 1000 --lr 1e-5 --bf16 --use-distributed-optimizer
 
-The model is rebuilt from --load's metadata (no model-shape flags). Run with --help for all
+The model is rebuilt from --load's metadata (no model-shape flags); --load may also be a
+HuggingFace model directory (config.json + safetensors), read directly: each rank reads its
+shard, and --save-hf DIR writes the trained model back as one. Run with --help for all
 flags; a YAML --config may hold them too (command line wins)."""
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 #
 # Usage: scripts/checkpoints/export_lora_adapter.sh CKPT_DIR HF_REF_DIR OUT_DIR [ITER]
 #   CKPT_DIR    a LoRA run's --save directory (trained with --lora-rank R)
-#   HF_REF_DIR  the base HF model (recorded in adapter_config.json as base_model_name_or_path)
+#   HF_REF_DIR  the base HF model (recorded in adapter_config.json as base_model_name_or_path;
+#               "" for a run trained with --load HF_DIR: the directory it loaded)
 #   OUT_DIR     created: adapter_config.json, adapter_model.safetensors
 #   ITER        iteration to export (default: latest_checkpointed_iteration.txt)
 # Environment: DTYPE=bf16|fp16|fp32 (default: checkpoint dtype), FORCE=1 to replace OUT_DIR,
@@ -19,7 +20,8 @@ fi
 : "${FORCE:=0}"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
-args=(--load-dir "$1" --hf-reference "$2" --save-dir "$3")
+args=(--load-dir "$1" --save-dir "$3")
+[[ -n "$2" ]] && args+=(--hf-reference "$2")
 [[ $# -ge 4 ]] && args+=(--iteration "$4")
 [[ -n "${DTYPE:-}" ]] && args+=(--dtype "$DTYPE")
 [[ "$FORCE" == "1" ]] && args+=(--force)

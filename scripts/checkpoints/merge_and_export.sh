@@ -8,6 +8,7 @@
 # Usage: scripts/checkpoints/merge_and_export.sh CKPT_DIR HF_REF_DIR OUT_DIR [ITER]
 #   CKPT_DIR    Megatron checkpoint (training --save dir, LoRA run, or a converted checkpoint)
 #   HF_REF_DIR  the HF model it came from: tokenizer files, generation config are copied
+#               ("" for a run trained with --load HF_DIR: its CKPT_DIR/hf_reference is used)
 #   OUT_DIR     created: safetensors shards (+ index), config.json, tokenizer files
 #   ITER        iteration to export (default: latest_checkpointed_iteration.txt)
 # Environment: DTYPE=bf16|fp16|fp32 (default: checkpoint dtype), MAX_SHARD_SIZE (default 5GB),
@@ -24,7 +25,8 @@ fi
 : "${FORCE:=0}"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
-args=(--load-dir "$1" --hf-reference "$2" --save-dir "$3" --max-shard-size "$MAX_SHARD_SIZE")
+args=(--load-dir "$1" --save-dir "$3" --max-shard-size "$MAX_SHARD_SIZE")
+[[ -n "$2" ]] && args+=(--hf-reference "$2")
 [[ $# -ge 4 ]] && args+=(--iteration "$4")
 [[ -n "${DTYPE:-}" ]] && args+=(--dtype "$DTYPE")
 [[ "$FORCE" == "1" ]] && args+=(--force)

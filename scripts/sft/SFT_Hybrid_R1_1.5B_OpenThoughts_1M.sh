@@ -2,18 +2,21 @@
 # SFT of DeepSeek-R1-Distill-Qwen-1.5B on the tokenized Hybrid-OpenThoughts2-1M data at 16k tokens.
 #
 # Usage: bash scripts/sft/SFT_Hybrid_R1_1.5B_OpenThoughts_1M.sh train
+#        HF_MODEL=assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B bash ... train
 #
 # Reads  assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP${TP}PP${PP}
+#        (or, with HF_MODEL=DIR, the downloaded HF model itself: no conversion step)
 #        assets/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-...-16384_{text,loss_mask}_document
 # Writes assets/checkpoints/SFT_Hybrid_R1_1.5B/ (iter_*/, latest_checkpointed_iteration.txt,
 #        tensorboard/, train_log.jsonl). Re-running resumes from the latest checkpoint there.
+# SAVE_HF=DIR also writes the trained model as an HF directory at the end (every SAVE_HF_INTERVAL).
 # Every knob is an environment override, e.g.  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 LR=2e-5 bash ...
 # FSDP=1 shards weights, gradients and optimizer state over the data-parallel GPUs (ZeRO-3).
 set -euo pipefail
 
 MODE=${1:-}
 if [[ "$MODE" != "train" ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -61,7 +64,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # --- paths
 : "${CKPT:=$ASSETS_DIR/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B_Megatron_TP${TP}PP${PP}}"
 : "${DATA_PATH:=$ASSETS_DIR/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B-${MAX_LEN}}"
+: "${HF_MODEL:=}"              # an HF model directory: --load it directly (converted in memory)
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_Hybrid_R1_1.5B}"
+: "${SAVE_HF:=}"               # write the trained model here as an HF directory (--save-hf)
+: "${SAVE_HF_INTERVAL:=}"      # and every N iterations (--save-hf-interval)
 : "${SAVE_INTERVAL:=500}"
 : "${KEEP_LAST:=2}"             # checkpoints kept in SAVE_DIR (a 1.5B one with optimizer state: ~25 GB)
 : "${EVAL_INTERVAL:=500}"
@@ -73,13 +79,18 @@ if [[ "$FSDP" == 1 ]] && (( PP > 1 )); then
   exit 2
 fi
 
-# --- resume from our own latest checkpoint when there is one, else start from the conversion
-LOAD=$CKPT
+# --- resume from our own latest checkpoint when there is one, else start from HF_MODEL (read
+# directly, each GPU its shard) or the conversion
+LOAD=${HF_MODEL:-$CKPT}
 if [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
   LOAD=$SAVE_DIR
 fi
-if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" ]]; then
-  echo "error: no checkpoint at $LOAD; convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 1.5B $TP $PP" >&2
+if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" && ! ( -n "$HF_MODEL" && -f "$LOAD/config.json" ) ]]; then
+  if [[ -n "$HF_MODEL" ]]; then
+    echo "error: HF_MODEL=$HF_MODEL has no config.json; download it first: python scripts/checkpoints/download_hf_models.py --model-card deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" >&2
+  else
+    echo "error: no checkpoint at $LOAD; set HF_MODEL=assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B to load the HF model directly, or convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 1.5B $TP $PP" >&2
+  fi
   exit 2
 fi
 if [[ ! -f "${DATA_PATH}_text_document.idx" ]]; then
@@ -113,6 +124,8 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 [[ -n "$VPP_LAYERS" ]] && args+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
 [[ "$RECOMPUTE" != "none" ]] && args+=(--recompute-granularity "$RECOMPUTE")
 [[ -n "$WANDB_PROJECT" ]] && args+=(--wandb-project "$WANDB_PROJECT")
+[[ -n "$SAVE_HF" ]] && args+=(--save-hf "$SAVE_HF")
+[[ -n "$SAVE_HF_INTERVAL" ]] && args+=(--save-hf-interval "$SAVE_HF_INTERVAL")
 (( TP > 1 )) && args+=(--sequence-parallel)
 # FSDP: weights all-gathered layer by layer in the forward pass; else ZeRO-1 (optimizer state only)
 if [[ "$FSDP" == 1 ]]; then

@@ -64,18 +64,20 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # --- paths
 : "${CKPT:=$ASSETS_DIR/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_14B_Megatron_TP${TP}PP${PP}}"
 : "${DATA_PATH:=$ASSETS_DIR/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_14B-${SEQ_LEN}}"
+: "${HF_MODEL:=}"              # an HF model directory: the base, read directly (converted in
+                               # memory; the first save writes it once to SAVE_DIR/base)
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_LoRA_R1_14B}"
 : "${SAVE_INTERVAL:=500}"
 : "${EVAL_INTERVAL:=500}"
 : "${WANDB_PROJECT:=}"
 
 # --- resume from our own latest checkpoint (its lora.json names the base), else start at the base
-LOAD=$CKPT
+LOAD=${HF_MODEL:-$CKPT}
 if [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
   LOAD=$SAVE_DIR
 fi
-if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" ]]; then
-  echo "error: no checkpoint at $LOAD; convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 14B $TP $PP" >&2
+if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" && ! ( -n "$HF_MODEL" && -f "$LOAD/config.json" ) ]]; then
+  echo "error: no checkpoint at $LOAD; set HF_MODEL=assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_14B to load the HF model directly, or convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 14B $TP $PP" >&2
   exit 2
 fi
 if [[ ! -f "${DATA_PATH}_text_document.idx" ]]; then

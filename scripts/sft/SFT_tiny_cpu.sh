@@ -11,11 +11,12 @@
 #              ATTENTION_BACKEND (default sdpa: per-document attention, no s x s mask),
 #              LORA_RANK=R (>0: train LoRA adapters on the frozen model, saved to sft_tiny_lora_rR),
 #              LORA_ALPHA (default 2 x LORA_RANK),
-#              FSDP=1 (Megatron-FSDP ZeRO-3 over the data-parallel ranks: NPROC=4 for DP=2 at TP=2).
+#              FSDP=1 (Megatron-FSDP ZeRO-3 over the data-parallel ranks: NPROC=4 for DP=2 at TP=2),
+#              HF_MODEL=DIR (e.g. runs/demo/hf_tiny_qwen2: load the HF model directly, no conversion).
 set -euo pipefail
 
 if [[ "${1:-}" != "train" ]]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -31,6 +32,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${LR:=3e-3}"
 : "${ATTENTION_BACKEND:=sdpa}"
 : "${CKPT:=$DEMO_DIR/megatron_TP${TP}PP${PP}}"
+: "${HF_MODEL:=}"              # e.g. $DEMO_DIR/hf_tiny_qwen2: --load the HF model directly instead of CKPT
 : "${LR_WARMUP_ITERS:=$(( TRAIN_ITERS >= 50 ? 5 : TRAIN_ITERS / 10 ))}"
 if [[ -z "${DATA_PATH:-}" ]]; then
   # The one tokenized dataset of the demo folder; with several, which to train on is the
@@ -58,11 +60,12 @@ else
   : "${SAVE_DIR:=$DEMO_DIR/sft_tiny}"
 fi
 
-if [[ -z "$DATA_PATH" || ! -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then
+START=${HF_MODEL:-$CKPT}
+if [[ -z "$DATA_PATH" || ! ( -f "$START/latest_checkpointed_iteration.txt" || -f "$START/config.json" ) ]]; then
   echo "error: demo assets not found under $DEMO_DIR; run 'make demo' first" >&2
   exit 2
 fi
-LOAD=$CKPT
+LOAD=$START
 [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]] && LOAD=$SAVE_DIR
 # LoRA: adapters on the frozen model's linears (whichever layer spec auto picks: local on CPU);
 # the run's checkpoints hold adapters only

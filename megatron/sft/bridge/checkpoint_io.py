@@ -63,12 +63,16 @@ class CheckpointMetadata:
     #: before this was recorded). A training run never replaces or prunes an iteration it did
     #: not write.
     producer: Optional[str] = None
+    #: the HF model directory a run loaded directly (``--load HF_DIR``): its path and
+    #: fingerprint (``hf_source.hf_fingerprint``), kept by every later save of the run
+    hf_source: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.layout = self.layout.for_checkpoint()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"
+             and not (f.name == "hf_source" and self.hf_source is None)}
         d.update(self.layout.to_metadata())
         return d
 

@@ -172,6 +172,18 @@ class ExpertLayoutSource:
             return self.source.read(self._real(name))
         return self.source.read_range(s.fused, s.start, s.count, s.shape)
 
+    def read_range(self, name: str, start: int, count: int, shape: tuple[int, ...]
+                   ) -> torch.Tensor:
+        """Elements ``start .. start+count`` of ``name`` (a fused expert's part too): one
+        positioned read, as for any tensor (``rank_shard`` reads a TP rank's rows so)."""
+        s = self._slices.get(name)
+        if s is None:
+            return self.source.read_range(self._real(name), start, count, shape)
+        if start < 0 or count < 0 or start + count > s.count:
+            raise ExpertLayoutError(f"elements {start}..{start + count} are not inside {name} "
+                                    f"{s.shape}")
+        return self.source.read_range(s.fused, s.start + start, count, shape)
+
     @property
     def dir(self):
         return getattr(self.source, "dir", None)

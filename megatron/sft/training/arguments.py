@@ -54,13 +54,25 @@ class TrainConfig:
     """Everything ``tools/train_sft.py`` needs; the model shape comes from the checkpoint."""
 
     # --- model / checkpoints
-    load: str = _field(None, "checkpoint to start from: a converted HF model "
+    load: str = _field(None, "what to start from: a HuggingFace model directory (config.json + "
+                             "*.safetensors, converted in memory at any layout, each rank "
+                             "reading only its shard), a converted checkpoint "
                              "(convert_hf_to_megatron.sh) or a previous run to resume")
     save: Optional[str] = _field(None, "directory for this run's checkpoints; a re-run with "
                                        "--load pointing here resumes")
     finetune: bool = _field(False, "load weights only: start at iteration 0 with a fresh "
                                    "optimizer and LR schedule")
     save_interval: Optional[int] = _field(None, "save every N iterations (and always at the end)")
+    save_hf: Optional[str] = _field(
+        None, "also write the trained model as a HuggingFace directory here at the end (a LoRA "
+              "run merged into its base), exported from the saved checkpoint by "
+              "merge_and_export.sh's code; needs --save. The directory is replaced at each export")
+    save_hf_interval: Optional[int] = _field(
+        None, "with --save-hf: also save and export every N iterations (--save-hf then holds "
+              "the latest)")
+    save_hf_adapter: Optional[str] = _field(
+        None, "with --lora-rank: also write the adapters as an HF PEFT adapter directory here "
+              "whenever --save-hf exports (or at the end); needs --save")
     exit_interval: Optional[int] = _field(None, "save and exit after an iteration divisible by N "
                                                 "(for job time limits)")
     keep_last: int = _field(2, "keep only the newest K checkpoints in --save (0 keeps all); an "
@@ -254,6 +266,7 @@ class TrainConfig:
                                  f"{', '.join(str(c) for c in choices)}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        self._check_hf_outputs()
         if self.lora_rank != 0:  # negative ranks are refused there too
             LoRASettings.from_flags(self.lora_rank, self.lora_alpha, self.lora_dropout,
                                     self.lora_target_modules)  # raises naming the flag
@@ -314,6 +327,24 @@ class TrainConfig:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} {value}: give a positive number of iterations, or drop "
                                  f"{flag} ({what})")
+
+    def _check_hf_outputs(self) -> None:
+        """``--save-hf*`` combinations, naming the flag and the fix."""
+        if self.save_hf_interval is not None and self.save_hf is None:
+            raise ValueError(f"--save-hf-interval {self.save_hf_interval} needs --save-hf DIR "
+                             "(where the HF model goes); add it, or drop --save-hf-interval")
+        if self.save_hf_interval is not None and self.save_hf_interval < 1:
+            raise ValueError(f"--save-hf-interval {self.save_hf_interval}: give a positive number "
+                             "of iterations, or drop it (--save-hf still exports at the end)")
+        for flag, value in (("--save-hf", self.save_hf),
+                            ("--save-hf-adapter", self.save_hf_adapter)):
+            if value is not None and self.save is None:
+                raise ValueError(f"{flag} {value} needs --save DIR: the HF files are exported "
+                                 "from the saved Megatron checkpoint (as merge_and_export.sh "
+                                 "does); add --save")
+        if self.save_hf_adapter is not None and not self.lora_rank:
+            raise ValueError(f"--save-hf-adapter {self.save_hf_adapter} needs --lora-rank R: only "
+                             "a LoRA run has an adapter; use --save-hf for the full model")
 
     def _check_learning_rate(self) -> None:
         if not self.lr >= 0:  # NaN too
@@ -595,7 +626,8 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
         if key != "config" and value is not None:
             values[key] = value
     if not values.get("load"):
-        raise ValueError("--load is required: a checkpoint from convert_hf_to_megatron.sh or a run")
+        raise ValueError("--load is required: a HuggingFace model directory, a checkpoint from "
+                         "convert_hf_to_megatron.sh or a previous run")
     return TrainConfig(**values)
 
 

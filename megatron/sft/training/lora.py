@@ -7,6 +7,11 @@ Where the model comes from:
 - ``--load BASE`` (a converted or fully fine-tuned checkpoint, no ``lora.json``): the base is
   built from it, adapters start fresh (A random, B zero: the model starts as the base), and
   the optimizer starts fresh even if BASE holds one (it is for other parameters).
+- ``--load HF_DIR`` (an HF model directory): the base is built from it in memory, as for
+  full fine-tuning; the first save converts it once into ``SAVE/base`` (the converter's files,
+  which the loaded base equals bit for bit), and ``lora.json`` names that, so merged and PEFT
+  export, reshard and resume read the base as for any LoRA run. (Naming the HF directory
+  itself would need an HF-reading base in each of those; not done.)
 - ``--load RUN`` (a LoRA run's ``--save`` dir): ``RUN/iter_N/lora.json`` names the base; the
   base is rebuilt from it (after checking it has not changed), the adapters are loaded from RUN,
   and the trainer resumes optimizer and schedule from RUN unless ``--finetune``.
@@ -14,6 +19,8 @@ Where the model comes from:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,7 +45,11 @@ from megatron.sft.lora.run_format import (
 from megatron.sft.lora.settings import LoRASettings
 from megatron.sft.runtime.collective import on_every_rank
 from megatron.sft.runtime.layer_impl import LayerImpl
-from megatron.sft.training.model_builder import build_model_from_checkpoint
+from megatron.sft.training.model_builder import build_model_from_checkpoint, build_model_from_hf
+
+#: where a LoRA run loaded from an HF directory keeps its converted base (``--save``/base)
+HF_BASE_DIR = "base"
+HF_BASE_SOURCE = "hf_source.json"
 
 
 def settings_from_config(cfg) -> Optional[LoRASettings]:
@@ -50,7 +61,11 @@ def settings_from_config(cfg) -> Optional[LoRASettings]:
 
 def check_load(cfg) -> None:
     """Before anything is built: a LoRA run must be loaded as one, with its adapters' shape."""
+    from megatron.sft.bridge.hf_source import is_hf_model_dir
+
     settings = settings_from_config(cfg)
+    if is_hf_model_dir(cfg.load):
+        return  # an HF model is never a LoRA run
     if settings is None:
         refuse_lora_checkpoint(cfg.load)
         return
@@ -80,11 +95,21 @@ def refuse_lora_checkpoint(load: str) -> None:
 
 
 def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: int,
+                     hf_base: bool = False, save: Optional[str] = None,
                      **build_kwargs: Any) -> tuple[list, CheckpointMetadata, LoRACheckpointInfo,
                                                    bool]:
     """``(chunks, meta, info, resumed)``: the base built from the right checkpoint with frozen
     weights, adapters attached and initialised or loaded; ``resumed`` is true when ``load`` is
-    a LoRA run (then its optimizer state is the adapters')."""
+    a LoRA run (then its optimizer state is the adapters'). ``hf_base``: ``load`` is an HF
+    directory; ``info`` then names ``save``/base with no fingerprint yet (:func:`write_hf_base`
+    writes it at the first save)."""
+    if hf_base:
+        chunks, meta = build_model_from_hf(load, impl=impl, log=lambda m: None, **build_kwargs)
+        base = Path(save or ".").resolve() / HF_BASE_DIR
+        info = LoRACheckpointInfo(settings, str(base), 1, "")
+        attach_lora(chunks, settings)
+        init_adapters(chunks, settings, seed)
+        return chunks, meta, info, False
     load_iter = iteration_dir(Path(load))
     run = read_lora_info(load_iter)
     if run is None:
@@ -105,6 +130,39 @@ def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: i
         on_every_rank(lambda: load_adapters(chunks, load_iter, meta,
                                             verify=build_kwargs.get("verify", True)))
     return chunks, meta, info, run is not None
+
+
+def write_hf_base(info: LoRACheckpointInfo, meta: CheckpointMetadata) -> LoRACheckpointInfo:
+    """At a LoRA run's first save, when its base came from an HF directory: convert that
+    directory once into ``info.base_checkpoint`` (rank 0; the others wait) and return ``info``
+    with the base's fingerprint. A base directory already there is reused when it is the
+    conversion of the same HF files, else refused."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+
+    base = Path(info.base_checkpoint)
+    source = meta.hf_source
+
+    def write() -> str:
+        if dist.get_rank() != 0:
+            return ""
+        marker = base / HF_BASE_SOURCE
+        if base.exists():
+            recorded = json.loads(marker.read_text()) if marker.is_file() else None
+            if recorded is None or recorded["fingerprint"] != source["fingerprint"]:
+                raise CheckpointError(
+                    f"{base} exists but is not the conversion of {source['path']} that this "
+                    "LoRA run's base comes from; remove it, or pass another --save")
+        else:
+            convert_hf_to_megatron(source["path"], base, ConvertOptions(
+                layout=meta.layout, make_vocab_size_divisible_by=meta.make_vocab_size_divisible_by,
+                params_dtype=getattr(torch, meta.params_dtype), progress=False))
+            marker.write_text(json.dumps(source, indent=2) + "\n")
+        return base_fingerprint(iteration_dir(base, 1))
+
+    return dataclasses.replace(info, base_fingerprint=on_every_rank(write) or "pending")
 
 
 def trainable_summary(chunks: list) -> str:

@@ -107,6 +107,75 @@ def load_weights(chunks: list, impl: LayerImpl, iter_dir: Path, meta: Checkpoint
     return int(state.get("iteration", 0))
 
 
+def _layer_of(name: str) -> str:
+    """The group a tensor is loaded with: its layer (``decoder.layers.3``), else itself."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if name.startswith("decoder.layers.") else name
+
+
+def load_hf_weights(chunks: list, impl: LayerImpl, meta: CheckpointMetadata, source) -> None:
+    """This rank's shard of the HF tensors into the chunks, read one tensor at a time
+    (``bridge.rank_shard``) and handed to ``load_state_dict`` one layer at a time, so memory
+    stays the model plus one layer; every model tensor must be filled."""
+    from megatron.sft.bridge.rank_shard import rank_tensors
+    from megatron.sft.bridge.rules import ShardContext
+
+    dims = parallel_dims()
+    spec, shape = shape_of(meta.hf_config)
+    ctx = ShardContext(shape, meta.layout.tp, meta.padded_vocab_size)
+    keys = {meta.layout.model_key(c): c for c in range(len(chunks))}
+    loaded: dict[str, set] = {k: set() for k in keys}
+    pending: dict[str, torch.Tensor] = {}
+    where = f"the HF model in {source.dir}"
+
+    def flush(key: Optional[str]) -> None:
+        if key is None or not pending:
+            return
+        wanted = impl.checkpoint_to_model(pending)
+        result = chunks[keys[key]].load_state_dict(wanted, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{where} does not fit the model built from its config: "
+                                  f"unexpected {list(result.unexpected_keys)[:6]}")
+        loaded[key].update(wanted)
+        pending.clear()
+
+    current = None
+    for key, name, tensor in rank_tensors(source, spec, shape, meta.layout, ctx, dims.tp_rank,
+                                          dims.pp_rank, dims.ep_rank,
+                                          getattr(torch, meta.params_dtype)):
+        group = (key, _layer_of(name))
+        if group != current:
+            flush(current and current[0])
+            current = group
+        pending[name] = tensor
+    flush(current and current[0])
+    for key, chunk in keys.items():
+        missing = [k for k in chunks[chunk].state_dict()
+                   if k not in loaded[key] and not k.endswith("._extra_state")]
+        if missing:
+            raise CheckpointError(f"{where} does not fill the model built from its config: "
+                                  f"missing {missing[:6]}")
+
+
+def build_model_from_hf(hf_dir: "str | Path", impl: Optional[LayerImpl] = None, *,
+                        make_vocab_size_divisible_by: int = 128, log=print,
+                        **build_kwargs: Any) -> tuple[list, CheckpointMetadata]:
+    """``build_model_from_checkpoint`` for an HF model directory: the metadata the converter
+    would write at the running layout (``bridge.hf_source``), and each rank reading only its
+    shard's bytes. Returns the chunks and that metadata (with ``hf_source``)."""
+    from megatron.sft.bridge.hf_source import hf_checkpoint_metadata
+
+    layout = parallel_dims().layout.for_checkpoint()
+    meta, source = on_every_rank(lambda: hf_checkpoint_metadata(
+        hf_dir, layout, make_vocab_size_divisible_by=make_vocab_size_divisible_by, log=log))
+    impl = impl or resolve_layer_impl()
+    build_kwargs.pop("verify", None)  # safetensors carry no checksums
+    build_kwargs.setdefault("perform_initialization", False)  # every weight is loaded below
+    chunks = build_model(meta, impl, **build_kwargs)
+    on_every_rank(lambda: load_hf_weights(chunks, impl, meta, source))
+    return chunks, meta
+
+
 def build_model_from_checkpoint(ckpt_dir: "str | Path", iteration: Optional[int] = None,
                                 impl: Optional[LayerImpl] = None, verify: bool = True,
                                 **build_kwargs: Any) -> tuple[list, CheckpointMetadata, int]:

@@ -113,7 +113,8 @@ def _would_save_at(cfg, n: int) -> bool:
     if n < 1 or (last is not None and n > last):
         return False
     return (n == last or last is None
-            or any(k and n % k == 0 for k in (cfg.save_interval, cfg.exit_interval)))
+            or any(k and n % k == 0 for k in (cfg.save_interval, cfg.exit_interval,
+                                              getattr(cfg, "save_hf_interval", None))))
 
 
 def objective_of(train_ds) -> tuple[str, str]:

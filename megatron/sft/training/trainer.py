@@ -18,7 +18,18 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron.sft.bridge.architectures import shape_of
-from megatron.sft.bridge.checkpoint_io import CheckpointMetadata, iteration_dir, read_metadata
+from megatron.sft.bridge.checkpoint_io import (
+    TRACKER_FILE,
+    CheckpointMetadata,
+    iteration_dir,
+    read_metadata,
+)
+from megatron.sft.bridge.convert import load_hf_config
+from megatron.sft.bridge.hf_source import (
+    check_same_source,
+    describe_load_problem,
+    is_hf_model_dir,
+)
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sft_datasets, \
     collate_sft
@@ -38,10 +49,10 @@ from megatron.sft.training.checkpointing import (
     peek_resume,
     save_checkpoint,
 )
-from megatron.sft.training import fsdp, lora, moe
+from megatron.sft.training import fsdp, hf_output, lora, moe
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
-from megatron.sft.training.model_builder import build_model_from_checkpoint
+from megatron.sft.training.model_builder import build_model_from_checkpoint, build_model_from_hf
 from megatron.sft.training.moe_metrics import MoEMetrics, console_summary, moe_metrics_for
 from megatron.sft.training.resume import (
     check_optimizer_layout,
@@ -73,7 +84,8 @@ class Trainer:
 
     # --- configuration and model description
     cfg: TrainConfig
-    meta: CheckpointMetadata            # the --load checkpoint's metadata
+    meta: CheckpointMetadata            # the --load checkpoint's metadata (or an HF dir's)
+    hf_load: bool                       # --load is an HF model directory, converted in memory
     shape: ModelShape
     impl: LayerImpl                     # layer modules + attention backend
     # --- parallel runtime
@@ -108,6 +120,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.log = log
+        self._log_here = log  # rank 0's voice, for what only rank 0 does (exports)
         self.history = []
         self.iteration = 0
         self.consumed_samples = 0
@@ -116,8 +129,12 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.meta = read_metadata(iteration_dir(Path(cfg.load)))
-        _, self.shape = shape_of(self.meta.hf_config)
+        notes = self._resolve_load()
+        if self.hf_load:  # the metadata follows from the layout, once it is set up below
+            _, self.shape = shape_of(load_hf_config(Path(cfg.load)))
+        else:
+            self.meta = read_metadata(iteration_dir(Path(cfg.load)))
+            _, self.shape = shape_of(self.meta.hf_config)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
         moe.check_moe_run(cfg, self.shape)
         self.info = initialize_distributed(cfg.parallel_layout(self.shape.num_layers),
@@ -128,7 +145,19 @@ class Trainer:
         self.is_logger = self.dims.is_logger
         if not self.is_logger:  # one voice
             self.log = lambda message: None
+        for note in notes:
+            self.log(note)
         check_save_directory(cfg)  # never replace or prune an iteration training did not write
+        hf_output.check_hf_outputs(cfg)  # --save-hf: never over files this run did not export
+        if self.hf_load:
+            from megatron.sft.bridge.hf_source import hf_checkpoint_metadata
+
+            self.meta, _ = hf_checkpoint_metadata(cfg.load, self.dims.layout.for_checkpoint(),
+                                                  log=self.log)
+            self.log(f"loading the HF model {cfg.load} directly at "
+                     f"{self.dims.layout.for_checkpoint().describe()} (each rank reads its "
+                     f"shard; vocab padded {self.shape.vocab_size} -> "
+                     f"{self.meta.padded_vocab_size})")
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
                                        torch.bfloat16 if cfg.bf16 else torch.float32,
@@ -138,7 +167,7 @@ class Trainer:
         self.log(f"layers: {self.impl.describe()}"
                  + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         lora.check_load(cfg)  # a LoRA run is loaded as one, with its adapters' shape
-        self.resume = None if cfg.finetune else peek_resume(cfg)
+        self.resume = None if cfg.finetune or self.hf_load else peek_resume(cfg)
         self._build_data()
         cfg.check_schedule(self.train_iters)  # warm-up < iterations, also for --train-epochs
         if self.resume is not None:
@@ -177,6 +206,33 @@ class Trainer:
                 "fresh)")
             self.log(f"resumed from {cfg.load} at iteration {self.iteration}, data row "
                      f"{self.data_position}{fresh}")
+
+    def _resolve_load(self) -> list[str]:
+        """Sets ``hf_load``; returns notes to log. ``--load HF_DIR`` with a ``--save`` that
+        already holds a checkpoint resumes from ``--save``, as the recipes do (a re-run of the
+        same command continues), unless ``--finetune``; a ``--save`` run that was loaded from
+        another HF directory is an error."""
+        cfg = self.cfg
+        problem = describe_load_problem(cfg.load)
+        if problem is not None:
+            raise ValueError(problem)
+        self.hf_load = is_hf_model_dir(cfg.load)
+        if not (self.hf_load and cfg.save and (Path(cfg.save) / TRACKER_FILE).exists()
+                and not cfg.finetune):
+            return []
+        saved = read_metadata(iteration_dir(Path(cfg.save))).hf_source
+        if saved and Path(saved["path"]) != Path(cfg.load).resolve():
+            raise ValueError(
+                f"--save {cfg.save} holds a run loaded from {saved['path']}, but --load is "
+                f"{cfg.load}: pass --load {cfg.save} to resume it, or another --save directory "
+                "to start a new run")
+        load, cfg.load, self.hf_load = cfg.load, cfg.save, False
+        notes = [f"--save {cfg.save} already holds a checkpoint: resuming from it (--load {load} "
+                 "is where the run started)"]
+        changed = check_same_source(saved) if saved else None
+        if changed:
+            notes.append(f"note: {changed}; the run continues from the weights in --save")
+        return notes
 
     def _schedule(self) -> dict[str, Any]:
         """The LR schedule the flags ask for, in the scheduler's terms (steps are samples)."""
@@ -230,8 +286,10 @@ class Trainer:
         settings = lora.settings_from_config(cfg)
         if settings is not None:
             chunks, self.meta, self.lora, self.lora_resumed = lora.build_lora_model(
-                cfg.load, settings, seed=cfg.seed, **build)
+                cfg.load, settings, seed=cfg.seed, hf_base=self.hf_load, save=cfg.save, **build)
             self.log(lora.trainable_summary(chunks))
+        elif self.hf_load:  # each rank reads its shard of the safetensors
+            chunks, self.meta = build_model_from_hf(cfg.load, log=lambda m: None, **build)
         else:  # setup refused a LoRA run without --lora-rank
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
         tcfg = chunks[0].config
@@ -425,11 +483,36 @@ class Trainer:
             for m in self.model:
                 m.enable_forward_pre_hook()
 
-    def save(self) -> None:
+    def save(self, export: bool = False) -> None:
+        """Save a checkpoint; with ``export`` also write ``--save-hf`` / ``--save-hf-adapter``
+        from it (``training/hf_output.py``)."""
         with self._parameters_in_sync():
             self._save()
+        if export and (self.cfg.save_hf or self.cfg.save_hf_adapter):
+            self._export_hf()
+
+    def _export_hf(self) -> None:
+        """Rank 0 exports the iteration just saved; the others wait for it (and hear its
+        error)."""
+        import torch.distributed as dist
+
+        from megatron.sft.runtime.collective import on_every_rank
+
+        cfg = self.cfg
+        adapter = cfg.save_hf_adapter if self.lora is not None else None
+        on_every_rank(lambda: dist.get_rank() != 0 or hf_output.export_iteration(
+            cfg.save, self.iteration, cfg.save_hf, adapter, self._log_here))
 
     def _save(self) -> None:
+        from megatron.sft.runtime.collective import on_every_rank
+
+        if self.meta.hf_source:  # the run's HF source: tokenizer and config beside the saves
+            import torch.distributed as dist
+
+            on_every_rank(lambda: dist.get_rank() != 0 or hf_output.save_reference_files(
+                self.meta.hf_source["path"], self.cfg.save))
+        if self.lora is not None and not self.lora.base_fingerprint:  # base from an HF dir
+            self.lora = lora.write_hf_base(self.lora, self.meta)
         train_state = {"consumed_samples": self.consumed_samples,
                        "data_position": self.data_position,
                        "data": {**self.data_identity,
@@ -481,9 +564,11 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step.loss:.4f}")
-                if cfg.save and cfg.save_interval and self.iteration % cfg.save_interval == 0 \
-                        and self.iteration < self.train_iters:
-                    self.save()
+                export = bool(cfg.save_hf_interval
+                              and self.iteration % cfg.save_hf_interval == 0)
+                if cfg.save and self.iteration < self.train_iters and (export or (
+                        cfg.save_interval and self.iteration % cfg.save_interval == 0)):
+                    self.save(export=export)
                 if stop["signal"] is not None:
                     self.log(f"received signal {stop['signal']}: saving and exiting")
                     break
@@ -491,7 +576,7 @@ class Trainer:
                     self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
                     break
             if cfg.save and self.iteration > first:
-                self.save()
+                self.save(export=stop["signal"] is None)  # a signal asks to exit soon
         finally:
             if bar is not None:
                 bar.close()

@@ -47,6 +47,28 @@ def test_recipe_builds_the_multinode_command(tmp_path):
     assert cmd[cmd.index("--load") + 1] == str(save)
 
 
+def test_recipe_loads_hf_model_directly_without_converting(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    data = tmp_path / "data" / "Vinnnf-Hybrid-OpenThoughts2-1M-1.5B"
+    data.mkdir(parents=True)
+    prefix = data / "Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B-16384"
+    (prefix.parent / (prefix.name + "_text_document.idx")).write_text("")
+    env = {"ASSETS_DIR": str(tmp_path), "PYTHON": "echo", "HF_MODEL": str(hf),
+           "SAVE_HF": str(tmp_path / "out_hf"), "TRAIN_ITERS": "10"}
+    r = run_tool(RECIPE, "train", env=env)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    assert cmd[cmd.index("--load") + 1] == str(hf)
+    assert cmd[cmd.index("--save-hf") + 1] == str(tmp_path / "out_hf")
+    r = run_tool(RECIPE, "train", env={**env, "HF_MODEL": str(tmp_path / "nothing")})
+    assert r.returncode == 2 and "HF_MODEL=" in r.stderr and "download_hf_models.py" in r.stderr
+    # without HF_MODEL and without a conversion the error names both ways
+    r = run_tool(RECIPE, "train", env={"ASSETS_DIR": str(tmp_path)})
+    assert r.returncode == 2 and "set HF_MODEL=" in r.stderr and "convert first" in r.stderr
+
+
 TINY = "scripts/sft/SFT_tiny_cpu.sh"
 
 

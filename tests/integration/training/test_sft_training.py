@@ -98,6 +98,20 @@ def _scenarios(world, sft_assets, checkpoints, root):
                                            overlap_param_gather=False))]:
             out[f"ddp-{name}"] = {"kind": "train", "mode": "train_ddp", "config": _config(
                 ck[(1, 1)], data, save=str(root / name), **OVERLAP, **extra)}
+        # --load HF_DIR (converted in memory, each rank its shard) at TP2 and PP2: the same
+        # loss as from the converted checkpoints above; then a run that saves and writes
+        # --save-hf every iteration, its re-run (the same command) resuming from --save, and
+        # a LoRA run from the HF dir (its base converted once into SAVE/base at the first save)
+        for tp, pp in ((2, 1), (1, 2)):
+            out[f"hf-direct-tp{tp}pp{pp}"] = {"kind": "train", "mode": "loss", "config": _config(
+                str(hf), data, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)}
+        hf_run = dict(save=str(root / "hf-run"), save_hf=str(root / "hf-run-export"),
+                      save_hf_interval=1, tensor_model_parallel_size=2, train_iters=2)
+        out["hf-save-hf"] = _train(_config(str(hf), data, **hf_run))
+        out["hf-resume"] = _train(_config(str(hf), data, **{**hf_run, "train_iters": 3}))
+        out["hf-lora"] = _train(_config(
+            str(hf), data, lora_rank=4, train_iters=2, save=str(root / "hf-lora"),
+            save_hf=str(root / "hf-lora-merged"), save_hf_adapter=str(root / "hf-lora-peft")))
     if world == 4:
         out["curve-TP2PP2"] = _train(_config(ck[(2, 2)], data, tensor_model_parallel_size=2,
                                              pipeline_model_parallel_size=2, **CURVE))
@@ -213,3 +227,68 @@ def test_data_parallel_overlap_is_on_by_default_and_keeps_the_curve(world2):
 
     a, b = weights("overlap"), weights("plain")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_load_hf_dir_gives_the_converted_checkpoints_loss(tp, pp, world2):
+    direct = world2[f"hf-direct-tp{tp}pp{pp}"]
+    converted = world2[_loss_name(tp, pp, True, "sdpa")]
+    assert direct["megatron_tokens"] == converted["megatron_tokens"] > 0
+    assert direct["megatron"] == converted["megatron"]  # bit for bit
+
+
+def _safetensors(directory):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _same_tensors(a, b):
+    import torch
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_save_hf_equals_merge_and_export_and_records_the_source(world2, sft_assets):
+    import json
+
+    from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+
+    assert [h["iteration"] for h in world2["hf-save-hf"]] == [1, 2]
+    assert [h["iteration"] for h in world2["hf-resume"]] == [3]  # resumed from --save
+    run, exported = world2.root / "hf-run", world2.root / "hf-run-export"
+    assert json.loads((exported / "export_source.json").read_text())["iteration"] == 3
+    meta = read_metadata(iteration_dir(run))
+    assert meta.producer == "training"
+    assert meta.hf_source["path"] == str(sft_assets["hf"].resolve())
+    assert (run / "hf_reference" / "config.json").is_file()
+    reference = export_megatron_to_hf(run, world2.root / "hf-run-script", run / "hf_reference",
+                                      ExportOptions(progress=False))
+    _same_tensors(_safetensors(exported), _safetensors(reference))
+    assert json.loads((exported / "config.json").read_text()) == \
+        json.loads((reference / "config.json").read_text())
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_lora_from_hf_dir_names_a_converted_base_and_exports(world2):
+    from megatron.sft.bridge.checkpoint_io import iteration_dir
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+    from megatron.sft.lora.merge import open_checkpoint
+    from megatron.sft.lora.run_format import read_lora_info
+
+    assert [h["iteration"] for h in world2["hf-lora"]] == [1, 2]
+    run = world2.root / "hf-lora"
+    info = read_lora_info(iteration_dir(run))
+    assert info.base_checkpoint == str((run / "base").resolve()) and info.base_fingerprint
+    assert (world2.root / "hf-lora-peft" / "adapter_model.safetensors").is_file()
+    reference = export_megatron_to_hf(open_checkpoint(run), world2.root / "hf-lora-script",
+                                      None, ExportOptions(progress=False))
+    _same_tensors(_safetensors(world2.root / "hf-lora-merged"), _safetensors(reference))

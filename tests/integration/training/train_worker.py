@@ -6,6 +6,7 @@ written by the logging rank) and ``config`` (TrainConfig fields).
 - ``hf_loss``: the masked loss of global batch 0 through megatron-core's real schedule, and the
   same loss from ``transformers`` (labels -100 outside the mask); packed rows are split back into
   their samples, each run through HF on its own.
+- ``loss``: the same megatron-core loss alone (no transformers run).
 - ``train``: run the loop; write the per-iteration history.
 - ``train_ddp``: the same, plus whether data-parallel communication overlapped compute.
 """
@@ -69,7 +70,14 @@ def run(spec: dict) -> None:
     trainer = Trainer(cfg, log=lambda m: None)
     trainer.setup()
     rank = torch.distributed.get_rank()
-    if spec["mode"] == "hf_loss":
+    if spec["mode"] == "loss":  # megatron-core's loss of global batch 0 only
+        rows = microbatch_rows(0, cfg.global_batch_size, cfg.micro_batch_size,
+                               trainer.dp_rank, trainer.dp_size)
+        total = trainer.forward_loss(trainer.train_ds, rows)
+        if rank == 0:
+            Path(spec["out"]).write_text(json.dumps({"megatron": (total[0] / total[1]).item(),
+                                                     "megatron_tokens": int(total[1])}))
+    elif spec["mode"] == "hf_loss":
         rows = microbatch_rows(0, cfg.global_batch_size, cfg.micro_batch_size,
                                trainer.dp_rank, trainer.dp_size)
         total = trainer.forward_loss(trainer.train_ds, rows)

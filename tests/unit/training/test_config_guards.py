@@ -125,6 +125,15 @@ def test_the_examples_in_messages_are_valid_yaml_of_the_right_type(tmp_path):
     (dict(lr_warmup_fraction=1.0), "--lr-warmup-fraction 1.0 is outside [0, 1)"),
     (dict(lr_warmup_fraction=-0.1), "--lr-warmup-fraction -0.1 is outside [0, 1)"),
     (dict(weight_decay=-0.1), "--weight-decay -0.1 is negative"),
+    (dict(save="/s", save_hf_interval=10), "--save-hf-interval 10 needs --save-hf DIR (where the "
+                                          "HF model goes); add it, or drop --save-hf-interval"),
+    (dict(save="/s", save_hf="/h", save_hf_interval=0), "--save-hf-interval 0: give a positive "
+                                                         "number of iterations"),
+    (dict(save_hf="/h"), "--save-hf /h needs --save DIR: the HF files are exported from the "
+                         "saved Megatron checkpoint (as merge_and_export.sh does); add --save"),
+    (dict(save_hf_adapter="/a", lora_rank=4), "--save-hf-adapter /a needs --save DIR"),
+    (dict(save="/s", save_hf_adapter="/a"), "--save-hf-adapter /a needs --lora-rank R: only a "
+                                            "LoRA run has an adapter; use --save-hf"),
 ])
 def test_refused_with_the_flag_the_value_and_the_fix(overrides, message):
     cfg = TrainConfig(**{**BASE, **overrides})
