@@ -1304,7 +1304,6 @@ def child_throughput(args) -> int:
             f.write(json.dumps(row) + "\n")
         print("ROW " + json.dumps(row), flush=True)
 
-    import torch
 
     from megatron.sft.runtime.distributed import destroy_distributed, quiet_megatron_import_warnings
     from megatron.sft.training.trainer import Trainer  # noqa: F401  (imported before the go)

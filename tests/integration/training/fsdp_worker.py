@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    import torch
     import torch.distributed as dist
 
     from megatron.sft.training.arguments import TrainConfig
