@@ -63,15 +63,20 @@ def main() -> int:
 
         hf = make_random_hf_model("Qwen2ForCausalLM", Path(tmp) / "hf", seed=0)
         convert_hf_to_megatron(hf, Path(tmp) / "mg", ConvertOptions(progress=False))
+        # One process per pair, all at once: each spends most of its time importing.
+        procs = []
         for impl, backend in impls:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    "--nproc-per-node", "1", str(REPO / "tools" / "check_hf_parity.py"),
                    "--load", str(Path(tmp) / "mg"), "--hf-model", str(hf),
                    "--transformer-impl", impl, "--attention-backend", backend, "--atol", "1e-3"]
-            env = dict(os.environ, PYTHONPATH=str(REPO))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("[parity]")),
-                        proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
+            env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env))
+        for (impl, backend), proc in zip(impls, procs):
+            out, err = proc.communicate()
+            line = next((ln for ln in out.splitlines() if ln.startswith("[parity]")),
+                        err.strip().splitlines()[-1] if err.strip() else "no output")
             ok = proc.returncode == 0
             failures += not ok
             print(f"model build + logits ({impl}, {backend} attention): "
