@@ -74,7 +74,8 @@ def make_moe_model(out: Path, dtype_name: str, fused: bool) -> int:
     return writer.nbytes
 
 
-def make_model(out: Path, dtype_name: str) -> int:
+def make_model(out: Path, dtype_name: str, hf_config: str | None = None) -> int:
+    """A random Qwen2 model: the 0.5B shape, or the shape of ``hf_config`` (a ``config.json``)."""
     import torch
 
     from megatron.sft.bridge.architectures import get_architecture
@@ -83,7 +84,8 @@ def make_model(out: Path, dtype_name: str) -> int:
     from megatron.sft.bridge.stage_mapping import required_hf_names
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    cfg = dict(QWEN2_0_5B_CONFIG, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+    base = json.loads(Path(hf_config).read_text()) if hf_config else QWEN2_0_5B_CONFIG
+    cfg = dict(base, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                hidden_act="silu", torch_dtype=str(dtype).replace("torch.", ""))
     spec = get_architecture("Qwen2ForCausalLM")
     shape = spec.shape(cfg)
@@ -154,11 +156,14 @@ def main() -> int:
     p.add_argument("--fused", action="store_true",
                    help="--moe: the HF experts fused ([E, 2F, D] per layer) instead of one "
                         "tensor per expert")
+    p.add_argument("--hf-config", default=None,
+                   help="config.json of a Qwen2-architecture model whose shape to use instead of "
+                        "0.5B (e.g. R1-Distill-Qwen-1.5B's)")
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make_model:  # child mode: keeps the big random tensors out of the parent's RSS
         print(make_moe_model(Path(args.make_model), args.dtype, args.fused) if args.moe
-              else make_model(Path(args.make_model), args.dtype))
+              else make_model(Path(args.make_model), args.dtype, args.hf_config))
         return 0
     work = Path(args.workdir)
     if work.exists():
@@ -169,7 +174,8 @@ def main() -> int:
     # Everything heavy runs in child processes: Linux carries a parent's peak RSS into a forked
     # child's ru_maxrss, so the parent must stay small for the readings to mean anything.
     run_measured([sys.executable, __file__, "--make-model", str(hf), "--dtype", args.dtype]
-                 + (["--moe"] if args.moe else []) + (["--fused"] if args.fused else []))
+                 + (["--moe"] if args.moe else []) + (["--fused"] if args.fused else [])
+                 + (["--hf-config", args.hf_config] if args.hf_config else []))
     model_bytes = (hf / "model.safetensors").stat().st_size
     ref_time = min(copy_once(hf / "model.safetensors", work / "copy.bin") for _ in range(2))
     (work / "copy.bin").unlink()
@@ -186,7 +192,8 @@ def main() -> int:
     _, idle_rss = run_measured([py, "-c", "import torch, megatron.sft.bridge.convert"])
     gib = 1 << 30
     kind = (f"Qwen3-MoE-0.6B-shaped ({'fused' if args.fused else 'per-expert'} experts)"
-            if args.moe else "Qwen2-0.5B-shaped")
+            if args.moe else f"Qwen2-shaped ({Path(args.hf_config).name})" if args.hf_config
+            else "Qwen2-0.5B-shaped")
     print(f"model: {kind}, {args.dtype}, {model_bytes / gib:.3f} GiB of tensors; "
           f"layout TP{args.tp} PP{args.pp}" + (f" EP{args.ep}" if args.ep > 1 else "")
           + f"; {os.cpu_count()} CPUs")
