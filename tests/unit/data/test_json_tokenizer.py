@@ -128,3 +128,26 @@ def test_deepseek_like_config_with_added_tokens_decoder(tmp_path):
     config_path.write_text(json.dumps(config))
     (folder / "chat_template.jinja").write_text("{{ messages }}")
     assert "chat template file" in json_tokenizer_refusal(folder)
+
+
+def test_pre_tokenizing_imports_neither_torch_nor_transformers_nor_megatron_core(tokenizer_dirs, tmp_path):
+    """Start-up: a tokenizer folder ``tokenizers`` can read alone, and the indexed files written
+    without megatron-core, keep those imports (seconds each) out of the pre-tokenizer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(conversations(1)[0]) + "\n")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from megatron.sft.data.preprocess import PreprocessConfig, preprocess\n"
+        "preprocess(PreprocessConfig(input=sys.argv[2], tokenizer_model=sys.argv[3], "
+        "output_prefix=sys.argv[4], progress=False))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'megatron.core') if m in sys.modules))\n"
+    )
+    repo = Path(__file__).resolve().parents[3]
+    run = subprocess.run([sys.executable, "-c", code, str(repo), str(data), str(tokenizer_dirs["deepseek_r1"]),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
