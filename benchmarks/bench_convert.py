@@ -4,9 +4,11 @@
 
 Measures wall time, peak RSS (each step in its own process, read from wait4) and bytes on
 disk, against two references: the model's own byte size (goal: peak RSS <= 1.5x) and the time
-to read and write those bytes once with plain file I/O (goal: wall time <= 3x).
+to read and write those bytes once with plain file I/O (goal: wall time <= 2x). With
+``--repeats N`` the copy, convert and export alternate N times and the medians count.
 
   python benchmarks/bench_convert.py [--workdir /tmp/bench_convert] [--dtype bf16] [--tp 1 --pp 1]
+  python benchmarks/bench_convert.py --hf-config r1_distill_qwen_1.5b_config.json --tp 2 --repeats 3
   python benchmarks/bench_convert.py --moe --ep 4 [--fused]   # experts split over 4 EP ranks
 
 The random model is written straight to safetensors from the architecture's shapes (making it
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -74,7 +77,8 @@ def make_moe_model(out: Path, dtype_name: str, fused: bool) -> int:
     return writer.nbytes
 
 
-def make_model(out: Path, dtype_name: str) -> int:
+def make_model(out: Path, dtype_name: str, hf_config: str | None = None) -> int:
+    """A random Qwen2 model: the 0.5B shape, or the shape of ``hf_config`` (a ``config.json``)."""
     import torch
 
     from megatron.sft.bridge.architectures import get_architecture
@@ -83,7 +87,8 @@ def make_model(out: Path, dtype_name: str) -> int:
     from megatron.sft.bridge.stage_mapping import required_hf_names
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    cfg = dict(QWEN2_0_5B_CONFIG, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+    base = json.loads(Path(hf_config).read_text()) if hf_config else QWEN2_0_5B_CONFIG
+    cfg = dict(base, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
                hidden_act="silu", torch_dtype=str(dtype).replace("torch.", ""))
     spec = get_architecture("Qwen2ForCausalLM")
     shape = spec.shape(cfg)
@@ -154,11 +159,19 @@ def main() -> int:
     p.add_argument("--fused", action="store_true",
                    help="--moe: the HF experts fused ([E, 2F, D] per layer) instead of one "
                         "tensor per expert")
+    p.add_argument("--hf-config", default=None,
+                   help="config.json of a Qwen2-architecture model whose shape to use instead of "
+                        "0.5B (e.g. R1-Distill-Qwen-1.5B's)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternating runs of copy, convert, copy, export; medians reported")
+    p.add_argument("--hf-dir", default=None,
+                   help="use this HF model folder (e.g. one an earlier run made) instead of "
+                        "making a random one")
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make_model:  # child mode: keeps the big random tensors out of the parent's RSS
         print(make_moe_model(Path(args.make_model), args.dtype, args.fused) if args.moe
-              else make_model(Path(args.make_model), args.dtype))
+              else make_model(Path(args.make_model), args.dtype, args.hf_config))
         return 0
     work = Path(args.workdir)
     if work.exists():
@@ -168,32 +181,52 @@ def main() -> int:
 
     # Everything heavy runs in child processes: Linux carries a parent's peak RSS into a forked
     # child's ru_maxrss, so the parent must stay small for the readings to mean anything.
-    run_measured([sys.executable, __file__, "--make-model", str(hf), "--dtype", args.dtype]
-                 + (["--moe"] if args.moe else []) + (["--fused"] if args.fused else []))
+    if args.hf_dir:  # a model made by an earlier run (the outputs still go to --workdir)
+        hf = Path(args.hf_dir)
+    else:
+        run_measured([sys.executable, __file__, "--make-model", str(hf), "--dtype", args.dtype]
+                     + (["--moe"] if args.moe else []) + (["--fused"] if args.fused else [])
+                     + (["--hf-config", args.hf_config] if args.hf_config else []))
     model_bytes = (hf / "model.safetensors").stat().st_size
-    ref_time = min(copy_once(hf / "model.safetensors", work / "copy.bin") for _ in range(2))
-    (work / "copy.bin").unlink()
+    copy = work / "copy.bin"
     py = sys.executable
-    conv_t, conv_rss = run_measured([py, str(REPO / "tools/convert_hf_to_megatron.py"),
-                                     "--load-dir", str(hf), "--save-dir", str(ckpt),
-                                     "--target-tensor-parallel-size", str(args.tp),
-                                     "--target-pipeline-parallel-size", str(args.pp),
-                                     "--target-expert-model-parallel-size", str(args.ep),
-                                     "--no-progress"])
-    exp_t, exp_rss = run_measured([py, str(REPO / "tools/export_megatron_to_hf.py"),
-                                   "--load-dir", str(ckpt), "--save-dir", str(export),
-                                   "--hf-reference", str(hf), "--no-progress"])
+    convert_cmd = [py, str(REPO / "tools/convert_hf_to_megatron.py"),
+                   "--load-dir", str(hf), "--save-dir", str(ckpt),
+                   "--target-tensor-parallel-size", str(args.tp),
+                   "--target-pipeline-parallel-size", str(args.pp),
+                   "--target-expert-model-parallel-size", str(args.ep), "--no-progress"]
+    export_cmd = [py, str(REPO / "tools/export_megatron_to_hf.py"), "--load-dir", str(ckpt),
+                  "--save-dir", str(export), "--hf-reference", str(hf), "--no-progress"]
+    # Alternating copy, convert, copy, export, --repeats times: a burst of load from another
+    # process lands on one run of one arm, and the medians leave it out.
+    refs, conv, exp = [], [], []
+    for _ in range(args.repeats):
+        for out in (ckpt, export):
+            shutil.rmtree(out, ignore_errors=True)
+        refs.append(copy_once(hf / "model.safetensors", copy))
+        copy.unlink()
+        conv.append(run_measured(convert_cmd))
+        refs.append(copy_once(hf / "model.safetensors", copy))
+        copy.unlink()
+        exp.append(run_measured(export_cmd))
+    ref_time = statistics.median(refs)
+    conv_t, conv_rss = statistics.median(t for t, _ in conv), max(r for _, r in conv)
+    exp_t, exp_rss = statistics.median(t for t, _ in exp), max(r for _, r in exp)
     _, idle_rss = run_measured([py, "-c", "import torch, megatron.sft.bridge.convert"])
     gib = 1 << 30
     kind = (f"Qwen3-MoE-0.6B-shaped ({'fused' if args.fused else 'per-expert'} experts)"
-            if args.moe else "Qwen2-0.5B-shaped")
+            if args.moe else f"Qwen2-shaped ({Path(args.hf_config).name})" if args.hf_config
+            else "Qwen2-0.5B-shaped")
     print(f"model: {kind}, {args.dtype}, {model_bytes / gib:.3f} GiB of tensors; "
           f"layout TP{args.tp} PP{args.pp}" + (f" EP{args.ep}" if args.ep > 1 else "")
           + f"; {os.cpu_count()} CPUs")
+    print(f"runs: {args.repeats} of each, alternating; medians. copy "
+          f"[{', '.join(f'{t:.1f}' for t in refs)}] s, convert [{', '.join(f'{t:.1f}' for t, _ in conv)}] s, "
+          f"export [{', '.join(f'{t:.1f}' for t, _ in exp)}] s; load average {os.getloadavg()[0]:.1f}")
     print(f"reference: read+write the bytes once = {ref_time:.2f} s; "
           f"python+torch import baseline RSS = {idle_rss / gib:.3f} GiB")
     for name, t, rss, out in (("convert", conv_t, conv_rss, ckpt), ("export", exp_t, exp_rss, export)):
-        print(f"{name:8s} wall {t:6.2f} s ({t / ref_time:.2f}x ref, goal <= 3x) | peak RSS "
+        print(f"{name:8s} wall {t:6.2f} s ({t / ref_time:.2f}x ref, goal <= 2x) | peak RSS "
               f"{rss / gib:.3f} GiB ({rss / model_bytes:.2f}x model, goal <= 1.5x) | on disk "
               f"{du(out) / gib:.3f} GiB")
     return 0

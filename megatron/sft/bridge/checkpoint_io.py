@@ -26,6 +26,7 @@ import torch
 import torch.utils.serialization
 
 from megatron.sft.bridge.integrity import FileDigest, HashingFile, verify_file
+from megatron.sft.bridge.transforms import own_storage
 from megatron.sft.runtime.disk import disk_full_guard
 from megatron.sft.runtime.layout import ParallelLayout, iteration_dir_name
 from megatron.sft.runtime.locks import partial_name
@@ -190,13 +191,16 @@ def written_by_training(iter_dir: Path) -> bool:
 
 
 def compact_views(state: Any) -> Any:
-    """Clone tensors that view a larger storage: ``torch.save`` writes whole storages, so a
-    TP shard that is a slice of the full tensor would otherwise carry all of it to disk."""
+    """Tensors that view a larger storage, on storages of their own: ``torch.save`` writes whole
+    storages, so a TP shard that is a slice of the full tensor would otherwise carry all of it
+    to disk. A contiguous slice (a row block: column-parallel shards, vocabulary shards) gets a
+    storage over its own bytes without a copy (``transforms.own_storage``); any other view is cloned. The
+    file is the same either way."""
     if isinstance(state, dict):
         return {k: compact_views(v) for k, v in state.items()}
     if isinstance(state, torch.Tensor):
         if state.untyped_storage().nbytes() != state.numel() * state.element_size():
-            return state.clone(memory_format=torch.contiguous_format)
+            return own_storage(state)
     return state
 
 

@@ -54,10 +54,22 @@ def split_tp(tensor: torch.Tensor, tp_size: int, dim: int) -> list[torch.Tensor]
         )
     if tp_size == 1:
         return [tensor.contiguous()]
-    # Clones, not views: each shard must own its memory so the full tensor can be freed at
-    # once and ``torch.save`` writes only the shard.
-    return [t.clone(memory_format=torch.contiguous_format)
-            for t in torch.chunk(tensor, tp_size, dim=dim)]
+    # Each shard on a storage of its own, so ``torch.save`` writes only the shard: row blocks of
+    # a contiguous tensor borrow its bytes (no copy; the full tensor lives while a shard does),
+    # column blocks are copied.
+    return [own_storage(t) for t in torch.chunk(tensor, tp_size, dim=dim)]
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t.clone()`` as ``torch.save`` sees it (a storage holding exactly ``t``), without a copy
+    for a contiguous CPU tensor: a tensor on a storage that borrows ``t``'s bytes and keeps them
+    alive. Rows 2..4 of an ``[8, 3]`` tensor -> a ``[2, 3]`` tensor whose storage is those 6
+    elements, sharing memory with the original."""
+    if (type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad
+            or not t.is_contiguous() or t.numel() == 0):
+        return t.clone(memory_format=torch.contiguous_format)
+    raw = t.reshape(-1).view(torch.uint8).numpy()  # shares t's memory
+    return torch.frombuffer(raw, dtype=torch.uint8).view(t.dtype).view(t.shape)
 
 
 def merge_tp(shards: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -6,13 +6,17 @@ Modules (pure ones import neither torch.distributed nor megatron-core):
                         the ``RECORD_FORMATS`` table is where a new format is added            [pure]
 - ``prompt_styles``     named styles (alpaca, chatml) -> text + assistant character spans      [pure]
 - ``chat_template``     the tokenizer's own template (with tools) + locating each turn in it   [pure]
+- ``template_compile``  a chat template compiled as ``apply_chat_template`` does, without
+                        importing transformers                                                 [pure]
+- ``json_tokenizer``    a tokenizer folder read with ``tokenizers`` alone where that is exact  [IO]
 - ``loss_mask``         character spans + token offsets -> learned token ranges and masks      [pure]
 - ``render``            records -> token ids + loss mask, per-turn loss, drops and notices     [pure]
 - ``readers``           streaming .jsonl/.json (plain or .gz/.bz2/.xz/.zst)/.parquet/folder/
                         HF save_to_disk reader                                                 [IO]
 - ``render_flags``      the reading/rendering/record-format CLI flags, defined once for the
                         pre-tokenizer and the preview                                          [pure]
-- ``indexed_writer``    atomic megatron-core ``IndexedDatasetBuilder`` pair writer             [IO]
+- ``indexed_writer``    atomic writer of a megatron-core ``IndexedDataset`` pair (format written
+                        here: no megatron-core import)                                         [IO]
 - ``indexed_reader``    numpy-only reader of a (tokens, loss mask) pair: no torch, for previews [IO]
 - ``preprocess``        the N-worker, order-preserving pre-tokenisation pipeline               [IO]
 - ``stats``             counters written to ``<prefix>_stats.json``

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from megatron.sft.data.formats import Conversation, Message, RecordError
 from megatron.sft.data.prompt_styles import RenderedText
+from megatron.sft.data.template_compile import alias_reasoning_fields, compile_chat_template
 
 _MAX_OCCURRENCES = 8
 #: Private-use characters: one that the rendered text does not contain replaces a turn's body.
@@ -36,11 +37,6 @@ _MARKERS = ("\ue000", "\ue001", "\ue002", "\U000f0000", "\U000f0001")
 
 #: Notices (not drops) a render may add; preprocess logs each kind once and counts them.
 REASONING_NOT_RENDERED = "reasoning_not_rendered"
-
-
-
-def _same(chat):
-    return chat
 
 
 def content_candidates(content: str) -> list[str]:
@@ -60,16 +56,38 @@ def content_candidates(content: str) -> list[str]:
     return unique
 
 
+class AnchorSet(tuple):
+    """The anchors (special-token strings), also as one set per length.
+
+    ``text.startswith(anchors, end)`` compares every one of them (1,283 for DeepSeek's tokenizer,
+    nearly all starting with ``<｜``) at each probe; looking up ``text[end:end + n]`` in the set of
+    anchors of length ``n`` takes one probe per distinct length instead. Same answers:
+    ``AnchorSet(("<a>", "<bc>")).starts(text, i) == text.startswith(("<a>", "<bc>"), i)``.
+    """
+
+    def __new__(cls, anchors=()):
+        self = super().__new__(cls, anchors)
+        by_length: dict[int, set[str]] = {}
+        for a in self:
+            by_length.setdefault(len(a), set()).add(a)
+        self.by_length = tuple((n, frozenset(group)) for n, group in sorted(by_length.items()))
+        return self
+
+    def starts(self, text: str, pos: int) -> bool:
+        return any(text[pos:pos + n] in group for n, group in self.by_length) if pos <= len(text) else False
+
+
 def _find_one(text: str, needle: str, start: int, anchors: tuple[str, ...]) -> int:
     first = -1
     pos = text.find(needle, start)
+    starts = anchors.starts if isinstance(anchors, AnchorSet) else (lambda t, i: t.startswith(anchors, i))
     for _ in range(_MAX_OCCURRENCES):
         if pos < 0:
             break
         if first < 0:
             first = pos
         end = pos + len(needle)
-        if end == len(text) or text.startswith(anchors, end):  # a tuple: any of them
+        if end == len(text) or starts(text, end):  # any of them
             return pos
         pos = text.find(needle, pos + 1)
     return first
@@ -90,7 +108,7 @@ def locate_messages(
     """Character span of each content in ``text``, searched left to right; ``None`` if absent."""
     spans: list[tuple[int, int] | None] = []
     cursor = 0
-    anchors = tuple(anchors)
+    anchors = anchors if isinstance(anchors, AnchorSet) else AnchorSet(anchors)
     for content in contents:
         found = locate_content(text, content, cursor, anchors)
         spans.append(found)
@@ -121,9 +139,9 @@ class ChatTemplate:
     """The tokenizer's chat template, compiled once and rendered exactly as HF renders it.
 
     ``apply_chat_template`` re-validates its arguments on every call, which costs more than the
-    Jinja rendering itself; we call the same compiled template with the same variables (the
-    tokenizer's special tokens) directly, and fall back to ``apply_chat_template`` if this
-    ``transformers`` version does not expose the compiler.
+    Jinja rendering itself; we compile the template in the same environment
+    (``template_compile.compile_chat_template``, no transformers import) and call it with the
+    same variables (the tokenizer's special tokens).
 
     ``Template.render(**vars)`` would also flatten the template's globals (a ``ChainMap``) into a
     new dict on every call; we flatten them once and hand each call a ready context
@@ -133,30 +151,16 @@ class ChatTemplate:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.variables = dict(tokenizer.special_tokens_map)
-        try:  # transformers copies reasoning_content to the other names templates read (thinking)
-            from transformers.utils.chat_template_utils import _alias_reasoning_fields as alias
-        except Exception:  # older versions pass messages as they are
-            alias = _same
-        self._alias = alias
-        try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            source = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else tokenizer.chat_template
-            self.compiled = _compile_jinja_template(source)
-        except Exception:  # private API moved: stay correct, just slower
-            self.compiled = None
-        if self.compiled is not None:
-            # = what render(messages=..., **fixed) puts in its context, minus the messages
-            self._fixed = dict(self.compiled.globals, tools=None, documents=None,
-                               add_generation_prompt=False, **self.variables)
+        source = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") else tokenizer.chat_template
+        self.compiled = compile_chat_template(source)
+        # = what render(messages=..., **fixed) puts in its context, minus the messages
+        self._fixed = dict(self.compiled.globals, tools=None, documents=None,
+                           add_generation_prompt=False, **self.variables)
 
     def __call__(self, messages: list[dict], tools: list[dict] | None = None,
                  add_generation_prompt: bool = False) -> str:
         if any("reasoning_content" in m or "thinking" in m or "reasoning" in m for m in messages):
-            messages = self._alias(messages)  # as apply_chat_template does; a no-op otherwise
-        if self.compiled is None:
-            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            messages = alias_reasoning_fields(messages)  # as apply_chat_template does
         template = self.compiled
         context = template.new_context(
             dict(self._fixed, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt),
@@ -273,7 +277,7 @@ def render_chat_template(
     missing = [n for n in _tool_names(tools) if n not in text] if tools else None
     if missing:
         raise _no_tools(f"does not render the 'tools' list (tool {missing[0]!r} is not in its output)")
-    anchors = tuple(anchors)
+    anchors = anchors if isinstance(anchors, AnchorSet) else AnchorSet(anchors)
     spans: list[tuple[int, int] | None] = []
     notices: list[str] = []
     cursor = 0

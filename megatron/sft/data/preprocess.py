@@ -112,13 +112,27 @@ def load_tokenizer(tokenizer_model: str):
         ) from None
 
 
+def load_pretokenizer_tokenizer(tokenizer_model: str):
+    """The tokenizer pre-tokenization uses: read with ``tokenizers`` alone where that is exact
+    (``json_tokenizer``: no transformers import, seconds less start-up), else ``load_tokenizer``."""
+    from megatron.sft.data.json_tokenizer import load_json_tokenizer
+
+    try:
+        tokenizer = load_json_tokenizer(tokenizer_model)
+    except Exception:  # unreadable JSON and the like: let transformers say what is wrong
+        tokenizer = None
+    return tokenizer if tokenizer is not None else load_tokenizer(tokenizer_model)
+
+
 # -- worker side ------------------------------------------------------------------------------
 _RENDERER: ConversationRenderer | None = None
 
 
-def _init_worker(tokenizer_model: str, render: RenderConfig) -> None:
+def _init_worker(tokenizer_model: str, render: RenderConfig, renderer: ConversationRenderer | None = None) -> None:
+    """Set the process's renderer: the parent's own when given (inherited by ``fork``, free), else
+    built from the tokenizer folder (``spawn``, or one process)."""
     global _RENDERER
-    _RENDERER = ConversationRenderer(load_tokenizer(tokenizer_model), render)
+    _RENDERER = renderer or ConversationRenderer(load_pretokenizer_tokenizer(tokenizer_model), render)
 
 
 def process_chunk(payloads: list[Any]) -> TokenizedChunk:
@@ -149,16 +163,33 @@ def _chunks(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]
         yield chunk
 
 
-def _ordered_results(chunks: Iterator[list[RawRecord]], workers: int, config: PreprocessConfig):
-    """Yield ``(chunk, result)`` in input order, with bounded look-ahead (constant memory)."""
+def _start_workers(workers: int, config: PreprocessConfig, renderer: ConversationRenderer):
+    """The pool (None for one worker), its processes started and set up before the clock runs.
+
+    Forked workers inherit ``renderer`` (tokenizer and compiled template) instead of loading
+    their own; spawned ones load it in their initializer."""
     if workers == 1:
-        _init_worker(config.tokenizer_model, config.render)
+        _init_worker(config.tokenizer_model, config.render, renderer)
+        return None
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    inherited = renderer if method == "fork" else None
+    pool = ctx.Pool(workers, _init_worker, (config.tokenizer_model, config.render, inherited))
+    pool.map(_ready, range(workers), chunksize=1)  # returns once every worker has set up
+    return pool
+
+
+def _ready(_: int) -> bool:
+    return _RENDERER is not None
+
+
+def _ordered_results(chunks: Iterator[list[RawRecord]], pool, workers: int):
+    """Yield ``(chunk, result)`` in input order, with bounded look-ahead (constant memory)."""
+    if pool is None:
         for chunk in chunks:
             yield chunk, process_chunk([r.payload for r in chunk])
         return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    with ctx.Pool(workers, _init_worker, (config.tokenizer_model, config.render)) as pool:
+    with pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append((chunk, pool.apply_async(process_chunk, ([r.payload for r in chunk],))))
@@ -219,24 +250,24 @@ def _preprocess_locked(config: PreprocessConfig, prefix: str,
     if config.workers > 1:
         # N processes already use the cores; Rust threads inside each would only contend.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tokenizer = load_tokenizer(config.tokenizer_model)
-    ConversationRenderer(tokenizer, config.render)  # fail fast on a bad tokenizer/style pair
+    tokenizer = load_pretokenizer_tokenizer(config.tokenizer_model)
+    renderer = ConversationRenderer(tokenizer, config.render)  # fails fast on a bad tokenizer/style pair
     records = iter_records(config.input, config.split, config.max_record_bytes)
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
                             tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer),
                             seq_length=config.render.max_length, truncate=config.render.truncate)
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))
-    # The clock starts once the writer is open: like the tokenizer load above, importing
-    # megatron-core (~2 s, torch included) is set-up, not throughput.
+    # The clock starts once the writer is open and the workers are ready: like the tokenizer
+    # load above, starting processes is set-up, not throughput.
     # The guard is inside the writer: the free space is measured before the writer's abort
     # removes its temp files (a full disk then says "0 B free", not what the abort freed).
     full_disk = disk_full_guard(Path(prefix).parent, None, f"the tokenized dataset {prefix}_*")
     with IndexedPairWriter(prefix, len(tokenizer)) as writer, full_disk:
+        pool = _start_workers(config.workers, config, renderer)
         start = time.perf_counter()
-        for records_chunk, result in _ordered_results(
-            _chunks(records, config.chunk_size), config.workers, config
-        ):
+        for records_chunk, result in _ordered_results(_chunks(records, config.chunk_size), pool,
+                                                       config.workers):
             stats.samples_read += len(records_chunk)
             for i, reason, message in result.errors:
                 record = records_chunk[i]

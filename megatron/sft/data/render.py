@@ -29,7 +29,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from megatron.sft.data.chat_template import REASONING_NOT_RENDERED, ChatTemplate, render_chat_template
+from megatron.sft.data.chat_template import (
+    REASONING_NOT_RENDERED,
+    AnchorSet,
+    ChatTemplate,
+    render_chat_template,
+)
 from megatron.sft.data.formats import (
     ROLES_OUT_OF_ORDER,
     Conversation,
@@ -164,8 +169,7 @@ class ConversationRenderer:
         self.backend = backend
         self.config = config
         special = {i: t for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.anchors = tuple(sorted({t.content for t in special.values()}, key=len, reverse=True))
-        vocab = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
+        self.anchors = AnchorSet(sorted({t.content for t in special.values()}, key=len, reverse=True))
         self.special_ids = frozenset(special)
         self.bos_id = tokenizer.bos_token_id
         self.template = ChatTemplate(tokenizer) if config.prompt_style == "chat-template" else None

@@ -188,6 +188,7 @@ def test_shell_wrapper_and_cli_exit_codes(tokenizer_dirs, tmp_path):
 
 
 def test_writer_add_batch_is_byte_identical_to_add_document_per_sample(tmp_path):
+    """Our writer (no megatron-core import) against megatron-core's builder and reader."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron.sft.data.indexed_writer import IndexedPairWriter, pair_prefixes
@@ -210,6 +211,17 @@ def test_writer_add_batch_is_byte_identical_to_add_document_per_sample(tmp_path)
     for fast, ref in zip(pair_prefixes(str(tmp_path / "fast")), pair_prefixes(str(tmp_path / "ref"))):
         for ext in (".bin", ".idx"):
             assert Path(fast + ext).read_bytes() == Path(ref + ext).read_bytes()
+    # and megatron-core's own reader gives back every sample of both files, dtype included
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    text, loss_mask = (IndexedDataset(prefix) for prefix in pair_prefixes(str(tmp_path / "fast")))
+    assert len(text) == len(loss_mask) == len(lengths)
+    assert text.index.dtype == writer.token_dtype == np.uint16 and loss_mask.index.dtype == np.uint8
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    for i in range(len(lengths)):
+        assert np.array_equal(text[i], ids[bounds[i]:bounds[i + 1]])
+        assert np.array_equal(loss_mask[i], mask[bounds[i]:bounds[i + 1]])
+    assert np.array_equal(text.document_indices, np.arange(len(lengths) + 1))
 
 
 def test_compressed_tool_data_with_bom_and_a_huge_line_through_the_cli(tokenizers, tokenizer_dirs, tmp_path):

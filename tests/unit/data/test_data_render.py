@@ -204,3 +204,16 @@ def test_a_text_far_beyond_max_length_is_dropped_before_tokenizing(tokenizers):
     # the shortcut never drops what tokenizing would keep: the same record is too long either way
     assert len(tok(huge["messages"][0]["content"])["input_ids"]) > 64
     assert ConversationRenderer(tok, RenderConfig(max_length=64, truncate=True)).char_limit is None
+
+
+def test_anchor_set_answers_as_startswith_with_the_tuple():
+    import random
+
+    from megatron.sft.data.chat_template import AnchorSet
+
+    rng = random.Random(0)
+    for _ in range(500):
+        anchors = tuple({"".join(rng.choices("ab<>", k=rng.randint(0, 4))) for _ in range(rng.randint(0, 5))})
+        text = "".join(rng.choices("ab<>", k=rng.randint(0, 8)))
+        fast = AnchorSet(anchors)
+        assert all(fast.starts(text, i) == text.startswith(anchors, i) for i in range(len(text) + 2))
