@@ -6,7 +6,7 @@ multi-turn dataset ("Repeat: w1 w2 ..." with held-out prompts), converts the mod
 TP=2, pre-tokenizes, fine-tunes on 2 gloo ranks with megatron-core, exports back to
 HuggingFace, checks logits against transformers at both ends, and measures exact-match accuracy
 on the held-out prompts before and after SFT. Prints a per-stage summary and writes a
-loss-curve PNG. Takes about 2 minutes on 2 CPU cores; training shows a live progress line.
+loss-curve PNG. Takes about 4 minutes on 2 CPU cores; training shows a live progress line.
 """
 
 from __future__ import annotations
