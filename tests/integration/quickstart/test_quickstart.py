@@ -21,7 +21,6 @@ def test_task_heldout_prompts_are_unseen():
 @pytest.mark.xdist_group("multiprocess")
 def test_reduced_quickstart_pipeline(tmp_path):
     demo = Demo(DemoConfig(workdir=tmp_path / "demo", train_iters=6, eval_interval=3,
-                           global_batch_size=32,  # 2 micro-batches: a less noisy 3-step LoRA
                            log_interval=3, task=TaskConfig(train_conversations=300,
                                                            heldout_prompts=4),
                            lora_rank=4, lora_train_iters=3),
