@@ -20,8 +20,6 @@ WORKDIR /opt/megatron-sft
 # (the version checks import nothing but the standard library and packaging).
 COPY requirements.txt requirements-megatron-core.txt ./
 COPY scripts/setup/ scripts/setup/
-COPY megatron/sft/__init__.py megatron/sft/
-COPY megatron/sft/runtime/__init__.py megatron/sft/runtime/containers.py megatron/sft/runtime/
 # The installer users run in a container: it pins the container's torch, torchvision, Triton, TE,
 # Apex and flash-attn so pip can never replace them, refuses a torch older than megatron-core's
 # requirement, and installs megatron-core without dependencies. Then the build fails unless

@@ -67,10 +67,10 @@ def measure(ckpt: str, args) -> None:
 
     from megatron.sft.bridge.architectures import shape_of
     from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-    from megatron.sft.runtime.layer_impl import LayerImpl
+    from megatron.sft.model.layer_impl import LayerImpl
     from megatron.sft.training.batch import local_micro_batch, masked_loss_sum
     from megatron.sft.training.loss import vocab_parallel_token_loss
-    from megatron.sft.training.model_builder import build_model_from_checkpoint
+    from megatron.sft.model.builder import build_model_from_checkpoint
 
     s = args.seq_length
     vocab = shape_of(read_metadata(iteration_dir(ckpt)).hf_config)[1].vocab_size

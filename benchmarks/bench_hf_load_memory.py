@@ -73,9 +73,9 @@ def worker(source: str, kind: str, out: str) -> None:
     import torch.distributed as dist
 
     from megatron.sft.runtime.distributed import destroy_distributed, initialize_distributed
-    from megatron.sft.runtime.layer_impl import resolve_layer_impl
+    from megatron.sft.model.layer_impl import resolve_layer_impl
     from megatron.sft.runtime.layout import ParallelLayout
-    from megatron.sft.training.model_builder import (
+    from megatron.sft.model.builder import (
         build_model_from_checkpoint,
         build_model_from_hf,
     )

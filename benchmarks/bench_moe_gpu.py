@@ -81,8 +81,8 @@ def parse_args(argv=None):
 def available_experts(device: str) -> list[str]:
     import torch
 
-    from megatron.sft.runtime.experts import ExpertsImplError, resolve_experts_impl
-    from megatron.sft.runtime.layer_impl import transformer_engine_available
+    from megatron.sft.model.moe.experts import ExpertsImplError, resolve_experts_impl
+    from megatron.sft.model.layer_impl import transformer_engine_available
 
     linear = "te" if device == "cuda" and transformer_engine_available() else "local"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -189,7 +189,7 @@ def run_layers(args, shape: dict, experts_impls: list[str]) -> list[dict]:
     import torch.nn.functional as F
 
     from megatron.sft.runtime.distributed import initialize_distributed
-    from megatron.sft.runtime.layer_impl import resolve_layer_impl
+    from megatron.sft.model.layer_impl import resolve_layer_impl
     from megatron.sft.runtime.layout import ParallelLayout
 
     info = initialize_distributed(ParallelLayout())

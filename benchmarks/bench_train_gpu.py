@@ -121,8 +121,8 @@ def make_assets(work: Path, shape: dict, max_len: int, documents: int) -> tuple[
 
 
 def available_backends(device: str) -> list[str]:
-    from megatron.sft.runtime.attention import attention_backends
-    from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
+    from megatron.sft.model.attention import attention_backends
+    from megatron.sft.model.layer_impl import LayerImplError, resolve_layer_impl
 
     out = []
     for spec in attention_backends():

@@ -969,8 +969,8 @@ def probe(args) -> dict:
         info["error"] = info["error"] or "megatron-core is not installed here (pass --wheels)"
     else:
         info["megatron_core_path"] = str(Path(found.origin).parent)
-    from megatron.sft.runtime.attention import attention_backends
-    from megatron.sft.runtime.layer_impl import resolve_layer_impl, transformer_engine_available
+    from megatron.sft.model.attention import attention_backends
+    from megatron.sft.model.layer_impl import resolve_layer_impl, transformer_engine_available
 
     info["transformer_engine"] = transformer_engine_available()
     info["attention"] = {}
@@ -982,7 +982,7 @@ def probe(args) -> dict:
         except Exception as e:  # LayerImplError: the reason, with the alternative
             info["attention"][spec.name] = str(e).splitlines()[0][:200]
     try:
-        from megatron.sft.runtime import experts as experts_mod
+        from megatron.sft.model.moe import experts as experts_mod
     except ImportError:
         info["experts"] = "MoE not available in this build"
     else:
@@ -1025,7 +1025,7 @@ def probe(args) -> dict:
 
 def _runnable(backend: str, device: str) -> Optional[str]:
     """``None`` when ``backend`` runs on ``device``, else why not."""
-    from megatron.sft.runtime.attention import get_attention_backend
+    from megatron.sft.model.attention import get_attention_backend
 
     return get_attention_backend(backend).check("local", device)
 
@@ -1466,7 +1466,7 @@ def _label_regions(trainer):
     installed on this Trainer's instance and modules only; returns an undo function."""
     from torch.profiler import record_function
 
-    from megatron.sft.runtime.attention import PackedCoreAttention
+    from megatron.sft.model.attention import PackedCoreAttention
     from megatron.sft.training import trainer as trainer_mod
 
     def labelled(fn, label):

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
-    # The choices are the registries' (a backend registered in runtime/attention.py shows here).
-    from megatron.sft.runtime.attention import attention_backend_choices
-    from megatron.sft.runtime.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
-    from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
+    # The choices are the registries' (a backend registered in model/attention/ shows here).
+    from megatron.sft.model.attention import attention_backend_choices
+    from megatron.sft.model.moe.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
+    from megatron.sft.model.layer_impl import TRANSFORMER_IMPLS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="Megatron checkpoint directory")
@@ -76,9 +76,9 @@ def main(argv=None) -> int:
         return launch_on_enough_ranks(needed, argv)
     info = initialize_distributed(meta.layout, seed=args.seed)
     from megatron.sft.training.forward_logits import pipeline_logits
-    from megatron.sft.training.model_builder import build_model_from_checkpoint
+    from megatron.sft.model.builder import build_model_from_checkpoint
 
-    from megatron.sft.runtime.layer_impl import resolve_layer_impl
+    from megatron.sft.model.layer_impl import resolve_layer_impl
 
     impl = resolve_layer_impl(args.transformer_impl, args.attention_backend, info.device.type,
                               args.moe_experts_impl, getattr(torch, meta.params_dtype))

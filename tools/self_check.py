@@ -44,8 +44,8 @@ def main() -> int:
                          ("transformer-engine", "transformer_engine"), ("apex", "apex"),
                          ("transformers", "transformers")]:
         print(f"{name:<13} {version(module)}")
-    from megatron.sft.runtime.attention import attention_backends
-    from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
+    from megatron.sft.model.attention import attention_backends
+    from megatron.sft.model.layer_impl import LayerImplError, resolve_layer_impl
 
     # Every (layer implementation, attention backend) pair that can run on this machine.
     impls = []

@@ -46,8 +46,7 @@ run() {
 
 # Our version checks, with only the standard library and packaging: nothing is installed yet.
 containers() {
-    PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" \
-        "$PYTHON" -m megatron.sft.runtime.containers "$@"
+    "$PYTHON" "$REPO_ROOT/scripts/setup/containers.py" "$@"
 }
 
 # ---
@@ -71,7 +70,7 @@ run "$PYTHON" -m pip install -c "$WORK/constraints.txt" ${NO_DEPS[@]+"${NO_DEPS[
 # ---
 # What got installed: megatron-core's own torch requirement, its other dependencies, the import.
 if [[ $DRY_RUN == 1 ]]; then
-    printf '+ %q -m megatron.sft.runtime.containers verify\n' "$PYTHON"
+    printf '+ %q %q verify\n' "$PYTHON" "$REPO_ROOT/scripts/setup/containers.py"
 else
     containers verify
 fi

@@ -11,7 +11,7 @@ a few bf16 steps. Skipped without CUDA; CPU CI covers sdpa and dense in tests/un
 import pytest
 import torch
 
-from megatron.sft.runtime.attention import (
+from megatron.sft.model.attention import (
     attention_backends,
     dense_reference_attention,
     document_segments,

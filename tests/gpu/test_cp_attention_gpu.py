@@ -17,8 +17,8 @@ gradients, 1e-3 relative for the loss).
 import pytest
 import torch
 
-from megatron.sft.runtime import cp_kernels
-from megatron.sft.runtime.attention import (
+from megatron.sft.model.context_parallel import kernels as cp_kernels
+from megatron.sft.model.attention import (
     attention_backends,
     dense_reference_attention,
     document_segments,

@@ -51,8 +51,8 @@ def _experts(cls, experts=16, hidden=2048, ffn=768):
 def test_grouped_mm_equals_sequential_in_bf16(world_of_one):
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from megatron.sft.runtime.experts import grouped_mm_problem
-    from megatron.sft.runtime.grouped_mm_experts import GroupedMMExperts
+    from megatron.sft.model.moe.experts import grouped_mm_problem
+    from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
 
     problem = grouped_mm_problem("cuda", torch.bfloat16)
     assert problem is None, problem

@@ -3,7 +3,7 @@ requirement of what it installs accepts, and the installer (scripts/setup/instal
 keeps a container's torch while installing megatron-core in older containers too.
 
 No network, no Docker: the base image's torch comes from the release-notes table in
-megatron/sft/runtime/containers.py, the requirements' own dependencies from this environment's
+scripts/setup/containers.py, the requirements' own dependencies from this environment's
 installed metadata (what `make venv` installed from the same files), and the installer runs with
 --dry-run against fake environments (a folder of .dist-info directories).
 """
@@ -22,9 +22,11 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from megatron.sft.runtime import containers
-from megatron.sft.runtime.containers import NGC_PYTORCH, check_torch, constraint_lines, ngc_tags_for
 from sft_testing import REPO
+
+sys.path.insert(0, str(REPO / "scripts" / "setup"))  # the installer's checks live beside it
+import containers  # noqa: E402
+from containers import NGC_PYTORCH, check_torch, constraint_lines, ngc_tags_for  # noqa: E402
 
 INSTALLER = REPO / "scripts" / "setup" / "install_requirements.sh"
 #: what scripts/setup/install_requirements.sh installs (it names both files; checked below)
@@ -95,7 +97,7 @@ def test_dockerfile_base_torch_satisfies_every_torch_requirement():
     dockerfile = (REPO / "Dockerfile").read_text()
     tag = base_image_tag(dockerfile)
     assert tag in NGC_PYTORCH, (f"nvcr.io/nvidia/pytorch:{tag}-py3 is not in NGC_PYTORCH "
-                                "(megatron/sft/runtime/containers.py): add its torch version")
+                                "(scripts/setup/containers.py): add its torch version")
     container = NGC_PYTORCH[tag]
     found = torch_requirements(installed_files(dockerfile), container.python)
     assert any("megatron-core" in chain for chain, _ in found), (
@@ -124,11 +126,11 @@ def test_base_image_tag_reads_arg_default_and_literal_from():
 
 
 def test_containers_module_runs_before_anything_is_installed():
-    """The Dockerfile copies megatron/sft/runtime/containers.py alone and runs it on a bare
+    """The Dockerfile copies scripts/setup/containers.py alone and runs it on a bare
     container python: standard library and packaging only (megatron.core only in `verify`)."""
     import ast
 
-    tree = ast.parse((REPO / "megatron/sft/runtime/containers.py").read_text())
+    tree = ast.parse((REPO / "scripts/setup/containers.py").read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     outside = {m for m in names if m.split(".")[0] not in sys.stdlib_module_names
@@ -252,7 +254,7 @@ def test_installer_in_ngc_24_12_pins_the_container_and_skips_megatron_cores_deps
     assert "-r requirements-dev.txt" in pip[0] and "--no-deps" not in pip[0]
     assert pip[0].count(" -c ") == pip[1].count(" -c ") == 1
     assert "--no-deps" in pip[1] and pip[1].endswith("requirements-megatron-core.txt")
-    assert "containers verify" in r.stdout
+    assert "scripts/setup/containers.py verify" in r.stdout
 
 
 def test_installer_in_ngc_25_06(tmp_path):

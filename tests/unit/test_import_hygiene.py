@@ -9,11 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "megatron" / "sft"
 PURE = ["bridge/transforms.py", "bridge/model_shape.py", "bridge/rules.py",
         "bridge/stage_mapping.py", "bridge/architectures", "lora/split.py", "lora/settings.py",
-        "runtime/attention.py", "runtime/containers.py", "runtime/cp_split.py",
-        "runtime/cp_kernels.py", "runtime/norms.py", "runtime/tp_attributes.py", "runtime/layout.py",
-        "runtime/layer_impl.py", "lora/bases.py",
-        "training/batch.py",
-        "training/model_config.py"]
+        "lora/bases.py", "runtime/layout.py", "training/batch.py",
+        "model/attention/", "model/context_parallel/split.py", "model/context_parallel/kernels.py",
+        "model/norms.py", "model/tp_attributes.py", "model/layer_impl.py", "model/config.py"]
 FORBIDDEN = ("torch.distributed", "megatron.core.parallel_state", "megatron.core.tensor_parallel")
 
 

@@ -1,5 +1,5 @@
-"""Imports flow down the tiers, never back: quickstart -> training -> lora -> bridge / data ->
-runtime. A package may import its own tier and the ones below it; bridge and data are one tier
+"""Imports flow down the tiers, never back: quickstart -> training -> model -> lora -> bridge /
+data -> runtime. A package may import its own tier and the ones below it; bridge and data are one tier
 that does not import each other (the reverse would let checkpoint code depend on tokenizers).
 """
 
@@ -15,8 +15,9 @@ ALLOWED = {
     "data": {"runtime"},
     "bridge": {"runtime"},
     "lora": {"bridge", "runtime"},
-    "training": {"lora", "bridge", "data", "runtime"},
-    "quickstart": {"training", "lora", "bridge", "data", "runtime"},
+    "model": {"lora", "bridge", "runtime"},
+    "training": {"model", "lora", "bridge", "data", "runtime"},
+    "quickstart": {"training", "model", "lora", "bridge", "data", "runtime"},
 }
 
 

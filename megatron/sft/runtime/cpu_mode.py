@@ -36,7 +36,7 @@ which is how this project tests the engine in CI.
     TP collectives that allocate on ``current_device()`` in their backward stay on the CPU.
 
 Sequence parallelism runs on CPU too: the local layer spec uses our own sequence-parallel-aware
-norms (:mod:`megatron.sft.runtime.norms`), not megatron-core's ``WrappedTorchNorm``.
+norms (:mod:`megatron.sft.model.norms`), not megatron-core's ``WrappedTorchNorm``.
 
 Example::
 

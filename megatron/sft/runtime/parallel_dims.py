@@ -10,7 +10,7 @@ writes the checkpoint", "the loss is summed over DP and PP") code asks :func:`pa
 - ``loss_groups``: the groups a loss sum crosses to become the global batch's;
 - ``microbatch_rows``: how a global batch is cut for this rank; ``cp_size`` / ``cp_rank``: how
   each of its rows is cut again over context-parallel ranks (the split itself is the pure
-  :mod:`megatron.sft.runtime.cp_split`, applied through ``AttentionInputs.local_index``);
+  :mod:`megatron.sft.model.context_parallel.split`, applied through ``AttentionInputs.local_index``);
 - ``tp_group``, ``cp_group``: the process groups the loss and attention collectives use;
 - ``tp_rank``, ``pp_rank``, ``ep_rank``, stage predicates: which weights this rank holds.
 """

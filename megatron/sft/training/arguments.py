@@ -20,13 +20,13 @@ import typing
 from typing import Any, Callable, Literal, Optional, Union
 
 from megatron.sft.lora.settings import LoRASettings
-from megatron.sft.runtime.attention import (
+from megatron.sft.model.attention import (
     attention_backend_choices,
     attention_backend_help,
     get_attention_backend,
 )
-from megatron.sft.runtime.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
-from megatron.sft.runtime.layer_impl import TRANSFORMER_IMPLS
+from megatron.sft.model.moe.experts import MOE_EXPERTS_HELP, MOE_EXPERTS_IMPLS
+from megatron.sft.model.layer_impl import TRANSFORMER_IMPLS
 from megatron.sft.runtime.layout import FLAGS, FSDP_STRATEGIES, ParallelLayout
 
 
@@ -168,10 +168,10 @@ class TrainConfig:
     transformer_impl: str = _field(
         "auto", "layer modules: Transformer Engine, megatron-core's local ones, or auto (TE on "
                 "GPU when it imports)", choices=TRANSFORMER_IMPLS)
-    #: choices and help come from the backend registry in megatron/sft/runtime/attention.py
+    #: choices and help come from the backend registry in megatron/sft/model/attention/
     attention_backend: str = _field("auto", attention_backend_help,
                                     choices=attention_backend_choices)
-    # --- Mixture-of-Experts (megatron/sft/training/moe.py); ignored by dense models
+    # --- Mixture-of-Experts (megatron/sft/model/moe/settings.py); ignored by dense models
     expert_model_parallel_size: int = _field(1, "EP: split each MoE layer's routed experts over "
                                                 "this many ranks (carved out of data "
                                                 "parallelism; must divide the experts)")

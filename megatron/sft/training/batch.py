@@ -3,7 +3,7 @@
 The dataset already did the one shift by one (``labels[t] = tokens[t + 1]``) and aligned
 ``loss_mask`` to ``labels``; this module reduces per-token losses (each rank's rows are
 ``runtime.layout.microbatch_rows``). What attention needs from ``cu_seqlens`` is built by the layer implementation
-(``megatron.sft.runtime.layer_impl``).
+(``megatron.sft.model.layer_impl``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from typing import Any, Optional
 
-from megatron.sft.runtime.cp_split import take_tokens
+from megatron.sft.model.context_parallel.split import take_tokens
 from megatron.sft.runtime.layout import microbatch_rows  # noqa: F401  (how a batch is cut)
 
 #: the per-token tensors of a micro-batch that context parallelism cuts (and their padding value)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from megatron.sft.runtime.layer_impl import LayerImpl
+from megatron.sft.model.layer_impl import LayerImpl
 from megatron.sft.bridge.checkpoint_io import (
     CHECKPOINT_VERSION,
     CheckpointError,

@@ -44,8 +44,8 @@ from megatron.sft.lora.run_format import (
 )
 from megatron.sft.lora.settings import LoRASettings
 from megatron.sft.runtime.collective import on_every_rank
-from megatron.sft.runtime.layer_impl import LayerImpl
-from megatron.sft.training.model_builder import build_model_from_checkpoint, build_model_from_hf
+from megatron.sft.model.layer_impl import LayerImpl
+from megatron.sft.model.builder import build_model_from_checkpoint, build_model_from_hf
 
 #: where a LoRA run loaded from an HF directory keeps its converted base (``--save``/base)
 HF_BASE_DIR = "base"

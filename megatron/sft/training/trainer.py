@@ -34,7 +34,7 @@ from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.data.sft_dataset import SFTDataset, SFTDatasetConfig, build_sft_datasets, \
     collate_sft
 from megatron.sft.runtime.distributed import RuntimeInfo, initialize_distributed
-from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
+from megatron.sft.model.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.parallel_dims import ParallelDims
 from megatron.sft.training.arguments import TE_CP_PIPELINE, TrainConfig
 from megatron.sft.training.batch import local_micro_batch, masked_loss_sum
@@ -49,11 +49,12 @@ from megatron.sft.training.checkpointing import (
     peek_resume,
     save_checkpoint,
 )
-from megatron.sft.training import fsdp, hf_output, lora, moe
+from megatron.sft.model.moe import settings as moe
+from megatron.sft.training import fsdp, hf_output, lora
 from megatron.sft.training.loss import vocab_parallel_token_loss
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
-from megatron.sft.training.model_builder import build_model_from_checkpoint, build_model_from_hf
-from megatron.sft.training.moe_metrics import MoEMetrics, console_summary, moe_metrics_for
+from megatron.sft.model.builder import build_model_from_checkpoint, build_model_from_hf
+from megatron.sft.model.moe.metrics import MoEMetrics, console_summary, moe_metrics_for
 from megatron.sft.training.resume import (
     check_optimizer_layout,
     data_identity,

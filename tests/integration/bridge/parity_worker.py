@@ -28,7 +28,7 @@ def main() -> None:
 
     from megatron.sft.runtime.parallel_dims import parallel_dims_or_none, set_parallel_dims
     from megatron.sft.training.forward_logits import pipeline_logits
-    from megatron.sft.training.model_builder import build_model_from_checkpoint
+    from megatron.sft.model.builder import build_model_from_checkpoint
 
     results = {}
     for pair in pairs:

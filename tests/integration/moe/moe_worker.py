@@ -46,10 +46,10 @@ def run_parity(cases) -> dict:
     import torch.distributed as dist
 
     from megatron.sft.bridge.checkpoint_io import iteration_dir, read_metadata
-    from megatron.sft.runtime.layer_impl import LayerImpl
+    from megatron.sft.model.layer_impl import LayerImpl
     from megatron.sft.runtime.parallel_dims import parallel_dims
     from megatron.sft.training.forward_logits import pipeline_logits
-    from megatron.sft.training.model_builder import build_model_from_checkpoint
+    from megatron.sft.model.builder import build_model_from_checkpoint
 
     layout_of = {c["ckpt"]: read_metadata(iteration_dir(c["ckpt"])).layout for c in cases}
     results, references = {}, {}

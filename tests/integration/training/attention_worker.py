@@ -52,10 +52,10 @@ def main() -> None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron.sft.bridge.architectures import shape_of
-    from megatron.sft.runtime.layer_impl import LayerImpl
+    from megatron.sft.model.layer_impl import LayerImpl
     from megatron.sft.training.batch import masked_loss_sum
     from megatron.sft.training.loss import vocab_parallel_token_loss
-    from megatron.sft.training.model_builder import build_model_from_checkpoint
+    from megatron.sft.model.builder import build_model_from_checkpoint
 
     seq = spec["seq_length"]
     results = {}

@@ -99,7 +99,7 @@ def run_model_layout(pair, layout, sp, chunked, data, seq):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron.sft.runtime.layer_impl import LayerImpl
+    from megatron.sft.model.layer_impl import LayerImpl
     from megatron.sft.runtime.parallel_dims import parallel_dims
     from megatron.sft.training.batch import local_micro_batch, masked_loss_sum
     from megatron.sft.training.chunked_loss import (
@@ -108,7 +108,7 @@ def run_model_layout(pair, layout, sp, chunked, data, seq):
         output_weight,
     )
     from megatron.sft.training.loss import vocab_parallel_token_loss
-    from megatron.sft.training.model_builder import build_model_from_checkpoint
+    from megatron.sft.model.builder import build_model_from_checkpoint
 
     dims = parallel_dims()
     tokens, labels, positions, cu, mask, vocab = data

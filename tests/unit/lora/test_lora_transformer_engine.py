@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.sft.bridge.checkpoint_io import CheckpointMetadata, save_rank_state
-from megatron.sft.runtime.layer_impl import LayerImpl
+from megatron.sft.model.layer_impl import LayerImpl
 from megatron.sft.lora.adapters import add_adapter, attach_lora, init_adapters, load_adapters
 from megatron.sft.lora.bases import LoRABaseError
 from megatron.sft.lora.settings import LoRASettings, adapter_state_dict, is_adapter_name

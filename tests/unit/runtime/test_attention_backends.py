@@ -4,14 +4,14 @@ backend but ``dense`` creates an s x s tensor."""
 import pytest
 import torch
 
-from megatron.sft.runtime.attention import (
+from megatron.sft.model.attention import (
     banded_causal_mask,
     dense_reference_attention,
     document_segments,
     sdpa_attention,
     segments_from_cu_seqlens,
 )
-from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
+from megatron.sft.model.layer_impl import LayerImplError, resolve_layer_impl
 from sft_testing import LargestTensor
 
 
@@ -88,7 +88,7 @@ _LargestTensor = LargestTensor  # the probe, shared with the CP and chunked-loss
     ("sdpa", (0, 1, 1000, 2500, 4000, 4096)),   # packed, uneven
 ])
 def test_no_s_squared_tensor_at_4096(backend, bounds):
-    from megatron.sft.runtime.attention import PackedCoreAttention
+    from megatron.sft.model.attention import PackedCoreAttention
 
     s, heads, d = 4096, 2, 16
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.sft.runtime import attention, layer_impl
-from megatron.sft.runtime.attention import (
+from megatron.sft.model import attention, layer_impl
+from megatron.sft.model.attention import (
     AttentionBackendSpec,
     AttentionInputs,
     PackedCoreAttention,
@@ -28,7 +28,7 @@ from megatron.sft.runtime.attention import (
     register_backend,
     sdpa_attention,
 )
-from megatron.sft.runtime.layer_impl import (
+from megatron.sft.model.layer_impl import (
     TRANSFORMER_IMPLS,
     LayerImpl,
     LayerImplError,
@@ -144,10 +144,10 @@ def test_importing_the_registry_costs_no_megatron_core_import():
 def test_auto_order_and_resolution_on_cpu_and_cuda(monkeypatch):
     assert [s.name for s in auto_order()] == ["te", "varlen", "flex", "sdpa"]  # dense: never
     assert resolve_layer_impl("local", "auto", "cpu") == LayerImpl("local", "sdpa")
-    monkeypatch.setattr(attention, "varlen_available", lambda: True)
+    monkeypatch.setattr(attention.backends, "varlen_available", lambda: True)
     assert resolve_layer_impl("local", "auto", "cuda") == LayerImpl("local", "varlen")
     assert resolve_layer_impl("auto", "auto", "cuda").attention in ("te", "varlen")
-    monkeypatch.setattr(attention, "varlen_available", lambda: False)
+    monkeypatch.setattr(attention.backends, "varlen_available", lambda: False)
     assert resolve_layer_impl("local", "auto", "cuda") == LayerImpl("local", "flex")
     with pytest.raises(LayerImplError, match="has no torch.nn.attention.varlen; use "
                                              "--attention-backend flex"):
@@ -168,7 +168,7 @@ def test_a_backend_registered_here_reaches_the_cli_and_the_model(monkeypatch):
 
     toy = AttentionBackendSpec(name="toy", description="a test's own kernel", kernel=toy_kernel)
     with monkeypatch.context() as m:
-        m.setattr(attention, "_BACKENDS", dict(attention._BACKENDS))  # restored on exit
+        m.setattr(attention.registry, "_BACKENDS", dict(attention.registry._BACKENDS))  # restored on exit
         register_backend(toy)
         assert attention_backend_choices() == ("auto", *NAMES, "toy")
         parser = build_parser()
@@ -240,7 +240,7 @@ def test_layer_spec_takes_the_backends_core_attention():
 def test_document_segments_is_megatron_cores_packed_seq_params():
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megatron.sft.runtime.attention import DocumentSegments
+    from megatron.sft.model.attention import DocumentSegments
 
     seg = document_segments(CU, 2, 6, torch.device("cpu"))
     assert isinstance(seg, DocumentSegments) and isinstance(seg, PackedSeqParams)

@@ -7,15 +7,15 @@ is checked on CPU with a reference varlen and flex's eager forward."""
 import pytest
 import torch
 
-from megatron.sft.runtime import cp_kernels, cp_split
-from megatron.sft.runtime.attention import (
+from megatron.sft.model.context_parallel import kernels as cp_kernels, split as cp_split
+from megatron.sft.model.attention import (
     attention_backends,
     dense_reference_attention,
     document_segments,
     get_attention_backend,
     segments_from_cu_seqlens,
 )
-from megatron.sft.runtime.cp_split import ContextParallelError, Piece
+from megatron.sft.model.context_parallel.split import ContextParallelError, Piece
 from megatron.sft.runtime.layout import FLAGS, SHORT, ParallelLayout
 
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ on CPU they are bit-identical), on one process (a world of one, no other rank)."
 import pytest
 import torch
 
-from megatron.sft.runtime.experts import (
+from megatron.sft.model.moe.experts import (
     ExpertsImplError,
     grouped_mm_problem,
     resolve_experts_impl,
@@ -49,7 +49,7 @@ def _experts(cls, dtype, experts=4, hidden=32, ffn=16):
 def test_grouped_mm_equals_sequential(world_of_one, dtype, tol):
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from megatron.sft.runtime.grouped_mm_experts import GroupedMMExperts
+    from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
 
     ref, fast = _experts(SequentialMLP, dtype), _experts(GroupedMMExperts, dtype)
     assert [(n, p.shape, getattr(p, "allreduce", None)) for n, p in ref.named_parameters()] == \

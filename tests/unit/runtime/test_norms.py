@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from megatron.sft.runtime.layer_impl import LayerImpl
-from megatron.sft.runtime.norms import LocalHeadNorm, LocalNorm
+from megatron.sft.model.layer_impl import LayerImpl
+from megatron.sft.model.norms import LocalHeadNorm, LocalNorm
 
 
 def _config(normalization="RMSNorm", sequence_parallel=True, **kw):

@@ -3,7 +3,7 @@ initialisation): megatron-core's own layers come out marked as an initialised bu
 
 import torch
 
-from megatron.sft.runtime.tp_attributes import mark_tensor_parallel_weights
+from megatron.sft.model.tp_attributes import mark_tensor_parallel_weights
 
 
 def test_uninitialised_megatron_layers_get_the_marks_initialisation_gives():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron.sft.runtime.attention import (
+from megatron.sft.model.attention import (
     packed_attention_mask,
     segment_ids,
     segments_from_cu_seqlens,

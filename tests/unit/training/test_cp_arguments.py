@@ -6,9 +6,9 @@ cut."""
 import pytest
 import torch
 
-from megatron.sft.runtime.attention import get_attention_backend
-from megatron.sft.runtime.cp_split import ContextParallelError
-from megatron.sft.runtime.layer_impl import LayerImplError, resolve_layer_impl
+from megatron.sft.model.attention import get_attention_backend
+from megatron.sft.model.context_parallel.split import ContextParallelError
+from megatron.sft.model.layer_impl import LayerImplError, resolve_layer_impl
 from megatron.sft.training.arguments import TrainConfig, build_parser
 
 

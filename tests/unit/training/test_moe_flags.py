@@ -9,8 +9,8 @@ import torch
 from megatron.sft.bridge.architectures import get_architecture
 from megatron.sft.training.arguments import TrainConfig, build_parser, parse_config
 from megatron.sft.training.metrics import training_flops_per_token
-from megatron.sft.training.moe import check_moe_run, moe_config_overrides, routing_padding_mask
-from megatron.sft.training.moe_metrics import console_summary
+from megatron.sft.model.moe.settings import check_moe_run, moe_config_overrides, routing_padding_mask
+from megatron.sft.model.moe.metrics import console_summary
 from sft_testing import REPO, run_tool
 
 MOE_FLAGS = ["--expert-model-parallel-size", "--expert-tensor-parallel-size",

@@ -3,7 +3,7 @@ values, causal within each document (pure torch: no process group).
 
 Every kernel takes ``q [tq, hq, d]`` (the rank's local tokens, flattened row-major over the
 micro-batch's rows), ``k, v [t, hkv, d]`` (every token of the micro-batch in CP1 order, after
-the all-gather of :mod:`megatron.sft.runtime.context_parallel`), the micro-batch's
+the all-gather of :mod:`megatron.sft.model.context_parallel.gather`), the micro-batch's
 ``DocumentSegments`` (whose ``cp_pieces`` come from :func:`cp_split.query_pieces`), the softmax
 scale and an optional sliding window; it returns ``[tq, hq, d]``. All three read the same
 pieces, so the bookkeeping is tested once, on CPU
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron.sft.runtime.cp_split import document_ids, varlen_layout
+from megatron.sft.model.context_parallel.split import document_ids, varlen_layout
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ Independent choices make a :class:`LayerImpl`:
   linear) or ``"local"`` (megatron-core's own torch modules, separate norms). Chosen with
   ``--transformer-impl transformer_engine|local|auto``.
 - ``attention``: the name of a core-attention backend registered in
-  :mod:`megatron.sft.runtime.attention` (``--attention-backend te|varlen|flex|sdpa|dense|auto``);
-  :attr:`LayerImpl.backend` is its :class:`~megatron.sft.runtime.attention.AttentionBackendSpec`.
+  :mod:`megatron.sft.model.attention` (``--attention-backend te|varlen|flex|sdpa|dense|auto``);
+  :attr:`LayerImpl.backend` is its :class:`~megatron.sft.model.attention.AttentionBackendSpec`.
 - ``experts``: how a Mixture-of-Experts layer computes its routed experts
-  (``--moe-experts-impl``, :mod:`megatron.sft.runtime.experts`): ``grouped_mm``,
+  (``--moe-experts-impl``, :mod:`megatron.sft.model.moe.experts`): ``grouped_mm``,
   ``sequential`` or ``te``; unused by dense models.
 
 Everything downstream reads the object instead of comparing strings: the layer spec
@@ -34,8 +34,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from megatron.sft.runtime import experts as E
-from megatron.sft.runtime.attention import (  # noqa: F401  AttentionInputs: re-exported
+from megatron.sft.model.moe import experts as E
+from megatron.sft.model.attention import (  # noqa: F401  AttentionInputs: re-exported
     AttentionBackendSpec,
     AttentionInputs,
     attention_backend_choices,
@@ -121,7 +121,7 @@ class LayerImpl:
         if core is not None:  # else the spec's own (TEDotProductAttention / DotProductAttention)
             spec.submodules.self_attention.submodules.core_attention = core
         if moe and self.experts == "grouped_mm":
-            from megatron.sft.runtime.grouped_mm_experts import GroupedMMExperts
+            from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
 
             spec.submodules.mlp.submodules.experts.module = GroupedMMExperts
         if self.linear == "local":
@@ -135,7 +135,7 @@ class LayerImpl:
         from megatron.core.transformer import transformer_block as tb
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        from megatron.sft.runtime.norms import LocalNorm
+        from megatron.sft.model.norms import LocalNorm
 
         if self.linear == "local" or tb.LayerNormImpl is WrappedTorchNorm:
             return LocalNorm
@@ -194,10 +194,10 @@ class LayerImpl:
 
 
 def _use_local_norms(spec) -> None:
-    """Our sequence-parallel-aware norms in a local layer spec (see runtime/norms.py)."""
+    """Our sequence-parallel-aware norms in a local layer spec (see model/norms.py)."""
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron.sft.runtime.norms import LocalHeadNorm, LocalNorm
+    from megatron.sft.model.norms import LocalHeadNorm, LocalNorm
 
     layer = spec.submodules
     for name in ("input_layernorm", "pre_mlp_layernorm"):
@@ -214,7 +214,7 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
                        device_type: Optional[str] = None, moe_experts: str = "sequential",
                        dtype: torch.dtype = torch.float32, cp: int = 1) -> LayerImpl:
     """Flag values -> :class:`LayerImpl` (``moe_experts``: ``--moe-experts-impl``, resolved by
-    :func:`megatron.sft.runtime.experts.resolve_experts_impl` for ``dtype``; ``cp``: the
+    :func:`megatron.sft.model.moe.experts.resolve_experts_impl` for ``dtype``; ``cp``: the
     context-parallel size the attention backend must support).
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =

@@ -1,5 +1,5 @@
 """``GroupedMMExperts``: megatron-core's ``SequentialMLP`` computed with PyTorch's grouped GEMM
-(why and how: :mod:`megatron.sft.runtime.experts`). Its own module because defining the
+(why and how: :mod:`megatron.sft.model.moe.experts`). Its own module because defining the
 subclass imports megatron-core's MoE code, which only model construction needs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from megatron.sft.runtime.experts import ExpertsImplError, grouped_linear
+from megatron.sft.model.moe.experts import ExpertsImplError, grouped_linear
 
 
 def _glu(config, x: torch.Tensor) -> torch.Tensor:

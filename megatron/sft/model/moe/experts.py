@@ -17,7 +17,7 @@ auto         ``te`` with Transformer Engine layers, else ``grouped_mm`` where th
              on this device and dtype, else ``sequential``
 ===========  ==============================================================================
 
-``GroupedMMExperts`` (:mod:`megatron.sft.runtime.grouped_mm_experts`, imported only to build a
+``GroupedMMExperts`` (:mod:`megatron.sft.model.moe.grouped_mm`, imported only to build a
 model) *is* a ``SequentialMLP`` (a subclass that keeps its ``__init__``), so
 it has the same module tree, parameter names, shapes, tensor/expert-parallel attributes and
 initialisation: checkpoints, the optimizer state and the distributed optimizer's buffers are the

@@ -2,7 +2,7 @@
 over the CP group and put back in row order (backward: the gradients reduce-scattered).
 
 Each CP rank holds ``s / CP`` tokens of every row (chunks ``r`` and ``2·CP−1−r``, see
-:mod:`megatron.sft.runtime.cp_split`). Attention needs every earlier key of a document, so
+:mod:`megatron.sft.model.context_parallel.split`). Attention needs every earlier key of a document, so
 each layer gathers K and V, ``[s / CP, b, hkv, d] -> [s, b, hkv, d]``: with GQA they are
 ``hkv / hq`` of the queries' size, which is why gathering K/V (Llama 3's choice for document
 masks) is cheaper than passing queries around a ring. Every rank's queries use every rank's
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron.sft.runtime.cp_split import gather_order
+from megatron.sft.model.context_parallel.split import gather_order
 
 
 @functools.lru_cache(maxsize=16)

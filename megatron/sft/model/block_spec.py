@@ -4,9 +4,9 @@ per layer (dense MLP or MoE block, by global index) and the final norm.
 megatron-core's own ``get_gpt_decoder_block_spec`` reads the MoE layer pattern from its config;
 here it comes from the checkpoint's ``MoEShape`` (Qwen3-MoE's ``mlp_only_layers``, Qwen2-MoE's
 ``decoder_sparse_step``), and the attention backend, experts implementation and norms of
-:class:`~megatron.sft.runtime.layer_impl.LayerImpl` apply to every layer. A dense model's chunk
+:class:`~megatron.sft.model.layer_impl.LayerImpl` apply to every layer. A dense model's chunk
 is the same layer spec repeated. The final norm is :meth:`LayerImpl.final_norm` (ours on the
-local spec, so ``--sequence-parallel`` works without Transformer Engine: see ``runtime.norms``).
+local spec, so ``--sequence-parallel`` works without Transformer Engine: see ``model.norms``).
 """
 
 from __future__ import annotations

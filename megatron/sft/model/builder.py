@@ -17,13 +17,13 @@ from megatron.sft.bridge.checkpoint_io import (
     read_metadata,
 )
 from megatron.sft.runtime.collective import on_every_rank
-from megatron.sft.runtime.block_spec import decoder_block_spec
+from megatron.sft.model.block_spec import decoder_block_spec
 from megatron.sft.runtime.cpu_mode import cpu_mode_active
-from megatron.sft.runtime.layer_impl import LayerImpl, resolve_layer_impl
+from megatron.sft.model.layer_impl import LayerImpl, resolve_layer_impl
 from megatron.sft.runtime.layout import LayoutError
 from megatron.sft.runtime.parallel_dims import parallel_dims
-from megatron.sft.runtime.tp_attributes import mark_tensor_parallel_weights
-from megatron.sft.training.model_config import gpt_model_kwargs, transformer_config
+from megatron.sft.model.tp_attributes import mark_tensor_parallel_weights
+from megatron.sft.model.config import gpt_model_kwargs, transformer_config
 
 
 def check_layout_matches(meta: CheckpointMetadata) -> None:

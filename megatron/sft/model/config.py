@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.runtime.layout import ParallelLayout
-from megatron.sft.runtime.layer_impl import LayerImpl
+from megatron.sft.model.layer_impl import LayerImpl
 
 
 def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImpl, *,
