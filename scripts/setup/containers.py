@@ -277,7 +277,8 @@ def verify() -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="the version checks of scripts/setup/install_requirements.sh")
-    sub = p.add_subparsers(dest="step", required=True)
+    sub = p.add_subparsers(dest="step", required=True,
+                         help="plan: decide the pins before installing; verify: check what was installed")
     step = sub.add_parser("plan", help="write --constraints, print the decision")
     step.add_argument("--constraints", required=True, help="constraints file to write")
     step.add_argument("--requirement-file", required=True,

@@ -7,6 +7,7 @@ and reads the parser, so no tool runs.
 import argparse
 import importlib.util
 import inspect
+import sys
 
 import pytest
 
@@ -30,6 +31,7 @@ def _parser_of(path, monkeypatch) -> argparse.ArgumentParser:
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", stop)
     spec = importlib.util.spec_from_file_location(f"cli_{path.replace('/', '_')}", REPO / path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     for name in ("build_parser", "parse_args", "main"):
         fn = getattr(module, name, None)

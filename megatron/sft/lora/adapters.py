@@ -71,6 +71,7 @@ from megatron.sft.lora.settings import (  # noqa: F401  (adapters' vocabulary, r
     is_adapter_name,
 )
 from megatron.sft.runtime.parallel_dims import parallel_dims
+from megatron.sft.runtime.wrapping import unwrap_model
 
 class LoRAAdapter(torch.nn.Module):
     """The ``B·A`` update of one tensor-parallel linear (see the module docstring).
@@ -138,12 +139,6 @@ def _add_update(module, args, kwargs, output, *, kind: BaseLinear):
     return out + module.lora(x).to(out.dtype), bias
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def target_module(layer, target: str) -> Optional[torch.nn.Module]:
     """The base linear ``target`` names in ``layer``; on a Mixture-of-Experts layer the MLP
     targets are its shared expert's linears (``None`` without one: routed experts get no
@@ -160,7 +155,7 @@ def iter_targets(chunks: list, targets: tuple[str, ...] = tuple(LORA_TARGETS)
                  ) -> Iterator[tuple[int, str, Any]]:
     """``(global layer number (1-based), target name, base linear)`` over the model chunks."""
     for chunk in chunks:
-        for layer in _unwrap(chunk).decoder.layers:
+        for layer in unwrap_model(chunk).decoder.layers:
             for name in targets:
                 base = target_module(layer, name)
                 if base is not None:
@@ -186,7 +181,7 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
     (:class:`megatron.sft.lora.bases.LoRABaseError`) before anything is changed."""
     targets = list(iter_targets(chunks, settings.targets))
     for chunk in chunks:
-        for layer in _unwrap(chunk).decoder.layers:
+        for layer in unwrap_model(chunk).decoder.layers:
             for parent_name in sorted({PARENT[t] for t in settings.targets}):
                 parent = type(getattr(layer, parent_name)).__name__
                 if parent in BYPASSING_PARENTS:
@@ -201,7 +196,7 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
     for _, name, base in targets:
         count += sum(p.numel() for p in add_adapter(base, name, settings).parameters())
     for chunk in chunks:
-        embedding = getattr(_unwrap(chunk), "embedding", None)
+        embedding = getattr(unwrap_model(chunk), "embedding", None)
         if embedding is not None:
             embedding.register_forward_hook(_needs_grad)
     return count
@@ -217,7 +212,7 @@ def _needs_grad(module, args, output):
 
 
 def adapter_parameters(chunks: list) -> list[torch.nn.Parameter]:
-    return [p for c in chunks for n, p in _unwrap(c).named_parameters() if ADAPTER_MARK in f".{n}"]
+    return [p for c in chunks for n, p in unwrap_model(c).named_parameters() if ADAPTER_MARK in f".{n}"]
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 import warnings
 from typing import Optional
 
@@ -24,6 +23,7 @@ from megatron.sft.runtime.parallel_dims import (
     parallel_dims_or_none,
     set_parallel_dims,
 )
+from megatron.sft.runtime.ports import free_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +52,12 @@ def quiet_megatron_import_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single_process_env() -> None:
     if "RANK" in os.environ:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234,

@@ -50,14 +50,9 @@ from megatron.sft.lora.run_format import read_lora_info, write_lora_info
 from megatron.sft.lora.settings import adapter_state_dict
 from megatron.sft.training import fsdp
 from megatron.sft.training.resume import optimizer_layout
+from megatron.sft.runtime.wrapping import unwrap_model
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def uses_distributed_optimizer(optimizer) -> bool:
@@ -114,7 +109,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
     final = save / iteration_dir_name(iteration)
     rank0 = dist.get_rank() == 0
     sharded = fsdp.is_fsdp(model)
-    dtype = fsdp.model_dtype(model) if sharded else next(_unwrap(model[0]).parameters()).dtype
+    dtype = fsdp.model_dtype(model) if sharded else next(unwrap_model(model[0]).parameters()).dtype
     meta_now = dataclasses.replace(meta, params_dtype=dtype_name(dtype), producer="training")
     # Megatron-FSDP: every rank takes part in gathering the weights, group by group
     gathered = fsdp.gathered_state_dicts(model, keep=dims.writes_rank_file) if sharded else None
@@ -132,7 +127,7 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
             "optimizer_layout": saved_layout,
         }
         for chunk, m in enumerate(model):
-            sd = impl.model_to_checkpoint(gathered[chunk] if sharded else _unwrap(m).state_dict())
+            sd = impl.model_to_checkpoint(gathered[chunk] if sharded else unwrap_model(m).state_dict())
             state[meta.layout.model_key(chunk)] = sd if lora is None else adapter_state_dict(sd)
     del gathered
     distributed_optimizer = uses_distributed_optimizer(optimizer) and not sharded

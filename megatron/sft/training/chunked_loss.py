@@ -33,6 +33,7 @@ import types
 from typing import Any, Optional
 
 import torch
+from megatron.sft.runtime.wrapping import unwrap_model
 
 #: logits per chunk (fp32: 128 MiB); the chunk's token count is this over the shard's vocabulary
 LOGITS_PER_CHUNK = 2 ** 25
@@ -155,12 +156,6 @@ def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 
 # ----------------------------------------------------------------------------------- model side
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _hand_through(self, input_, weight=None, runtime_gather_output=None):
     return input_, None
 
@@ -170,7 +165,7 @@ def defer_output_layer(chunks: list) -> None:
     hidden states ``[b, s, h]`` (its ``[s, b] -> [b, s]`` transpose as for logits), and the loss
     applies the output weight chunk by chunk. Parameters, names and checkpoints are unchanged."""
     for chunk in chunks:
-        layer = getattr(_unwrap(chunk), "output_layer", None)
+        layer = getattr(unwrap_model(chunk), "output_layer", None)
         if layer is not None:
             if getattr(layer, "bias", None) is not None:
                 raise ValueError("--chunked-loss: the output layer has a bias; use "
@@ -181,7 +176,7 @@ def defer_output_layer(chunks: list) -> None:
 def output_weight(chunk) -> torch.Tensor:
     """The weight ``GPTModel`` gives its output layer: the embedding's when tied (its copy on
     a last pipeline stage without the embedding), else the output layer's own."""
-    model = _unwrap(chunk)
+    model = unwrap_model(chunk)
     if model.share_embeddings_and_output_weights:
         return model.shared_embedding_or_output_weight()
     return model.output_layer.weight

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron.sft.model.heads import repeat_kv
 from megatron.sft.model.context_parallel import kernels as cp_kernels, split as cp_split
 from megatron.sft.model.attention.registry import (
     AttentionBackendSpec,
@@ -73,10 +74,6 @@ register_backend(AttentionBackendSpec(
 
 
 # Packed kernels: q [t, hq, d], k/v [t, hkv, d] (t = flattened tokens), segments -> [t, hq, d].
-def _repeat_kv(k: torch.Tensor, hq: int) -> torch.Tensor:
-    return k if k.shape[-2] == hq else k.repeat_interleave(hq // k.shape[-2], dim=-2)
-
-
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
@@ -120,7 +117,7 @@ def varlen_attention(q, k, v, segments: DocumentSegments, scale: float,
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     else:
-        k, v = _repeat_kv(k, q.shape[-2]), _repeat_kv(v, q.shape[-2])
+        k, v = repeat_kv(k, q.shape[-2]), repeat_kv(v, q.shape[-2])
     if "window_size" in params:
         kwargs["window_size"] = (window - 1 if window else -1, 0)
     elif window is not None:
@@ -219,7 +216,7 @@ def sdpa_attention(q, k, v, bounds: tuple[int, ...], scale: float,
     # there K/V are expanded (b*s*h*d more memory, never s*s).
     gqa = {"enable_gqa": True} if q.device.type == "cpu" else None
     if gqa is None:
-        k, v = _repeat_kv(k, hq), _repeat_kv(v, hq)
+        k, v = repeat_kv(k, hq), repeat_kv(v, hq)
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -254,7 +251,7 @@ def dense_reference_attention(q, k, v, bounds: tuple[int, ...], scale: float,
                                   torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])],
                                                device=q.device))
     allowed = (doc[:, None] == doc[None, :]) & banded_causal_mask(t, window, q.device)
-    kr, vr = _repeat_kv(k, q.shape[-2]), _repeat_kv(v, q.shape[-2])
+    kr, vr = repeat_kv(k, q.shape[-2]), repeat_kv(v, q.shape[-2])
     dtype = torch.promote_types(q.dtype, torch.float32)  # bf16 inputs: softmax in fp32
     scores = torch.einsum("qhd,khd->hqk", q.to(dtype), kr.to(dtype)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))

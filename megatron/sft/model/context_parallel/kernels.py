@@ -32,16 +32,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron.sft.model.heads import repeat_kv
 from megatron.sft.model.context_parallel.split import document_ids, varlen_layout
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[l, h, d] -> [1, h, l, d]`` contiguous (what the flash kernels take)."""
     return x.transpose(0, 1).unsqueeze(0).contiguous()
-
-
-def _repeat_kv(k: torch.Tensor, hq: int, dim: int) -> torch.Tensor:
-    return k if k.shape[dim] == hq else k.repeat_interleave(hq // k.shape[dim], dim=dim)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +106,7 @@ def bottom_right_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from torch.nn.attention.bias import causal_lower_right
 
         hq = qh.shape[1]  # the fused kernels behind the bias take no grouped K/V
-        out = F.scaled_dot_product_attention(qh, _repeat_kv(kh, hq, 1), _repeat_kv(vh, hq, 1),
+        out = F.scaled_dot_product_attention(qh, repeat_kv(kh, hq, 1), repeat_kv(vh, hq, 1),
                                              attn_mask=causal_lower_right(L, S), scale=scale)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_band(L, S, None, q.device),
@@ -139,7 +136,7 @@ def sdpa_cp_attention(q, k, v, segments, scale: float, window: Optional[int] = N
             qh, kh, vh = _heads_first(qd), _heads_first(kd), _heads_first(vd)
             gqa = kh.shape[1] != qh.shape[1]
             if gqa and q.device.type != "cpu":  # as at CP1: not every CUDA kernel takes GQA
-                kh, vh = _repeat_kv(kh, qh.shape[1], 1), _repeat_kv(vh, qh.shape[1], 1)
+                kh, vh = repeat_kv(kh, qh.shape[1], 1), repeat_kv(vh, qh.shape[1], 1)
                 gqa = False
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                                  enable_gqa=gqa)

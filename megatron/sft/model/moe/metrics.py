@@ -20,14 +20,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from megatron.sft.runtime.wrapping import unwrap_model
 
 _TRACKED = {"load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 class MoEMetrics:
@@ -47,7 +42,7 @@ class MoEMetrics:
                         if on]
         self.counts: Optional[torch.Tensor] = None
         for chunk in chunks:
-            for layer in _unwrap(chunk).decoder.layers:
+            for layer in unwrap_model(chunk).decoder.layers:
                 router = getattr(layer.mlp, "router", None)
                 if router is not None:
                     router.register_forward_hook(self._count, with_kwargs=True)
