@@ -27,7 +27,7 @@ demo: venv
 	$(PY) tools/demo.py
 
 test: venv
-	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q --durations=15 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
