@@ -10,16 +10,17 @@ import sys
 import pytest
 import torch
 
-from sft_testing import ARCHITECTURES, REPO, _free_port
+from sft_testing import ARCHITECTURES, REPO
 from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
 from megatron.sft.bridge.random_hf_model import make_random_hf_model
+from megatron.sft.runtime.ports import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _parity(ckpt, hf, out, atol, impl="auto", backend="auto"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "--master-port", str(_free_port()), str(REPO / "tools" / "check_hf_parity.py"),
+           "--master-port", str(free_port()), str(REPO / "tools" / "check_hf_parity.py"),
            "--load", str(ckpt), "--hf-model", str(hf), "--atol", str(atol),
            "--transformer-impl", impl, "--attention-backend", backend, "--seq-length", "64",
            "--output-json", str(out)]
