@@ -60,7 +60,7 @@ def run(spec: dict) -> None:
     from megatron.sft.lora.peft_export import export_lora_adapter
     from megatron.sft.training.arguments import TrainConfig
     from megatron.sft.training.batch import microbatch_rows
-    from megatron.sft.training.lora import settings_from_config
+    from megatron.sft.training.lora_model import settings_from_config
     from megatron.sft.training.trainer import Trainer
 
     cfg = TrainConfig(**spec["config"])

@@ -1,0 +1,78 @@
+"""The model chunks wrapped for data parallelism (megatron-core DDP, or Megatron-FSDP), with
+the communication overlap settings the pipeline schedules read from the ``TransformerConfig``.
+
+Data-parallel communication overlaps compute by default when there is any: gradients are reduced
+bucket by bucket during the backward pass, and with the distributed optimizer the updated
+parameters are gathered bucket by bucket during the next forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from megatron.sft.training import fsdp
+
+
+@dataclass
+class DataParallelModel:
+    chunks: list                        # DDP-wrapped GPTModel chunks (one per virtual stage)
+    tconfig: Any                        # their TransformerConfig, with the sync functions set
+    overlap_param_gather: bool          # parameters reach modules in their forward pre-hooks
+
+    @contextlib.contextmanager
+    def parameters_in_sync(self):
+        """With overlapped parameter gathering the newest weights reach a module only in its
+        next forward pre-hook; saving or evaluating first gathers them all, then re-arms the
+        hooks."""
+        if not self.overlap_param_gather:
+            yield
+            return
+        for m in self.chunks:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for m in self.chunks:
+                m.enable_forward_pre_hook()
+
+
+def wrap_for_data_parallel(chunks: list, cfg, dp_size: int, device) -> DataParallelModel:
+    """``chunks`` (bare GPTModels) wrapped as ``cfg`` asks (``--use-megatron-fsdp``,
+    ``--use-distributed-optimizer``, ``--overlap-grad-reduce``, ``--overlap-param-gather``)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    tcfg = chunks[0].config
+    overlap_grads = dp_size > 1 and cfg.overlap_grad_reduce
+    overlap_params = overlap_grads and cfg.use_distributed_optimizer and cfg.overlap_param_gather
+    if cfg.use_megatron_fsdp:  # training/fsdp.py; it gathers parameters in its own hooks
+        model = fsdp.wrap(chunks, tcfg, cfg.fsdp_strategy, device=device,
+                          overlap_grad_reduce=overlap_grads)
+        overlap_grads = model[0].ddp_config.overlap_grad_reduce and dp_size > 1
+        overlap_params = False
+    else:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grads,
+            overlap_param_gather=overlap_params,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            average_in_collective=False)
+        model = [DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=m,
+                                         disable_bucketing=i > 0)
+                 for i, m in enumerate(chunks)]
+    tcfg.finalize_model_grads_func = finalize_model_grads
+
+    def per_chunk(name: str):
+        funcs = [getattr(m, name) for m in model]
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    if overlap_grads:  # the pipeline schedules start each chunk's reduction when it is done
+        tcfg.no_sync_func = per_chunk("no_sync")
+        tcfg.grad_sync_func = per_chunk("start_grad_sync")
+    if overlap_params:
+        tcfg.param_sync_func = per_chunk("start_param_sync")
+    return DataParallelModel(model, tcfg, overlap_params)
