@@ -1,0 +1,1 @@
+"""The GPU proof's parts (benchmarks/gpu_proof.py is the entry): settings and CLI, child processes, one module per step, the child steps' workers (probes, recipe data, throughput, profile, HF forward) and the summary."""
