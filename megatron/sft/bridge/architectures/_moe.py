@@ -122,6 +122,15 @@ class SharedExpert:
     gate: Optional[str] = None
 
 
+def expert_names(block: str, gate: str = "gate_proj", up: str = "up_proj",
+                 down: str = "down_proj") -> dict[str, str]:
+    """The HF names of one routed expert's three projections (``{i}`` layer, ``{e}`` expert)
+    under the MoE block ``block``, as :func:`moe_rules` and :func:`fused_layout` take them:
+    Qwen's ``mlp.experts.{e}.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.{e}.w1``."""
+    return dict(gate=f"{block}experts.{{e}}.{gate}.weight", up=f"{block}experts.{{e}}.{up}.weight",
+                down=f"{block}experts.{{e}}.{down}.weight")
+
+
 def moe_rules(dense_rules: tuple[WeightRule, ...], *, router: str, gate: str, up: str,
               down: str, shared: Optional[SharedExpert] = None) -> tuple[WeightRule, ...]:
     """The dense family's rules with the MLP only on dense layers, plus the MoE layers' pre-MLP

@@ -5,6 +5,7 @@ block ``block_sparse_moe`` with experts ``w1`` (gate), ``w3`` (up), ``w2`` (down
 
 from megatron.sft.bridge.architectures._moe import (
     MoEConfigKeys,
+    expert_names,
     fused_layout,
     moe_rules,
     moe_settings,
@@ -13,8 +14,7 @@ from megatron.sft.bridge.architectures.base import ArchitectureSpec, register
 from megatron.sft.bridge.architectures.llama import DENSE_DECODER_RULES
 
 _H = "model.layers.{i}.block_sparse_moe."
-_EXPERT = dict(gate=_H + "experts.{e}.w1.weight", up=_H + "experts.{e}.w3.weight",
-               down=_H + "experts.{e}.w2.weight")
+_EXPERT = expert_names(_H, "w1", "w3", "w2")
 
 MIXTRAL = register(ArchitectureSpec(
     hf_architecture="MixtralForCausalLM",

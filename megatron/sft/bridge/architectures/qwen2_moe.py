@@ -5,6 +5,7 @@ with softmax top-k routed experts whose probabilities are *not* renormalised
 
 from megatron.sft.bridge.architectures._moe import (
     MoEConfigKeys,
+    expert_names,
     SharedExpert,
     fused_layout,
     moe_rules,
@@ -14,8 +15,7 @@ from megatron.sft.bridge.architectures.base import ArchitectureSpec, register
 from megatron.sft.bridge.architectures.llama import DENSE_DECODER_RULES
 
 _H = "model.layers.{i}.mlp."
-_EXPERT = dict(gate=_H + "experts.{e}.gate_proj.weight", up=_H + "experts.{e}.up_proj.weight",
-               down=_H + "experts.{e}.down_proj.weight")
+_EXPERT = expert_names(_H)
 
 QWEN2_MOE = register(ArchitectureSpec(
     hf_architecture="Qwen2MoeForCausalLM",

@@ -5,6 +5,7 @@ default is false); ``decoder_sparse_step`` / ``mlp_only_layers`` keep some layer
 
 from megatron.sft.bridge.architectures._moe import (
     MoEConfigKeys,
+    expert_names,
     fused_layout,
     moe_rules,
     moe_settings,
@@ -13,8 +14,7 @@ from megatron.sft.bridge.architectures.base import ArchitectureSpec, register
 from megatron.sft.bridge.architectures.qwen3 import QWEN3_RULES
 
 _H = "model.layers.{i}.mlp."
-_EXPERT = dict(gate=_H + "experts.{e}.gate_proj.weight", up=_H + "experts.{e}.up_proj.weight",
-               down=_H + "experts.{e}.down_proj.weight")
+_EXPERT = expert_names(_H)
 
 QWEN3_MOE = register(ArchitectureSpec(
     hf_architecture="Qwen3MoeForCausalLM",
