@@ -206,6 +206,21 @@ class TrainConfig:
     # --- evaluation and logging
     eval_interval: Optional[int] = _field(None, "validate every N iterations")
     eval_iters: int = _field(10, "validation batches per evaluation")
+    eval_generate: int = _field(
+        0, "at every evaluation, greedily continue N prompts (the first N validation samples "
+           "cut before their first assistant turn, or --eval-prompts) and print them; also in "
+           "the JSON log and TensorBoard (0 = off; needs --eval-interval)")
+    eval_prompts: Optional[str] = _field(
+        None, "with --eval-generate: a JSONL file of conversations (any format the "
+              "pre-tokenizer reads) to continue instead of validation samples; a record with an "
+              "answer is cut before its first assistant turn, a prompt-only one gets the chat "
+              "template's generation prompt")
+    eval_generate_tokens: int = _field(256, "with --eval-generate: new tokens per prompt at "
+                                            "most (a prompt stops earlier at the chat "
+                                            "template's end-of-turn token or EOS)")
+    tokenizer_model: Optional[str] = _field(
+        None, "HF tokenizer folder for --eval-generate (decoding, chat template, end-of-turn "
+              "token); default: the tokenizer the data's _stats.json records")
     log_interval: int = _field(1, "print a log line every N iterations (the JSON log gets all)")
     tensorboard_dir: Optional[str] = _field(None, "write TensorBoard event files here")
     wandb_project: Optional[str] = _field(None, "log to this Weights & Biases project")
@@ -320,6 +335,7 @@ class TrainConfig:
                 raise ValueError(f"--eval-iters 0 with --eval-interval {self.eval_interval}: each "
                                  "evaluation would average over no batch; give --eval-iters 1 or "
                                  "more, or drop --eval-interval to not evaluate")
+        self._check_eval_generate()
         for name, what in (("save_interval", "the run still saves at the end"),
                            ("exit_interval", "the run then trains to the end")):
             value = getattr(self, name)
@@ -327,6 +343,22 @@ class TrainConfig:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} {value}: give a positive number of iterations, or drop "
                                  f"{flag} ({what})")
+
+    def _check_eval_generate(self) -> None:
+        """``--eval-generate`` and its companions, naming the flag and the fix."""
+        if self.eval_generate < 0:
+            raise ValueError(f"--eval-generate {self.eval_generate} is negative; give the "
+                             "number of prompts to continue at each evaluation, or 0 (off)")
+        if self.eval_generate and self.eval_interval is None:
+            raise ValueError(f"--eval-generate {self.eval_generate} generates at every "
+                             "evaluation, and without --eval-interval there is none; add "
+                             "--eval-interval N")
+        if self.eval_generate_tokens < 1:
+            raise ValueError(f"--eval-generate-tokens {self.eval_generate_tokens}: give a "
+                             "positive number of new tokens, e.g. 256")
+        if self.eval_prompts is not None and not self.eval_generate:
+            raise ValueError(f"--eval-prompts {self.eval_prompts} needs --eval-generate N (how "
+                             "many of its prompts to continue); add it")
 
     def _check_hf_outputs(self) -> None:
         """``--save-hf*`` combinations, naming the flag and the fix."""

@@ -97,6 +97,10 @@ class MetricSinks:
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(f"train/{key}", value, step)
+            if record.get("generations"):  # --eval-generate: one text summary per step
+                from megatron.sft.training.eval_generation import text_summary
+
+                self.tb.add_text("eval/generations", text_summary(record["generations"]), step)
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)

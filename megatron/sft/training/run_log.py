@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from megatron.sft.model.moe.metrics import console_summary
+from megatron.sft.training.eval_generation import console_lines
 from megatron.sft.training.metrics import MetricSinks, peak_tflops, training_flops
 
 
@@ -70,6 +71,8 @@ class RunLog:
         iteration = record["iteration"]
         if iteration % self.cfg.log_interval == 0 or iteration == train_iters:
             self.log(console_line(record, train_iters))
+        for line in console_lines(record.get("generations") or [], iteration):
+            self.log(line)  # --eval-generate: at every evaluation, whatever --log-interval
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}")

@@ -31,7 +31,9 @@ from megatron.sft.training.arguments import TE_CP_PIPELINE, TrainConfig
 from megatron.sft.training.checkpointer import Checkpointer
 from megatron.sft.training.chunked_loss import defer_output_layer, use_chunked_loss
 from megatron.sft.training.data_parallel import DataParallelModel, wrap_for_data_parallel
+from megatron.sft.training.eval_generation import EvalGeneration, build_eval_generation
 from megatron.sft.training.forward import ForwardLoss
+from megatron.sft.training.generation import GreedyGenerator
 from megatron.sft.training.model_source import ModelSource
 from megatron.sft.training.optimizer import build_optimizer
 from megatron.sft.training.run_data import build_run_data
@@ -83,6 +85,7 @@ class Trainer:
     valid_ds: Optional[SFTDataset]
     data_identity: dict[str, Any]       # which data the data position points into
     moe_metrics: Optional[MoEMetrics]   # per-layer aux loss / load imbalance (MoE models)
+    eval_generation: Optional[EvalGeneration]  # --eval-generate: sample answers at evaluations
     # --- counters
     train_iters: int                    # computed once, from --train-iters or --train-epochs
     iteration: int
@@ -136,7 +139,12 @@ class Trainer:
         cfg.check_schedule(self.train_iters)  # warm-up < iterations, also for --train-epochs
         self.checkpointer.plan_resume(self)
         check_training_data(self)  # vocabulary, lengths, objective: before building the model
+        self.eval_generation = build_eval_generation(cfg, self.train_ds, self.valid_ds, self.log)
         self._build_model()
+        if self.eval_generation is not None:
+            self.eval_generation.attach(GreedyGenerator(self.model, self.shape, self.impl,
+                                                        self.dims, self.tconfig,
+                                                        self.info.device))
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.tconfig,
                                                          self.train_iters)
         self.run_log = RunLog(cfg, self.is_logger, self.info.device, self.log)
@@ -254,6 +262,8 @@ class Trainer:
                 if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
                     with self.data_parallel.parameters_in_sync():
                         record.update(self.evaluate() or {})
+                        if self.eval_generation is not None:
+                            record.update(self.eval_generation(self.iteration))
                 self.history.append(record)
                 self.run_log.record(record, self.train_iters)
                 export = self.checkpointer.due(self.iteration, self.train_iters)
