@@ -81,6 +81,10 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                    no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01)
         return dict(cfg, **overrides)
 
+    # --eval-generate at EP2: large random weights (varied tokens, decisive logits), loaded
+    # from the HF directory, exported at iteration 2 for transformers' generate
+    gen_hf = make_random_hf_model(TRAIN_ARCH, root / "gen-hf", seed=3,
+                                  overrides=dict(vocab_size=vocab, initializer_range=0.3))
     save = root / "run"
     resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
                   lr_warmup_iters=1, use_distributed_optimizer=True)
@@ -98,6 +102,10 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         "recompute_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
                              recompute_granularity="full"),
         "bf16_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, bf16=True),
+        "generate_ep2": run(str(gen_hf), expert_model_parallel_size=2, train_iters=2,
+                            lr=1e-4, eval_interval=2, eval_iters=1, eval_generate=2,
+                            eval_generate_tokens=32, save=str(root / "gen"),
+                            save_hf=str(root / "gen-export")),
         # sequence parallelism on a later pipeline stage: its padding mask is split there
         "tp2pp2": run(c["tp2pp2"], tensor_model_parallel_size=2,
                       pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),

@@ -12,7 +12,8 @@
 - full activation recompute at EP2 gives EP1's curve and per-layer aux loss (the routing losses
   are counted once, in the recomputation), bf16 stays within 3e-2 of fp32;
 - LoRA at EP2 adapts attention and the shared expert (not the routed experts), and its PEFT
-  export, loaded by peft onto the HF model, gives the merged export's logits.
+  export, loaded by peft onto the HF model, gives the merged export's logits;
+- ``--eval-generate`` at EP2 gives transformers' greedy tokens.
 
 The model is Qwen2-MoE-shaped: a sigmoid-gated shared expert, top-2 without renormalisation,
 dense layers between the MoE ones; Qwen3-MoE and Mixtral are in the logits parity cases. The
@@ -87,6 +88,18 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
     # LoRA at EP2: attention + shared expert adapters, PEFT export == merged export
     assert len(r["lora"]) == 2 and all(math.isfinite(h["loss"]) for h in r["lora"])
     _lora_checks(moe_launch["root"] / "lora", moe_launch["hf"], tmp_path)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_moe_eval_generations_equal_transformers_generate(moe_launch, sft_assets):
+    """--eval-generate at EP2 (DP4 for attention, experts split over 2 ranks): 32 greedy tokens
+    equal transformers' generate on the weights exported at that iteration."""
+    from sft_testing import check_generations_against_hf
+
+    history = moe_launch["train"]["generate_ep2"]
+    assert [h["iteration"] for h in history] == [1, 2]
+    check_generations_against_hf(history[-1]["generations"], moe_launch["root"] / "gen-export",
+                                 sft_assets, 32)
 
 
 def _lora_checks(lora_run, hf, tmp_path):

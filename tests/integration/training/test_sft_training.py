@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from sft_testing import run_batch
+from sft_testing import check_generations_against_hf, run_batch
 
 
 def _config(ckpt, data, **overrides):
@@ -112,10 +112,38 @@ def _scenarios(world, sft_assets, checkpoints, root):
         out["hf-lora"] = _train(_config(
             str(hf), data, lora_rank=4, train_iters=2, save=str(root / "hf-lora"),
             save_hf=str(root / "hf-lora-merged"), save_hf_adapter=str(root / "hf-lora-peft")))
+        _generation_scenarios(out, sft_assets, ck, root)
     if world == 4:
         out["curve-TP2PP2"] = _train(_config(ck[(2, 2)], data, tensor_model_parallel_size=2,
                                              pipeline_model_parallel_size=2, **CURVE))
     return out
+
+
+# --eval-generate: 32 greedy tokens of 2 validation prompts at iteration 2, from an HF model with
+# large random weights (initializer_range 0.3: varied tokens, decisive logits) loaded at TP2 and
+# PP2; and a PP2 x VPP2 run with and without it (the same evaluations otherwise)
+GENERATE = dict(train_iters=2, eval_interval=2, eval_iters=1, eval_generate=2,
+                eval_generate_tokens=32, lr=1e-4)
+GENERATE_CURVE = dict(train_iters=4, eval_interval=2, eval_iters=1, pipeline_model_parallel_size=2,
+                      num_layers_per_virtual_pipeline_stage=1)
+
+
+def _generation_scenarios(out, sft_assets, ck, root):
+    from transformers import AutoTokenizer
+
+    from megatron.sft.bridge.random_hf_model import make_random_hf_model
+
+    vocab = len(AutoTokenizer.from_pretrained(sft_assets["tokenizer"]))
+    hf = make_random_hf_model("Qwen2ForCausalLM", root / "gen-hf", seed=3,
+                              overrides=dict(vocab_size=vocab, initializer_range=0.3))
+    for tp, pp in ((2, 1), (1, 2)):
+        name = f"gen-tp{tp}pp{pp}"
+        out[name] = _train(_config(str(hf), sft_assets["data"], tensor_model_parallel_size=tp,
+                                   pipeline_model_parallel_size=pp, save=str(root / name),
+                                   save_hf=str(root / (name + "-hf")), **GENERATE))
+    for name, extra in (("off", {}), ("on", dict(eval_generate=2, eval_generate_tokens=8))):
+        out[f"gen-curve-{name}"] = {"kind": "train", "mode": "train_rng", "config": _config(
+            ck["vpp"], sft_assets["data"], **GENERATE_CURVE, **extra)}
 
 
 def _batch(world, sft_assets, checkpoints, tmp_path_factory):
@@ -292,3 +320,25 @@ def test_lora_from_hf_dir_names_a_converted_base_and_exports(world2):
     reference = export_megatron_to_hf(open_checkpoint(run), world2.root / "hf-lora-script",
                                       None, ExportOptions(progress=False))
     _same_tensors(_safetensors(world2.root / "hf-lora-merged"), _safetensors(reference))
+
+
+
+@pytest.mark.xdist_group("multiprocess")
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_eval_generations_equal_transformers_generate(tp, pp, world2, sft_assets):
+    history = world2[f"gen-tp{tp}pp{pp}"]
+    assert [h["iteration"] for h in history] == [1, 2] and "generations" not in history[0]
+    # the export holds the weights of iteration 2, which generated
+    check_generations_against_hf(history[-1]["generations"], world2.root / f"gen-tp{tp}pp{pp}-hf",
+                                 sft_assets, 32)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_eval_generate_does_not_change_training(world2):
+    off, on = world2["gen-curve-off"], world2["gen-curve-on"]
+    assert [len(h["generations"]) for h in on["history"] if "generations" in h] == [2, 2]
+    assert on["history"][1]["generations"][0]["new_tokens"] >= 1
+    assert off["rng"] == on["rng"]  # the same RNG states after training
+    keys = ("loss", "grad_norm", "valid_loss", "loss_tokens", "lr", "consumed_samples")
+    for a, b in zip(off["history"], on["history"], strict=True):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}  # bit for bit

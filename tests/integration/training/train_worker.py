@@ -9,6 +9,8 @@ written by the logging rank) and ``config`` (TrainConfig fields).
 - ``loss``: the same megatron-core loss alone (no transformers run).
 - ``train``: run the loop; write the per-iteration history.
 - ``train_ddp``: the same, plus whether data-parallel communication overlapped compute.
+- ``train_rng``: the same, plus a fingerprint of the RNG states after training (CPU and
+  megatron-core's tensor-parallel tracker).
 """
 
 import json
@@ -49,6 +51,19 @@ def hf_reference_loss(hf_dir, dataset, rows) -> tuple[float, int]:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                  attn_implementation="eager")
     return masked_hf_loss(model, dataset, rows)
+
+
+def rng_fingerprint() -> str:
+    """SHA-256 of the CPU RNG state and every megatron-core tensor-parallel RNG tracker state."""
+    import hashlib
+
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    for name, state in sorted(get_cuda_rng_tracker().get_states().items()):
+        digest.update(name.encode() + state.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -97,6 +112,9 @@ def run(spec: dict) -> None:
             Path(spec["out"]).write_text(json.dumps({
                 "history": history, "overlap_grad_reduce": ddp.overlap_grad_reduce,
                 "overlap_param_gather": ddp.overlap_param_gather}))
+        elif trainer.is_logger and spec["mode"] == "train_rng":
+            Path(spec["out"]).write_text(json.dumps({"history": history,
+                                                     "rng": rng_fingerprint()}))
         elif trainer.is_logger:
             Path(spec["out"]).write_text(json.dumps(history))
     if trainer.run_lock is not None:
