@@ -86,3 +86,23 @@ def test_validation_prompts_need_a_validation_split():
 
     with pytest.raises(ValueError, match="--eval-prompts FILE"):
         validation_prompts(None, 2)
+
+
+def test_generations_reach_tensorboard_as_text(tmp_path):
+    """The record's ``generations`` become one text summary per step, read back with
+    TensorBoard's own event reader; the scalars beside them stay scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron.sft.training.eval_generation import text_summary
+    from megatron.sft.training.metrics import MetricSinks
+
+    g = [{"source": "valid sample 0 (document 1)", "prompt": "<|im_start|>user\nHi",
+          "completion": "Hello<|im_end|>", "reference": None, "new_tokens": 2, "stopped": True}]
+    sinks = MetricSinks(str(tmp_path), None, {})
+    sinks.log({"iteration": 5, "loss": 1.5, "generations": g, "generate_s": 0.25})
+    sinks.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload()
+    [text] = events.Tensors("eval/generations/text_summary")
+    assert text.step == 5
+    assert text.tensor_proto.string_val[0].decode() == text_summary(g)
+    assert events.Scalars("train/generate_s")[0].value == 0.25
