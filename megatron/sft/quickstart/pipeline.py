@@ -290,9 +290,20 @@ class Demo:
 
     def train(self) -> str:
         c, p = self.cfg, self.paths
+        # One held-out prompt (never trained on), answered greedily at every evaluation, so
+        # the console shows the model learn the task; its answer is the reference
+        prompt, answer = self.heldout[0]
+        eval_prompts = p.data.parent / "eval_prompt.jsonl"
+        _write_jsonl(eval_prompts, [{"messages": [{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": answer}]}])
         log = self._train_run(p.ckpt, p.run, self.data_prefix, c.train_iters, c.lr, p.log,
-                              "train.log", [])
+                              "train.log", ["--eval-generate", "1", "--eval-prompts",
+                                            str(eval_prompts), "--eval-generate-tokens", "16"])
         self.results["loss_start"], self.results["loss_end"] = log[0]["loss"], log[-1]["loss"]
+        self.results["eval_generations"] = {
+            "prompt": prompt, "answer": answer,
+            "at": {r["iteration"]: r["generations"][0]["completion"] for r in log
+                   if r.get("generations")}}
         line = _first_line_with(p.logs / "train.log", "packing efficiency")
         eff = line.split("packing efficiency ")[-1].split(")")[0] if line else "?"
         self.results["packing_efficiency"] = eff
@@ -400,6 +411,8 @@ class Demo:
             f"{r['packing_efficiency']}",
             f"  held-out exact match: {r['accuracy_before']:.0%} before SFT -> "
             f"{r['accuracy_after']:.0%} after SFT",
+            f"  held-out {r['eval_generations']['prompt']!r} while training: " + "; ".join(
+                f"{it}: {text!r}" for it, text in r["eval_generations"]["at"].items()),
             f"  loss curve: {r['paths']['png']}",
             f"  exported model: {r['paths']['export']}",
         ]

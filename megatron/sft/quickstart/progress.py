@@ -77,6 +77,20 @@ class LogFollower:
         return out
 
 
+def generation_lines(record: dict) -> list[str]:
+    """What an evaluation's ``--eval-generate`` answers look like in the demo::
+
+        iteration 100: 'Repeat: tiger piano lemon' -> 'tiger piano<|im_end|>'
+    """
+    out = []
+    for g in record.get("generations") or []:
+        prompt = g["prompt"]
+        user = prompt.rsplit("user\n", 1)[-1].split("<|im_end|>")[0] if "user\n" in prompt \
+            else prompt[-60:]
+        out.append(f"iteration {record['iteration']}: {user!r} -> {g['completion']!r}")
+    return out
+
+
 class TrainingView:
     """Turns iteration records into a live line (``live=True``) or periodic lines."""
 
@@ -105,6 +119,13 @@ class TrainingView:
                 self.out.write("    " + line + "\n")
                 self.out.flush()
             self._last_line = line
+            answers = generation_lines(r)  # --eval-generate: what it answers now
+            if answers:
+                lead = "\n" if self.live else ""
+                self.out.write(lead + "".join(f"    {a}\n" for a in answers))
+                self.out.flush()
+                if self.live:
+                    self._last_line = ""
 
     def close(self) -> None:
         if self.live and self._last_line:

@@ -28,8 +28,14 @@ def test_reduced_quickstart_pipeline(tmp_path):
     r = demo.run()
     # The training stages talked while they ran: a line every log_interval (3) iterations.
     progress = demo.progress.getvalue().splitlines()
-    assert [line.split()[:2] for line in progress] == [["SFT", "3/6"], ["SFT", "6/6"],
-                                                       ["LoRA", "3/3"]], progress
+    answers = [line for line in progress if line.startswith("    iteration ")]
+    assert [line.split()[:2] for line in progress if line not in answers] == [
+        ["SFT", "3/6"], ["SFT", "6/6"], ["LoRA", "3/3"]], progress
+    # ... and at each evaluation (3, 6) said what it answers to the first held-out prompt
+    prompt = make_task(TaskConfig(train_conversations=300, heldout_prompts=4))[1][0][0]
+    assert [a.split(":")[0] for a in answers] == ["    iteration 3", "    iteration 6"]
+    assert all(a.split(": ", 1)[1].startswith(repr(prompt) + " -> ") for a in answers)
+    assert list(r["eval_generations"]["at"]) == [3, 6]
     paths = {k: tmp_path / "demo" / v.split("/demo/")[-1] for k, v in r["paths"].items()}
     # Every stage ran and left valid output.
     names = [s["name"] for s in r["stages"]]

@@ -8,6 +8,7 @@ from megatron.sft.quickstart.progress import (
     TrainingView,
     eta_seconds,
     format_duration,
+    generation_lines,
 )
 
 
@@ -56,3 +57,18 @@ def test_live_view_rewrites_one_line_and_ends_it():
     text = out.getvalue()
     assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
     assert text.rstrip().endswith("LoRA  3/3 [100%]  loss 0.333  ETA ?")
+
+
+def test_evaluations_answers_are_shown_under_the_progress():
+    g = {"prompt": "<|im_start|>user\nRepeat: a b<|im_end|>\n<|im_start|>assistant\n",
+         "completion": "a b<|im_end|>"}
+    record = {"iteration": 2, "loss": 0.5, "generations": [g]}
+    assert generation_lines(record) == ["iteration 2: 'Repeat: a b' -> 'a b<|im_end|>'"]
+    out = io.StringIO()
+    view = TrainingView("SFT", 3, out, live=True, clock=lambda: 0.0)
+    view.update(_records(1) + [record] + _records(3)[2:])
+    view.close()
+    lines = out.getvalue().split("\n")
+    # the live line is ended, the answer printed on its own line, then the live line goes on
+    assert lines[1] == "    iteration 2: 'Repeat: a b' -> 'a b<|im_end|>'"
+    assert lines[2].startswith("\r    SFT  3/3") and lines[-1] == ""
