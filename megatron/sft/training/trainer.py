@@ -4,8 +4,9 @@ own "when": the model source (converted checkpoint, HF directory, LoRA run:
 the data-parallel wrap (:mod:`~megatron.sft.training.data_parallel`), the optimizer
 (:mod:`~megatron.sft.training.optimizer`), the forward/loss pass over the real pipeline
 schedules (:mod:`~megatron.sft.training.forward`), the checkpointer (resume, saves, HF exports:
-:mod:`~megatron.sft.training.checkpointer`), the run log (:mod:`~megatron.sft.training.run_log`)
-and the MoE routing metrics. The loop below reads as the loop."""
+:mod:`~megatron.sft.training.checkpointer`), the run log (:mod:`~megatron.sft.training.run_log`),
+the sample generations at evaluations (:mod:`~megatron.sft.training.eval_generation`) and the
+MoE routing metrics. The loop below reads as the loop."""
 
 from __future__ import annotations
 
