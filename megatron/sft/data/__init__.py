@@ -24,6 +24,8 @@ Modules (pure ones import neither torch.distributed nor megatron-core):
 - ``sft_dataset``       the training-side torch ``Dataset`` (packed or padded rows)
 - ``validation``        checks at open: .bin size vs .idx, token ids vs the model's vocabulary,
                         samples longer than the model's positions                          [IO]
+- ``eval_prompts``      prompts for --eval-generate: samples / records cut before their first
+                        assistant turn, the template's end-of-turn tokens                      [pure]
 - ``inspect``           what is learned, shown: mask runs -> highlighted text ([[…]] or ANSI),
                         per-sample counts, length / learned-share histogram data               [pure]
 - ``inspect_io``        the preview's sources (a tokenized prefix; a raw file through the

@@ -11,6 +11,7 @@ def test_pure_modules_import_without_torch_or_megatron_core():
         "import megatron.sft.data.render, megatron.sft.data.packing, megatron.sft.data.readers\n"
         "import megatron.sft.data.tokenizer_edit, megatron.sft.data.loss_mask\n"
         "import megatron.sft.data.inspect, megatron.sft.data.render_flags\n"
+        "import megatron.sft.data.eval_prompts\n"
         # not pure, but torch-free on purpose: a preview of a prefix starts in about a second
         "import megatron.sft.data.indexed_reader, megatron.sft.data.inspect_io\n"
         "bad = [m for m in ('torch', 'torch.distributed', 'megatron.core') if m in sys.modules]\n"
