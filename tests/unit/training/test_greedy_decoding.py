@@ -14,17 +14,18 @@ def test_pad_rows_right_and_left():
         pad_rows([[1], []])
 
 
-def test_right_padding_keeps_each_rows_logits(tmp_path):
+def test_right_padding_keeps_each_rows_logits():
     """Why the generator right-pads: under causal attention the padding after a row changes
     nothing before it, so each row's last-token logits equal the row run alone (transformers,
     no attention mask)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from megatron.sft.bridge.random_hf_model import make_random_hf_model
+    from megatron.sft.bridge.architectures import get_architecture
 
-    model = AutoModelForCausalLM.from_pretrained(make_random_hf_model(
-        "Qwen2ForCausalLM", tmp_path / "hf", seed=1), dtype=torch.float32)
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(**get_architecture("Qwen2ForCausalLM").tiny_config,
+                                         attn_implementation="eager")).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     rows, last = pad_rows(prompts, multiple=4)
     with torch.no_grad():
