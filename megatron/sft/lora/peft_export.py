@@ -18,7 +18,7 @@ import torch
 from megatron.sft.bridge.checkpoint_io import CheckpointError, check_output_dir, write_staged
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.lora.run_format import LORA_FILE, LoRACheckpointInfo, read_lora_info
-from megatron.sft.lora.split import adapter_to_hf, hf_target_modules, layer_target_names
+from megatron.sft.lora.split import adapter_to_hf, layer_target_names, peft_targets
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
 
@@ -77,13 +77,17 @@ def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
                 t = t.to(dtype) if dtype is not None else t
                 tensors[names.peft_name(layer, module, part)] = t.contiguous().clone()
     alpha = info.settings.alpha
+    modules, parameters = peft_targets(run.spec, info.settings.targets, run.shape)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info.settings.rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": info.settings.dropout,
-        "target_modules": hf_target_modules(run.spec, info.settings.targets, run.shape),
+        # peft's ParamWrapper (parameter targets) refuses dropout; it acts only in training,
+        # so the adapter computes the same function without it
+        "lora_dropout": 0.0 if parameters else info.settings.dropout,
+        "target_modules": modules,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
         "init_lora_weights": True, "modules_to_save": None,
+        **({"target_parameters": parameters} if parameters else {}),
         "base_model_name_or_path": str(hf_ref_dir) if hf_ref_dir is not None else None,
     }
 

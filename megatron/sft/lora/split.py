@@ -110,6 +110,34 @@ def hf_target_modules(spec: ArchitectureSpec, targets: tuple[str, ...],
     return sorted({m.split(".")[-1] for n in names for m in n.modules})
 
 
+def peft_targets(spec: ArchitectureSpec, targets: tuple[str, ...], shape: ModelShape
+                 ) -> tuple[list[str], list[str]]:
+    """``(target_modules, target_parameters)`` of the PEFT config for these targets.
+
+    A dense model's adapters are all ``target_modules`` (``["down_proj", "q_proj", ...]``).
+    On a Mixture-of-Experts model the MLP linears (a dense layer's ``mlp.gate_proj``, the
+    shared expert's ``mlp.shared_expert.down_proj``) are named as ``target_parameters``
+    instead (``"mlp.gate_proj.weight"``): peft 0.21 on transformers 5 rewrites Qwen3-MoE's
+    ``gate_proj``/``up_proj``/``down_proj`` (Mixtral's ``w1``/``w3``/``w2``) target *modules*
+    into the fused expert parameters, so as modules they would silently stay at the base
+    weights (Qwen2-MoE is not rewritten today; parameters work for every family). A parameter target on a ``Linear`` is peft's ``ParamWrapper``
+    with the same ``lora_A [r, in]`` / ``lora_B [out, r]`` under the same key names.
+    """
+    if shape.moe is None:
+        return hf_target_modules(spec, targets, shape), []
+    modules, parameters = set(), set()
+    for t in targets:
+        for layer in range(shape.num_layers):
+            n = layer_target_names(spec, shape, layer, t)
+            if n is None:
+                continue
+            if PARENT[t] == "mlp":
+                parameters.update(f"{m}.weight" for m in n.modules)
+            else:
+                modules.update(m.split(".")[-1] for m in n.modules)
+    return sorted(modules), sorted(parameters)
+
+
 def _ctx(shape: ModelShape, tp: int) -> ShardContext:
     return ShardContext(shape, tp, padded_vocab_size=0)  # adapters never touch the vocabulary
 
