@@ -34,6 +34,7 @@ from megatron.sft.bridge.hf_source import (
 )
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.model.builder import build_model_from_checkpoint, build_model_from_hf
+from megatron.sft.model.moe.freeze import freeze_moe
 from megatron.sft.training import hf_output, lora_model
 
 
@@ -124,6 +125,12 @@ class ModelSource:
             chunks, self.meta = build_model_from_hf(cfg.load, log=lambda m: None, **build)
         else:  # check_adapters refused a LoRA run without --lora-rank
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
+        if settings is None and (cfg.moe_router_freeze or cfg.moe_experts_freeze):
+            frozen = freeze_moe(chunks, cfg.moe_router_freeze, cfg.moe_experts_freeze)
+            log(f"MoE: {frozen:,} parameters frozen on this rank ("
+                + " and ".join(n for n, on in (("routers", cfg.moe_router_freeze),
+                                               ("routed experts", cfg.moe_experts_freeze)) if on)
+                + ")")
         return chunks
 
     # ------------------------------------------------------------------ saves

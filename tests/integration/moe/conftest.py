@@ -95,6 +95,10 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                        rewind_to=2, **resume),
         "lora": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, lora_rank=4,
                     lora_alpha=8, save=str(root / "lora")),
+        # routers and routed experts frozen: saved and exported bit for bit as loaded
+        "frozen_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
+                          moe_router_freeze=True, moe_experts_freeze=True,
+                          save=str(root / "frozen"), save_interval=2),
         "recompute_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
                              recompute_granularity="full"),
         "bf16_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, bf16=True),

@@ -89,6 +89,42 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
     _lora_checks(moe_launch["root"] / "lora", moe_launch["hf"], tmp_path)
 
 
+@pytest.mark.xdist_group("multiprocess")
+def test_frozen_router_and_experts_keep_their_exact_values(moe_launch, tmp_path):
+    """--moe-router-freeze --moe-experts-freeze at EP2: after 2 iterations the saved routers
+    and routed experts are the converted ones bit for bit, and so are they in the HF export;
+    attention, the shared expert and the dense MLPs trained."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+
+    r = moe_launch["train"]["frozen_ep2"]
+    assert len(r) == 2 and all(math.isfinite(h["loss"]) for h in r)
+    root = moe_launch["root"]
+    for ep in ("000", "001"):
+        base = torch.load(root / f"ep2/iter_0000001/mp_rank_00_{ep}/model_optim_rng.pt",
+                          weights_only=True)["model"]
+        saved = torch.load(root / f"frozen/iter_0000002/mp_rank_00_{ep}/model_optim_rng.pt",
+                           weights_only=True)["model"]
+        frozen = [n for n in base if ".mlp.router." in n or ".mlp.experts." in n]
+        trained = [n for n in base if n not in frozen and n.endswith("weight")
+                   and "norm" not in n]
+        assert len(frozen) == 2 * (1 + 2 * 2)  # 2 MoE layers: router + 2 local experts x 2
+        assert all(torch.equal(saved[n], base[n]) for n in frozen)
+        changed = [n for n in trained if not torch.equal(saved[n], base[n])]
+        assert sorted(changed) == sorted(trained)
+        assert any(".shared_experts." in n for n in changed)
+    export_megatron_to_hf(root / "frozen", tmp_path / "hf", moe_launch["hf"],
+                          ExportOptions(progress=False))
+    src, out = (load_file(next(iter(sorted(d.glob("*.safetensors")))))
+                for d in (Path(moe_launch["hf"]), tmp_path / "hf"))
+    routing = [n for n in src if ".mlp.gate.weight" in n or ".mlp.experts." in n]
+    assert len(routing) == 2 * (1 + 4 * 3) and all(torch.equal(out[n], src[n]) for n in routing)
+    assert not torch.equal(out["model.layers.0.self_attn.q_proj.weight"],
+                           src["model.layers.0.self_attn.q_proj.weight"])
+
+
 def _lora_checks(lora_run, hf, tmp_path):
     """What a LoRA run of a MoE model holds, and that its PEFT export is its merged model."""
     import torch
