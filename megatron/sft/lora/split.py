@@ -50,21 +50,31 @@ class TargetNames:
     #: the HF modules the target fuses, relative to the layer, in the rule's order
     modules: tuple[str, ...]
 
-    def adapter_prefix(self, local_layer: int) -> str:
+    def adapter_prefix(self, local_layer: int, local_expert: Optional[int] = None) -> str:
         """State-dict prefix of the adapter in a chunk:
-        ``decoder.layers.0.mlp.linear_fc1.lora.``"""
-        return self.rule.megatron.format(i=local_layer)[: -len("weight")] + "lora."
+        ``decoder.layers.0.mlp.linear_fc1.lora.``; a routed expert's
+        ``decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.lora.``"""
+        return self.rule.megatron.format(i=local_layer, e=local_expert)[: -len("weight")] \
+            + "lora."
+
+    def for_expert(self, expert: int) -> "TargetNames":
+        """A routed expert's names with its global index filled in: modules
+        ``mlp.experts.{e}.gate_proj`` -> ``mlp.experts.5.gate_proj``."""
+        return dataclasses.replace(self, modules=tuple(m.replace("{e}", str(expert))
+                                                       for m in self.modules))
 
     def peft_name(self, layer: int, module: str, part: str) -> str:
         """``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``"""
         return f"base_model.model.{self.layer_prefix.format(i=layer)}{module}.lora_{part}.weight"
 
 
-def target_names(spec: ArchitectureSpec, target: str, shared_expert: bool = False
-                 ) -> TargetNames:
+def target_names(spec: ArchitectureSpec, target: str, shared_expert: bool = False,
+                 routed_expert: bool = False) -> TargetNames:
     """The names of ``target`` (a key of ``LORA_TARGETS``) in architecture ``spec``; with
-    ``shared_expert``, of the MoE shared expert's linear of that name."""
-    parent = "mlp.shared_experts" if shared_expert else PARENT[target]
+    ``shared_expert``, of the MoE shared expert's linear of that name; with ``routed_expert``,
+    of a routed expert's (``{e}`` in the names: :meth:`TargetNames.for_expert`)."""
+    parent = "mlp.shared_experts" if shared_expert else \
+        "mlp.experts.local_experts.{e}" if routed_expert else PARENT[target]
     megatron = f"{_LAYER}{parent}.{target}.weight"
     rules = [r for r in spec.rules if r.megatron == megatron]
     if len(rules) != 1:

@@ -110,13 +110,13 @@ class ModelSource:
 
     def check_adapters(self) -> None:
         """A LoRA run is loaded as one, with its adapters' shape."""
-        lora_model.check_load(self.cfg)
+        lora_model.check_load(self.cfg, self.shape)
 
     def build(self, build: dict[str, Any], log: Callable[[str], None]) -> list:
         """The model chunks of this rank (one per virtual stage), not yet wrapped for data
         parallelism; LoRA: frozen base + adapters, before DDP and the optimizer."""
         cfg = self.cfg
-        settings = lora_model.settings_from_config(cfg)
+        settings = lora_model.settings_from_config(cfg, self.shape)
         if settings is not None:
             chunks, self.meta, self.lora, self.lora_resumed = lora_model.build_lora_model(
                 cfg.load, settings, seed=cfg.seed, hf_base=self.hf_load, save=cfg.save, **build)
