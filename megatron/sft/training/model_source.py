@@ -108,6 +108,12 @@ class ModelSource:
                 f"rank reads its shard; vocab padded {self.shape.vocab_size} -> "
                 f"{self.meta.padded_vocab_size})")
 
+    @property
+    def expert_adapters(self) -> bool:
+        """LoRA puts adapters on the routed experts (the experts implementation must allow)."""
+        settings = lora_model.settings_from_config(self.cfg, self.shape)
+        return settings is not None and bool(settings.expert_targets)
+
     def check_adapters(self) -> None:
         """A LoRA run is loaded as one, with its adapters' shape."""
         lora_model.check_load(self.cfg, self.shape)

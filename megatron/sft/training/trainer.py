@@ -123,7 +123,8 @@ class Trainer:
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
                                        torch.bfloat16 if cfg.bf16 else torch.float32,
-                                       cp=self.dims.cp_size)
+                                       cp=self.dims.cp_size,
+                                       expert_adapters=self.source.expert_adapters)
         if self.impl.attention == "te" and self.dims.cp_size > 1 and self.dims.layout.pp > 1:
             raise ValueError(TE_CP_PIPELINE)
         self.log(f"layers: {self.impl.describe()}"

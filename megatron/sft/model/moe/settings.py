@@ -65,10 +65,6 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
     if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
         raise ValueError(f"--moe-expert-capacity-factor {cfg.moe_expert_capacity_factor}: must "
                          "be positive (leave it unset for dropless routing)")
-    if cfg.lora_rank and cfg.tensor_model_parallel_size > 1:
-        raise ValueError("--lora-rank with --tensor-model-parallel-size > 1 on a "
-                         "Mixture-of-Experts model: LoRA on MoE is proven at TP 1 only; use "
-                         "TP 1 (with EP)")
     if cfg.context_parallel_size > 1:
         # The routing padding mask and the per-layer routing statistics are computed on whole
         # rows; with CP each rank holds two chunks of a row, which nothing here slices for yet.
