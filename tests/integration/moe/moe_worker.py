@@ -141,8 +141,11 @@ def run_training(runs, hf) -> dict:
     from megatron.sft.training.arguments import TrainConfig
     from megatron.sft.training.trainer import Trainer
 
-    results = {}
+    import time
+
+    results = {"seconds": {}}  # wall time of each run, for the record
     for name, fields in runs.items():
+        start = time.perf_counter()
         use_layout(None)
         fields = dict(fields)
         rewind = fields.pop("rewind_to", None)
@@ -165,6 +168,7 @@ def run_training(runs, hf) -> dict:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, history if trainer.is_logger else None)
         results[name] = next(h for h in gathered if h is not None)
+        results["seconds"][name] = round(time.perf_counter() - start, 2)
         if hf and name.startswith("aux") and "hand_aux" not in results and dist.get_rank() == 0:
             shape = trainer.shape
             loss, tokens, aux = references(hf, trainer.train_ds, fields, trainer.dp_size,
