@@ -99,7 +99,8 @@ def layer_target_names(spec: ArchitectureSpec, shape: ModelShape, layer: int, ta
                        ) -> Optional[TargetNames]:
     """What ``target`` adapts on global layer ``layer``. On a Mixture-of-Experts layer the MLP
     targets (``linear_fc1``/``linear_fc2``) are its shared expert's linears, and nothing
-    without a shared expert: routed experts get no adapters (``None``)."""
+    without a shared expert (``None``); the routed experts' are
+    ``target_names(..., routed_expert=True)``, one per expert."""
     if PARENT[target] == "mlp" and shape.flag("moe_layer", layer):
         if not shape.flag("shared_expert_layer", layer):
             return None

@@ -92,8 +92,8 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
 def test_lora_on_routed_experts_is_the_same_run_at_every_layout(moe_launch, tmp_path):
     """Per-expert adapters (A seeded by the global expert index): the 3-iteration curve at EP2,
     EP4, TP2 x EP2 (sequence parallel) and PP2 x EP2 is EP1's within 1e-5 relative, grad norm
-    too; without the expert adapters (--moe-experts-freeze) the curve differs; the EP2 run's
-    iteration-2 save resharded to EP4 continues with iteration 3's loss."""
+    too (every routed expert's adapter trains: ``_lora_checks``); the EP2 run's iteration-2
+    save resharded to EP4 continues with iteration 3's loss."""
     r = moe_launch["train"]
     ref = r["lora_ep1"]
     assert [h["iteration"] for h in ref] == [1, 2, 3] and ref[-1]["loss"] < ref[0]["loss"]
@@ -101,20 +101,14 @@ def test_lora_on_routed_experts_is_the_same_run_at_every_layout(moe_launch, tmp_
         for a, b in zip(ref, r[name], strict=True):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (name, a, b)
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * a["grad_norm"], (name, a, b)
-    frozen = r["lora_ep2_frozen_experts"]
-    effect = abs(frozen[-1]["loss"] - ref[-1]["loss"]) / ref[-1]["loss"]
     resharded = r["lora_resharded_ep4"]
     print(json.dumps({
         "lora_max_rel_vs_ep1": {n: max(abs(a["loss"] - b["loss"]) / a["loss"]
                                        for a, b in zip(ref, r[n]))
                                 for n in ("lora_ep2", "lora_ep4", "lora_tp2ep2", "lora_pp2ep2")},
-        "expert_adapters_effect_rel": effect,
-        "curves": {n: [h["loss"] for h in r[n]] for n in ("lora_ep1", "lora_ep2_frozen_experts")},
+        "lora_ep1_curve": [h["loss"] for h in ref],
         "resharded_ep4_iter3_rel": abs(resharded[0]["loss"] - r["lora_ep2"][2]["loss"])
         / resharded[0]["loss"], "run_seconds": r.get("seconds")}, indent=1))
-    assert frozen[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)  # B = 0 at the start
-    # the expert adapters move the curve 5x past the tolerance (1000x the agreement seen)
-    assert effect > 5e-5, effect
     assert [h["iteration"] for h in resharded] == [3]
     assert abs(resharded[0]["loss"] - r["lora_ep2"][2]["loss"]) <= 1e-5 * resharded[0]["loss"]
     _lora_checks(moe_launch["root"] / "lora", moe_launch["hf"], tmp_path)
@@ -122,7 +116,7 @@ def test_lora_on_routed_experts_is_the_same_run_at_every_layout(moe_launch, tmp_
 
 @pytest.mark.xdist_group("multiprocess")
 def test_frozen_router_and_experts_keep_their_exact_values(moe_launch, tmp_path):
-    """--moe-router-freeze --moe-experts-freeze at EP2: after 2 iterations the saved routers
+    """--moe-router-freeze --moe-experts-freeze at EP2: after an iteration the saved routers
     and routed experts are the converted ones bit for bit, and so are they in the HF export;
     attention, the shared expert and the dense MLPs trained."""
     import torch
@@ -131,12 +125,12 @@ def test_frozen_router_and_experts_keep_their_exact_values(moe_launch, tmp_path)
     from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
 
     r = moe_launch["train"]["frozen_ep2"]
-    assert len(r) == 2 and all(math.isfinite(h["loss"]) for h in r)
+    assert len(r) == 1 and math.isfinite(r[0]["loss"])
     root = moe_launch["root"]
     for ep in ("000", "001"):
         base = torch.load(root / f"ep2/iter_0000001/mp_rank_00_{ep}/model_optim_rng.pt",
                           weights_only=True)["model"]
-        saved = torch.load(root / f"frozen/iter_0000002/mp_rank_00_{ep}/model_optim_rng.pt",
+        saved = torch.load(root / f"frozen/iter_0000001/mp_rank_00_{ep}/model_optim_rng.pt",
                            weights_only=True)["model"]
         frozen = [n for n in base if ".mlp.router." in n or ".mlp.experts." in n]
         trained = [n for n in base if n not in frozen and n.endswith("weight")
