@@ -95,13 +95,17 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         "resumed": run(str(save), save=str(root / "run2"), moe_experts_impl="sequential",
                        rewind_to=2, **resume),
         # LoRA with per-expert adapters: one curve at EP1, EP2, EP4, TP2 x EP2 (SP) and
-        # PP2 x EP2; the EP2 run is saved for the checkpoint/export/reshard checks
+        # PP2 x EP2 (EP4 and TP2 x EP2 with the distributed optimizer); the EP2 run is saved
+        # for the checkpoint/export/reshard checks
         **{f"lora_{name}": run(c[ckpt], train_iters=3, lr=1e-2, lora_rank=4, lora_alpha=32,
                                **extra)
            for name, (ckpt, extra) in {
-               "ep1": ("ep1", {}), "ep4": ("ep4", dict(expert_model_parallel_size=4)),
+               "ep1": ("ep1", {}),
+               "ep4": ("ep4", dict(expert_model_parallel_size=4,
+                                   use_distributed_optimizer=True)),
                "tp2ep2": ("tp2ep2", dict(expert_model_parallel_size=2,
-                                         tensor_model_parallel_size=2, sequence_parallel=True)),
+                                         tensor_model_parallel_size=2, sequence_parallel=True,
+                                         use_distributed_optimizer=True)),
                "pp2ep2": ("pp2ep2", dict(expert_model_parallel_size=2,
                                          pipeline_model_parallel_size=2)),
                "ep2": ("ep2", dict(expert_model_parallel_size=2, save=str(root / "lora"),

@@ -91,7 +91,8 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
 @pytest.mark.xdist_group("multiprocess")
 def test_lora_on_routed_experts_is_the_same_run_at_every_layout(moe_launch, tmp_path):
     """Per-expert adapters (A seeded by the global expert index): the 3-iteration curve at EP2,
-    EP4, TP2 x EP2 (sequence parallel) and PP2 x EP2 is EP1's within 1e-5 relative, grad norm
+    EP4, TP2 x EP2 (sequence parallel; these two with the distributed optimizer) and PP2 x EP2
+    is EP1's within 1e-5 relative, grad norm
     too (every routed expert's adapter trains: ``_lora_checks``); the EP2 run's iteration-2
     save resharded to EP4 continues with iteration 3's loss."""
     r = moe_launch["train"]
