@@ -31,6 +31,8 @@ sft_cluster_defaults
 : "${MOE_AUX_LOSS_COEFF:=}"       # default: the HF config's router_aux_loss_coef (0.001)
 : "${MOE_Z_LOSS_COEFF:=}"         # default: off
 : "${MOE_CAPACITY_FACTOR:=}"      # default: dropless
+: "${MOE_ROUTER_FREEZE:=0}"       # 1: do not train the routers (routing stays the base model's)
+: "${MOE_EXPERTS_FREEZE:=0}"      # 1: do not train the routed experts
 
 # --- data and batch: packed sequences, global batch in sequences
 : "${SEQ_LEN:=8192}"
@@ -78,6 +80,8 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 [[ -n "$MOE_AUX_LOSS_COEFF" ]] && args+=(--moe-aux-loss-coeff "$MOE_AUX_LOSS_COEFF")
 [[ -n "$MOE_Z_LOSS_COEFF" ]] && args+=(--moe-z-loss-coeff "$MOE_Z_LOSS_COEFF")
 [[ -n "$MOE_CAPACITY_FACTOR" ]] && args+=(--moe-expert-capacity-factor "$MOE_CAPACITY_FACTOR")
+[[ "$MOE_ROUTER_FREEZE" == 1 ]] && args+=(--moe-router-freeze)
+[[ "$MOE_EXPERTS_FREEZE" == 1 ]] && args+=(--moe-experts-freeze)
 [[ "$RECOMPUTE" != "none" ]] && args+=(--recompute-granularity "$RECOMPUTE")
 (( TP > 1 )) && args+=(--sequence-parallel)
 

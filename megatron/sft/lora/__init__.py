@@ -11,6 +11,7 @@ Modules:
 - ``run_format``   ``lora.json``: which base a run adapts; the one base check
 - ``merge``        a run read as its merged model (``open_checkpoint`` for any checkpoint)
 - ``peft_export``  a run's adapters as an HF PEFT adapter directory
+- ``peft_experts`` routed experts' adapters in peft's fused form [pure]
 - ``reshard``      any checkpoint at another layout; a LoRA run stays adapters-only
 
 ``bridge`` never imports this package: a LoRA run is read through ``merge.LoRARunReader``, a

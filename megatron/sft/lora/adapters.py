@@ -37,6 +37,21 @@ norm parameters (:func:`megatron.sft.lora.bases.fused_input_norm`), so both spec
 costs one extra norm per fused linear; asking TE for its norm output instead
 (``return_layernorm_output``) would change the ``(out, bias)`` contract megatron-core unpacks.
 
+**Routed experts** (``settings.routed_experts``): each local expert of a Mixture-of-Experts
+layer has its own adapters on its ``linear_fc1``/``linear_fc2``
+(``decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.lora.A``, local indices as the
+expert weights in each expert-parallel rank's file). An expert linear leaves its communication
+to the token dispatcher (megatron-core's ``explicit_expert_comm``): its input is already on
+every expert-TP rank and its row-parallel output is a partial sum the dispatcher reduces. The
+adapter does the same: no communication in its forward, and since its replicated factor (A of
+fc1, B of fc2) then gets only this rank's part of the gradient, that factor goes through
+``copy_to_tensor_model_parallel_region`` over the expert-TP group (identity forward, gradient
+all-reduced). Its parameters carry the base's ``allreduce = False``, so megatron-core's DDP
+reduces them over the expert-data-parallel group, like the expert weights. Each expert's
+initial A is drawn from (seed, layer, target, *global* expert index), so any EP size trains
+the same model. ``GroupedMMExperts`` reads its linears' weights without calling them; it adds
+the experts' updates itself with two more grouped GEMMs (:func:`expert_update`).
+
 The adapter is a child module named ``lora`` of the base linear under either spec, so the base's
 parameter names (and checkpoints) are unchanged and adapter tensors read
 ``decoder.layers.0.self_attention.linear_qkv.lora.A`` whichever spec saved or loads them. A
@@ -45,6 +60,7 @@ forward hook adds the update to the base's ``(output, bias)`` tuple.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from pathlib import Path
@@ -82,12 +98,17 @@ class LoRAAdapter(torch.nn.Module):
 
     def __init__(self, parallel: Literal["column", "row"], in_features: int, out_features: int,
                  settings: LoRASettings, dtype: torch.dtype, device: Optional[torch.device],
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, expert_group: Any = None,
+                 allreduce: bool = True):
+        """``expert_group``: the expert-TP process group when the base is a routed expert's
+        linear (module docstring); ``allreduce``: the base weight's (False for expert-parallel
+        experts, so DDP reduces over the expert-data-parallel group)."""
         super().__init__()
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         self.parallel = parallel
-        self.sequence_parallel = sequence_parallel
+        self.expert_group = expert_group
+        self.sequence_parallel = sequence_parallel and expert_group is None
         self.scale = settings.scale
         self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout else None
         r = settings.rank
@@ -97,9 +118,19 @@ class LoRAAdapter(torch.nn.Module):
         # the replicated one once.
         split, dim = (self.B, 0) if parallel == "column" else (self.A, 1)
         set_tensor_model_parallel_attributes(split, is_parallel=True, dim=dim, stride=1)
-        if sequence_parallel:  # the replicated factor sees s / TP tokens: sum it over TP
+        if self.sequence_parallel:  # the replicated factor sees s / TP tokens: sum it over TP
             replicated = self.A if parallel == "column" else self.B
             setattr(replicated, "sequence_parallel", True)
+        if not allreduce:
+            for p in (self.A, self.B):
+                setattr(p, "allreduce", False)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` as the forward uses them: on a routed expert the replicated one's
+        gradient is summed over the expert-TP group (module docstring)."""
+        if self.expert_group is None:
+            return self.A, self.B
+        return _sum_replicated_grad(self.parallel, self.A, self.B, self.expert_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import (
@@ -119,14 +150,57 @@ class LoRAAdapter(torch.nn.Module):
                     x = self.dropout(x)
             else:
                 x = self.dropout(x)
-        h = torch.nn.functional.linear(x, self.A)
-        if self.parallel == "column":
+        a, b = self.factors()
+        h = torch.nn.functional.linear(x, a)
+        if self.expert_group is not None:
+            pass  # the dispatcher moves an expert's tokens and sums its partial outputs
+        elif self.parallel == "column":
             h = (gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
                  if self.sequence_parallel else copy_to_tensor_model_parallel_region(h))
         else:
             h = (reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel
                  else reduce_from_tensor_model_parallel_region(h))
-        return torch.nn.functional.linear(h, self.B) * self.scale
+        return torch.nn.functional.linear(h, b) * self.scale
+
+
+def _sum_replicated_grad(parallel: str, a: torch.Tensor, b: torch.Tensor, group
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with the replicated one (A of a column adapter, B of a row one) passed
+    through megatron's ``copy_to_tensor_model_parallel_region`` over ``group``."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    if parallel == "column":
+        return copy_to_tensor_model_parallel_region(a, group=group), b
+    return a, copy_to_tensor_model_parallel_region(b, group=group)
+
+
+def expert_update(adapters: list["LoRAAdapter"], x: torch.Tensor, offs: torch.Tensor,
+                  grouped_linear) -> torch.Tensor:
+    """The local experts' LoRA updates for rows of ``x`` sorted by expert (``offs``: cumulative
+    rows per expert), as ``GroupedMMExperts`` computes its base: two grouped GEMMs,
+    ``[T, in] x [E, r, in] -> [T, r]`` and ``[T, r] x [E, out, r] -> [T, out]``. The adapters
+    are stacked (small: ``E * r * (in + out)``) and the replicated factor's gradient summed
+    once for all experts. On CUDA the rank is zero-padded to a multiple of 8 (grouped GEMMs
+    want 16-byte aligned rows; zero columns add nothing)."""
+    first = adapters[0]
+    a = torch.stack([ad.A for ad in adapters])
+    b = torch.stack([ad.B for ad in adapters])
+    if first.expert_group is not None:
+        a, b = _sum_replicated_grad(first.parallel, a, b, first.expert_group)
+    pad = (-a.shape[1]) % 8 if x.is_cuda else 0
+    if pad:
+        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
+        b = torch.nn.functional.pad(b, (0, pad))
+    if first.dropout is not None:
+        if first.parallel == "row":
+            from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                x = first.dropout(x)
+        else:
+            x = first.dropout(x)
+    h = grouped_linear(x, a.to(x.dtype), offs)
+    return grouped_linear(h, b.to(x.dtype), offs) * first.scale
 
 
 def _add_update(module, args, kwargs, output, *, kind: BaseLinear):
@@ -141,8 +215,8 @@ def _add_update(module, args, kwargs, output, *, kind: BaseLinear):
 
 def target_module(layer, target: str) -> Optional[torch.nn.Module]:
     """The base linear ``target`` names in ``layer``; on a Mixture-of-Experts layer the MLP
-    targets are its shared expert's linears (``None`` without one: routed experts get no
-    adapters), as ``lora.split.layer_target_names`` names them."""
+    targets are its shared expert's linears here (``None`` without one; the routed experts'
+    are :func:`iter_sites`'), as ``lora.split.layer_target_names`` names them."""
     parent = getattr(layer, PARENT[target])
     if PARENT[target] == "mlp" and hasattr(parent, "router"):
         parent = getattr(parent, "shared_experts", None)
@@ -151,25 +225,63 @@ def target_module(layer, target: str) -> Optional[torch.nn.Module]:
     return getattr(parent, target)
 
 
-def iter_targets(chunks: list, targets: tuple[str, ...] = tuple(LORA_TARGETS)
-                 ) -> Iterator[tuple[int, str, Any]]:
-    """``(global layer number (1-based), target name, base linear)`` over the model chunks."""
+@dataclasses.dataclass(frozen=True)
+class AdapterSite:
+    """One base linear that carries an adapter."""
+
+    layer_number: int                   # global, 1-based (megatron-core's)
+    target: str
+    base: Any
+    #: the global index of the routed expert it belongs to (``None``: not a routed expert)
+    expert: Optional[int] = None
+
+
+#: expert modules whose per-expert linears are ``local_experts.{e}.linear_fc1/2``
+_PER_EXPERT_MODULES = ("SequentialMLP", "GroupedMMExperts")
+
+
+def iter_sites(chunks: list, settings: LoRASettings) -> Iterator[AdapterSite]:
+    """Every adapter site of the model chunks: the targets of each layer, then (MoE layers,
+    ``settings.expert_targets``) each local routed expert's, with its global index from
+    megatron-core's ``local_expert_indices``."""
     for chunk in chunks:
         for layer in unwrap_model(chunk).decoder.layers:
-            for name in targets:
+            for name in settings.targets:
                 base = target_module(layer, name)
                 if base is not None:
-                    yield layer.layer_number, name, base
+                    yield AdapterSite(layer.layer_number, name, base)
+            mlp = getattr(layer, "mlp", None)
+            if not settings.expert_targets or not hasattr(mlp, "router"):
+                continue
+            kind = type(mlp.experts).__name__
+            if kind not in _PER_EXPERT_MODULES:
+                raise LoRABaseError(
+                    f"LoRA on the routed experts ({kind}): it computes all experts in one "
+                    "Transformer Engine op on its own weights, so per-expert adapters cannot be "
+                    "added; use --moe-experts-impl grouped_mm (or sequential), or "
+                    "--moe-experts-freeze to adapt everything but the routed experts")
+            for index, expert in zip(mlp.local_expert_indices, mlp.experts.local_experts):
+                for name in settings.expert_targets:
+                    yield AdapterSite(layer.layer_number, name, getattr(expert, name), index)
 
 
-def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings) -> "LoRAAdapter":
+def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings,
+                expert: bool = False) -> "LoRAAdapter":
     """Give one base linear a zero-initialised ``lora`` child and the hook that adds its update;
-    :class:`megatron.sft.lora.bases.LoRABaseError` if ``base`` cannot carry one (the message says why)."""
+    :class:`megatron.sft.lora.bases.LoRABaseError` if ``base`` cannot carry one (the message
+    says why). ``expert``: ``base`` is a routed expert's linear (module docstring)."""
     parallel = LORA_TARGETS[target]
-    kind = recognise_base(base, target, parallel)
+    kind = recognise_base(base, target, parallel, expert=expert)
+    group = None
+    if expert:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_expert_tensor_parallel_group()
     base.lora = LoRAAdapter(parallel, *adapter_shape(base), settings, dtype=base.weight.dtype,
                             device=base.weight.device,
-                            sequence_parallel=bool(getattr(base, "sequence_parallel", False)))
+                            sequence_parallel=bool(getattr(base, "sequence_parallel", False)),
+                            expert_group=group,
+                            allreduce=bool(getattr(base.weight, "allreduce", True)))
     base.register_forward_hook(functools.partial(_add_update, kind=kind), with_kwargs=True)
     return base.lora
 
@@ -179,7 +291,7 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
     linears (call before DDP and the optimizer are built, so neither sees the base weights).
     Returns the number of adapter parameters on this rank. A model LoRA cannot wrap is refused
     (:class:`megatron.sft.lora.bases.LoRABaseError`) before anything is changed."""
-    targets = list(iter_targets(chunks, settings.targets))
+    sites = list(iter_sites(chunks, settings))
     for chunk in chunks:
         for layer in unwrap_model(chunk).decoder.layers:
             for parent_name in sorted({PARENT[t] for t in settings.targets}):
@@ -187,14 +299,16 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
                 if parent in BYPASSING_PARENTS:
                     raise LoRABaseError(f"LoRA on {parent_name} ({parent}): "
                                         f"{BYPASSING_PARENTS[parent]}")
-    for _, name, base in targets:
-        recognise_base(base, name, LORA_TARGETS[name])
+    for site in sites:
+        recognise_base(site.base, site.target, LORA_TARGETS[site.target],
+                       expert=site.expert is not None)
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
     count = 0
-    for _, name, base in targets:
-        count += sum(p.numel() for p in add_adapter(base, name, settings).parameters())
+    for site in sites:
+        adapter = add_adapter(site.base, site.target, settings, expert=site.expert is not None)
+        count += sum(p.numel() for p in adapter.parameters())
     for chunk in chunks:
         embedding = getattr(unwrap_model(chunk), "embedding", None)
         if embedding is not None:
@@ -221,15 +335,22 @@ def init_adapters(chunks: list, settings: LoRASettings, seed: int, b_std: float 
     B ~ N(0, b_std) when ``b_std > 0`` (tests: makes the adapter path count from step 0).
 
     Each adapter's full tensors are drawn from a generator seeded by (seed, global layer,
-    target) and then split like the base, so every TP/PP layout trains the same model.
+    target) and, on a routed expert, its global expert index, and then split like the base, so
+    every TP/PP/EP layout trains the same model.
     """
     dims = parallel_dims()
-    tp, rank = dims.layout.tp, dims.tp_rank
     names = list(LORA_TARGETS)
-    for layer_number, name, base in iter_targets(chunks, settings.targets):
-        ad = base.lora
-        gen = torch.Generator().manual_seed(
-            zlib.crc32(f"{seed}/{layer_number}/{names.index(name)}".encode()))
+    for site in iter_sites(chunks, settings):
+        name, ad = site.target, site.base.lora
+        key = f"{seed}/{site.layer_number}/{names.index(name)}"
+        tp, rank = dims.layout.tp, dims.tp_rank
+        if site.expert is not None:  # split over the expert-TP group
+            from megatron.core import parallel_state
+
+            key += f"/expert{site.expert}"
+            tp = dims.layout.expert_tp
+            rank = parallel_state.get_expert_tensor_parallel_rank()
+        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
         column = LORA_TARGETS[name] == "column"
         r, in_full = ad.A.shape[0], ad.A.shape[1] * (1 if column else tp)
         out_full = ad.B.shape[0] * (tp if column else 1)

@@ -77,13 +77,15 @@ class LoRABaseError(ValueError):
 
 
 def recognise_base(base: torch.nn.Module, target: str,
-                   split: Literal["column", "row"]) -> BaseLinear:
+                   split: Literal["column", "row"], expert: bool = False) -> BaseLinear:
     """The table row for ``base`` after checking it can carry an adapter; else
     :class:`LoRABaseError`.
 
     ``split`` is what ``target`` must be (``linear_qkv``/``linear_fc1`` column,
     ``linear_proj``/``linear_fc2`` row); a base split the other way would pair the wrong
-    tensor-parallel reduction with it.
+    tensor-parallel reduction with it. ``expert``: a routed expert's linear, whose
+    communication the token dispatcher does (megatron-core gives such a Transformer Engine
+    linear ``parallel_mode`` ``None``).
     """
     name = type(base).__name__
     kind = BASE_LINEARS.get(name)
@@ -104,9 +106,9 @@ def recognise_base(base: torch.nn.Module, target: str,
                             "in the module (no skip_weight_param_allocation)")
     if kind.transformer_engine:
         mode = getattr(base, "parallel_mode", None)
-        if mode != split:
+        if mode != split and not (expert and mode is None):
             raise LoRABaseError(f"{where}: {name} has parallel_mode {mode!r}, expected "
-                                f"{split!r}; expert or duplicated TE linears are not supported")
+                                f"{split!r}; duplicated TE linears are not supported")
     elif split == "column" and getattr(base, "gather_output", False):
         raise LoRABaseError(f"{where}: {name} gathers its output (gather_output=True); LoRA "
                             "needs each rank to keep its own output rows")

@@ -5,6 +5,10 @@ The adapters are un-split into the layout-free PEFT form (:mod:`megatron.sft.lor
 column adapter's ``B`` is merged like its base weight (fused QKV rows -> q/k/v, ``[gate; up]``
 per rank -> gate/up) and its replicated ``A`` is shared by the parts; a row adapter's ``A`` is
 concatenated along its input. HF module names come from the architecture's weight rules.
+On a Mixture-of-Experts model the MLP adapters are peft ``target_parameters`` (why:
+:func:`megatron.sft.lora.split.peft_targets`) and the routed experts' are in peft's fused form
+(:mod:`megatron.sft.lora.peft_experts`); what that form cannot express is refused before
+anything is written, pointing to the merged export.
 """
 
 from __future__ import annotations
@@ -18,38 +22,88 @@ import torch
 from megatron.sft.bridge.checkpoint_io import CheckpointError, check_output_dir, write_staged
 from megatron.sft.bridge.reader import CheckpointReader
 from megatron.sft.lora.run_format import LORA_FILE, LoRACheckpointInfo, read_lora_info
-from megatron.sft.lora.split import adapter_to_hf, hf_target_modules, layer_target_names
+from megatron.sft.lora.peft_experts import ExpertsNotExpressible, fused_expert_tensors
+from megatron.sft.lora.split import adapter_to_hf, layer_target_names, peft_targets, target_names
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
 
-#: ``{(global layer, target): {hf_module: (lora_A, lora_B)}}``
-PeftAdapters = dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+#: ``{(global layer, target, global expert or None): {hf_module: (lora_A, lora_B)}}``; a routed
+#: expert's modules carry its index (``mlp.experts.5.gate_proj``)
+PeftAdapters = dict[tuple[int, str, Optional[int]],
+                    dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _adapter(run: CheckpointReader, states: list, key: str, prefix: str, where: str):
+    try:
+        return [s[key][prefix + "A"] for s in states], [s[key][prefix + "B"] for s in states]
+    except KeyError:
+        raise CheckpointError(f"{run.iter_dir / where}: no adapter {prefix}A/B in {key}; the "
+                              "checkpoint is incomplete") from None
 
 
 def read_run_adapters(run: CheckpointReader, info: LoRACheckpointInfo) -> PeftAdapters:
     """A LoRA run's adapters in the layout-free PEFT form (adapters are small, so all of them at
-    once)."""
+    once): every layer's targets from expert-parallel rank 0's files (the same in all), and
+    each routed expert's from the files of the rank that holds it."""
     layout, shape = run.layout, run.shape
     out: PeftAdapters = {}
+    expert_targets = info.settings.expert_targets if shape.moe is not None else ()
+    local_experts = shape.moe.num_experts // layout.ep if expert_targets else 0
     for pp_rank in range(layout.pp):
-        states = run.rank_states(pp_rank)
-        for chunk in range(layout.chunks):
-            key = layout.model_key(chunk)
-            for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
-                for target in info.settings.targets:
-                    tn = layer_target_names(run.spec, shape, layer, target)
-                    if tn is None:  # a MoE layer's MLP without a shared expert
+        for ep_rank in range(layout.ep if expert_targets else 1):
+            states = run.rank_states(pp_rank, ep_rank)
+            where = layout.rank_dir_name(0, pp_rank, ep_rank)
+            for chunk in range(layout.chunks):
+                key = layout.model_key(chunk)
+                for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
+                    for target in info.settings.targets if ep_rank == 0 else ():
+                        tn = layer_target_names(run.spec, shape, layer, target)
+                        if tn is None:  # a MoE layer's MLP without a shared expert
+                            continue
+                        a, b = _adapter(run, states, key, tn.adapter_prefix(local), where)
+                        out[(layer, target, None)] = adapter_to_hf(tn, a, b, shape)
+                    if not shape.flag("moe_layer", layer):
                         continue
-                    prefix = tn.adapter_prefix(local)
-                    try:
-                        a = [s[key][prefix + "A"] for s in states]
-                        b = [s[key][prefix + "B"] for s in states]
-                    except KeyError:
-                        raise CheckpointError(
-                            f"{run.iter_dir / layout.rank_dir_name(0, pp_rank)}: no adapter "
-                            f"{prefix}A/B in {key}; the checkpoint is incomplete") from None
-                    out[(layer, target)] = adapter_to_hf(tn, a, b, shape)
+                    for target in expert_targets:
+                        tn = target_names(run.spec, target, routed_expert=True)
+                        for e in range(local_experts):
+                            index = ep_rank * local_experts + e
+                            a, b = _adapter(run, states, key, tn.adapter_prefix(local, e), where)
+                            out[(layer, target, index)] = adapter_to_hf(tn.for_expert(index),
+                                                                        a, b, shape)
     return out
+
+
+def peft_tensors(run: CheckpointReader, adapters: PeftAdapters
+                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(tensors, routed experts' target_parameters)`` of the adapter file: each module's
+    ``lora_A``/``lora_B`` under its HF name, the routed experts' in peft's fused form
+    (:mod:`megatron.sft.lora.peft_experts`); refuses what that form cannot express."""
+    tensors: dict[str, torch.Tensor] = {}
+    experts: dict[int, dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+    for (layer, target, expert), modules in adapters.items():
+        if expert is None:
+            names = layer_target_names(run.spec, run.shape, layer, target)
+            for module, (ha, hb) in modules.items():
+                tensors[names.peft_name(layer, module, "A")] = ha
+                tensors[names.peft_name(layer, module, "B")] = hb
+            continue
+        generic = target_names(run.spec, target, routed_expert=True)
+        per_expert = experts.setdefault(layer, {}).setdefault(expert, {})
+        for module, concrete in zip(generic.modules, generic.for_expert(expert).modules):
+            per_expert[f"{generic.layer_prefix}{module}.weight"] = modules[concrete]
+    parameters: set[str] = set()
+    for layer, by_expert in sorted(experts.items()):
+        try:
+            fused, params = fused_expert_tensors(run.spec.fused_experts, layer, by_expert)
+        except ExpertsNotExpressible as e:
+            raise CheckpointError(
+                f"{run.iter_dir}: the routed experts' adapters of {run.spec.hf_architecture} "
+                f"cannot be written as a PEFT adapter ({e}); export the merged model instead "
+                "(scripts/checkpoints/merge_and_export.sh), which holds them") from None
+        tensors.update(fused)
+        parameters.update(params)
+    return tensors, sorted(parameters)
 
 
 def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
@@ -69,21 +123,22 @@ def export_lora_adapter(ckpt_dir: "str | Path", out_dir: "str | Path",
                               "--lora-rank R); export full checkpoints with merge_and_export.sh")
     out_dir = Path(out_dir)
     check_output_separate(out_dir, "OUT_DIR", {"RUN_DIR": ckpt_dir, "HF_REF_DIR": hf_ref_dir})
-    tensors: dict[str, torch.Tensor] = {}
-    for (layer, target), modules in read_run_adapters(run, info).items():
-        names = layer_target_names(run.spec, run.shape, layer, target)
-        for module, (ha, hb) in modules.items():
-            for part, t in (("A", ha), ("B", hb)):
-                t = t.to(dtype) if dtype is not None else t
-                tensors[names.peft_name(layer, module, part)] = t.contiguous().clone()
+    tensors, expert_parameters = peft_tensors(run, read_run_adapters(run, info))
+    tensors = {k: (t.to(dtype) if dtype is not None else t).contiguous().clone()
+               for k, t in tensors.items()}
     alpha = info.settings.alpha
+    modules, parameters = peft_targets(run.spec, info.settings.targets, run.shape)
+    parameters = parameters + expert_parameters
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": info.settings.rank,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": info.settings.dropout,
-        "target_modules": hf_target_modules(run.spec, info.settings.targets, run.shape),
+        # peft's ParamWrapper (parameter targets) refuses dropout; it acts only in training,
+        # so the adapter computes the same function without it
+        "lora_dropout": 0.0 if parameters else info.settings.dropout,
+        "target_modules": modules,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
         "init_lora_weights": True, "modules_to_save": None,
+        **({"target_parameters": parameters} if parameters else {}),
         "base_model_name_or_path": str(hf_ref_dir) if hf_ref_dir is not None else None,
     }
 

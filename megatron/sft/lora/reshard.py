@@ -52,7 +52,8 @@ from megatron.sft.lora.run_format import (
     check_base,
     write_lora_info,
 )
-from megatron.sft.lora.split import adapter_from_hf, layer_target_names
+from megatron.sft.lora.settings import LoRASettings
+from megatron.sft.lora.split import adapter_from_hf, layer_target_names, target_names
 from megatron.sft.runtime.layout import ParallelLayout
 from megatron.sft.runtime.locks import exclusive_output
 from megatron.sft.runtime.path_overlap import check_output_separate
@@ -116,27 +117,39 @@ def _reshard_run_locked(run: LoRARunReader, out_dir: Path, target: ParallelLayou
     return write_staged(out_dir, write)
 
 
-def adapter_stage(run: CheckpointReader, adapters: PeftAdapters, targets: tuple[str, ...],
-                  layout: ParallelLayout, pp_rank: int
+def adapter_stage(run: CheckpointReader, adapters: PeftAdapters, settings: LoRASettings,
+                  layout: ParallelLayout, pp_rank: int, ep_rank: int = 0
                   ) -> list[dict[str, dict[str, torch.Tensor]]]:
     """Per TP rank: ``{"model" | "model0".. : {adapter name: tensor}}`` for pipeline stage
-    ``pp_rank`` (stage-local layer numbers, as a LoRA run saves them)."""
+    ``pp_rank`` and expert-parallel rank ``ep_rank`` (stage-local layer numbers and
+    rank-local expert numbers, as a LoRA run saves them)."""
     shape: ModelShape = run.shape
+    expert_targets = settings.expert_targets if shape.moe is not None else ()
+    local_experts = shape.moe.num_experts // layout.ep if expert_targets else 0
     ranks: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(layout.tp)]
+
+    def put(key, tn, hf, prefix):
+        a_shards, b_shards = adapter_from_hf(tn, hf, shape, layout.tp)
+        for sd, a, b in zip(ranks, a_shards, b_shards):
+            sd[key][prefix + "A"], sd[key][prefix + "B"] = a, b
+
     for chunk in range(layout.chunks):
         key = layout.model_key(chunk)
         for sd in ranks:
             sd[key] = {}
         for local, layer in enumerate(layout.chunk_layers(shape, pp_rank, chunk)):
-            for target in targets:
+            for target in settings.targets:
                 tn = layer_target_names(run.spec, shape, layer, target)
-                if tn is None:  # a MoE layer's MLP without a shared expert
-                    continue
-                a_shards, b_shards = adapter_from_hf(tn, adapters[(layer, target)], shape,
-                                                     layout.tp)
-                prefix = tn.adapter_prefix(local)
-                for sd, a, b in zip(ranks, a_shards, b_shards):
-                    sd[key][prefix + "A"], sd[key][prefix + "B"] = a, b
+                if tn is not None:  # None: a MoE layer's MLP without a shared expert
+                    put(key, tn, adapters[(layer, target, None)], tn.adapter_prefix(local))
+            if not shape.flag("moe_layer", layer):
+                continue
+            for target in expert_targets:
+                tn = target_names(run.spec, target, routed_expert=True)
+                for e in range(local_experts):
+                    index = ep_rank * local_experts + e
+                    put(key, tn.for_expert(index), adapters[(layer, target, index)],
+                        tn.adapter_prefix(local, e))
     return ranks
 
 
@@ -162,10 +175,10 @@ def write_adapter_run(run: LoRARunReader, root: Path, base_iter_dir: Path,
     partial.mkdir(parents=True)
     digests = []
     for pp_rank in range(layout.pp):
-        for ep_rank in range(layout.ep):  # adapters are never on routed experts: the same
-            digests += save_stage(  # in every expert-parallel rank's file
+        for ep_rank in range(layout.ep):  # the dense adapters in every one, the experts' own
+            digests += save_stage(
                 partial, pp_rank, it, meta,
-                adapter_stage(run, adapters, info.settings.targets, layout, pp_rank), ep_rank,
+                adapter_stage(run, adapters, info.settings, layout, pp_rank, ep_rank), ep_rank,
                 extra=run.training_state())
     write_metadata(partial, meta)
     write_checksums(partial, digests)

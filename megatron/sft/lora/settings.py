@@ -31,14 +31,24 @@ class LoRASettings:
     alpha: float
     dropout: float = 0.0
     targets: tuple[str, ...] = tuple(LORA_TARGETS)
+    #: each routed expert of a Mixture-of-Experts layer has its own adapters on the MLP
+    #: targets (``linear_fc1``/``linear_fc2``) when they are targeted; off for dense models,
+    #: with ``--moe-experts-freeze``, and in runs saved before expert LoRA existed
+    routed_experts: bool = False
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def expert_targets(self) -> tuple[str, ...]:
+        """The targets the routed experts carry adapters on (``()`` when they have none)."""
+        return tuple(t for t in self.targets if PARENT[t] == "mlp") if self.routed_experts \
+            else ()
+
     @classmethod
-    def from_flags(cls, rank: int, alpha: float, dropout: float, targets: "str | tuple[str, ...]"
-                   ) -> "LoRASettings":
+    def from_flags(cls, rank: int, alpha: float, dropout: float, targets: "str | tuple[str, ...]",
+                   routed_experts: bool = False) -> "LoRASettings":
         if rank <= 0:
             raise ValueError(f"--lora-rank {rank}: use a positive rank (or 0 for full "
                              "fine-tuning without adapters)")
@@ -56,19 +66,21 @@ class LoRASettings:
                              f"{unknown or 'none given'}; use a comma-separated subset of "
                              f"{','.join(LORA_TARGETS)}")
         ordered = tuple(t for t in LORA_TARGETS if t in names)  # one canonical order
-        return cls(int(rank), float(alpha), float(dropout), ordered)
+        return cls(int(rank), float(alpha), float(dropout), ordered, bool(routed_experts))
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "targets": list(self.targets)}
+                "targets": list(self.targets), "routed_experts": self.routed_experts}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoRASettings":
-        return cls.from_flags(d["rank"], d["alpha"], d.get("dropout", 0.0), tuple(d["targets"]))
+        return cls.from_flags(d["rank"], d["alpha"], d.get("dropout", 0.0), tuple(d["targets"]),
+                              d.get("routed_experts", False))
 
     def same_shape(self, other: "LoRASettings") -> bool:
         """Adapters of ``other`` load into these (dropout may change on resume)."""
-        return (self.rank, self.alpha, self.targets) == (other.rank, other.alpha, other.targets)
+        return (self.rank, self.alpha, self.targets, self.expert_targets) == \
+            (other.rank, other.alpha, other.targets, other.expert_targets)
 
 
 

@@ -50,21 +50,31 @@ class TargetNames:
     #: the HF modules the target fuses, relative to the layer, in the rule's order
     modules: tuple[str, ...]
 
-    def adapter_prefix(self, local_layer: int) -> str:
+    def adapter_prefix(self, local_layer: int, local_expert: Optional[int] = None) -> str:
         """State-dict prefix of the adapter in a chunk:
-        ``decoder.layers.0.mlp.linear_fc1.lora.``"""
-        return self.rule.megatron.format(i=local_layer)[: -len("weight")] + "lora."
+        ``decoder.layers.0.mlp.linear_fc1.lora.``; a routed expert's
+        ``decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.lora.``"""
+        return self.rule.megatron.format(i=local_layer, e=local_expert)[: -len("weight")] \
+            + "lora."
+
+    def for_expert(self, expert: int) -> "TargetNames":
+        """A routed expert's names with its global index filled in: modules
+        ``mlp.experts.{e}.gate_proj`` -> ``mlp.experts.5.gate_proj``."""
+        return dataclasses.replace(self, modules=tuple(m.replace("{e}", str(expert))
+                                                       for m in self.modules))
 
     def peft_name(self, layer: int, module: str, part: str) -> str:
         """``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``"""
         return f"base_model.model.{self.layer_prefix.format(i=layer)}{module}.lora_{part}.weight"
 
 
-def target_names(spec: ArchitectureSpec, target: str, shared_expert: bool = False
-                 ) -> TargetNames:
+def target_names(spec: ArchitectureSpec, target: str, shared_expert: bool = False,
+                 routed_expert: bool = False) -> TargetNames:
     """The names of ``target`` (a key of ``LORA_TARGETS``) in architecture ``spec``; with
-    ``shared_expert``, of the MoE shared expert's linear of that name."""
-    parent = "mlp.shared_experts" if shared_expert else PARENT[target]
+    ``shared_expert``, of the MoE shared expert's linear of that name; with ``routed_expert``,
+    of a routed expert's (``{e}`` in the names: :meth:`TargetNames.for_expert`)."""
+    parent = "mlp.shared_experts" if shared_expert else \
+        "mlp.experts.local_experts.{e}" if routed_expert else PARENT[target]
     megatron = f"{_LAYER}{parent}.{target}.weight"
     rules = [r for r in spec.rules if r.megatron == megatron]
     if len(rules) != 1:
@@ -89,7 +99,8 @@ def layer_target_names(spec: ArchitectureSpec, shape: ModelShape, layer: int, ta
                        ) -> Optional[TargetNames]:
     """What ``target`` adapts on global layer ``layer``. On a Mixture-of-Experts layer the MLP
     targets (``linear_fc1``/``linear_fc2``) are its shared expert's linears, and nothing
-    without a shared expert: routed experts get no adapters (``None``)."""
+    without a shared expert (``None``); the routed experts' are
+    ``target_names(..., routed_expert=True)``, one per expert."""
     if PARENT[target] == "mlp" and shape.flag("moe_layer", layer):
         if not shape.flag("shared_expert_layer", layer):
             return None
@@ -108,6 +119,34 @@ def hf_target_modules(spec: ArchitectureSpec, targets: tuple[str, ...],
         names = [n for t in targets for layer in range(shape.num_layers)
                  if (n := layer_target_names(spec, shape, layer, t)) is not None]
     return sorted({m.split(".")[-1] for n in names for m in n.modules})
+
+
+def peft_targets(spec: ArchitectureSpec, targets: tuple[str, ...], shape: ModelShape
+                 ) -> tuple[list[str], list[str]]:
+    """``(target_modules, target_parameters)`` of the PEFT config for these targets.
+
+    A dense model's adapters are all ``target_modules`` (``["down_proj", "q_proj", ...]``).
+    On a Mixture-of-Experts model the MLP linears (a dense layer's ``mlp.gate_proj``, the
+    shared expert's ``mlp.shared_expert.down_proj``) are named as ``target_parameters``
+    instead (``"mlp.gate_proj.weight"``): peft 0.21 on transformers 5 rewrites Qwen3-MoE's
+    ``gate_proj``/``up_proj``/``down_proj`` (Mixtral's ``w1``/``w3``/``w2``) target *modules*
+    into the fused expert parameters, so as modules they would silently stay at the base
+    weights (Qwen2-MoE is not rewritten today; parameters work for every family). A parameter target on a ``Linear`` is peft's ``ParamWrapper``
+    with the same ``lora_A [r, in]`` / ``lora_B [out, r]`` under the same key names.
+    """
+    if shape.moe is None:
+        return hf_target_modules(spec, targets, shape), []
+    modules, parameters = set(), set()
+    for t in targets:
+        for layer in range(shape.num_layers):
+            n = layer_target_names(spec, shape, layer, t)
+            if n is None:
+                continue
+            if PARENT[t] == "mlp":
+                parameters.update(f"{m}.weight" for m in n.modules)
+            else:
+                modules.update(m.split(".")[-1] for m in n.modules)
+    return sorted(modules), sorted(parameters)
 
 
 def _ctx(shape: ModelShape, tp: int) -> ShardContext:

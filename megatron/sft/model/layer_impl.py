@@ -213,10 +213,11 @@ def _use_local_norms(spec) -> None:
 def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = "auto",
                        device_type: Optional[str] = None, moe_experts: str = "sequential",
                        dtype: torch.dtype = torch.float32, cp: int = 1,
-                       pp: int = 1) -> LayerImpl:
+                       pp: int = 1, expert_adapters: bool = False) -> LayerImpl:
     """Flag values -> :class:`LayerImpl` (``moe_experts``: ``--moe-experts-impl``, resolved by
     :func:`megatron.sft.model.moe.experts.resolve_experts_impl` for ``dtype``; ``cp``: the
-    context-parallel size the attention backend must support with ``pp`` pipeline stages).
+    context-parallel size the attention backend must support with ``pp`` pipeline stages;
+    ``expert_adapters``: LoRA on the routed experts).
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =
     the first registered backend by ``auto_rank`` that runs here: ``te`` with TE layers, else
@@ -257,7 +258,8 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
         if reason is not None:
             raise LayerImplError(reason)
     try:
-        experts = E.resolve_experts_impl(moe_experts, linear, device_type, dtype)
+        experts = E.resolve_experts_impl(moe_experts, linear, device_type, dtype,
+                                         expert_adapters)
     except E.ExpertsImplError as e:
         raise LayerImplError(str(e)) from None
     return LayerImpl(linear, spec.name, experts)

@@ -179,6 +179,12 @@ class TrainConfig:
     moe_expert_capacity_factor: Optional[float] = _field(
         None, "drop tokens beyond this factor of each expert's even share (default: dropless)")
     moe_experts_impl: str = _field("auto", MOE_EXPERTS_HELP, choices=MOE_EXPERTS_IMPLS)
+    moe_router_freeze: bool = _field(
+        False, "do not train the MoE routers (their weights, and the expert bias where a family "
+               "has one): routing stays the base model's")
+    moe_experts_freeze: bool = _field(
+        False, "do not train the routed experts (full fine-tuning of everything else; with "
+               "--lora-rank: no adapters on the routed experts)")
     # --- LoRA adapters (megatron/sft/lora/)
     lora_rank: int = _field(0, "LoRA: train rank-R adapters on a frozen base model (0 = off, "
                                "full fine-tuning); either --transformer-impl, with or without "

@@ -52,18 +52,21 @@ HF_BASE_DIR = "base"
 HF_BASE_SOURCE = "hf_source.json"
 
 
-def settings_from_config(cfg) -> Optional[LoRASettings]:
+def settings_from_config(cfg, shape=None) -> Optional[LoRASettings]:
+    """The run's LoRA settings; a Mixture-of-Experts ``shape`` gives its routed experts
+    adapters unless ``--moe-experts-freeze``."""
     if not cfg.lora_rank:
         return None
+    experts = shape is not None and shape.moe is not None and not cfg.moe_experts_freeze
     return LoRASettings.from_flags(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                   cfg.lora_target_modules)
+                                   cfg.lora_target_modules, routed_experts=experts)
 
 
-def check_load(cfg) -> None:
+def check_load(cfg, shape=None) -> None:
     """Before anything is built: a LoRA run must be loaded as one, with its adapters' shape."""
     from megatron.sft.bridge.hf_source import is_hf_model_dir
 
-    settings = settings_from_config(cfg)
+    settings = settings_from_config(cfg, shape)
     if is_hf_model_dir(cfg.load):
         return  # an HF model is never a LoRA run
     if settings is None:
@@ -76,11 +79,16 @@ def check_load(cfg) -> None:
 
 def _check_same_adapters(load: str, run: LoRACheckpointInfo, settings: LoRASettings) -> None:
     if not run.settings.same_shape(settings):
+        def experts(s):
+            return ", routed experts " + ("on" if s.expert_targets else "off")
+
         raise CheckpointError(
             f"{load} holds LoRA adapters with rank {run.settings.rank}, alpha "
-            f"{run.settings.alpha}, targets {','.join(run.settings.targets)}, but this run "
-            f"asks for rank {settings.rank}, alpha {settings.alpha}, targets "
-            f"{','.join(settings.targets)}; pass the run's --lora-* values")
+            f"{run.settings.alpha}, targets {','.join(run.settings.targets)}"
+            f"{experts(run.settings)}, but this run asks for rank {settings.rank}, alpha "
+            f"{settings.alpha}, targets {','.join(settings.targets)}{experts(settings)}; pass "
+            "the run's --lora-* values (and --moe-experts-freeze for a run whose routed experts "
+            "have no adapters)")
 
 
 def refuse_lora_checkpoint(load: str) -> None:

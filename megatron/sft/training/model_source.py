@@ -34,6 +34,7 @@ from megatron.sft.bridge.hf_source import (
 )
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.model.builder import build_model_from_checkpoint, build_model_from_hf
+from megatron.sft.model.moe.freeze import freeze_moe
 from megatron.sft.training import hf_output, lora_model
 
 
@@ -107,15 +108,21 @@ class ModelSource:
                 f"rank reads its shard; vocab padded {self.shape.vocab_size} -> "
                 f"{self.meta.padded_vocab_size})")
 
+    @property
+    def expert_adapters(self) -> bool:
+        """LoRA puts adapters on the routed experts (the experts implementation must allow)."""
+        settings = lora_model.settings_from_config(self.cfg, self.shape)
+        return settings is not None and bool(settings.expert_targets)
+
     def check_adapters(self) -> None:
         """A LoRA run is loaded as one, with its adapters' shape."""
-        lora_model.check_load(self.cfg)
+        lora_model.check_load(self.cfg, self.shape)
 
     def build(self, build: dict[str, Any], log: Callable[[str], None]) -> list:
         """The model chunks of this rank (one per virtual stage), not yet wrapped for data
         parallelism; LoRA: frozen base + adapters, before DDP and the optimizer."""
         cfg = self.cfg
-        settings = lora_model.settings_from_config(cfg)
+        settings = lora_model.settings_from_config(cfg, self.shape)
         if settings is not None:
             chunks, self.meta, self.lora, self.lora_resumed = lora_model.build_lora_model(
                 cfg.load, settings, seed=cfg.seed, hf_base=self.hf_load, save=cfg.save, **build)
@@ -124,6 +131,12 @@ class ModelSource:
             chunks, self.meta = build_model_from_hf(cfg.load, log=lambda m: None, **build)
         else:  # check_adapters refused a LoRA run without --lora-rank
             chunks, self.meta, _ = build_model_from_checkpoint(cfg.load, **build)
+        if settings is None and (cfg.moe_router_freeze or cfg.moe_experts_freeze):
+            frozen = freeze_moe(chunks, cfg.moe_router_freeze, cfg.moe_experts_freeze)
+            log(f"MoE: {frozen:,} parameters frozen on this rank ("
+                + " and ".join(n for n, on in (("routers", cfg.moe_router_freeze),
+                                               ("routed experts", cfg.moe_experts_freeze)) if on)
+                + ")")
         return chunks
 
     # ------------------------------------------------------------------ saves

@@ -127,7 +127,8 @@ class Trainer:
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
                                        torch.bfloat16 if cfg.bf16 else torch.float32,
-                                       cp=self.dims.cp_size, pp=self.dims.layout.pp)
+                                       cp=self.dims.cp_size, pp=self.dims.layout.pp,
+                                       expert_adapters=self.source.expert_adapters)
         self.log(f"layers: {self.impl.describe()}"
                  + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         self.source.check_adapters()

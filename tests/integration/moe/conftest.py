@@ -71,7 +71,8 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     c = {}
     for name, layout in {"ep1": ParallelLayout(), "ep2": ParallelLayout(1, 1, ep=2),
                          "tp2ep2": ParallelLayout(2, 1, ep=2),
-                         "tp2pp2": ParallelLayout(2, 2)}.items():
+                         "tp2pp2": ParallelLayout(2, 2), "ep4": ParallelLayout(1, 1, ep=4),
+                         "pp2ep2": ParallelLayout(1, 2, ep=2)}.items():
         c[name] = str(root / name)
         convert_hf_to_megatron(hf, c[name], ConvertOptions(layout=layout, progress=False))
 
@@ -97,8 +98,30 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         # from the save at iteration 2 (the tracker pointed back at it), other experts impl
         "resumed": run(str(save), save=str(root / "run2"), moe_experts_impl="sequential",
                        rewind_to=2, **resume),
-        "lora": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, lora_rank=4,
-                    lora_alpha=8, save=str(root / "lora")),
+        # LoRA with per-expert adapters: one curve at EP1, EP2, EP4, TP2 x EP2 (SP) and
+        # PP2 x EP2 (EP4 and TP2 x EP2 with the distributed optimizer); the EP2 run is saved
+        # for the checkpoint/export/reshard checks
+        **{f"lora_{name}": run(c[ckpt], train_iters=3, lr=1e-2, lora_rank=4, lora_alpha=32,
+                               **extra)
+           for name, (ckpt, extra) in {
+               "ep1": ("ep1", {}),
+               "ep4": ("ep4", dict(expert_model_parallel_size=4,
+                                   use_distributed_optimizer=True)),
+               "tp2ep2": ("tp2ep2", dict(expert_model_parallel_size=2,
+                                         tensor_model_parallel_size=2, sequence_parallel=True,
+                                         use_distributed_optimizer=True)),
+               "pp2ep2": ("pp2ep2", dict(expert_model_parallel_size=2,
+                                         pipeline_model_parallel_size=2)),
+               "ep2": ("ep2", dict(expert_model_parallel_size=2, save=str(root / "lora"),
+                                   save_interval=2))}.items()},
+        # the EP2 run's iteration-2 save resharded to EP4 (adapters only, fresh optimizer)
+        "lora_resharded_ep4": run(str(root / "lora_ep4_from_ep2"), train_iters=3, lr=1e-2,
+                                  lora_rank=4, lora_alpha=32, expert_model_parallel_size=4,
+                                  reshard_from=[str(root / "lora"), 2, 4]),
+        # routers and routed experts frozen: saved and exported bit for bit as loaded
+        "frozen_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=1,
+                          moe_router_freeze=True, moe_experts_freeze=True,
+                          save=str(root / "frozen"), save_interval=1),
         "recompute_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2,
                              recompute_granularity="full"),
         "bf16_ep2": run(c["ep2"], expert_model_parallel_size=2, train_iters=2, bf16=True),

@@ -8,7 +8,8 @@ training run in one 4-rank launch (starting processes is what costs on a 2-core 
   ``zero`` (parameters whose name contains it are zeroed). Result per case:
   ``{max_abs_diff, ref_abs_max, layout}`` of megatron-core's logits against transformers'.
 - ``runs``: ``{name: TrainConfig fields}``, trained in order; a run's ``rewind_to: N`` first
-  points its ``--load`` tracker back at iteration N (as a user rolls back). Result: the history.
+  points its ``--load`` tracker back at iteration N (as a user rolls back), its
+  ``reshard_from: [RUN, N, EP]`` first reshards iteration N of RUN to EP into its ``--load``. Result: the history.
   With ``hf``, rank 0 also writes the references of global batch 0 after the first run whose
   name starts with ``aux``: ``hf_loss`` (transformers' masked loss, each packed sample on its
   own) and ``hand_aux`` (megatron-core's load-balancing formula by hand from transformers'
@@ -140,13 +141,24 @@ def run_training(runs, hf) -> dict:
     from megatron.sft.training.arguments import TrainConfig
     from megatron.sft.training.trainer import Trainer
 
-    results = {}
+    import time
+
+    results = {"seconds": {}}  # wall time of each run, for the record
     for name, fields in runs.items():
+        start = time.perf_counter()
         use_layout(None)
         fields = dict(fields)
         rewind = fields.pop("rewind_to", None)
         if rewind is not None and dist.get_rank() == 0:
             Path(fields["load"], "latest_checkpointed_iteration.txt").write_text(f"{rewind}\n")
+        reshard = fields.pop("reshard_from", None)
+        if reshard is not None and dist.get_rank() == 0:
+            from megatron.sft.lora.reshard import reshard_checkpoint
+            from megatron.sft.runtime.layout import ParallelLayout
+
+            source, iteration, ep = reshard
+            reshard_checkpoint(source, fields["load"], ParallelLayout(1, 1, ep=ep),
+                               iteration=iteration, progress=False)
         dist.barrier()
         trainer = Trainer(TrainConfig(**fields), log=lambda m: None)
         trainer.setup()
@@ -156,6 +168,7 @@ def run_training(runs, hf) -> dict:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, history if trainer.is_logger else None)
         results[name] = next(h for h in gathered if h is not None)
+        results["seconds"][name] = round(time.perf_counter() - start, 2)
         if hf and name.startswith("aux") and "hand_aux" not in results and dist.get_rank() == 0:
             shape = trainer.shape
             loss, tokens, aux = references(hf, trainer.train_ds, fields, trainer.dp_size,

@@ -70,7 +70,7 @@ def run(spec: dict) -> None:
     rank = dist.get_rank()
     out: dict = {}
     if spec["mode"] == "peft_loss":
-        init_adapters(trainer.model, settings_from_config(cfg), seed=cfg.seed,
+        init_adapters(trainer.model, settings_from_config(cfg, trainer.shape), seed=cfg.seed,
                       b_std=spec["b_std"])
         rows = microbatch_rows(0, cfg.global_batch_size, cfg.micro_batch_size,
                                trainer.dp_rank, trainer.dp_size)

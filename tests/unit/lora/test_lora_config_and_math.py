@@ -30,6 +30,28 @@ def test_lora_flags_parse_and_default_off():
     assert TrainConfig().lora_rank == 0
 
 
+def test_routed_expert_adapters_are_part_of_a_runs_shape():
+    """A MoE run's routed experts carry adapters on the MLP targets it has; a run saved before
+    that (no key in lora.json) has none, and resuming it asks for the same."""
+    from megatron.sft.bridge.architectures import get_architecture
+    from megatron.sft.training.lora_model import settings_from_config
+
+    moe = LoRASettings.from_flags(4, 8, 0.0, "linear_qkv,linear_fc2", routed_experts=True)
+    assert moe.expert_targets == ("linear_fc2",)
+    assert LoRASettings.from_dict(json.loads(json.dumps(moe.to_dict()))) == moe
+    old = LoRASettings.from_dict({"rank": 4, "alpha": 8, "targets": ["linear_qkv", "linear_fc2"]})
+    assert old.expert_targets == () and not old.same_shape(moe)
+    attention_only = LoRASettings.from_flags(4, 8, 0.0, "linear_qkv", routed_experts=True)
+    assert attention_only.same_shape(LoRASettings.from_flags(4, 8, 0.0, "linear_qkv"))
+    arch = "Qwen3MoeForCausalLM"
+    shape = get_architecture(arch).shape({"architectures": [arch],
+                                          **get_architecture(arch).tiny_config})
+    cfg = TrainConfig(load="/c", data_path="/d", lora_rank=4)
+    assert settings_from_config(cfg, shape).expert_targets == ("linear_fc1", "linear_fc2")
+    assert settings_from_config(TrainConfig(load="/c", data_path="/d", lora_rank=4,
+                                            moe_experts_freeze=True), shape).expert_targets == ()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(lora_rank=-1), "--lora-rank -1: use a positive rank"),
     (dict(lora_rank=4, lora_target_modules="linear_qkv,q_proj"),

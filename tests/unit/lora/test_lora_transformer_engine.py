@@ -319,7 +319,7 @@ def _expert_row():
     (lambda: _swap(_te_chunk(), "linear_qkv", TERowParallelLinear(HIDDEN, QKV)),
      "TERowParallelLinear is row-parallel but linear_qkv must be column-parallel"),
     (lambda: _swap(_te_chunk(), "linear_fc2", _expert_row()),
-     "has parallel_mode None, expected 'row'; expert or duplicated"),
+     "has parallel_mode None, expected 'row'; duplicated TE linears"),
     (lambda: _swap(_te_chunk(), "linear_qkv", TELayerNormColumnParallelLinear(
         HIDDEN, QKV, normalization="L2Norm")), "normalises with 'L2Norm'.*RMSNorm or LayerNorm"),
     (lambda: _swap(_te_chunk(), "linear_qkv", _no_eps()), r"lacks \['eps'\]"),

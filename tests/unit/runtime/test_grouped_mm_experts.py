@@ -93,3 +93,64 @@ def test_choices_and_errors():
     assert set(te) == {"decoder.layers.2.mlp.experts.linear_fc1.weight3",
                        "decoder.layers.2.mlp.router.weight"}
     assert te_expert_renames(te, to_checkpoint=True) == names
+
+
+def test_expert_adapters_under_grouped_mm_equal_the_hooked_sequential_ones(world_of_one):
+    """Per-expert LoRA: grouped_mm's two extra grouped GEMMs give what the sequential path's
+    forward hooks give (outputs, input and adapter gradients), and both equal the experts with
+    ``W + scale * B @ A`` merged in (an expert without tokens too)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron.sft.lora.adapters import add_adapter
+    from megatron.sft.lora.settings import LoRASettings
+    from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
+
+    settings = LoRASettings(4, 8.0, routed_experts=True)
+    merged = _experts(SequentialMLP, torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in merged.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    modules = []
+    for cls in (SequentialMLP, GroupedMMExperts):
+        m = _experts(cls, torch.float32)
+        m.load_state_dict(merged.state_dict())
+        for expert in m.local_experts:
+            for target in ("linear_fc1", "linear_fc2"):
+                add_adapter(getattr(expert, target), target, settings, expert=True)
+        modules.append(m)
+    with torch.no_grad():
+        for (name, p), q in zip(modules[0].named_parameters(), modules[1].parameters()):
+            if ".lora." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                q.copy_(p)
+                assert getattr(p, "allreduce", True) is True  # EP1: reduced over all of DP
+        for expert, adapted in zip(merged.local_experts, modules[0].local_experts):
+            for target in ("linear_fc1", "linear_fc2"):
+                lora = getattr(adapted, target).lora
+                getattr(expert, target).weight += settings.scale * lora.B @ lora.A
+    tokens = torch.tensor([3, 0, 7, 5])
+    x = torch.randn(int(tokens.sum()), 32, generator=gen)
+    probs = torch.rand(int(tokens.sum()), generator=gen)
+    dy = torch.randn(int(tokens.sum()), 32, generator=gen)
+    outs = []
+    for m in (merged, *modules):
+        xi = x.clone().requires_grad_()
+        out, _ = m(xi, tokens, probs)
+        out.backward(dy)
+        outs.append((out, xi.grad, {n: p.grad for n, p in m.named_parameters()
+                                    if ".lora." in n}))
+    (ref, gref, _), (seq, gseq, wseq), (grp, ggrp, wgrp) = outs
+    torch.testing.assert_close(seq, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grp, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gseq, gref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ggrp, gref, rtol=1e-5, atol=1e-4)
+    assert sorted(wseq) == sorted(wgrp) and len(wseq) == 4 * 2 * 2
+    for name in wseq:
+        torch.testing.assert_close(wgrp[name], wseq[name], rtol=1e-5, atol=1e-4, msg=name)
+    assert wseq["local_experts.1.linear_fc1.lora.A"].abs().max() == 0  # no tokens, no grad
+    assert wseq["local_experts.2.linear_fc1.lora.A"].abs().max() > 0
+    with pytest.raises(ExpertsImplError, match="te with LoRA on the routed experts"):
+        resolve_experts_impl("te", "te", "cuda", expert_adapters=True)
+    assert resolve_experts_impl("auto", "te", "cuda", expert_adapters=True) in (
+        "grouped_mm", "sequential")

@@ -15,7 +15,8 @@ from sft_testing import REPO, run_tool
 
 MOE_FLAGS = ["--expert-model-parallel-size", "--expert-tensor-parallel-size",
              "--moe-token-dispatcher-type", "--moe-aux-loss-coeff", "--moe-z-loss-coeff",
-             "--moe-expert-capacity-factor", "--moe-experts-impl"]
+             "--moe-expert-capacity-factor", "--moe-experts-impl", "--moe-router-freeze",
+             "--moe-experts-freeze"]
 
 
 def _shape(arch="Qwen2MoeForCausalLM"):
@@ -34,6 +35,9 @@ def test_flags_yaml_and_layout():
                         "--load", "/c", "--data-path", "/d", "--moe-experts-impl", "sequential"])
     assert cfg.expert_model_parallel_size == 8 and cfg.moe_token_dispatcher_type == "alltoall"
     assert cfg.moe_experts_impl == "sequential" and cfg.parallel_layout().ep == 8
+    assert cfg.moe_router_freeze is False and cfg.moe_experts_freeze is False
+    assert parse_config(["--load", "/c", "--data-path", "/d", "--moe-router-freeze",
+                         "--moe-experts-freeze"]).moe_experts_freeze is True
     with pytest.raises(ValueError, match="--moe-experts-impl 'loop': use one of auto"):
         _cfg(moe_experts_impl="loop").validate(1, 4)
     with pytest.raises(ValueError, match="--expert-tensor-parallel-size 1 with "
@@ -55,9 +59,13 @@ def test_what_a_moe_run_refuses():
     check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True), moe)
     with pytest.raises(ValueError, match="--moe-aux-loss-coeff: Qwen2ForCausalLM has no experts"):
         check_moe_run(_cfg(moe_aux_loss_coeff=0.01), dense)
-    with pytest.raises(ValueError, match="--lora-rank with --tensor-model-parallel-size > 1"):
-        check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True, lora_rank=4),
-                      moe)
+    with pytest.raises(ValueError, match="--moe-router-freeze, --moe-experts-freeze: "
+                                         "Qwen2ForCausalLM has no experts; drop the flag"):
+        check_moe_run(_cfg(moe_router_freeze=True, moe_experts_freeze=True), dense)
+    # a frozen router's expert bias (where a family has one) is not moved either
+    assert moe_config_overrides(_cfg(moe_router_freeze=True), moe) == {
+        "moe_router_bias_update_rate": 0.0}
+    check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True, lora_rank=4), moe)
     with pytest.raises(ValueError, match="--context-parallel-size 2 with a Mixture-of-Experts "
                                          "model .* use --context-parallel-size 1"):
         check_moe_run(_cfg(context_parallel_size=2), moe)
@@ -121,10 +129,48 @@ def test_moe_recipe_builds_the_command(tmp_path):
     (tmp_path / "d_text_document.idx").write_text("")
     r = run_tool(recipe, "train", env={"ASSETS_DIR": str(tmp_path), "PYTHON": "echo", "TP": "2",
                                        "EP": "4", "DATA_PATH": str(tmp_path / "d"),
-                                       "MOE_Z_LOSS_COEFF": "1e-3", "MOE_EXPERTS_IMPL": "grouped_mm"})
+                                       "MOE_Z_LOSS_COEFF": "1e-3", "MOE_EXPERTS_IMPL": "grouped_mm",
+                                       "MOE_ROUTER_FREEZE": "1"})
     assert r.returncode == 0, r.stderr
     cmd = r.stdout.split()
     value = lambda flag: cmd[cmd.index(flag) + 1]  # noqa: E731
     assert value("--load") == str(ckpt) and value("--expert-model-parallel-size") == "4"
     assert value("--moe-experts-impl") == "grouped_mm" and value("--moe-z-loss-coeff") == "1e-3"
     assert "--sequence-parallel" in cmd and "--moe-aux-loss-coeff" not in cmd
+    assert "--moe-router-freeze" in cmd and "--moe-experts-freeze" not in cmd
+
+
+def test_freeze_moe_stops_gradients_to_routers_or_experts_only():
+    """On a module tree shaped like megatron-core's (layer.mlp.router / .experts /
+    .shared_experts; a dense layer's mlp has no router)."""
+    from megatron.sft.model.moe.freeze import freeze_moe
+
+    def model():
+        layers = torch.nn.ModuleList()
+        for moe in (False, True):
+            layer = torch.nn.Module()
+            layer.self_attention = torch.nn.Linear(4, 4)
+            layer.mlp = torch.nn.Module()
+            if moe:
+                layer.mlp.router = torch.nn.Linear(4, 3)  # weight + a bias, as GPT-OSS's
+                layer.mlp.experts = torch.nn.Linear(4, 6)
+                layer.mlp.shared_experts = torch.nn.Linear(4, 4)
+            else:
+                layer.mlp.linear_fc1 = torch.nn.Linear(4, 8)
+            layers.append(layer)
+        m = torch.nn.Module()
+        m.decoder = torch.nn.Module()
+        m.decoder.layers = layers
+        return m
+
+    def trainable(m):
+        return sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+    everything = trainable(model())
+    m = model()
+    assert freeze_moe([m], router=True, experts=False) == 4 * 3 + 3
+    assert trainable(m) == [n for n in everything if ".router." not in n]
+    m = model()
+    assert freeze_moe([m], router=False, experts=True) == 4 * 6 + 6
+    assert trainable(m) == [n for n in everything if ".experts." not in n]
+    assert "decoder.layers.1.mlp.shared_experts.weight" in trainable(m)

@@ -104,13 +104,21 @@ def grouped_mm_problem(device_type: str, dtype: torch.dtype) -> Optional[str]:
 
 
 def resolve_experts_impl(choice: str, linear: str, device_type: str,
-                         dtype: torch.dtype = torch.float32) -> str:
+                         dtype: torch.dtype = torch.float32,
+                         expert_adapters: bool = False) -> str:
     """``--moe-experts-impl`` -> ``grouped_mm`` | ``sequential`` | ``te`` for layers of kind
     ``linear`` (``te`` / ``local``); asking for one that cannot run is an error naming one that
-    can, never a silent fallback."""
+    can, never a silent fallback. ``expert_adapters``: LoRA puts adapters on each routed
+    expert, which ``te`` (one fused op over all experts' weights) cannot carry, so ``auto``
+    skips it."""
     if choice not in MOE_EXPERTS_IMPLS:
         raise ExpertsImplError(f"--moe-experts-impl {choice!r}: use one of "
                                f"{', '.join(MOE_EXPERTS_IMPLS)}")
+    if choice == "te" and expert_adapters:
+        raise ExpertsImplError(
+            "--moe-experts-impl te with LoRA on the routed experts: TEGroupedMLP computes all "
+            "experts in one op on its own weights, so per-expert adapters cannot be added; use "
+            "--moe-experts-impl grouped_mm, or --moe-experts-freeze to adapt the rest only")
     if choice == "te" and linear != "te":
         raise ExpertsImplError(
             "--moe-experts-impl te needs Transformer Engine layers (--transformer-impl "
@@ -123,7 +131,7 @@ def resolve_experts_impl(choice: str, linear: str, device_type: str,
                                    "--moe-experts-impl sequential")
     if choice != "auto":
         return choice
-    if linear == "te":
+    if linear == "te" and not expert_adapters:
         return "te"
     return "grouped_mm" if grouped_mm_problem(device_type, dtype) is None else "sequential"
 

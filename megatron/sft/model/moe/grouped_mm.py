@@ -58,7 +58,18 @@ class GroupedMMExperts(SequentialMLP):
         fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F/tp, H]
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F/tp]
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
-        h = grouped_linear(x, fc1, offs)
+        h = self._with_lora("linear_fc1", grouped_linear(x, fc1, offs), x, offs)
         h = _glu(self.config, h)
         h = (h * probs.unsqueeze(-1)).to(h.dtype)
-        return grouped_linear(h, fc2, offs), None
+        return self._with_lora("linear_fc2", grouped_linear(h, fc2, offs), h, offs), None
+
+    def _with_lora(self, linear: str, out: torch.Tensor, x: torch.Tensor,
+                   offs: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the experts' LoRA updates when their ``linear`` carries adapters
+        (:func:`megatron.sft.lora.adapters.expert_update`)."""
+        adapters = [getattr(getattr(e, linear), "lora", None) for e in self.local_experts]
+        if adapters[0] is None:
+            return out
+        from megatron.sft.lora.adapters import expert_update
+
+        return out + expert_update(adapters, x, offs, grouped_linear).to(out.dtype)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from megatron.sft.bridge.model_shape import ModelShape
+from megatron.sft.model.moe.freeze import freeze_overrides
 
 
 def moe_config_overrides(cfg, shape: ModelShape) -> dict[str, Any]:
@@ -36,6 +37,7 @@ def moe_config_overrides(cfg, shape: ModelShape) -> dict[str, Any]:
         out["moe_z_loss_coeff"] = cfg.moe_z_loss_coeff
     if cfg.moe_expert_capacity_factor is not None:
         out["moe_expert_capacity_factor"] = cfg.moe_expert_capacity_factor
+    out.update(freeze_overrides(cfg.moe_router_freeze))
     return out
 
 
@@ -45,7 +47,10 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
                                 ("--moe-aux-loss-coeff", cfg.moe_aux_loss_coeff),
                                 ("--moe-z-loss-coeff", cfg.moe_z_loss_coeff),
                                 ("--moe-expert-capacity-factor",
-                                 cfg.moe_expert_capacity_factor)) if v is not None]
+                                 cfg.moe_expert_capacity_factor),
+                                ("--moe-router-freeze", cfg.moe_router_freeze or None),
+                                ("--moe-experts-freeze", cfg.moe_experts_freeze or None))
+                 if v is not None]
     if shape.moe is None:
         if moe_flags:
             raise ValueError(f"{', '.join(moe_flags)}: {shape.architecture} has no experts; "
@@ -60,10 +65,6 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
     if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
         raise ValueError(f"--moe-expert-capacity-factor {cfg.moe_expert_capacity_factor}: must "
                          "be positive (leave it unset for dropless routing)")
-    if cfg.lora_rank and cfg.tensor_model_parallel_size > 1:
-        raise ValueError("--lora-rank with --tensor-model-parallel-size > 1 on a "
-                         "Mixture-of-Experts model: LoRA on MoE is proven at TP 1 only; use "
-                         "TP 1 (with EP)")
     if cfg.context_parallel_size > 1:
         # The routing padding mask and the per-layer routing statistics are computed on whole
         # rows; with CP each rank holds two chunks of a row, which nothing here slices for yet.
