@@ -102,6 +102,10 @@ class TrainConfig:
                                                   "ignored)")
     split: str = _field("98,2,0", "train,valid,test weights over samples")
     seq_length: int = _field(4096, "tokens per row (packed rows hold several samples)")
+    allow_tokenizer_mismatch: bool = _field(
+        False, "train even when the data's tokenizer (its fingerprint in _stats.json) is not "
+               "the model's (--load's tokenizer files), though both have the same size; without "
+               "this it is an error")
     allow_dropping_long_samples: bool = _field(
         False, "train even when more than 5%% of the loss tokens are in samples longer than "
                "--seq-length (those samples are skipped; without this it is an error)")
@@ -214,8 +218,9 @@ class TrainConfig:
     skip_nan_steps: bool = _field(False, "skip an optimizer step whose loss is NaN/inf instead "
                                          "of stopping")
     no_progress: bool = _field(False, "no progress bar (logs only)")
-    strict: bool = _field(False, "stop on data warnings (e.g. samples longer than "
-                                 "max_position_embeddings) instead of training on")
+    strict: bool = _field(False, "stop on warnings instead of training on: samples longer "
+                                 "than max_position_embeddings, a --load iteration without "
+                                 "checksums.json")
 
     def parallel_layout(self, num_layers: Optional[int] = None) -> ParallelLayout:
         """The parallel sizes of this run as one :class:`ParallelLayout` (``num_layers`` turns

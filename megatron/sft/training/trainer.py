@@ -117,8 +117,7 @@ class Trainer:
             self.log = lambda message: None
         for note in notes:
             self.log(note)
-        check_save_directory(cfg)  # never replace or prune an iteration training did not write
-        hf_output.check_hf_outputs(cfg)  # --save-hf: never over files this run did not export
+        hf_output.check_hf_outputs(cfg)  # --save-hf: writable, never over others' files
         self.source.describe_layout(self.dims.layout.for_checkpoint(), self.log)
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
@@ -130,6 +129,8 @@ class Trainer:
                  + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         self.source.check_adapters()
         self.checkpointer = Checkpointer(cfg, self.source, self.log, self._log_here)
+        # never replace or prune an iteration training did not write (of those this run saves)
+        check_save_directory(cfg, self.checkpointer.start_iteration)
         data = build_run_data(cfg, self.log)
         self.train_ds, self.valid_ds = data.train_ds, data.valid_ds
         self.train_iters, self.data_identity = data.train_iters, data.identity
