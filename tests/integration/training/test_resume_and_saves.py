@@ -128,6 +128,32 @@ def test_saving_onto_the_converted_base_is_refused_and_it_is_never_pruned(runs):
     assert runs["conv_digest_after"] == runs["conv_digest_before"]
 
 
+def test_a_run_resumed_in_its_converted_load_is_not_refused_for_iterations_before_it(runs):
+    """Was: resuming at iteration 3 with --save-interval 1 refused: 'this run would save
+    iteration 1 over it' (a run that starts at 3 cannot save 1)."""
+    r = runs["resume_in_base"]
+    assert r["error"] is None and r["start_iteration"] == 3
+    assert [h["iteration"] for h in r["history"]] == [4]
+
+
+def test_new_adam_settings_on_resume_are_refused_or_taken_into_the_checkpoint(runs):
+    """Was: ignored with exit 0; the next checkpoint still held betas (0.9, 0.95), eps 1e-8."""
+    error = runs["adam_changed"]["error"]
+    assert error.startswith("ResumeError: --adam-beta1 0.1 differs from the optimizer state of "
+                            "the checkpoint being resumed"), error
+    r = runs["adam_override"]
+    assert r["error"] is None and [h["iteration"] for h in r["history"]] == [5]
+    assert runs["adam_saved"] == {"adam_beta1": 0.1, "adam_beta2": 0.5, "adam_eps": 1e-3}
+
+
+def test_a_stop_right_after_an_interval_save_saves_once(runs):
+    """Was: 'saved checkpoint ...' twice (the iteration written twice) when a signal or
+    --exit-interval came right after an interval save."""
+    r = runs["stop_after_interval_save"]
+    assert r["error"] is None and [h["iteration"] for h in r["history"]] == [1, 2]
+    assert len([m for m in r["logs"] if m.startswith("saved checkpoint")]) == 1, r["logs"]
+
+
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing(runs):
     error = runs["disk_full"]["error"]
     assert error.startswith("DiskFullError: no space left on ") and "run_c while writing "\
