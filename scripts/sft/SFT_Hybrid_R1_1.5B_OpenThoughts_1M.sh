@@ -142,6 +142,6 @@ if [[ "$FSDP" == 1 ]]; then
 else
   export CUDA_DEVICE_MAX_CONNECTIONS=1
 fi
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
+exec "$PYTHON" "$REPO/tools/launch.py" --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   "$REPO/tools/train_sft.py" "${args[@]}"

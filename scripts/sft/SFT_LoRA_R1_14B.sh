@@ -107,6 +107,6 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 
 # --- launch one process per GPU on every node
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets TP communication overlap compute
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
+exec "$PYTHON" "$REPO/tools/launch.py" --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   "$REPO/tools/train_sft.py" "${args[@]}"

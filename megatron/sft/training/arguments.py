@@ -75,6 +75,14 @@ class TrainConfig:
               "whenever --save-hf exports (or at the end); needs --save")
     exit_interval: Optional[int] = _field(None, "save and exit after an iteration divisible by N "
                                                 "(for job time limits)")
+    exit_duration_in_mins: Optional[float] = _field(
+        None, "save and exit (code 75: run again to resume) after the first iteration that ends "
+              "this many minutes after the start, e.g. a little below a job's time limit; "
+              "SIGTERM, SIGINT and SIGUSR1 do the same at once")
+    hang_timeout_minutes: Optional[float] = _field(
+        None, "stop every rank (code 76) when no training step has finished for this many "
+              "minutes (fractions allowed), printing what each rank last did; also sets the "
+              "collective timeout (twice this, at least 1 minute)")
     keep_last: int = _field(2, "keep only the newest K checkpoints in --save (0 keeps all); an "
                                "iteration no training run wrote (a converted base) is never "
                                "removed")
@@ -325,6 +333,12 @@ class TrainConfig:
                 raise ValueError(f"--eval-iters 0 with --eval-interval {self.eval_interval}: each "
                                  "evaluation would average over no batch; give --eval-iters 1 or "
                                  "more, or drop --eval-interval to not evaluate")
+        for name in ("exit_duration_in_mins", "hang_timeout_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {value}: give a positive number of minutes (fractions "
+                                 f"such as 0.5 are fine), or drop {flag}")
         for name, what in (("save_interval", "the run still saves at the end"),
                            ("exit_interval", "the run then trains to the end")):
             value = getattr(self, name)

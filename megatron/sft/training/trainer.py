@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -41,6 +40,8 @@ from megatron.sft.training.run_guard import (
     check_training_data,
 )
 from megatron.sft.training.run_log import RunLog
+from megatron.sft.training.stop import StopRequests
+from megatron.sft.training.watchdog import HangWatchdog, collective_timeout_minutes
 
 
 @dataclass
@@ -83,12 +84,15 @@ class Trainer:
     valid_ds: Optional[SFTDataset]
     data_identity: dict[str, Any]       # which data the data position points into
     moe_metrics: Optional[MoEMetrics]   # per-layer aux loss / load imbalance (MoE models)
+    watchdog: HangWatchdog              # --hang-timeout-minutes: what each rank does, hangs
     # --- counters
     train_iters: int                    # computed once, from --train-iters or --train-epochs
     iteration: int
     consumed_samples: int               # samples the LR schedule has seen (every data)
     data_position: int                  # rows of this data consumed (the next step's first row)
     history: list[dict[str, Any]]
+    started: float                      # monotonic clock at construction (--exit-duration-in-mins)
+    stopped_early: Optional[str]        # why the loop stopped before its end (a signal, the clock)
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -98,6 +102,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.data_position = 0
+        self.started, self.stopped_early = time.monotonic(), None
+        self.watchdog = HangWatchdog(cfg.hang_timeout_minutes)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -107,8 +113,9 @@ class Trainer:
         self.shape = self.source.shape
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
         moe.check_moe_run(cfg, self.shape)
-        self.info = initialize_distributed(cfg.parallel_layout(self.shape.num_layers),
-                                           seed=cfg.seed)
+        self.info = initialize_distributed(
+            cfg.parallel_layout(self.shape.num_layers), seed=cfg.seed,
+            timeout_minutes=collective_timeout_minutes(cfg.hang_timeout_minutes))
         self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
         self.dims = self.info.dims
         self.dp_size, self.dp_rank = self.dims.dp_size, self.dims.dp_rank
@@ -200,6 +207,7 @@ class Trainer:
                     "--skip-nan-steps to skip such steps, or lower --lr)")
             self._advance()
             return StepResult(loss, int(total[1].item()), None, True, time.perf_counter() - t0)
+        self.watchdog.phase("optimizer", self.iteration + 1)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=cfg.global_batch_size)
         self._advance()
@@ -228,13 +236,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        stop = {"signal": None}
-
-        def on_signal(signum, frame):
-            stop["signal"] = signum
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        cfg, watchdog = self.cfg, self.watchdog
         self.run_log.open_progress(self.train_iters, self.iteration)
         start_time = time.perf_counter()
         first = self.iteration
@@ -242,35 +244,42 @@ class Trainer:
             self.log(f"nothing to train: {cfg.load} is already at iteration {first} = "
                      f"--train-iters {self.train_iters}; pass a larger --train-iters to continue")
         try:
-            while self.iteration < self.train_iters:
-                step_rows = self.data_position
-                step = self.train_step()
-                record = self.run_log.step_record(step, self.iteration,
-                                                  self.optimizer.param_groups[0]["lr"],
-                                                  self.consumed_samples)
-                record.update(self.run_log.device_metrics(step, self.shape, self.train_ds,
-                                                          step_rows))
-                if self.moe_metrics is not None:
-                    record.update(self.moe_metrics.collect(len(self._rows(step_rows))))
-                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
-                    with self.data_parallel.parameters_in_sync():
-                        record.update(self.evaluate() or {})
-                self.history.append(record)
-                self.run_log.record(record, self.train_iters)
-                export = self.checkpointer.due(self.iteration, self.train_iters)
-                if export is not None:
-                    self.save(export=export)
-                if stop["signal"] is not None:
-                    self.log(f"received signal {stop['signal']}: saving and exiting")
-                    break
-                if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
-                    self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
-                    break
-            if cfg.save and self.iteration > first:
-                self.save(export=stop["signal"] is None)  # a signal asks to exit soon
+            with StopRequests(cfg, self.info.device, self.started) as stop:
+                watchdog.start(self.iteration)
+                while self.iteration < self.train_iters:
+                    step_rows = self.data_position
+                    watchdog.phase("forward-backward", self.iteration + 1)
+                    step = self.train_step()
+                    record = self.run_log.step_record(step, self.iteration,
+                                                      self.optimizer.param_groups[0]["lr"],
+                                                      self.consumed_samples)
+                    record.update(self.run_log.device_metrics(step, self.shape, self.train_ds,
+                                                              step_rows))
+                    if self.moe_metrics is not None:
+                        record.update(self.moe_metrics.collect(len(self._rows(step_rows))))
+                    if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
+                        watchdog.phase("evaluate", self.iteration)
+                        with self.data_parallel.parameters_in_sync():
+                            record.update(self.evaluate() or {})
+                    self.history.append(record)
+                    self.run_log.record(record, self.train_iters)
+                    export = self.checkpointer.due(self.iteration, self.train_iters)
+                    if export is not None:
+                        watchdog.phase("save", self.iteration)
+                        self.save(export=export)
+                    watchdog.step_done(self.iteration)
+                    self.stopped_early = stop.reason()  # the same on every rank
+                    if self.stopped_early is not None:
+                        self.log(self.stopped_early)
+                        break
+                    if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                        self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
+                        break
+                if cfg.save and self.iteration > first:
+                    watchdog.phase("save", self.iteration)
+                    self.save(export=self.stopped_early is None)  # a stop asks to exit soon
         finally:
+            watchdog.stop()
             self.run_log.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history
