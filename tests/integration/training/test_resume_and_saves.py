@@ -5,7 +5,10 @@ them all (resume_worker.py); each test below checks one row."""
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,12 +182,22 @@ def test_a_truncated_rank_file_is_one_line_naming_it_on_every_rank(sft_assets, t
                                                                   progress=False))
     victim = ckpt / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    proc = run_torchrun(2, REPO / "tools" / "train_sft.py", "--load", str(ckpt),
-                        "--data-path", sft_assets["data"], "--tensor-model-parallel-size", "2",
-                        "--seq-length", "128", "--micro-batch-size", "2",
-                        "--global-batch-size", "4", "--train-iters", "1", "--no-progress")
-    assert proc.returncode != 0
+    # launched as the recipes do (tools/launch.py: torchrun that keeps the worker's last word)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "launch.py"), "--standalone", "--nproc-per-node",
+         "2", str(REPO / "tools" / "train_sft.py"), "--load", str(ckpt), "--data-path",
+         sft_assets["data"], "--tensor-model-parallel-size", "2", "--seq-length", "128",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1",
+         "--no-progress"], capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 2, proc.stderr[-3000:]  # the worker's code, not torchrun's 1
     # the two ranks' lines may interleave on the shared stderr: find both messages in it
     errors = re.findall(r"error: (rank 1: )?(\S+) is truncated or was replaced", proc.stderr)
-    assert sorted(errors) == [("", str(victim)), ("rank 1: ", str(victim))], proc.stderr[-3000:]
+    assert sorted(errors[:2]) == [("", str(victim)), ("rank 1: ", str(victim))], \
+        proc.stderr[-3000:]
     assert "PytorchStreamReader" not in proc.stderr and "Connection closed" not in proc.stderr
+    # Was: torchrun's ChildFailedError traceback came last and buried the one-line error.
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: (rank 1: )?{re.escape(str(victim))} is truncated or was "
+                        r"replaced.*", last), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
