@@ -11,8 +11,8 @@ What plain ``torchrun`` does that a cluster job cannot live with:
 
 ``python tools/launch.py TORCHRUN_ARGS...`` takes torchrun's own arguments, runs it in this
 process with SIGTERM, SIGINT and SIGUSR1 forwarded to the workers (each saves and exits 75,
-however long that takes; torchrun keeps SIGHUP/SIGQUIT), then exits with the first failed
-worker's code, printing its ``error:`` line last.
+however long that takes; a second Ctrl-C kills them; torchrun keeps SIGHUP/SIGQUIT), then
+exits with the first failed worker's code, printing its ``error:`` line last.
 
 Example (a bad flag on 2 ranks)::
 
@@ -51,10 +51,20 @@ def child_pids(parent: Optional[int] = None) -> list[int]:
     return children
 
 
+_interrupts = [0]
+
+
 def _forward(signum, frame) -> None:
+    """Pass the signal on; a second Ctrl-C kills the workers without waiting for their save."""
+    if signum == signal.SIGINT:
+        _interrupts[0] += 1
+        if _interrupts[0] == 2:
+            print("second Ctrl-C: killing the workers without saving (the latest complete "
+                  "checkpoint stays intact)", file=sys.stderr, flush=True)
+    kill = signal.SIGKILL if _interrupts[0] >= 2 else signum
     for pid in child_pids():
         try:
-            os.kill(pid, signum)
+            os.kill(pid, kill)
         except ProcessLookupError:
             pass
 

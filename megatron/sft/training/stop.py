@@ -25,8 +25,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequests:
-    """``with StopRequests(cfg, device, started) as stop:`` ... ``stop.reason()`` after each step:
-    ``None`` to go on, else the sentence to log (the same on every rank)."""
+    """``stop = StopRequests(cfg, device, started).install()``, ``stop.reason()`` after each step
+    (``None`` to go on, else the sentence to log, the same on every rank), ``stop.restore()``
+    at the end; also a context manager."""
 
     def __init__(self, cfg, device: torch.device, started: float):
         self.device, self.started = device, started
@@ -34,16 +35,24 @@ class StopRequests:
         self.signal: Optional[int] = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequests":
+    def install(self) -> "StopRequests":
+        """From here on the stop signals only set a flag (read by :meth:`reason`)."""
         def on_signal(signum, frame):
             self.signal = signum
 
         self._previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequests":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def reason(self) -> Optional[str]:
         import torch.distributed as dist

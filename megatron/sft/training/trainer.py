@@ -222,6 +222,7 @@ class Trainer:
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.valid_ds is None:
             return None
+        self.watchdog.phase("evaluate", self.iteration)
         for m in self.model:
             m.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
@@ -232,54 +233,53 @@ class Trainer:
 
     def save(self, export: bool = False) -> None:
         """Save a checkpoint; with ``export`` also write ``--save-hf`` / ``--save-hf-adapter``."""
+        self.watchdog.phase("save", self.iteration)
         self.checkpointer.save(self, export=export)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict[str, Any]]:
         cfg, watchdog = self.cfg, self.watchdog
+        stop = StopRequests(cfg, self.info.device, self.started).install()
         self.run_log.open_progress(self.train_iters, self.iteration)
         start_time = time.perf_counter()
         first = self.iteration
         if first >= self.train_iters:
             self.log(f"nothing to train: {cfg.load} is already at iteration {first} = "
                      f"--train-iters {self.train_iters}; pass a larger --train-iters to continue")
+        watchdog.start(self.iteration)
         try:
-            with StopRequests(cfg, self.info.device, self.started) as stop:
-                watchdog.start(self.iteration)
-                while self.iteration < self.train_iters:
-                    step_rows = self.data_position
-                    watchdog.phase("forward-backward", self.iteration + 1)
-                    step = self.train_step()
-                    record = self.run_log.step_record(step, self.iteration,
-                                                      self.optimizer.param_groups[0]["lr"],
-                                                      self.consumed_samples)
-                    record.update(self.run_log.device_metrics(step, self.shape, self.train_ds,
-                                                              step_rows))
-                    if self.moe_metrics is not None:
-                        record.update(self.moe_metrics.collect(len(self._rows(step_rows))))
-                    if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
-                        watchdog.phase("evaluate", self.iteration)
-                        with self.data_parallel.parameters_in_sync():
-                            record.update(self.evaluate() or {})
-                    self.history.append(record)
-                    self.run_log.record(record, self.train_iters)
-                    export = self.checkpointer.due(self.iteration, self.train_iters)
-                    if export is not None:
-                        watchdog.phase("save", self.iteration)
-                        self.save(export=export)
-                    watchdog.step_done(self.iteration)
-                    self.stopped_early = stop.reason()  # the same on every rank
-                    if self.stopped_early is not None:
-                        self.log(self.stopped_early)
-                        break
-                    if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
-                        self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
-                        break
-                if cfg.save and self.iteration > first:
-                    watchdog.phase("save", self.iteration)
-                    self.save(export=self.stopped_early is None)  # a stop asks to exit soon
+            while self.iteration < self.train_iters:
+                step_rows = self.data_position
+                watchdog.phase("forward-backward", self.iteration + 1)
+                step = self.train_step()
+                record = self.run_log.step_record(step, self.iteration,
+                                                  self.optimizer.param_groups[0]["lr"],
+                                                  self.consumed_samples)
+                record.update(self.run_log.device_metrics(step, self.shape, self.train_ds,
+                                                          step_rows))
+                if self.moe_metrics is not None:
+                    record.update(self.moe_metrics.collect(len(self._rows(step_rows))))
+                if cfg.eval_interval and self.iteration % cfg.eval_interval == 0:
+                    with self.data_parallel.parameters_in_sync():
+                        record.update(self.evaluate() or {})
+                self.history.append(record)
+                self.run_log.record(record, self.train_iters)
+                export = self.checkpointer.due(self.iteration, self.train_iters)
+                if export is not None:
+                    self.save(export=export)
+                watchdog.step_done(self.iteration)
+                self.stopped_early = stop.reason()  # a signal or the clock, agreed by all ranks
+                if self.stopped_early is not None:
+                    self.log(self.stopped_early)
+                    break
+                if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                    self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
+                    break
+            if cfg.save and self.iteration > first:
+                self.save(export=self.stopped_early is None)  # a stop asks to exit soon
         finally:
             watchdog.stop()
             self.run_log.close()
+            stop.restore()
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history
