@@ -12,11 +12,12 @@ the next run, and the latest complete checkpoint is what the requeued job resume
 The process group's own collective timeout is set from the same flag
 (:func:`collective_timeout_minutes`), later than the watchdog so its report comes first.
 
-Example report (rank 1 stuck in its data, rank 0 waiting in the gradient all-reduce)::
+Example report (rank 1 stalled inside step 3, rank 0 waiting for it in the gradient all-reduce;
+rank 2 was never heard from)::
 
     hang: no training step finished for 0.2 min (--hang-timeout-minutes 0.2); last reports:
-    rank 0: iteration 3, forward-backward, 12 s ago; rank 1: iteration 3, forward-backward, 12 s
-    ago. Stopping every rank (exit 76); the latest checkpoint is intact, nothing is saved now
+    ranks 0-1: iteration 3, forward-backward, 12 s ago; rank 2: no report. Stopping every rank
+    (exit 76); the latest checkpoint is intact, nothing is saved now
 """
 
 from __future__ import annotations
