@@ -84,7 +84,11 @@ def check_hf_outputs(cfg) -> None:
         check_output_separate(out, flag, {"--load": cfg.load, "--save": cfg.save,
                                           "--data-path": None})
         path = Path(out)
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if path.exists() and not path.is_dir():  # a file: nothing can be exported there
+            from megatron.sft.runtime.locks import NotWritableError, unwritable_reason
+
+            raise NotWritableError(unwritable_reason(flag, out, OSError()))
+        if not path.exists() or not any(path.iterdir()):
             continue
         marker = path / EXPORT_MARKER
         owner = json.loads(marker.read_text()).get("checkpoint") if marker.is_file() else None

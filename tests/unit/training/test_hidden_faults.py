@@ -159,6 +159,9 @@ def test_save_hf_into_a_file_or_a_place_without_files_fails_at_start(tmp_path):
     assert str(err.value) == (f"--save-hf {tmp_path}/notes.txt/out: {tmp_path}/notes.txt is a "
                               "file, not a directory, so nothing can be written under it; "
                               "choose another --save-hf")
+    with pytest.raises(NotWritableError, match=rf"^--save-hf {tmp_path}/notes.txt: "
+                                               rf"{tmp_path}/notes.txt is a file, not a "):
+        check_hf_outputs(_hf_cfg(tmp_path, save_hf=str(tmp_path / "notes.txt")))
     with pytest.raises(NotWritableError, match=r"^--save-hf-adapter /proc/x: cannot write in "
                                                r"/proc \(the filesystem takes no new files\)"):
         check_hf_outputs(_hf_cfg(tmp_path, save_hf_adapter="/proc/x"))
