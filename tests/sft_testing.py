@@ -70,11 +70,13 @@ def write_arithmetic_conversations(path: Path, count: int, seed: int) -> Path:
 
 
 @contextlib.contextmanager
-def small_filesystem(path: Path, size: str):
+def small_filesystem(path: Path, size: str, options: str = ""):
     """A real filesystem of ``size`` (e.g. ``"1M"``) mounted at ``path`` for disk-full tests: a
-    tmpfs, which needs root (as on CI and the development machines); skipped elsewhere."""
+    tmpfs, which needs root (as on CI and the development machines); skipped elsewhere.
+    ``options``: more mount options, e.g. ``"ro"`` (root writes anywhere else)."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    opts = f"size={size}" + (f",{options}" if options else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         import pytest

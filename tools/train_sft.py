@@ -28,13 +28,16 @@ def main(argv=None) -> int:
     from megatron.sft.runtime.distributed import destroy_distributed
     from megatron.sft.training.trainer import Trainer
 
+    from megatron.sft.runtime.exit_codes import EXIT_RESUMABLE
+
     trainer = Trainer(cfg, log=lambda msg: print(msg, flush=True))
     try:
         trainer.setup()
         trainer.train()
     finally:
         destroy_distributed()
-    return 0
+    # stopped early by a signal or --exit-duration-in-mins, saved: the same command resumes
+    return EXIT_RESUMABLE if trainer.stopped_early else 0
 
 
 if __name__ == "__main__":

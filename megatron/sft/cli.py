@@ -36,6 +36,26 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
+        _tell_the_launcher(f"error: {msg}")
         sys.exit(2)
     sys.exit(code or 0)
 
+
+
+def _tell_the_launcher(line: str) -> None:
+    """Under torchrun, leave the one-line error in the worker's error file: torchrun's summary
+    then names it, and ``tools/launch.py`` prints it as the last line (not torchrun's
+    traceback)."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": line, "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass

@@ -12,7 +12,9 @@
 #              LORA_RANK=R (>0: train LoRA adapters on the frozen model, saved to sft_tiny_lora_rR),
 #              LORA_ALPHA (default 2 x LORA_RANK),
 #              FSDP=1 (Megatron-FSDP ZeRO-3 over the data-parallel ranks: NPROC=4 for DP=2 at TP=2),
-#              HF_MODEL=DIR (e.g. runs/demo/hf_tiny_qwen2: load the HF model directly, no conversion).
+#              HF_MODEL=DIR (e.g. runs/demo/hf_tiny_qwen2: load the HF model directly, no conversion),
+#              NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT (several machines: NPROC processes on each;
+#              scripts/sft/slurm/submit.sbatch sets them), EXTRA_ARGS (more tools/train_sft.py flags).
 set -euo pipefail
 
 # the venv `make demo` builds, unless PYTHON says otherwise
@@ -72,12 +74,20 @@ lora=()
 # FSDP: weights, gradients and optimizer state sharded over the data-parallel ranks
 [[ "$FSDP" == 1 ]] && lora+=(--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params)
 
+# --- one machine, or NNODES machines meeting at MASTER_ADDR (torchrun's static rendezvous)
+: "${NNODES:=1}"
+nodes=(--standalone)
+(( NNODES > 1 )) && nodes=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?}" \
+  --master-addr "${MASTER_ADDR:?}" --master-port "${MASTER_PORT:-6000}")
+read -r -a extra <<< "${EXTRA_ARGS:-}"
+
 # --- gloo on CPU: real megatron-core TP code paths, one process per TP rank
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+exec "$PYTHON" "$REPO/tools/launch.py" "${nodes[@]}" --nproc-per-node "$NPROC" \
   "$REPO/tools/train_sft.py" --load "$LOAD" --save "$SAVE_DIR" --save-interval 20 \
   --data-path "$DATA_PATH" --seq-length "$SEQ_LEN" --split 95,5,0 \
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS" \
   --lr "$LR" --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters "$LR_WARMUP_ITERS" --clip-grad 1.0 \
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
   --attention-backend "$ATTENTION_BACKEND" ${lora[@]+"${lora[@]}"} \
-  --eval-interval 20 --eval-iters 2 --log-interval 5 --log-json "$SAVE_DIR.log.jsonl"
+  --eval-interval 20 --eval-iters 2 --log-interval 5 --log-json "$SAVE_DIR.log.jsonl" \
+  ${extra[@]+"${extra[@]}"}

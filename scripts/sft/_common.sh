@@ -9,7 +9,9 @@
 #                               sets LOAD: the run's own latest checkpoint, else HF_MODEL (read
 #                               directly), else the conversion CKPT; exits 2 naming the fix
 #   sft_require_data PREFIX HINT  exits 2 unless PREFIX_text_document.idx exists
-#   sft_launch ARGS...          execs tools/train_sft.py under torchrun on every GPU of every node
+#   sft_launch ARGS...          execs tools/train_sft.py on every GPU of every node through
+#                               tools/launch.py (torchrun that keeps the workers' exit codes:
+#                               75 saved and stopped early, 76 hung; and forwards signals)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${ASSETS_DIR:=$REPO/assets}"
@@ -57,7 +59,7 @@ sft_require_data() {
 }
 
 sft_launch() {
-  exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
+  exec "$PYTHON" "$REPO/tools/launch.py" --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
     --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     "$REPO/tools/train_sft.py" "$@"
 }

@@ -120,6 +120,16 @@ def read_checksums(iter_dir: Path) -> Optional[dict[str, dict]]:
                              "are lost: pass --no-verify to load it unchecked") from None
 
 
+def unverified_notice(iter_dir: Path) -> Optional[str]:
+    """The warning for an iteration that has no ``checksums.json`` (written before checksums
+    existed, or the file was lost): it can only be read unverified. ``None`` when it has one."""
+    iter_dir = Path(iter_dir)
+    if (iter_dir / CHECKSUMS_FILE).exists():
+        return None
+    return (f"{iter_dir} has no {CHECKSUMS_FILE} (written before checksums existed, or the "
+            "file was lost): its files are read unverified, so damaged bytes would go unnoticed")
+
+
 #: (path, size, mtime_ns) of files already verified in this process
 _VERIFIED: set[tuple[str, int, int]] = set()
 

@@ -9,6 +9,7 @@ only) subclasses it and overrides :meth:`CheckpointReader.stage_states` (see
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,6 +22,7 @@ from megatron.sft.bridge.checkpoint_io import (
     load_rank_state,
     read_metadata,
 )
+from megatron.sft.bridge.integrity import unverified_notice
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.stage_mapping import export_plan, required_hf_names, stage_to_hf
 
@@ -41,6 +43,9 @@ class CheckpointReader:
         self.spec, self.shape = shape_of(self.meta.hf_config)
         self.layout = self.meta.layout
         self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size)
+        notice = unverified_notice(self.iter_dir) if verify else None
+        if notice is not None:  # exports and reshards say so, as training does
+            print(f"warning: {notice}", file=sys.stderr, flush=True)
 
     @property
     def iteration(self) -> int:

@@ -34,6 +34,8 @@ Modules (pure ones import neither torch.distributed nor megatron-core):
                         two tool-calling (Qwen-style ChatML, Llama-3.1) templates, for tests
 - ``tokenizer_edit``    renaming added/special tokens and swapping the chat template           [pure]
 - ``tokenizer_edit_io`` reading, verifying and atomically writing an edited tokenizer folder   [IO]
+- ``tokenizer_fingerprint`` a content hash of a tokenizer (vocabulary, merges, added tokens),
+                        recorded in ``_stats.json`` and compared by training                  [IO]
 
 Nothing is imported here so that ``import megatron.sft.data.formats`` stays cheap.
 """

@@ -100,16 +100,45 @@ def strip_suffix(prefix: str) -> str:
     return prefix
 
 
+def incomplete_dataset(prefix: str) -> str | None:
+    """Why the files of ``prefix`` are a partial dataset, or ``None``: one of a ``.bin``/``.idx``
+    pair without the other, or no loss-mask pair although ``PREFIX_stats.json`` (written by our
+    pre-tokenizer, which always writes masks) is there. Only data written without masks (e.g. by
+    Megatron-LM's ``preprocess_data.py``) trains on every token; a copy that lost a mask file
+    must not silently do so.
+
+    Example: ``ds_loss_mask_document.bin`` without its ``.idx`` -> ``"ds_loss_mask_document.idx
+    is missing, but ds_loss_mask_document.bin is there: ..."``.
+    """
+    for suffix in (TEXT_SUFFIX, LOSS_MASK_SUFFIX):
+        have = {ext: os.path.exists(prefix + suffix + ext) for ext in (".bin", ".idx")}
+        if have[".bin"] != have[".idx"]:
+            missing, present = (".idx", ".bin") if have[".bin"] else (".bin", ".idx")
+            return (f"{prefix}{suffix}{missing} is missing, but {prefix}{suffix}{present} is "
+                    "there: the dataset is incomplete (a copy that stopped part-way?). Copy the "
+                    "missing file too, or re-run the pre-tokenization")
+    masks = os.path.exists(prefix + LOSS_MASK_SUFFIX + ".idx")
+    if not masks and os.path.exists(prefix + "_stats.json"):
+        return (f"{prefix}{LOSS_MASK_SUFFIX}.bin/.idx are missing, but {prefix}_stats.json is "
+                "there: the pre-tokenizer wrote loss masks for this dataset, and without them "
+                "every token would be learned. Copy the loss-mask files too, or re-run the "
+                "pre-tokenization")
+    return None
+
+
 def open_indexed_pair(prefix: str) -> tuple[IndexedReader, IndexedReader | None]:
     """``sft_dataset.open_pair`` without torch: (tokens, loss mask or None), lengths checked."""
     prefix = strip_suffix(prefix)
     text_prefix, mask_prefix = prefix + TEXT_SUFFIX, prefix + LOSS_MASK_SUFFIX
-    if not (os.path.exists(text_prefix + ".idx") and os.path.exists(text_prefix + ".bin")):
+    if not (os.path.exists(text_prefix + ".idx") or os.path.exists(text_prefix + ".bin")):
         raise FileNotFoundError(
             f"no SFT dataset at {prefix!r}: expected {text_prefix}.bin/.idx and "
             f"{mask_prefix}.bin/.idx (run scripts/data/tokenize_dataset.sh first, or give a raw "
             "file with --input)."
         )
+    problem = incomplete_dataset(prefix)
+    if problem is not None:
+        raise FileNotFoundError(problem)
     text = IndexedReader(text_prefix)
     if not os.path.exists(mask_prefix + ".idx"):
         return text, None

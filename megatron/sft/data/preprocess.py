@@ -39,6 +39,7 @@ from megatron.sft.data.readers import (
 )
 from megatron.sft.data.render import NOTICES, ConversationRenderer, RenderConfig, TokenizedChunk
 from megatron.sft.data.stats import PreprocessStats
+from megatron.sft.data.tokenizer_fingerprint import tokenizer_fingerprint
 from megatron.sft.runtime.disk import disk_full_guard
 from megatron.sft.runtime.locks import PrefixLock, remove_stale_temp_files
 
@@ -255,6 +256,7 @@ def _preprocess_locked(config: PreprocessConfig, prefix: str,
     records = iter_records(config.input, config.split, config.max_record_bytes)
     stats = PreprocessStats(input=str(config.input), output_prefix=prefix,
                             tokenizer=config.tokenizer_model, tokenizer_vocab_size=len(tokenizer),
+                            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) or "",
                             seq_length=config.render.max_length, truncate=config.render.truncate)
     bar = tqdm(unit=" samples", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     say = log or (lambda msg: bar.write(msg, file=sys.stderr))

@@ -22,11 +22,13 @@ Example::
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron.sft.data.indexed_reader import incomplete_dataset
 from megatron.sft.data.indexed_writer import LOSS_MASK_SUFFIX, TEXT_SUFFIX
 from megatron.sft.data.packing import assemble_pack, pack_best_fit, packing_efficiency
 from megatron.sft.data.validation import VocabularyGuard, check_bin_size
@@ -94,11 +96,14 @@ def open_pair(prefix: str):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = _strip_suffix(prefix)
-    if not IndexedDataset.exists(prefix + TEXT_SUFFIX):
+    if not any(os.path.exists(prefix + TEXT_SUFFIX + ext) for ext in (".bin", ".idx")):
         raise FileNotFoundError(
             f"no SFT dataset at {prefix!r}: expected {prefix}{TEXT_SUFFIX}.bin/.idx and "
             f"{prefix}{LOSS_MASK_SUFFIX}.bin/.idx (run tools/preprocess_data_sft.py first)."
         )
+    problem = incomplete_dataset(prefix)  # a lost mask file must not mean "learn every token"
+    if problem is not None:
+        raise FileNotFoundError(problem)
     text = IndexedDataset(prefix + TEXT_SUFFIX)
     check_bin_size(text, prefix + TEXT_SUFFIX)
     if not IndexedDataset.exists(prefix + LOSS_MASK_SUFFIX):

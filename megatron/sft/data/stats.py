@@ -25,6 +25,9 @@ class PreprocessStats:
     output_prefix: str = ""
     tokenizer: str = ""
     tokenizer_vocab_size: int = 0
+    tokenizer_fingerprint: str = ""
+    """Content hash of the tokenizer (``tokenizer_fingerprint``): training compares it with the
+    model's tokenizer, which may have the same size and still be another one."""
     seq_length: int | None = None
     """``--seq-length`` of the run (``MAX_LEN``): longer samples were dropped or truncated."""
     truncate: bool = False
@@ -84,6 +87,7 @@ class PreprocessStats:
             "output_prefix": self.output_prefix,
             "tokenizer": self.tokenizer,
             "tokenizer_vocab_size": self.tokenizer_vocab_size,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "seq_length": self.seq_length,
             "truncate": self.truncate,
             "max_token_id": self.max_token_id,

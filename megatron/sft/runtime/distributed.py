@@ -61,12 +61,14 @@ def _single_process_env() -> None:
 
 
 def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234,
-                           backend: Optional[str] = None, timeout_minutes: int = 30
+                           backend: Optional[str] = None, timeout_minutes: float = 30
                            ) -> RuntimeInfo:
     """Start the process group and megatron-core's parallel state for ``layout``.
 
-    ``backend`` ``None`` picks nccl when CUDA is available, gloo otherwise. Idempotent per
-    process: a second call with the same layout returns the same info.
+    ``backend`` ``None`` picks nccl when CUDA is available, gloo otherwise. ``timeout_minutes``:
+    how long a collective waits for its peers, in every group (the trainer derives it from
+    ``--hang-timeout-minutes``). Idempotent per process: a second call with the same layout
+    returns the same info.
     """
     quiet_megatron_import_warnings()
     _single_process_env()
@@ -94,7 +96,8 @@ def initialize_distributed(layout: ParallelLayout, *, seed: int = 1234,
             raise RuntimeError(f"model parallel state already initialised as "
                                f"{current.describe()}, not {layout.describe()}")
     else:
-        ps.initialize_model_parallel(**layout.to_megatron())
+        ps.initialize_model_parallel(**layout.to_megatron(),
+                                     distributed_timeout_minutes=timeout_minutes)
         model_parallel_cuda_manual_seed(seed)
     dims = ParallelDims.from_parallel_state(layout)
     set_parallel_dims(dims)

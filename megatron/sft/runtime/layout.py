@@ -325,9 +325,13 @@ class ParallelLayout:
             return
         if shape is None:
             raise LayoutError(problems[0] if len(problems) == 1 else "; ".join(problems))
+        moe = getattr(shape, "moe", None)
+        experts = "" if moe is None else (
+            f"; valid EP sizes: {[d for d in range(1, moe.num_experts + 1) if moe.num_experts % d == 0]}")
         raise LayoutError("cannot shard this model: " + "; ".join(problems)
                           + f". Valid TP sizes: {valid_tp_sizes(shape)}; valid PP (x VPP) "
-                            f"sizes: {[d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]}")
+                            f"sizes: {[d for d in range(1, shape.num_layers + 1) if shape.num_layers % d == 0]}"
+                          + experts)
 
     def check_files(self, spelling: Spelling = SHORT) -> None:
         """What our checkpoint files can hold, beyond what megatron-core can run: one file per

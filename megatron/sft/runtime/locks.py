@@ -45,6 +45,10 @@ class LockedError(ValueError):
     """Another live writer holds the output. A ``ValueError`` so CLIs print one clear line."""
 
 
+class NotWritableError(ValueError):
+    """An output that cannot be written where it was asked for (one line naming it and why)."""
+
+
 def this_host() -> str:
     return socket.gethostname().split(".")[0]
 
@@ -197,6 +201,45 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# -- can an output be written at all? ----------------------------------------------------------
+_WHY = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+        errno.EROFS: "a read-only filesystem", errno.ENOENT: "the filesystem takes no new files"}
+
+
+def unwritable_reason(flag: str, directory: "str | Path", exc: OSError) -> str:
+    """One line for an output ``directory`` (given as ``flag``) that ``exc`` says cannot be
+    written: a file where a parent directory should be, or a parent that refuses new files.
+
+    Example: ``--save-hf notes.txt/out`` -> ``--save-hf .../notes.txt/out: .../notes.txt is a
+    file, not a directory, so nothing can be written under it; choose another --save-hf``.
+    """
+    directory = Path(os.path.abspath(directory))
+    for p in (directory, *directory.parents):
+        if os.path.lexists(p) and not p.is_dir():
+            return (f"{flag} {directory}: {p} is a file, not a directory, so nothing can be "
+                    f"written under it; choose another {flag}")
+    parent = next(p for p in directory.parents if p.is_dir())
+    why = _WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    return (f"{flag} {directory}: cannot write in {parent} ({why}); choose a directory you can "
+            f"write to as {flag}, or fix that one")
+
+
+def check_writable(directory: "str | Path", flag: str, purpose: str) -> None:
+    """Before a run that writes ``directory`` at its end starts: take and release the lock an
+    export takes there (creating the parents, the ``DIR.lock`` file beside it and its ``flock``:
+    what ``--save`` needs at start), so a read-only parent, a file in the path, a filesystem
+    that refuses new files, or another writer holding it, is one line now (``ValueError``),
+    not a traceback after hours of training. A filesystem without ``flock`` passes, as for
+    ``--save``."""
+    try:
+        lock = DirectoryLock.acquire(directory, purpose, log=lambda message: None)
+    except (LockedError, DiskFullError):
+        raise
+    except OSError as exc:
+        raise NotWritableError(unwritable_reason(flag, directory, exc)) from None
+    lock.release()
 
 
 # -- partials ---------------------------------------------------------------------------------

@@ -66,6 +66,14 @@ class TrainConfig:
               "whenever --save-hf exports (or at the end); needs --save")
     exit_interval: Optional[int] = _field(None, "save and exit after an iteration divisible by N "
                                                 "(for job time limits)")
+    exit_duration_in_mins: Optional[float] = _field(
+        None, "save and exit (code 75: run again to resume) after the first iteration that ends "
+              "this many minutes after the start, e.g. a little below a job's time limit; "
+              "SIGTERM, SIGINT and SIGUSR1 do the same at once")
+    hang_timeout_minutes: Optional[float] = _field(
+        None, "stop every rank (code 76) when no training step has finished for this many "
+              "minutes (fractions allowed), printing what each rank last did; also sets the "
+              "collective timeout (twice this, at least 1 minute)")
     keep_last: int = _field(2, "keep only the newest K checkpoints in --save (0 keeps all); an "
                                "iteration no training run wrote (a converted base) is never "
                                "removed")
@@ -93,6 +101,10 @@ class TrainConfig:
                                                   "ignored)")
     split: str = _field("98,2,0", "train,valid,test weights over samples")
     seq_length: int = _field(4096, "tokens per row (packed rows hold several samples)")
+    allow_tokenizer_mismatch: bool = _field(
+        False, "train even when the data's tokenizer (its fingerprint in _stats.json) is not "
+               "the model's (--load's tokenizer files), though both have the same size; without "
+               "this it is an error")
     allow_dropping_long_samples: bool = _field(
         False, "train even when more than 5%% of the loss tokens are in samples longer than "
                "--seq-length (those samples are skipped; without this it is an error)")
@@ -226,8 +238,9 @@ class TrainConfig:
     skip_nan_steps: bool = _field(False, "skip an optimizer step whose loss is NaN/inf instead "
                                          "of stopping")
     no_progress: bool = _field(False, "no progress bar (logs only)")
-    strict: bool = _field(False, "stop on data warnings (e.g. samples longer than "
-                                 "max_position_embeddings) instead of training on")
+    strict: bool = _field(False, "stop on warnings instead of training on: samples longer "
+                                 "than max_position_embeddings, a --load iteration without "
+                                 "checksums.json")
 
     def parallel_layout(self, num_layers: Optional[int] = None) -> ParallelLayout:
         """The parallel sizes of this run as one :class:`ParallelLayout` (``num_layers`` turns
@@ -333,6 +346,12 @@ class TrainConfig:
                                  "evaluation would average over no batch; give --eval-iters 1 or "
                                  "more, or drop --eval-interval to not evaluate")
         self._check_eval_generate()
+        for name in ("exit_duration_in_mins", "hang_timeout_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {value}: give a positive number of minutes (fractions "
+                                 f"such as 0.5 are fine), or drop {flag}")
         for name, what in (("save_interval", "the run still saves at the end"),
                            ("exit_interval", "the run then trains to the end")):
             value = getattr(self, name)

@@ -15,6 +15,7 @@ from megatron.sft.training.checkpointing import (
 )
 from megatron.sft.training.optimizer import wanted_schedule
 from megatron.sft.training.resume import (
+    apply_optimizer_settings,
     check_optimizer_layout,
     optimizer_layout,
     plan_resume,
@@ -29,6 +30,12 @@ class Checkpointer:
         self.cfg, self.source, self.log, self.log_here = cfg, source, log, log_here
         self.resume = peek_resume(cfg) if source.resumable else None
         self.plan = None
+        self._saved: tuple = (None, False)  # (iteration saved last, exported too)
+
+    @property
+    def start_iteration(self) -> int:
+        """The iteration this run resumes at (0 for a fresh start)."""
+        return self.resume.iteration if self.resume is not None else 0
 
     # ------------------------------------------------------------------ resume
     def plan_resume(self, trainer) -> None:
@@ -42,7 +49,9 @@ class Checkpointer:
             cfg, iteration=self.resume.iteration, saved_schedule=self.resume.schedule,
             saved_train_state=self.resume.train_state,
             wanted_schedule=wanted_schedule(cfg, trainer.train_iters),
-            identity=trainer.data_identity, ckpt=cfg.load)
+            identity=trainer.data_identity, ckpt=cfg.load,
+            saved_optimizer=self.resume.optimizer_settings if self.resume.has_optimizer
+            and not cfg.no_load_optim else None)
         trainer.data_position = self.plan.data_position
         if self.resume.has_optimizer and not cfg.no_load_optim:
             check_optimizer_layout(self.resume.optimizer_layout, optimizer_layout(
@@ -63,6 +72,8 @@ class Checkpointer:
                                     override_schedule=self.plan.override_schedule,
                                     verify=cfg.verify, fsdp_model=trainer.model
                                     if cfg.use_megatron_fsdp else None)
+        if load_optim:  # the flags' Adam settings the plan took (--override-opt-param-scheduler)
+            apply_optimizer_settings(trainer.optimizer, self.plan.optimizer_overrides)
         trainer.iteration = state["iteration"]
         trainer.consumed_samples = state.get("consumed_samples", 0)
         for note in self.plan.notes:
@@ -88,11 +99,15 @@ class Checkpointer:
 
     def save(self, trainer, export: bool = False) -> None:
         """Save a checkpoint; with ``export`` also write ``--save-hf`` / ``--save-hf-adapter``
-        from it (``training/hf_output.py``)."""
-        with trainer.data_parallel.parameters_in_sync():
-            self._save(trainer)
-        if export and (self.cfg.save_hf or self.cfg.save_hf_adapter):
+        from it (``training/hf_output.py``). An iteration saved already (an interval save, then
+        a signal or --exit-interval at the same iteration) is not written twice."""
+        if self._saved[0] != trainer.iteration:
+            with trainer.data_parallel.parameters_in_sync():
+                self._save(trainer)
+            self._saved = (trainer.iteration, False)
+        if export and not self._saved[1] and (self.cfg.save_hf or self.cfg.save_hf_adapter):
             self._export_hf(trainer.iteration)
+            self._saved = (trainer.iteration, True)
 
     def _save(self, trainer) -> None:
         lora = self.source.before_save()

@@ -49,7 +49,7 @@ from megatron.sft.runtime.parallel_dims import parallel_dims
 from megatron.sft.lora.run_format import read_lora_info, write_lora_info
 from megatron.sft.lora.settings import adapter_state_dict
 from megatron.sft.training import fsdp
-from megatron.sft.training.resume import optimizer_layout
+from megatron.sft.training.resume import optimizer_layout, saved_optimizer_settings
 from megatron.sft.runtime.wrapping import unwrap_model
 
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
@@ -251,6 +251,8 @@ class ResumeSource:
     has_optimizer: bool
     #: how that optimizer state was saved (``resume.optimizer_layout``); ``None`` without one
     optimizer_layout: Optional[dict[str, Any]] = None
+    #: the Adam settings in that state (``resume.saved_optimizer_settings``)
+    optimizer_settings: Optional[dict[str, float]] = None
 
 
 def peek_resume(cfg) -> Optional[ResumeSource]:
@@ -270,7 +272,8 @@ def peek_resume(cfg) -> Optional[ResumeSource]:
     saved = saved_optimizer_layout(state, rank_file(it_dir, layout, dims.tp_rank, dims.pp_rank,
                                                     dims.ep_rank)) if has_optimizer else None
     return ResumeSource(int(state["iteration"]), dict(state.get("train_state", {})),
-                        state.get("opt_param_scheduler"), has_optimizer, saved)
+                        state.get("opt_param_scheduler"), has_optimizer, saved,
+                        saved_optimizer_settings(state["optimizer"]) if has_optimizer else None)
 
 
 @contextlib.contextmanager

@@ -76,14 +76,19 @@ def save_reference_files(hf_dir: "str | Path", save_dir: "str | Path") -> Option
 
 def check_hf_outputs(cfg) -> None:
     """At start, before any step: ``--save-hf`` / ``--save-hf-adapter`` must not overlap the
-    run's inputs or ``--save``, and must be empty or hold an export of this ``--save``."""
+    run's inputs or ``--save``, must be empty or hold an export of this ``--save``, and must be
+    writable."""
     for flag, out in (("--save-hf", cfg.save_hf), ("--save-hf-adapter", cfg.save_hf_adapter)):
         if out is None:
             continue
         check_output_separate(out, flag, {"--load": cfg.load, "--save": cfg.save,
                                           "--data-path": None})
         path = Path(out)
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if path.exists() and not path.is_dir():  # a file: nothing can be exported there
+            from megatron.sft.runtime.locks import NotWritableError, unwritable_reason
+
+            raise NotWritableError(unwritable_reason(flag, out, OSError()))
+        if not path.exists() or not any(path.iterdir()):
             continue
         marker = path / EXPORT_MARKER
         owner = json.loads(marker.read_text()).get("checkpoint") if marker.is_file() else None
@@ -92,6 +97,26 @@ def check_hf_outputs(cfg) -> None:
                 f"{flag} {out} already holds files that this run did not export (it replaces "
                 f"the directory at each export): choose an empty or new {flag} directory, or "
                 "remove it")
+    _check_writable(cfg)
+
+
+def _check_writable(cfg) -> None:
+    """``--save-hf`` / ``--save-hf-adapter`` can be written, checked as ``--save`` is (its lock
+    taken and released, on rank 0; every rank hears the outcome): a read-only place, a file in
+    the path or a filesystem that refuses new files is an error now, not after training."""
+    from megatron.sft.runtime.collective import on_every_rank
+    from megatron.sft.runtime.locks import check_writable
+
+    def probe() -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        for flag, out in (("--save-hf", cfg.save_hf), ("--save-hf-adapter", cfg.save_hf_adapter)):
+            if out is not None:
+                check_writable(out, flag, "HF export")
+
+    on_every_rank(probe)
 
 
 def export_iteration(save_dir: str, iteration: int, hf_out: Optional[str],

@@ -68,7 +68,22 @@ class ModelSource:
         else:
             self.meta = read_metadata(iteration_dir(Path(cfg.load)))
             _, self.shape = shape_of(self.meta.hf_config)
+            notes += self._unverified_notes()
         return notes
+
+    def _unverified_notes(self) -> list[str]:
+        """An iteration without checksums is loaded with a warning naming it, or refused with
+        ``--strict``; ``--no-verify`` asked for no check at all."""
+        from megatron.sft.bridge.integrity import unverified_notice
+
+        cfg = self.cfg
+        notice = unverified_notice(iteration_dir(Path(cfg.load))) if cfg.verify else None
+        if notice is None:
+            return []
+        if getattr(cfg, "strict", False):
+            raise ValueError(f"{notice}. --strict makes this an error: load an iteration that "
+                             "has its checksums, or drop --strict to train on it unverified")
+        return [f"warning: {notice}; --strict makes this an error"]
 
     def _save_holds_a_run(self) -> bool:
         cfg = self.cfg

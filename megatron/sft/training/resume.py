@@ -9,6 +9,9 @@ state, in samples) and the data position. On resume:
   both values and the two fixes: ``--override-opt-param-scheduler`` (take the new values from
   here on) or drop the flag. A ``--train-iters`` past the schedule's end is allowed and says
   what LR the extra iterations get. A flag counts as given when it differs from its default.
+- **optimizer**: Adam's betas and epsilon come with the checkpoint's optimizer state; a flag
+  that asks for other values is an error naming both, or, with
+  ``--override-opt-param-scheduler``, put into the restored optimizer.
 - **data**: the position is the number of rows of *this* dataset consumed so far; a changed
   ``--global-batch-size`` continues from it. A different dataset (path, its stats, sequence
   length, split, packing, seed) is an error unless ``--reset-data-position`` starts it over.
@@ -34,6 +37,14 @@ SCHEDULE_FLAGS = {
     "lr_decay_style": ("--lr-decay-style", "lr_decay_style"),
     "lr_warmup_steps": ("--lr-warmup-iters / --lr-warmup-fraction", "lr_warmup_iters"),
     "start_wd": ("--weight-decay", "weight_decay"),
+}
+#: Adam setting -> (the flag that sets it, the TrainConfig field, its value in a torch param
+#: group); the optimizer state of a checkpoint carries them, and loading it would silently
+#: replace the flags' values
+OPTIMIZER_FLAGS = {
+    "adam_beta1": ("--adam-beta1", lambda group: group["betas"][0]),
+    "adam_beta2": ("--adam-beta2", lambda group: group["betas"][1]),
+    "adam_eps": ("--adam-eps", lambda group: group["eps"]),
 }
 #: data identity key -> the flag that sets it
 DATA_FLAGS = {"data_path": "--data-path", "stats": "--data-path (its _stats.json)",
@@ -62,6 +73,63 @@ class ResumePlan:
     override_schedule: bool
     #: lines for the log
     notes: list[str]
+    #: Adam settings of the flags to put into the restored optimizer (``adam_beta1``: 0.1, ...)
+    optimizer_overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def saved_optimizer_settings(optimizer_state: Any) -> Optional[dict[str, float]]:
+    """``{"adam_beta1", "adam_beta2", "adam_eps"}`` of a saved megatron-core optimizer state
+    (the first torch param group found, however deep its wrappers nest it); ``None`` if none.
+
+    >>> saved_optimizer_settings({"optimizer": {"param_groups": [{"betas": (0.9, 0.95),
+    ...                                                           "eps": 1e-8}]}})
+    {'adam_beta1': 0.9, 'adam_beta2': 0.95, 'adam_eps': 1e-08}
+    """
+    stack = [optimizer_state]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            if isinstance(groups, list) and groups and isinstance(groups[0], dict) \
+                    and "betas" in groups[0] and "eps" in groups[0]:
+                return {key: float(value(groups[0]))
+                        for key, (_, value) in OPTIMIZER_FLAGS.items()}
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return None
+
+
+def apply_optimizer_settings(optimizer, settings: dict[str, float]) -> None:
+    """Put ``settings`` (``adam_beta1``/``adam_beta2``/``adam_eps``) into every param group of
+    a restored optimizer (megatron-core's ``param_groups`` are its torch optimizers' own)."""
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        group["betas"] = (settings.get("adam_beta1", beta1), settings.get("adam_beta2", beta2))
+        group["eps"] = settings.get("adam_eps", group["eps"])
+
+
+def _plan_optimizer(cfg, saved: Optional[dict[str, float]], override: bool, ckpt: str,
+                    iteration: int, notes: list[str]) -> dict[str, float]:
+    """The Adam settings a resumed run uses: the checkpoint's, unless a flag asks for others:
+    then ``--override-opt-param-scheduler`` takes them (returned, applied after the load), and
+    without it they are a :class:`ResumeError` naming both values."""
+    overrides: dict[str, float] = {}
+    for field, (flag, _) in OPTIMIZER_FLAGS.items():
+        old, new = (saved or {}).get(field), getattr(cfg, field)
+        if old is None or old == new or not _given(cfg, field):
+            continue
+        if not override:
+            raise ResumeError(
+                f"{flag} {_fmt(new)} differs from the optimizer state of the checkpoint being "
+                f"resumed ({ckpt}: {_fmt(old)}), which would replace it unsaid. Pass "
+                f"--override-opt-param-scheduler to train with {flag} {_fmt(new)} from "
+                f"iteration {iteration} on, drop {flag} to keep the checkpoint's, or pass "
+                "--no-load-optim to start the optimizer state fresh")
+        overrides[field] = new
+        notes.append(f"--override-opt-param-scheduler: {flag} {_fmt(new)} replaces the "
+                     f"checkpoint's {_fmt(old)} from iteration {iteration} on")
+    return overrides
 
 
 def _given(cfg, field: str) -> bool:
@@ -78,7 +146,7 @@ def _fmt(value: Any) -> str:
 
 def plan_resume(cfg, *, iteration: int, saved_schedule: Optional[dict],
                 saved_train_state: dict, wanted_schedule: dict, identity: dict[str, Any],
-                ckpt: str) -> ResumePlan:
+                ckpt: str, saved_optimizer: Optional[dict[str, float]] = None) -> ResumePlan:
     """Decide the resume of ``cfg`` from a checkpoint at ``iteration``; raises
     :class:`ResumeError` naming the flag, both values and the fixes."""
     notes: list[str] = []
@@ -115,7 +183,7 @@ def plan_resume(cfg, *, iteration: int, saved_schedule: Optional[dict],
             f"({saved_schedule['lr_decay_style']} decay to {_fmt(saved_schedule['min_lr'])} over "
             f"{decay_iters} iterations, {saved_schedule['lr_warmup_steps'] // saved_gbs} of "
             "warm-up)")
-        if train_iters > decay_iters:
+        if train_iters > max(decay_iters, iteration):
             notes.append(
                 f"--train-iters {train_iters} runs past the end of that schedule (iteration "
                 f"{decay_iters}): iterations {max(decay_iters, iteration) + 1}-{train_iters} run "
@@ -126,9 +194,10 @@ def plan_resume(cfg, *, iteration: int, saved_schedule: Optional[dict],
                      f"{_fmt(wanted_schedule['max_lr'])}, {wanted_schedule['lr_decay_style']}, "
                      f"{train_iters} iterations) replaces the checkpoint's from iteration "
                      f"{iteration} on")
+    optimizer = _plan_optimizer(cfg, saved_optimizer, override, ckpt, iteration, notes)
     position = _data_position(cfg, iteration, saved_train_state, identity, saved_gbs, ckpt,
                               notes)
-    return ResumePlan(position, override, notes)
+    return ResumePlan(position, override, notes, optimizer)
 
 
 def _data_position(cfg, iteration: int, saved: dict, identity: dict, saved_gbs: int, ckpt: str,

@@ -35,6 +35,7 @@ from megatron.sft.runtime.locks import (
     LockedError,
     remove_stale_partials,
     this_host,
+    unwritable_reason,
 )
 
 RUN_METADATA_FILE = "run_metadata.json"
@@ -62,7 +63,8 @@ def acquire_run_lock(save: Optional[str]) -> Optional[DirectoryLock]:
         except LockedError as exc:
             error = str(exc)
         except Exception as exc:  # e.g. no permission: still every rank must hear of it
-            error = f"cannot lock --save {save}: {type(exc).__name__}: {exc}"
+            error = (unwritable_reason("--save", save, exc) if isinstance(exc, OSError)
+                     else f"cannot lock --save {save}: {type(exc).__name__}: {exc}")
             if lock is not None:
                 lock.release()
     outcome = [error]
@@ -72,11 +74,12 @@ def acquire_run_lock(save: Optional[str]) -> Optional[DirectoryLock]:
     return lock
 
 
-def check_save_directory(cfg) -> None:
+def check_save_directory(cfg, start: int = 0) -> None:
     """Never replace an iteration a training run did not write: a ``--save`` that holds a
     converted (or resharded) iteration this run would save over is refused before the first
     step, on every rank. Such iterations are never pruned either (``--keep-last``), so a
-    converted base in ``--save`` and the LoRA runs that name it stay intact."""
+    converted base in ``--save`` and the LoRA runs that name it stay intact. ``start``: the
+    iteration the run resumes at (it saves only later ones)."""
     import torch.distributed as dist
 
     from megatron.sft.bridge.checkpoint_io import read_metadata, written_by_training
@@ -94,7 +97,7 @@ def check_save_directory(cfg) -> None:
             if not (it_dir / "sft_metadata.json").exists() or written_by_training(it_dir):
                 continue
             n = int(it_dir.name.split("_")[1])
-            if _would_save_at(cfg, n):
+            if _would_save_at(cfg, n, start):
                 producer = read_metadata(it_dir).producer or "a converter"
                 raise ValueError(
                     f"--save {cfg.save} holds {it_dir.name}, written by {producer} (not by a "
@@ -106,15 +109,54 @@ def check_save_directory(cfg) -> None:
     on_every_rank(check)
 
 
-def _would_save_at(cfg, n: int) -> bool:
-    """Whether a run of ``cfg`` (from iteration 0 or its checkpoint) may save iteration ``n``:
-    a --save-interval or --exit-interval multiple, or the last iteration."""
+def _would_save_at(cfg, n: int, start: int = 0) -> bool:
+    """Whether a run of ``cfg`` that starts at iteration ``start`` may save iteration ``n``:
+    one it trains (after ``start``) that is a --save-interval or --exit-interval multiple, or
+    the last.
+
+    Example: ``--save-interval 1 --train-iters 8`` from iteration 6 saves 7 and 8, never 1."""
     last = cfg.train_iters
-    if n < 1 or (last is not None and n > last):
+    if n <= max(start, 0) or (last is not None and n > last):
         return False
     return (n == last or last is None
             or any(k and n % k == 0 for k in (cfg.save_interval, cfg.exit_interval,
                                               getattr(cfg, "save_hf_interval", None))))
+
+
+def model_tokenizer_dir(trainer) -> Optional[Path]:
+    """Where the model's tokenizer is: the ``--load`` HF directory, or what a checkpoint's
+    exports copy theirs from (``SAVE/hf_reference``, else the HF directory it was made from)."""
+    from megatron.sft.training.hf_output import reference_dir
+
+    source = getattr(trainer, "source", None)
+    if source is None:
+        return None
+    if source.hf_load:
+        return Path(trainer.cfg.load)
+    return reference_dir(trainer.cfg.load, trainer.meta)
+
+
+def check_tokenizer(trainer, stats: Optional[dict], prefix: str) -> list[str]:
+    """The data's tokenizer (its fingerprint in ``_stats.json``) must be the model's: the same
+    vocabulary size is not enough. A mismatch is an error, or a warning (returned) with
+    ``--allow-tokenizer-mismatch``. Data or models that record no fingerprint are not compared."""
+    from megatron.sft.data.tokenizer_fingerprint import directory_fingerprint
+
+    recorded = (stats or {}).get("tokenizer_fingerprint")
+    where = model_tokenizer_dir(trainer) if recorded else None
+    model = directory_fingerprint(where) if where is not None else None
+    if not recorded or model is None or model == recorded:
+        return []
+    message = (
+        f"{prefix} was tokenized with {stats.get('tokenizer')} (tokenizer {recorded}), but the "
+        f"model's tokenizer in {where} is another one ({model}; the vocabulary size may "
+        "match, the tokens do not): the data's ids would mean other text to this model, and "
+        f"exports would ship {where}'s tokenizer")
+    if not getattr(trainer.cfg, "allow_tokenizer_mismatch", False):
+        raise DataValidationError(
+            f"{message}. Re-tokenize the data with {where} (scripts/data/tokenize_dataset.sh), "
+            "or pass --allow-tokenizer-mismatch if the two are meant to differ")
+    return [f"{message} (--allow-tokenizer-mismatch)"]
 
 
 def objective_of(train_ds) -> tuple[str, str]:
@@ -158,6 +200,8 @@ def check_training_data(trainer) -> dict[str, Any]:
             raise DataValidationError(f"{ds.prefix}: {report}. --strict makes this an error")
         if report:
             warnings.append(f"{ds.prefix}: {report}; --strict makes this an error")
+    warnings += check_tokenizer(trainer, checked.get(trainer.train_ds.prefix),
+                                trainer.train_ds.prefix)
     dropped = dropped_long_samples(trainer.train_ds)
     if dropped is not None:
         about = "about " if dropped["estimated"] else ""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -44,6 +43,8 @@ from megatron.sft.training.run_guard import (
     check_training_data,
 )
 from megatron.sft.training.run_log import RunLog
+from megatron.sft.training.stop import StopRequests
+from megatron.sft.training.watchdog import HangWatchdog, collective_timeout_minutes
 
 
 @dataclass
@@ -87,12 +88,15 @@ class Trainer:
     data_identity: dict[str, Any]       # which data the data position points into
     moe_metrics: Optional[MoEMetrics]   # per-layer aux loss / load imbalance (MoE models)
     eval_generation: Optional[EvalGeneration]  # --eval-generate: sample answers at evaluations
+    watchdog: HangWatchdog              # --hang-timeout-minutes: what each rank does, hangs
     # --- counters
     train_iters: int                    # computed once, from --train-iters or --train-epochs
     iteration: int
     consumed_samples: int               # samples the LR schedule has seen (every data)
     data_position: int                  # rows of this data consumed (the next step's first row)
     history: list[dict[str, Any]]
+    started: float                      # monotonic clock at construction (--exit-duration-in-mins)
+    stopped_early: Optional[str]        # why the loop stopped before its end (a signal, the clock)
 
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -102,6 +106,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.data_position = 0
+        self.started, self.stopped_early = time.monotonic(), None
+        self.watchdog = HangWatchdog(cfg.hang_timeout_minutes)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -111,8 +117,9 @@ class Trainer:
         self.shape = self.source.shape
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")), self.shape.num_layers)
         moe.check_moe_run(cfg, self.shape)
-        self.info = initialize_distributed(cfg.parallel_layout(self.shape.num_layers),
-                                           seed=cfg.seed)
+        self.info = initialize_distributed(
+            cfg.parallel_layout(self.shape.num_layers), seed=cfg.seed,
+            timeout_minutes=collective_timeout_minutes(cfg.hang_timeout_minutes))
         self.run_lock = acquire_run_lock(cfg.save)  # before any rank writes; fails on all ranks
         self.dims = self.info.dims
         self.dp_size, self.dp_rank = self.dims.dp_size, self.dims.dp_rank
@@ -121,8 +128,7 @@ class Trainer:
             self.log = lambda message: None
         for note in notes:
             self.log(note)
-        check_save_directory(cfg)  # never replace or prune an iteration training did not write
-        hf_output.check_hf_outputs(cfg)  # --save-hf: never over files this run did not export
+        hf_output.check_hf_outputs(cfg)  # --save-hf: writable, never over others' files
         self.source.describe_layout(self.dims.layout.for_checkpoint(), self.log)
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
@@ -133,6 +139,8 @@ class Trainer:
                  + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         self.source.check_adapters()
         self.checkpointer = Checkpointer(cfg, self.source, self.log, self._log_here)
+        # never replace or prune an iteration training did not write (of those this run saves)
+        check_save_directory(cfg, self.checkpointer.start_iteration)
         data = build_run_data(cfg, self.log)
         self.train_ds, self.valid_ds = data.train_ds, data.valid_ds
         self.train_iters, self.data_identity = data.train_iters, data.identity
@@ -207,6 +215,7 @@ class Trainer:
                     "--skip-nan-steps to skip such steps, or lower --lr)")
             self._advance()
             return StepResult(loss, int(total[1].item()), None, True, time.perf_counter() - t0)
+        self.watchdog.phase("optimizer", self.iteration + 1)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=cfg.global_batch_size)
         self._advance()
@@ -221,6 +230,7 @@ class Trainer:
     def evaluate(self) -> Optional[dict[str, float]]:
         if self.valid_ds is None:
             return None
+        self.watchdog.phase("evaluate", self.iteration)
         for m in self.model:
             m.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.info.device)
@@ -231,26 +241,24 @@ class Trainer:
 
     def save(self, export: bool = False) -> None:
         """Save a checkpoint; with ``export`` also write ``--save-hf`` / ``--save-hf-adapter``."""
+        self.watchdog.phase("save", self.iteration)
         self.checkpointer.save(self, export=export)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        stop = {"signal": None}
-
-        def on_signal(signum, frame):
-            stop["signal"] = signum
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        cfg, watchdog = self.cfg, self.watchdog
+        stop = StopRequests(cfg, self.info.device, self.started).install()
         self.run_log.open_progress(self.train_iters, self.iteration)
         start_time = time.perf_counter()
         first = self.iteration
         if first >= self.train_iters:
             self.log(f"nothing to train: {cfg.load} is already at iteration {first} = "
                      f"--train-iters {self.train_iters}; pass a larger --train-iters to continue")
+        watchdog.start(self.iteration)
         try:
             while self.iteration < self.train_iters:
                 step_rows = self.data_position
+                watchdog.phase("forward-backward", self.iteration + 1)
                 step = self.train_step()
                 record = self.run_log.step_record(step, self.iteration,
                                                   self.optimizer.param_groups[0]["lr"],
@@ -269,17 +277,19 @@ class Trainer:
                 export = self.checkpointer.due(self.iteration, self.train_iters)
                 if export is not None:
                     self.save(export=export)
-                if stop["signal"] is not None:
-                    self.log(f"received signal {stop['signal']}: saving and exiting")
+                watchdog.step_done(self.iteration)
+                self.stopped_early = stop.reason()  # a signal or the clock, agreed by all ranks
+                if self.stopped_early is not None:
+                    self.log(self.stopped_early)
                     break
                 if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                     self.log(f"--exit-interval {cfg.exit_interval}: saving and exiting")
                     break
             if cfg.save and self.iteration > first:
-                self.save(export=stop["signal"] is None)  # a signal asks to exit soon
+                self.save(export=self.stopped_early is None)  # a stop asks to exit soon
         finally:
+            watchdog.stop()
             self.run_log.close()
-            for s, h in previous.items():
-                signal.signal(s, h)
+            stop.restore()
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history

@@ -92,6 +92,22 @@ def main() -> None:
     results["conv_copy_files"] = sorted(p.name for p in conv_copy.iterdir())
     results["conv_digest_after"] = file_digest(conv_copy / "iter_0000001/mp_rank_00/model_optim_rng.pt").sha256
 
+    # --- issue 30: a run resumed inside its converted --load (false refusal), new Adam
+    #     settings on resume, an interval save followed by a stop at the same iteration
+    run("resume_in_base", load=str(conv_copy), save=str(conv_copy), save_interval=1,
+        train_iters=4)
+    adam = dict(load=str(run_a), train_iters=5, adam_beta1=0.1, adam_beta2=0.5, adam_eps=1e-3)
+    run("adam_changed", **adam)
+    run("adam_override", **adam, override_opt_param_scheduler=True, save=str(work / "run_adam"))
+    import torch
+
+    from megatron.sft.training.resume import saved_optimizer_settings
+
+    saved = torch.load(work / "run_adam" / "iter_0000005" / "mp_rank_00" /
+                       "model_optim_rng.pt", weights_only=True, map_location="cpu")
+    results["adam_saved"] = saved_optimizer_settings(saved["optimizer"])
+    run("stop_after_interval_save", save=str(work / "run_e"), save_interval=2, exit_interval=2)
+
     # --- a full disk during a save, and the restart on a disk a dead save filled
     if spec["small_fs"]:
         small = Path(spec["small_fs"])

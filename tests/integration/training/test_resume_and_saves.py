@@ -5,7 +5,10 @@ them all (resume_worker.py); each test below checks one row."""
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +131,32 @@ def test_saving_onto_the_converted_base_is_refused_and_it_is_never_pruned(runs):
     assert runs["conv_digest_after"] == runs["conv_digest_before"]
 
 
+def test_a_run_resumed_in_its_converted_load_is_not_refused_for_iterations_before_it(runs):
+    """Was: resuming at iteration 3 with --save-interval 1 refused: 'this run would save
+    iteration 1 over it' (a run that starts at 3 cannot save 1)."""
+    r = runs["resume_in_base"]
+    assert r["error"] is None and r["start_iteration"] == 3
+    assert [h["iteration"] for h in r["history"]] == [4]
+
+
+def test_new_adam_settings_on_resume_are_refused_or_taken_into_the_checkpoint(runs):
+    """Was: ignored with exit 0; the next checkpoint still held betas (0.9, 0.95), eps 1e-8."""
+    error = runs["adam_changed"]["error"]
+    assert error.startswith("ResumeError: --adam-beta1 0.1 differs from the optimizer state of "
+                            "the checkpoint being resumed"), error
+    r = runs["adam_override"]
+    assert r["error"] is None and [h["iteration"] for h in r["history"]] == [5]
+    assert runs["adam_saved"] == {"adam_beta1": 0.1, "adam_beta2": 0.5, "adam_eps": 1e-3}
+
+
+def test_a_stop_right_after_an_interval_save_saves_once(runs):
+    """Was: 'saved checkpoint ...' twice (the iteration written twice) when a signal or
+    --exit-interval came right after an interval save."""
+    r = runs["stop_after_interval_save"]
+    assert r["error"] is None and [h["iteration"] for h in r["history"]] == [1, 2]
+    assert len([m for m in r["logs"] if m.startswith("saved checkpoint")]) == 1, r["logs"]
+
+
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing(runs):
     error = runs["disk_full"]["error"]
     assert error.startswith("DiskFullError: no space left on ") and "run_c while writing "\
@@ -153,12 +182,22 @@ def test_a_truncated_rank_file_is_one_line_naming_it_on_every_rank(sft_assets, t
                                                                   progress=False))
     victim = ckpt / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    proc = run_torchrun(2, REPO / "tools" / "train_sft.py", "--load", str(ckpt),
-                        "--data-path", sft_assets["data"], "--tensor-model-parallel-size", "2",
-                        "--seq-length", "128", "--micro-batch-size", "2",
-                        "--global-batch-size", "4", "--train-iters", "1", "--no-progress")
-    assert proc.returncode != 0
+    # launched as the recipes do (tools/launch.py: torchrun that keeps the worker's last word)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "launch.py"), "--standalone", "--nproc-per-node",
+         "2", str(REPO / "tools" / "train_sft.py"), "--load", str(ckpt), "--data-path",
+         sft_assets["data"], "--tensor-model-parallel-size", "2", "--seq-length", "128",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1",
+         "--no-progress"], capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 2, proc.stderr[-3000:]  # the worker's code, not torchrun's 1
     # the two ranks' lines may interleave on the shared stderr: find both messages in it
     errors = re.findall(r"error: (rank 1: )?(\S+) is truncated or was replaced", proc.stderr)
-    assert sorted(errors) == [("", str(victim)), ("rank 1: ", str(victim))], proc.stderr[-3000:]
+    assert sorted(errors[:2]) == [("", str(victim)), ("rank 1: ", str(victim))], \
+        proc.stderr[-3000:]
     assert "PytorchStreamReader" not in proc.stderr and "Connection closed" not in proc.stderr
+    # Was: torchrun's ChildFailedError traceback came last and buried the one-line error.
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: (rank 1: )?{re.escape(str(victim))} is truncated or was "
+                        r"replaced.*", last), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -102,7 +102,7 @@ def test_second_run_on_the_same_save_fails_at_start_naming_the_first(ckpt, sft_a
         first.wait(timeout=120)
         log.close()
     out = (tmp_path / "first.log").read_text()
-    assert first.returncode == 0, out[-3000:]
+    assert first.returncode == 75, out[-3000:]  # saved and stopped early: run again to resume
     assert f"taking over the lock {lock_path(save)}" in out and f"pid {dead.pid}" in out
     assert "removed 1 unfinished output(s)" in out and "iter_0000007.partial" in out
     assert "training objective: assistant-only" in out

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,30 +26,89 @@ def _args(ckpt, data, **extra):
     return train_cli_args(ckpt, data, train_iters=3, **extra)
 
 
+def _slurm_job(tmp_path, **env):
+    """``bash scripts/sft/slurm/submit.sbatch`` as Slurm would start it on 2 nodes, on this
+    machine: Slurm's variables set, srun and scontrol replaced by local stand-ins."""
+    from megatron.sft.runtime.ports import free_port
+
+    srun, scontrol = tmp_path / "srun", tmp_path / "scontrol"
+    srun.write_text(f"#!/bin/bash\nexec {sys.executable} "
+                    f"{REPO}/tests/integration/training/srun_stand_in.py \"$@\"\n")
+    scontrol.write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    srun.chmod(0o755)
+    scontrol.chmod(0o755)
+    full = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1", PYTHON=sys.executable, REPO=str(REPO),
+                RECIPE="scripts/sft/SFT_tiny_cpu.sh", SRUN=str(srun), SCONTROL=str(scontrol),
+                SLURM_NNODES="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPUS_PER_NODE="1",
+                TP="1", SEQ_LEN="128", MBS="2", GBS="4", TRAIN_ITERS="8", LR="1e-3",
+                LR_WARMUP_ITERS="1", **env)
+    return subprocess.Popen(["bash", str(REPO / "scripts/sft/slurm/submit.sbatch")], env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _lr(step, max_lr=1e-3, min_lr=1e-4, warmup=4, decay=32):
+    """megatron-core's cosine schedule by hand (steps are samples)."""
+    import math
+
+    if step <= warmup:
+        return max_lr * step / warmup
+    return min_lr + 0.5 * (math.cos(math.pi * (step - warmup) / (decay - warmup)) + 1) * \
+        (max_lr - min_lr)
+
+
 @pytest.mark.xdist_group("multiprocess")
-def test_sigterm_saves_then_exits_cleanly(ckpt, sft_assets, tmp_path):
+def test_a_slurm_job_saves_at_the_warning_requeues_resumes_and_a_hang_requeues(ckpt, sft_assets,
+                                                                               tmp_path):
+    """Two "nodes" of one rank each. Job 1 gets Slurm's time-limit warning (SIGUSR1 to the batch
+    script) mid-run: every rank saves the same iteration, exits 75, the job is requeued. The
+    requeued job resumes exactly there; then rank 1 stalls in a step while rank 0 waits in the
+    gradient all-reduce: the watchdog names both, stops them (76), nothing is saved, requeued."""
     save = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools/train_sft.py"),
-                             *_args(ckpt, sft_assets["data"], **{"--train-iters": "100000",
-                                                                 "--save": str(save)})],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("iter 2/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, _ = proc.communicate(timeout=120)
-    text = "".join(lines) + out
-    assert proc.returncode == 0, text[-3000:]
-    assert "received signal 15: saving and exiting" in text
+    paths = dict(CKPT=ckpt, DATA_PATH=sft_assets["data"], SAVE_DIR=str(save))
+    job = _slurm_job(tmp_path, **paths)
+    log = Path(str(save) + ".log.jsonl")
+    deadline = time.time() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1@300
+    out = job.communicate(timeout=240)[0]
+    assert job.returncode == 0, out[-3000:]
+    assert "received SIGUSR1: asking every rank to save and exit" in out
+    assert "received signal 10: saving and exiting" in out
+    assert "stopped before the end, after saving (exit 75)" in out
+    assert "exit 75: requeueing job 4242" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     saved = int((save / "latest_checkpointed_iteration.txt").read_text())
-    assert 2 <= saved < 100000
-    assert (save / f"iter_{saved:07d}" / "mp_rank_00" / "model_optim_rng.pt").exists()
-    assert not list(save.glob("*.partial"))
+    assert 2 <= saved < 8 and not list(save.glob("*.partial*"))
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == \
+        list(range(1, saved + 1))  # both ranks stopped after the same iteration
+
+    hang = saved + 2
+    job = _slurm_job(tmp_path, **paths, SLURM_RESTART_COUNT="1",
+                     EXTRA_ARGS="--hang-timeout-minutes 0.1",
+                     MEGATRON_SFT_TEST_HANG=f"1:{hang}:120")
+    t0 = time.time()
+    out = job.communicate(timeout=240)[0]
+    assert job.returncode == 0, out[-3000:]
+    assert f"resumed from {save} at iteration {saved}, data row {saved * 4}" in out
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, hang))
+    assert records[-1]["lr"] == pytest.approx(_lr((saved + 1) * 4), rel=1e-9)
+    report = re.search(r"hang: no training step finished for 0.1 min \(--hang-timeout-minutes "
+                       r"0.1\); last reports: (.*)\. Stopping every rank \(exit 76\)", out)
+    assert report, out[-3000:]
+    reports = report.group(1)
+    assert re.fullmatch(rf"ranks 0-1: iteration {hang}, forward-backward, \d+ s ago", reports) or \
+        re.fullmatch(rf"rank 0: iteration {hang}, forward-backward, \d+ s ago; rank 1: "
+                     rf"iteration {hang}, forward-backward, \d+ s ago", reports), reports
+    assert "stopped by the hang watchdog (exit 76)" in out and "exit 76: requeueing" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n" * 2
+    assert int((save / "latest_checkpointed_iteration.txt").read_text()) == saved
+    assert not list(save.glob("iter_*.partial*"))
+    print(f"hang stopped in {time.time() - t0:.0f}s (setup included)")
 
 
 @pytest.mark.xdist_group("multiprocess")

@@ -117,3 +117,66 @@ def test_the_same_optimizer_layout_or_none_saved_passes():
     # the distributed optimizer's file is gathered: any DP size loads it
     assert optimizer_layout(fsdp=None, distributed=True, shards=2) == \
         optimizer_layout(fsdp=None, distributed=True, shards=8)
+
+
+# --- issue 30: Adam settings on resume, honest notes and saves ---------------------------------
+ADAM = {"adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8}
+
+
+def test_new_adam_settings_on_resume_are_an_error_or_taken_never_ignored():
+    """Was: --adam-beta1 0.1 --adam-beta2 0.5 --adam-eps 1e-3 on resume, exit 0, and the next
+    checkpoint still held the old betas and eps (the optimizer state replaced the flags)."""
+    cfg = _cfg(adam_beta1=0.1, adam_beta2=0.5, adam_eps=1e-3)
+    train_state = {"data_position": 40, "data": {**IDENTITY, "global_batch_size": 4}}
+    kwargs = dict(iteration=10, saved_schedule=SAVED, saved_train_state=train_state,
+                  wanted_schedule={"max_lr": 1e-3, "min_lr": 0.0, "lr_decay_style": "cosine",
+                                   "warmup_iters": 2, "start_wd": 0.0, "train_iters": 20},
+                  identity=IDENTITY, ckpt="/ckpt", saved_optimizer=ADAM)
+    with pytest.raises(ResumeError, match=r"--adam-beta1 0.1 differs from the optimizer state of "
+                                          r"the checkpoint being resumed \(/ckpt: 0.9\).*"
+                                          "--override-opt-param-scheduler"):
+        plan_resume(cfg, **kwargs)
+    cfg.override_opt_param_scheduler = True
+    plan = plan_resume(cfg, **kwargs)
+    assert plan.optimizer_overrides == {"adam_beta1": 0.1, "adam_beta2": 0.5, "adam_eps": 1e-3}
+    assert "--override-opt-param-scheduler: --adam-eps 0.001 replaces the checkpoint's 1e-08 " \
+           "from iteration 10 on" in plan.notes
+    # flags left at their defaults keep what the checkpoint trained with
+    assert plan_resume(_cfg(), **{**kwargs, "saved_optimizer": {**ADAM, "adam_beta2": 0.999}}
+                       ).optimizer_overrides == {}
+
+
+def test_saved_optimizer_settings_are_found_in_megatron_cores_nesting():
+    from megatron.sft.training.resume import apply_optimizer_settings, saved_optimizer_settings
+
+    group = {"betas": (0.8, 0.99), "eps": 1e-6, "params": [0]}
+    # ChainedOptimizer -> [Float16Optimizer: {"optimizer": torch's state_dict}]
+    assert saved_optimizer_settings([{"optimizer": {"state": {}, "param_groups": [group]}}]) == \
+        {"adam_beta1": 0.8, "adam_beta2": 0.99, "adam_eps": 1e-6}
+    assert saved_optimizer_settings({"optimizer": {"state": {}}}) is None
+
+    class Opt:
+        param_groups = [dict(group), dict(group)]
+
+    apply_optimizer_settings(Opt, {"adam_beta2": 0.5})
+    assert [(g["betas"], g["eps"]) for g in Opt.param_groups] == [((0.8, 0.5), 1e-6)] * 2
+
+
+def test_train_iters_at_the_checkpoint_says_no_lr_range():
+    """Was: 'iterations 61-60 run at lr 0' when --train-iters equals the checkpoint's."""
+    cfg = _cfg(train_iters=10)
+    plan = plan_resume(cfg, iteration=10, saved_schedule={**SAVED, "lr_decay_steps": 20},
+                       saved_train_state={"data_position": 40,
+                                          "data": {**IDENTITY, "global_batch_size": 4}},
+                       wanted_schedule={"max_lr": 1e-3, "min_lr": 0.0, "warmup_iters": 2,
+                                        "lr_decay_style": "cosine", "start_wd": 0.0,
+                                        "train_iters": 10},
+                       identity=IDENTITY, ckpt="/ckpt")
+    assert not [n for n in plan.notes if "run at lr" in n], plan.notes
+
+
+def test_a_resumed_run_is_refused_only_for_iterations_it_can_save():
+    """Was: resuming at 6 with --save-interval 1 refused for 'would save iteration 1'."""
+    cfg = _cfg(save="/s", save_interval=1, train_iters=8)
+    assert _would_save_at(cfg, 1) and not _would_save_at(cfg, 1, start=6)
+    assert _would_save_at(cfg, 7, start=6) and not _would_save_at(cfg, 6, start=6)
