@@ -78,7 +78,8 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     def run(ckpt, **overrides):
         cfg = dict(load=ckpt, data_path=sft_assets["data"], seq_length=128, micro_batch_size=2,
                    global_batch_size=8, train_iters=5, lr=1e-3, lr_decay_style="constant",
-                   no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01)
+                   no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01,
+                   moe_z_loss_coeff=1e-3)
         return dict(cfg, **overrides)
 
     save = root / "run"
@@ -101,6 +102,8 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         # sequence parallelism on a later pipeline stage: its padding mask is split there
         "tp2pp2": run(c["tp2pp2"], tensor_model_parallel_size=2,
                       pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),
+        # context parallelism with experts split over the CP x DP ranks, from the HF directory
+        "cp2ep2_hf": run(str(hf), context_parallel_size=2, expert_model_parallel_size=2),
     }
 
 
