@@ -25,6 +25,8 @@ EXTRA_LAYOUTS = {"EP4": ("Qwen2MoeForCausalLM", ParallelLayout(1, 1, ep=4)),
 #: the training runs' model: a sigmoid-gated shared expert, top-2 without renormalisation,
 #: dense layers (0, 2) between the MoE ones (1, 3)
 TRAIN_ARCH = "Qwen2MoeForCausalLM"
+#: the clipping threshold the gradient-norm probes clip to (below the first norm, about 2.2)
+CLIP = 0.5
 
 
 def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
@@ -86,9 +88,10 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
                   lr_warmup_iters=1, use_distributed_optimizer=True)
     return str(hf), {
-        "ep1": run(c["ep1"]),
+        # probe_clip: the gradient norm and clipping of global batch 0 first (clip_probe)
+        "ep1": run(c["ep1"], probe_clip=CLIP),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                      sequence_parallel=True),
+                      sequence_parallel=True, probe_clip=CLIP),
         "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",
                        **resume),
         # from the save at iteration 2 (the tracker pointed back at it), other experts impl

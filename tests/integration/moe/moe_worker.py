@@ -169,7 +169,7 @@ def clip_probe(trainer, max_norm: float) -> dict:
                            for p, b in zip(params, before) if b > 0) ** 0.5)
     dist.all_reduce(dev, op=dist.ReduceOp.MAX)
     out = {"hand_norm": hand, "norm": float(norm), "clipped_norm": float(opt.get_grad_norm()),
-           "scale_dev": float(dev), "params": len(params)}
+           "scale_dev": float(dev), "params": len(params), "max_norm": max_norm}
     for m in trainer.model:
         m.zero_grad_buffer()
     opt.zero_grad()

@@ -98,6 +98,31 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
     _lora_checks(moe_launch["root"] / "lora", moe_launch["hf"], tmp_path)
 
 
+@pytest.mark.xdist_group("multiprocess")
+def test_gradient_norm_and_clipping_at_tp2_ep2_are_the_single_rank_ones(moe_launch):
+    """megatron-core's chained (dense + expert) optimizer at TP2 x EP2 with SP, on global batch
+    0 before any step: its gradient norm is the whole model's, summed by hand over every
+    parameter of a TP1 EP1 rank (which holds them all), and clipping scales every gradient,
+    dense and expert, by ``max_norm / norm``. An expert gradient left out of the norm (megatron-core
+    once omitted some) or a parameter left out of clipping would show here."""
+    r = moe_launch["train"]
+    whole, split = r["ep1/clip"], r["tp2ep2/clip"]
+    clip = whole["max_norm"]
+    reference = whole["hand_norm"]
+    assert reference > 2 * clip  # clipping is active
+    for name, probe in (("TP1 EP1", whole), ("TP2 EP2", split)):
+        assert abs(probe["norm"] - reference) <= 1e-5 * reference, (name, probe, reference)
+        assert abs(probe["clipped_norm"] - clip) <= 1e-5 * clip, (name, probe)
+        assert probe["scale_dev"] <= 1e-5, (name, probe)
+    # a TP2 x EP2 rank holds part of the model: its own sum of squares is not the norm
+    assert split["hand_norm"] < 0.95 * reference and split["params"] < whole["params"]
+    # and the first logged gradient norm of every layout is the same one
+    for name in ("ep1", "tp2ep2", "cp2ep2_hf"):
+        assert abs(r[name][0]["grad_norm"] - reference) <= 1e-5 * reference, (name, r[name][0])
+    print(json.dumps({"grad_norm_single_rank": reference, "probes": {"ep1": whole,
+                                                                     "tp2ep2": split}}))
+
+
 def _lora_checks(lora_run, hf, tmp_path):
     """What a LoRA run of a MoE model holds, and that its PEFT export is its merged model."""
     import torch
