@@ -8,6 +8,8 @@
   parallelism, trained from the HF directory) equals TP1 x EP1's within 1e-5 over 5
   iterations, and TP2 x PP2's (sequence parallel, the second stage's MoE layers too) over 3,
   with the same gradient norms and per-layer aux losses, z-losses and load imbalance;
+- ``--expert-tensor-parallel-size 1`` at TP2 x EP2 trains TP1 EP1's curve and saves its
+  weights in Megatron-LM's files for that case;
 - an EP2 run (distributed optimizer, grouped_mm experts) resumed from its iteration-2 save,
   under the sequential experts implementation, redoes iterations 3 and 4 exactly;
 - full activation recompute at EP2 gives EP1's curve and per-layer aux loss (the routing losses
@@ -50,7 +52,7 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
     # == TP1 x EP1 curve, aux loss and z-loss on: losses, gradient norms, per-layer routing
     assert len(r["ep1"]) == len(r["tp2ep2"]) == len(r["cp2ep2_hf"]) == 5
     assert r["ep1"][-1]["loss"] < r["ep1"][0]["loss"]
-    for other in ("tp2ep2", "tp2pp2", "cp2ep2_hf"):
+    for other in ("tp2ep2", "tp2pp2", "cp2ep2_hf", "tp2etp1ep2_hf"):
         for a, b in zip(r["ep1"], r[other]):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (other, a, b)
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (other, a, b)
@@ -107,20 +109,43 @@ def test_gradient_norm_and_clipping_at_tp2_ep2_are_the_single_rank_ones(moe_laun
     once omitted some) or a parameter left out of clipping would show here."""
     r = moe_launch["train"]
     whole, split = r["ep1/clip"], r["tp2ep2/clip"]
+    probes = {"TP1 EP1": whole, "TP2 EP2": split, "TP2 ETP1 EP2": r["tp2etp1ep2_hf/clip"]}
     clip = whole["max_norm"]
     reference = whole["hand_norm"]
     assert reference > 2 * clip  # clipping is active
-    for name, probe in (("TP1 EP1", whole), ("TP2 EP2", split)):
+    for name, probe in probes.items():
         assert abs(probe["norm"] - reference) <= 1e-5 * reference, (name, probe, reference)
         assert abs(probe["clipped_norm"] - clip) <= 1e-5 * clip, (name, probe)
         assert probe["scale_dev"] <= 1e-5, (name, probe)
     # a TP2 x EP2 rank holds part of the model: its own sum of squares is not the norm
     assert split["hand_norm"] < 0.95 * reference and split["params"] < whole["params"]
     # and the first logged gradient norm of every layout is the same one
-    for name in ("ep1", "tp2ep2", "cp2ep2_hf"):
+    for name in ("ep1", "tp2ep2", "cp2ep2_hf", "tp2etp1ep2_hf"):
         assert abs(r[name][0]["grad_norm"] - reference) <= 1e-5 * reference, (name, r[name][0])
-    print(json.dumps({"grad_norm_single_rank": reference, "probes": {"ep1": whole,
-                                                                     "tp2ep2": split}}))
+    print(json.dumps({"grad_norm_single_rank": reference, "probes": probes}))
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_whole_experts_under_tp_train_and_save_as_tp_equal_etp(moe_launch):
+    """``--expert-tensor-parallel-size 1`` at TP2 (SP) x EP2, from the HF directory: the curve
+    is TP1 EP1's (above, with the gradient norm probe), its save holds Megatron-LM's files for
+    that case (one per EP rank ``e``, named by TP rank ``e mod 2``), and their weights at
+    iteration 3 are TP1 EP1's."""
+    import torch
+
+    from megatron.sft.bridge.reader import CheckpointReader
+
+    root = moe_launch["root"]
+    it = root / "etp1_run" / "iter_0000003"
+    assert sorted(p.name for p in it.glob("mp_rank_*")) == ["mp_rank_00_000", "mp_rank_01_001"]
+    whole = dict(CheckpointReader(root / "etp1_run", 3).tensors())
+    single = dict(CheckpointReader(root / "ep1_run", 3).tensors())
+    assert sorted(whole) == sorted(single)
+    worst = 0.0
+    for name, tensor in single.items():
+        assert torch.allclose(whole[name], tensor, rtol=0, atol=1e-5), name
+        worst = max(worst, (tensor - whole[name]).abs().max().item())
+    print(json.dumps({"etp1_vs_ep1_weights_max_abs": worst}))
 
 
 def _lora_checks(lora_run, hf, tmp_path):

@@ -59,6 +59,9 @@ def test_what_a_moe_run_refuses():
         check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True, lora_rank=4),
                       moe)
     check_moe_run(_cfg(context_parallel_size=2), moe)  # MoE + CP: tests/integration/moe
+    with pytest.raises(ValueError, match="--lora-rank with --expert-tensor-parallel-size 1"):
+        check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True,
+                           expert_tensor_parallel_size=1, lora_rank=4), moe)
     assert moe_config_overrides(_cfg(), moe) == {}  # the architecture's defaults stand
     assert moe_config_overrides(_cfg(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=1e-3,
                                      moe_token_dispatcher_type="allgather"), moe) == {

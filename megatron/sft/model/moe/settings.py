@@ -57,6 +57,13 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
         raise ValueError(f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} with "
                          f"a Mixture-of-Experts model ({shape.architecture}) needs "
                          "--sequence-parallel")
+    if cfg.lora_rank and cfg.expert_tensor_parallel_size == 1 and \
+            cfg.tensor_model_parallel_size > 1:
+        # Adapter files are per (TP, PP) rank; with whole experts a TP rank has no file of
+        # some EP ranks (ParallelLayout.file_tp_ranks), which the adapter code does not read.
+        raise ValueError("--lora-rank with --expert-tensor-parallel-size 1 and "
+                         "--tensor-model-parallel-size > 1: not supported; leave "
+                         "--expert-tensor-parallel-size unset (= TP)")
     if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
         raise ValueError(f"--moe-expert-capacity-factor {cfg.moe_expert_capacity_factor}: must "
                          "be positive (leave it unset for dropless routing)")
