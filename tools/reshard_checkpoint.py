@@ -73,6 +73,11 @@ def main(argv=None) -> int:
                                        args.target_num_layers_per_virtual_pipeline_stage, layers,
                                        ep=args.target_expert_model_parallel_size,
                                        etp=args.target_expert_tensor_parallel_size)
+    if target.whole_experts and not args.merge_lora and \
+            read_lora_info(iteration_dir(args.load_dir, args.iteration)) is not None:
+        raise ValueError("--target-expert-tensor-parallel-size 1 with a LoRA run: LoRA does not "
+                         "train with whole experts; add --merge-lora for a full checkpoint, or "
+                         "leave --target-expert-tensor-parallel-size unset")
     meta = reshard_checkpoint(args.load_dir, args.save_dir, target, args.iteration, args.force,
                               progress=not args.no_progress, lora_base=args.lora_base,
                               merge_lora=args.merge_lora, verify=not args.no_verify)
