@@ -85,6 +85,8 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         return dict(cfg, **overrides)
 
     save = root / "run"
+    etp1 = dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+                expert_tensor_parallel_size=1, train_iters=3, use_distributed_optimizer=True)
     resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
                   lr_warmup_iters=1, use_distributed_optimizer=True)
     return str(hf), {
@@ -107,10 +109,11 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                       pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),
         # context parallelism with experts split over the CP x DP ranks, from the HF directory
         "cp2ep2_hf": run(str(hf), context_parallel_size=2, expert_model_parallel_size=2),
-        # whole experts (ETP 1) under TP2 with SP, from the HF directory, saved at iteration 3
-        "tp2etp1ep2_hf": run(str(hf), tensor_model_parallel_size=2, sequence_parallel=True,
-                             expert_model_parallel_size=2, expert_tensor_parallel_size=1,
-                             train_iters=3, probe_clip=CLIP, save=str(root / "etp1_run")),
+        # whole experts (ETP 1) under TP2 with SP, from the HF directory, saved at 2 and 3 with
+        # the distributed optimizer, and resumed from 2
+        "tp2etp1ep2_hf": run(str(hf), probe_clip=CLIP, save=str(root / "etp1_run"),
+                             save_interval=2, **etp1),
+        "etp1_resumed": run(str(root / "etp1_run"), rewind_to=2, **etp1),
     }
 
 

@@ -8,8 +8,8 @@
   parallelism, trained from the HF directory) equals TP1 x EP1's within 1e-5 over 5
   iterations, and TP2 x PP2's (sequence parallel, the second stage's MoE layers too) over 3,
   with the same gradient norms and per-layer aux losses, z-losses and load imbalance;
-- ``--expert-tensor-parallel-size 1`` at TP2 x EP2 trains TP1 EP1's curve and saves its
-  weights in Megatron-LM's files for that case;
+- ``--expert-tensor-parallel-size 1`` at TP2 x EP2 trains TP1 EP1's curve, saves its
+  weights in Megatron-LM's files for that case and resumes from them exactly;
 - an EP2 run (distributed optimizer, grouped_mm experts) resumed from its iteration-2 save,
   under the sequential experts implementation, redoes iterations 3 and 4 exactly;
 - full activation recompute at EP2 gives EP1's curve and per-layer aux loss (the routing losses
@@ -127,17 +127,24 @@ def test_gradient_norm_and_clipping_at_tp2_ep2_are_the_single_rank_ones(moe_laun
 
 @pytest.mark.xdist_group("multiprocess")
 def test_whole_experts_under_tp_train_and_save_as_tp_equal_etp(moe_launch):
-    """``--expert-tensor-parallel-size 1`` at TP2 (SP) x EP2, from the HF directory: the curve
-    is TP1 EP1's (above, with the gradient norm probe), its save holds Megatron-LM's files for
-    that case (one per EP rank ``e``, named by TP rank ``e mod 2``), and their weights at
-    iteration 3 are TP1 EP1's."""
+    """``--expert-tensor-parallel-size 1`` at TP2 (SP) x EP2, from the HF directory, with the
+    distributed optimizer: the curve is TP1 EP1's (above, with the gradient norm probe), its
+    saves hold Megatron-LM's files for that case (one per EP rank ``e``, named by TP rank
+    ``e mod 2``), resuming from one is exact, and the weights at iteration 3 are TP1 EP1's."""
     import torch
 
     from megatron.sft.bridge.reader import CheckpointReader
 
-    root = moe_launch["root"]
-    it = root / "etp1_run" / "iter_0000003"
-    assert sorted(p.name for p in it.glob("mp_rank_*")) == ["mp_rank_00_000", "mp_rank_01_001"]
+    root, r = moe_launch["root"], moe_launch["train"]
+    for it in ("iter_0000002", "iter_0000003"):
+        files = sorted(str(p.relative_to(root / "etp1_run" / it))
+                       for p in (root / "etp1_run" / it).rglob("*.pt"))
+        assert files == [f"mp_rank_{t}/{f}" for t in ("00_000", "01_001")
+                         for f in ("distrib_optim.pt", "model_optim_rng.pt")], files
+    # resumed from iteration 2 (distributed optimizer state included): iteration 3 again
+    assert [h["iteration"] for h in r["etp1_resumed"]] == [3]
+    assert r["etp1_resumed"][0]["loss"] == pytest.approx(r["tp2etp1ep2_hf"][2]["loss"], rel=1e-6,
+                                                         abs=0)
     whole = dict(CheckpointReader(root / "etp1_run", 3).tensors())
     single = dict(CheckpointReader(root / "ep1_run", 3).tensors())
     assert sorted(whole) == sorted(single)
