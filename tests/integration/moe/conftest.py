@@ -91,7 +91,7 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                   lr_warmup_iters=1, use_distributed_optimizer=True)
     return str(hf), {
         # probe_clip: the gradient norm and clipping of global batch 0 first (clip_probe)
-        "ep1": run(c["ep1"], probe_clip=CLIP, save=str(root / "ep1_run"), save_interval=3),
+        "ep1": run(c["ep1"], probe_clip=CLIP),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
                       sequence_parallel=True, probe_clip=CLIP),
         "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",
@@ -109,11 +109,11 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                       pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),
         # context parallelism with experts split over the CP x DP ranks, from the HF directory
         "cp2ep2_hf": run(str(hf), context_parallel_size=2, expert_model_parallel_size=2),
-        # whole experts (ETP 1) under TP2 with SP, from the HF directory, saved at 2 and 3 with
-        # the distributed optimizer, and resumed from 2
+        # whole experts (ETP 1) under TP2 with SP, from the HF directory, saved every iteration
+        # with the distributed optimizer, and resumed from 1 (step 2 uses the restored state)
         "tp2etp1ep2_hf": run(str(hf), probe_clip=CLIP, save=str(root / "etp1_run"),
-                             save_interval=2, **etp1),
-        "etp1_resumed": run(str(root / "etp1_run"), rewind_to=2, **etp1),
+                             save_interval=1, keep_last=0, **etp1),
+        "etp1_resumed": run(str(root / "etp1_run"), rewind_to=1, **etp1),
     }
 
 

@@ -130,29 +130,18 @@ def test_whole_experts_under_tp_train_and_save_as_tp_equal_etp(moe_launch):
     """``--expert-tensor-parallel-size 1`` at TP2 (SP) x EP2, from the HF directory, with the
     distributed optimizer: the curve is TP1 EP1's (above, with the gradient norm probe), its
     saves hold Megatron-LM's files for that case (one per EP rank ``e``, named by TP rank
-    ``e mod 2``), resuming from one is exact, and the weights at iteration 3 are TP1 EP1's."""
-    import torch
-
-    from megatron.sft.bridge.reader import CheckpointReader
-
+    ``e mod 2``), and resuming from iteration 1 redoes iterations 2 and 3 exactly (3's loss
+    follows step 2, taken with the restored Adam state)."""
     root, r = moe_launch["root"], moe_launch["train"]
-    for it in ("iter_0000002", "iter_0000003"):
+    for it in ("iter_0000001", "iter_0000003"):
         files = sorted(str(p.relative_to(root / "etp1_run" / it))
                        for p in (root / "etp1_run" / it).rglob("*.pt"))
         assert files == [f"mp_rank_{t}/{f}" for t in ("00_000", "01_001")
                          for f in ("distrib_optim.pt", "model_optim_rng.pt")], files
-    # resumed from iteration 2 (distributed optimizer state included): iteration 3 again
-    assert [h["iteration"] for h in r["etp1_resumed"]] == [3]
-    assert r["etp1_resumed"][0]["loss"] == pytest.approx(r["tp2etp1ep2_hf"][2]["loss"], rel=1e-6,
-                                                         abs=0)
-    whole = dict(CheckpointReader(root / "etp1_run", 3).tensors())
-    single = dict(CheckpointReader(root / "ep1_run", 3).tensors())
-    assert sorted(whole) == sorted(single)
-    worst = 0.0
-    for name, tensor in single.items():
-        assert torch.allclose(whole[name], tensor, rtol=0, atol=1e-5), name
-        worst = max(worst, (tensor - whole[name]).abs().max().item())
-    print(json.dumps({"etp1_vs_ep1_weights_max_abs": worst}))
+    assert [h["iteration"] for h in r["etp1_resumed"]] == [2, 3]
+    for a, b in zip(r["tp2etp1ep2_hf"][1:], r["etp1_resumed"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), (a, b)
 
 
 def _lora_checks(lora_run, hf, tmp_path):
