@@ -43,6 +43,10 @@ def parse_args(argv=None):
                    help="Mixture-of-Experts models: split each layer's routed experts over EP "
                         "ranks (must divide the experts; one file per TP x PP x EP rank, "
                         "default: 1)")
+    p.add_argument("--target-expert-tensor-parallel-size", type=int, default=None,
+                   metavar="ETP", help="Mixture-of-Experts models: 1 keeps each expert whole "
+                   "with TP > 1 (Megatron-LM's files for it: one per EP rank, EP a multiple "
+                   "of TP); default: TP, each expert split like the dense weights")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (default: 128)")
     p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -65,7 +69,8 @@ def main(argv=None) -> int:
     layout = ParallelLayout.from_flags(args.target_tensor_parallel_size,
                                        args.target_pipeline_parallel_size,
                                        args.target_num_layers_per_virtual_pipeline_stage, layers,
-                                       ep=args.target_expert_model_parallel_size)
+                                       ep=args.target_expert_model_parallel_size,
+                                       etp=args.target_expert_tensor_parallel_size)
     opts = ConvertOptions(
         layout=layout,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

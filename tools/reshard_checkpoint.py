@@ -37,6 +37,10 @@ def parse_args(argv=None):
                    help="Mixture-of-Experts models: split each layer's routed experts over EP "
                         "ranks (must divide the experts; one file per TP x PP x EP rank, "
                         "default: 1)")
+    p.add_argument("--target-expert-tensor-parallel-size", type=int, default=None,
+                   metavar="ETP", help="Mixture-of-Experts models: 1 keeps each expert whole "
+                   "with TP > 1 (Megatron-LM's files for it: one per EP rank, EP a multiple "
+                   "of TP); default: TP, each expert split like the dense weights")
     p.add_argument("--iteration", type=int, default=None, help="default: the latest")
     p.add_argument("--lora-base", default=None, metavar="DIR",
                    help="LoRA run only: use this checkpoint (latest iteration) as the base "
@@ -67,7 +71,13 @@ def main(argv=None) -> int:
     target = ParallelLayout.from_flags(args.target_tensor_parallel_size,
                                        args.target_pipeline_parallel_size,
                                        args.target_num_layers_per_virtual_pipeline_stage, layers,
-                                       ep=args.target_expert_model_parallel_size)
+                                       ep=args.target_expert_model_parallel_size,
+                                       etp=args.target_expert_tensor_parallel_size)
+    if target.whole_experts and not args.merge_lora and \
+            read_lora_info(iteration_dir(args.load_dir, args.iteration)) is not None:
+        raise ValueError("--target-expert-tensor-parallel-size 1 with a LoRA run: LoRA does not "
+                         "train with whole experts; add --merge-lora for a full checkpoint, or "
+                         "leave --target-expert-tensor-parallel-size unset")
     meta = reshard_any(args.load_dir, args.save_dir, target, args.iteration, args.force,
                               progress=not args.no_progress, lora_base=args.lora_base,
                               merge_lora=args.merge_lora, verify=not args.no_verify)

@@ -3,7 +3,8 @@
 # schedule and data position; the optimizer state starts fresh).
 #
 # Usage: scripts/checkpoints/reshard_checkpoint.sh CKPT_DIR OUT_DIR TP PP [ITER]
-# Environment: EP=N (experts over N ranks, Mixture-of-Experts models; default 1), VPP_LAYERS=N
+# Environment: EP=N (experts over N ranks, Mixture-of-Experts models; default 1), ETP=1 (each
+# expert whole with TP > 1; EP a multiple of TP), VPP_LAYERS=N
 # (layers per virtual stage), FORCE=1, NO_VERIFY=1 (skip the checksum check of CKPT_DIR),
 # PYTHON (default python3)
 # A LoRA run stays adapters-only, on its base resharded into OUT_DIR/base; LORA_BASE=DIR uses
@@ -24,6 +25,7 @@ args=(--load-dir "$1" --save-dir "$2" --target-tensor-parallel-size "$3"
       --target-pipeline-parallel-size "$4" --target-expert-model-parallel-size "$EP")
 [[ $# -ge 5 ]] && args+=(--iteration "$5")
 [[ -n "${VPP_LAYERS:-}" ]] && args+=(--target-num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
+[[ -n "${ETP:-}" ]] && args+=(--target-expert-tensor-parallel-size "$ETP")
 [[ -n "${LORA_BASE:-}" ]] && args+=(--lora-base "$LORA_BASE")
 [[ "$MERGE_LORA" == "1" ]] && args+=(--merge-lora)
 [[ "$FORCE" == "1" ]] && args+=(--force)

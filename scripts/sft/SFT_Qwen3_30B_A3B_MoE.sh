@@ -3,13 +3,13 @@
 #
 # Usage: bash scripts/sft/SFT_Qwen3_30B_A3B_MoE.sh train
 #
-# Reads  assets/checkpoints/Qwen_Qwen3_30B_A3B_Megatron_TP${TP}PP${PP}EP${EP}
-#        (EP=$EP bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP) and DATA_PATH
+# Reads  assets/checkpoints/Qwen_Qwen3_30B_A3B_Megatron_TP${TP}PP${PP}EP${EP}[ETP${ETP}]
+#        (EP=$EP [ETP=1] bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP) and DATA_PATH
 #        (a prefix from scripts/data/tokenize_dataset.sh with the Qwen3 tokenizer).
 # Writes assets/checkpoints/SFT_Qwen3_30B_A3B/ (iter_*/, train_log.jsonl with the per-layer
 #        aux loss and load imbalance, tensorboard/). Re-running resumes from the latest there.
 # HF_MODEL=DIR reads the downloaded HF model directly (no conversion step).
-# Every knob is an environment override (EP, TP, PP, MOE_EXPERTS_IMPL, MOE_DISPATCHER, ...).
+# Every knob is an environment override (EP, TP, PP, ETP, CP, MOE_EXPERTS_IMPL, ...).
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
@@ -20,10 +20,13 @@ sft_cluster_defaults
 
 # --- parallelism: the converted checkpoint must be split the same way (TP x PP x EP files).
 # Experts are carved out of data parallelism: 8 GPUs at TP1 PP1 EP8 are DP8 for attention and
-# one eighth of the 128 experts each. MoE with TP > 1 trains with sequence parallelism only.
+# one eighth of the 128 experts each. MoE with TP > 1 trains with sequence parallelism only;
+# ETP=1 then keeps each expert whole (EP a multiple of TP). CP=2 cuts long rows over 2 ranks.
 : "${TP:=1}"
 : "${PP:=1}"
 : "${EP:=8}"
+: "${ETP:=}"                      # default: = TP; 1 = whole experts with TP > 1
+: "${CP:=1}"
 
 # --- Mixture-of-Experts
 : "${MOE_EXPERTS_IMPL:=auto}"     # auto | grouped_mm | sequential | te (auto: te in the NVIDIA container)
@@ -48,7 +51,7 @@ sft_cluster_defaults
 : "${ATTENTION_BACKEND:=auto}"
 
 # --- paths
-: "${CKPT:=$ASSETS_DIR/checkpoints/Qwen_Qwen3_30B_A3B_Megatron_TP${TP}PP${PP}EP${EP}}"
+: "${CKPT:=$ASSETS_DIR/checkpoints/Qwen_Qwen3_30B_A3B_Megatron_TP${TP}PP${PP}EP${EP}${ETP:+ETP${ETP}}}"
 : "${DATA_PATH:=}"
 : "${HF_MODEL:=}"              # an HF model directory: --load it directly (converted in memory)
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_Qwen3_30B_A3B}"
@@ -58,7 +61,7 @@ sft_cluster_defaults
 # --- resume from our own latest checkpoint when there is one, else start from HF_MODEL (read
 # directly, each GPU its shard) or the conversion
 sft_pick_load "$CKPT" "$SAVE_DIR" assets/checkpoints/Qwen_Qwen3_30B_A3B \
-  "EP=$EP bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP $CKPT" \
+  "EP=$EP${ETP:+ ETP=$ETP} bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP $CKPT" \
   "python scripts/checkpoints/download_hf_models.py --model-card Qwen/Qwen3-30B-A3B"
 sft_require_data "$DATA_PATH" "tokenize with scripts/data/tokenize_dataset.sh and set DATA_PATH to its prefix"
 mkdir -p "$SAVE_DIR"
@@ -71,12 +74,14 @@ args=(
   --clip-grad "$CLIP_GRAD"
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --expert-model-parallel-size "$EP" --moe-token-dispatcher-type "$MOE_DISPATCHER"
+  --context-parallel-size "$CP"
   --moe-experts-impl "$MOE_EXPERTS_IMPL"
   --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --eval-interval "$EVAL_INTERVAL" --eval-iters 10 --log-interval 1
   --tensorboard-dir "$SAVE_DIR/tensorboard" --log-json "$SAVE_DIR/train_log.jsonl"
 )
 if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args+=(--train-epochs "$TRAIN_EPOCHS"); fi
+[[ -n "$ETP" ]] && args+=(--expert-tensor-parallel-size "$ETP")
 [[ -n "$MOE_AUX_LOSS_COEFF" ]] && args+=(--moe-aux-loss-coeff "$MOE_AUX_LOSS_COEFF")
 [[ -n "$MOE_Z_LOSS_COEFF" ]] && args+=(--moe-z-loss-coeff "$MOE_Z_LOSS_COEFF")
 [[ -n "$MOE_CAPACITY_FACTOR" ]] && args+=(--moe-expert-capacity-factor "$MOE_CAPACITY_FACTOR")

@@ -158,16 +158,18 @@ def open_source(hf_dir: Path, spec, shape) -> "tuple[ExpertLayoutSource, dict]":
 def save_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMetadata,
                ranks: list[dict], ep_rank: int = 0, extra: Optional[dict] = None
                ) -> list[FileDigest]:
-    """Write one pipeline stage's TP rank files (of EP rank ``ep_rank``), releasing each rank's
-    tensors once saved; returns their digests (for ``checksums.json``). ``extra`` entries go
-    into every file."""
+    """Write one pipeline stage's TP rank files (of EP rank ``ep_rank``: those TP ranks that
+    have a file, ``ParallelLayout.file_tp_ranks``), releasing each rank's tensors once saved;
+    returns their digests (for ``checksums.json``). ``extra`` entries go into every file."""
     digests = []
+    written = meta.layout.file_tp_ranks(ep_rank)
     while ranks:
         tp_rank = len(ranks) - 1
         models = ranks.pop()
-        digests.append(save_rank_state(iter_dir, meta.layout, tp_rank, pp_rank, {
-            "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-            "sft_metadata": meta.to_dict(), **(extra or {}), **models}, ep_rank=ep_rank))
+        if tp_rank in written:
+            digests.append(save_rank_state(iter_dir, meta.layout, tp_rank, pp_rank, {
+                "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+                "sft_metadata": meta.to_dict(), **(extra or {}), **models}, ep_rank=ep_rank))
         del models
     return digests
 
@@ -177,7 +179,8 @@ def write_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMe
                 extra: Optional[dict] = None) -> list[FileDigest]:
     """Build and write every file of pipeline stage ``pp_rank`` at ``meta.layout``: one per
     TP rank, times one per EP rank with expert parallelism (each with the stage's dense
-    tensors, built once, and its own experts); returns their digests."""
+    tensors, built once, and its own experts; with whole experts one per EP rank); returns
+    their digests."""
     layout = meta.layout
     if layout.ep == 1:
         return save_stage(iter_dir, pp_rank, iteration, meta,
@@ -188,8 +191,9 @@ def write_stage(iter_dir: Path, pp_rank: int, iteration: int, meta: CheckpointMe
     for ep_rank in range(layout.ep):
         experts = build_stage(get_hf, spec, shape, layout, pp_rank, ctx, on_tensor, ep_rank,
                               dense=False)
+        written = layout.file_tp_ranks(ep_rank)
         files = [{key: {**dense[tp][key], **experts[tp][key]} for key in dense[tp]}
-                 for tp in range(layout.tp)]
+                 if tp in written else {} for tp in range(layout.tp)]
         del experts
         digests += save_stage(iter_dir, pp_rank, iteration, meta, files, ep_rank, extra)
     return digests
@@ -217,7 +221,8 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
     required = list(expected)
     dtype = opts.params_dtype or _checkpoint_dtype(source, required, opts.log)
     ctx = ShardContext(shape, layout.tp,
-                       padded_vocab_size(shape.vocab_size, opts.make_vocab_size_divisible_by, layout.tp))
+                       padded_vocab_size(shape.vocab_size, opts.make_vocab_size_divisible_by, layout.tp),
+                       expert_tp_size=layout.expert_tp)
     needed = sum(int(torch.Size(source.meta(n).shape).numel()) for n in required) \
         * torch.empty((), dtype=dtype).element_size()
     check_free_space(out_dir.parent, needed, f"the converted checkpoint {out_dir.name}")

@@ -160,7 +160,8 @@ def rank_tensors(source, spec: ArchitectureSpec, shape: ModelShape, layout: Para
     for chunk in range(layout.chunks):
         key = layout.model_key(chunk)
         for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank):
-            t = shard_tensor(source, rule, hf_names, ctx, tp_rank)
+            rule_ctx = ctx.for_rule(rule)  # experts over expert TP (whole with expert TP 1)
+            t = shard_tensor(source, rule, hf_names, rule_ctx, tp_rank % rule_ctx.tp_size)
             if t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
             _refuse_non_finite(mname, t, f"the HF checkpoint in {source.dir} is damaged: "

@@ -42,7 +42,8 @@ class CheckpointReader:
         self.meta: CheckpointMetadata = read_metadata(self.iter_dir)
         self.spec, self.shape = shape_of(self.meta.hf_config)
         self.layout = self.meta.layout
-        self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size)
+        self.ctx = ShardContext(self.shape, self.layout.tp, self.meta.padded_vocab_size,
+                                expert_tp_size=self.layout.expert_tp)
         notice = unverified_notice(self.iter_dir) if verify else None
         if notice is not None:  # exports and reshards say so, as training does
             print(f"warning: {notice}", file=sys.stderr, flush=True)
@@ -59,9 +60,11 @@ class CheckpointReader:
     def rank_states(self, pp_rank: int, ep_rank: int = 0) -> list[dict]:
         """One pipeline stage's rank files (of expert-parallel rank ``ep_rank``) as they are
         on disk (``mmap``: nothing is read until a tensor is used), by TP rank; each checked
-        against the iteration's checksums first (unless ``verify`` is off)."""
-        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank, ep_rank,
-                                verify=self.verify)
+        against the iteration's checksums first (unless ``verify`` is off). With whole experts
+        an EP rank has one file; the other TP ranks' dense shards come from other EP ranks'
+        files (``ParallelLayout.reader_ep_rank``, ``stage_mapping.rule_tp_ranks``)."""
+        return [load_rank_state(self.iter_dir, self.layout, tp, pp_rank,
+                                self.layout.reader_ep_rank(tp, ep_rank), verify=self.verify)
                 for tp in range(self.layout.tp)]
 
     def training_state(self) -> dict:

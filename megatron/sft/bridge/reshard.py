@@ -65,7 +65,8 @@ def write_resharded(reader: CheckpointReader, root: Path, target: ParallelLayout
     carried = reader.training_state()  # a run resumes from the result at its iteration
     it = reader.iteration
     ctx = ShardContext(shape, target.tp, padded_vocab_size(
-        shape.vocab_size, src.make_vocab_size_divisible_by, target.tp))
+        shape.vocab_size, src.make_vocab_size_divisible_by, target.tp),
+        expert_tp_size=target.expert_tp)
     meta = CheckpointMetadata(
         architecture=src.architecture, hf_config=src.hf_config, layout=target,
         make_vocab_size_divisible_by=src.make_vocab_size_divisible_by,

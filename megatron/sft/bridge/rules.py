@@ -27,8 +27,16 @@ class ShardContext:
     shape: ModelShape
     tp_size: int
     padded_vocab_size: int
-    #: tensor parallelism inside experts (megatron-core's expert_tensor_parallel_size)
+    #: tensor parallelism inside experts (megatron-core's expert_tensor_parallel_size;
+    #: ``None``: ``tp_size``)
     expert_tp_size: Optional[int] = None
+
+    def for_rule(self, rule: "WeightRule") -> "ShardContext":
+        """The context ``rule`` shards in: a routed expert's tensors over expert TP (one shard,
+        the whole tensor, with expert TP 1), everything else over TP."""
+        if rule.per_expert and self.expert_tp_size not in (None, self.tp_size):
+            return dataclasses.replace(self, tp_size=self.expert_tp_size)
+        return self
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,9 @@ tensors and on ``meta`` tensors (the converter's dry run that validates names an
 
 With expert parallelism a stage has one file per (TP rank, EP rank), as in Megatron-LM: every
 EP rank's file holds the stage's dense tensors (replicated over EP) and its own block of routed
-experts. ``ep_rank`` selects the block; ``dense`` / ``experts`` select what is mapped, so a
+experts. With whole experts (expert TP 1, TP > 1) an EP rank has one file, holding TP rank
+``ep_rank mod TP``'s dense shard (``ParallelLayout.file_tp_ranks``); the per-TP-rank lists
+here still hold every TP rank, each with the whole experts. ``ep_rank`` selects the block; ``dense`` / ``experts`` select what is mapped, so a
 converter builds the dense part once per stage and each EP rank's experts on their own, and an
 export reads the dense tensors from EP rank 0's files and every expert exactly once.
 """
@@ -112,12 +114,12 @@ def build_stage(
                                                   dense=dense, experts=experts):
             tensors = tuple(get_hf(h) for h in hf_names)
             try:
-                shards = rule.to_megatron(tensors, ctx)
+                shards = rule.to_megatron(tensors, ctx.for_rule(rule))
             except (ValueError, RuntimeError) as e:
                 shapes = ", ".join(f"{h} {tuple(t.shape)}" for h, t in zip(hf_names, tensors))
                 raise ValueError(f"cannot build {mname} from {shapes}: {e}") from None
-            for tp_rank, shard in enumerate(shards):
-                ranks[tp_rank][key][mname] = shard
+            for tp_rank in range(layout.tp):  # whole experts (expert TP 1): in every TP rank's
+                ranks[tp_rank][key][mname] = shards[tp_rank % len(shards)]
             for h in hf_names:
                 on_tensor(h)
     return ranks
@@ -141,12 +143,20 @@ def stage_to_hf(
             if mname == TIED_OUTPUT and shape.tie_word_embeddings:
                 continue  # the embedding already produced this HF tensor
             try:
-                shards = [sd[key][mname] for sd in rank_states]
+                shards = [rank_states[t][key][mname] for t in rule_tp_ranks(rule, layout,
+                                                                           ep_rank)]
             except KeyError:
                 raise KeyError(
                     f"checkpoint stage pp={pp_rank} ep={ep_rank} ({key}) has no tensor "
                     f"{mname!r}") from None
-            yield from zip(hf_names, rule.to_hf(shards, ctx))
+            yield from zip(hf_names, rule.to_hf(shards, ctx.for_rule(rule)))
+
+
+def rule_tp_ranks(rule: WeightRule, layout: ParallelLayout, ep_rank: int) -> list[int]:
+    """Which of a stage's per-TP-rank states hold ``rule``'s shards, in shard order: all of
+    them, or for a routed expert with whole experts (expert TP 1) the one of EP rank
+    ``ep_rank``'s file (``ParallelLayout.file_tp_ranks``)."""
+    return layout.file_tp_ranks(ep_rank) if rule.per_expert else list(range(layout.tp))
 
 
 def name_pairs(spec: ArchitectureSpec, shape: ModelShape, layout: ParallelLayout, pp_rank: int,

@@ -122,7 +122,8 @@ def load_hf_weights(chunks: list, impl: LayerImpl, meta: CheckpointMetadata, sou
 
     dims = parallel_dims()
     spec, shape = shape_of(meta.hf_config)
-    ctx = ShardContext(shape, meta.layout.tp, meta.padded_vocab_size)
+    ctx = ShardContext(shape, meta.layout.tp, meta.padded_vocab_size,
+                       expert_tp_size=meta.layout.expert_tp)
     keys = {meta.layout.model_key(c): c for c in range(len(chunks))}
     loaded: dict[str, set] = {k: set() for k in keys}
     pending: dict[str, torch.Tensor] = {}

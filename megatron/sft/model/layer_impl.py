@@ -120,6 +120,10 @@ class LayerImpl:
         core = self.backend.core_attention(self.linear, sliding_window)
         if core is not None:  # else the spec's own (TEDotProductAttention / DotProductAttention)
             spec.submodules.self_attention.submodules.core_attention = core
+        if moe:  # the z-loss weighed as on one rank when tokens are split (moe/router.py)
+            from megatron.sft.model.moe.router import SplitBatchRouter
+
+            spec.submodules.mlp.submodules.router = SplitBatchRouter
         if moe and self.experts == "grouped_mm":
             from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
 

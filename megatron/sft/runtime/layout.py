@@ -334,16 +334,53 @@ class ParallelLayout:
                           + experts)
 
     def check_files(self, spelling: Spelling = SHORT) -> None:
-        """What our checkpoint files can hold, beyond what megatron-core can run: one file per
-        (TP, PP, EP) rank holds that TP rank's shard of the dense weights *and* of its experts,
-        so the experts must be split over TP like the rest. With another expert TP size the
-        ranks of one (TP, PP, EP) coordinate would hold different expert shards (or a needed
-        coordinate no rank at all)."""
-        if self.etp is not None and self.etp != self.tp:
+        """What our checkpoint files can hold, beyond what megatron-core can run. Each file of a
+        (TP, PP, EP) coordinate holds that TP rank's shard of the dense weights and its EP
+        rank's experts: split over TP like the rest (expert TP = TP), or whole (expert TP 1,
+        :meth:`file_ranks`). With expert TP 1 the files are Megatron-LM's, written by the ranks
+        of expert-data-parallel rank 0: one per EP rank ``e``, holding TP rank ``e mod TP``'s
+        dense shard, so EP must be a multiple of TP for every rank's pair of shards to be in
+        one file. Other expert TP sizes would spread one coordinate's experts over ranks."""
+        s = spelling
+        if self.etp is None or self.etp == self.tp:
+            return
+        if self.etp == 1 and self.ep % self.tp == 0:
+            return
+        if self.etp == 1:
             raise LayoutError(
-                f"{spelling.size('etp', self.etp)} with {spelling.size('tp', self.tp)}: checkpoint "
-                "files are per (TP, PP, EP) rank, so the experts are split over TP like the "
-                f"other weights; use {spelling.size('etp', self.tp)} or leave it unset")
+                f"{s.size('etp', 1)} with {s.size('tp', self.tp)} and {s.size('ep', self.ep)}: "
+                "the checkpoint has one file per expert-parallel rank (Megatron-LM's layout "
+                "for whole experts), each with the dense weights of TP rank (EP rank mod TP), "
+                f"so EP must be a multiple of TP; use {s.size('ep', self.tp * max(1, -(-self.ep // self.tp)))} "
+                f"or {s.size('etp', self.tp)}")
+        raise LayoutError(
+            f"{s.size('etp', self.etp)} with {s.size('tp', self.tp)}: checkpoint files are per "
+            "(TP, PP, EP) rank, so the experts are split over TP like the other weights or "
+            f"kept whole; use {s.size('etp', self.tp)}, {s.size('etp', 1)} or leave it unset")
+
+    @property
+    def whole_experts(self) -> bool:
+        """Experts kept whole (expert TP 1) while the dense weights are split over TP > 1."""
+        return self.expert_tp == 1 and self.tp > 1
+
+    def file_tp_ranks(self, ep_rank: int) -> list[int]:
+        """TP coordinates of expert-parallel rank ``ep_rank``'s files on each stage: every TP
+        rank, or with :attr:`whole_experts` the one Megatron-LM writes, ``ep_rank mod TP``
+        (TP2 ETP1 EP4 -> EP ranks 0..3 in ``mp_rank_00_000``, ``mp_rank_01_001``,
+        ``mp_rank_00_002``, ``mp_rank_01_003``)."""
+        if self.whole_experts:
+            return [ep_rank % self.tp]
+        return list(range(self.tp))
+
+    def reader_ep_rank(self, tp_rank: int, ep_rank: int) -> int:
+        """EP coordinate of the file a reader takes TP rank ``tp_rank``'s shards from when it
+        reads EP rank ``ep_rank``: ``ep_rank``'s own where it exists; with whole experts, for
+        another TP rank, the file of EP rank ``tp_rank``, whose dense shard is the same
+        (replicated over EP; its experts are not read). TP2 ETP1 EP2, EP rank 1 -> TP rank 0
+        from ``mp_rank_00_000``, TP rank 1 from ``mp_rank_01_001``."""
+        if tp_rank in self.file_tp_ranks(ep_rank):
+            return ep_rank
+        return tp_rank
 
     @staticmethod
     def _qkv_rows(shape: ShapeLike) -> int:
@@ -402,9 +439,10 @@ class ParallelLayout:
         return rank_dir_name(tp_rank, pp_rank, self.pp, ep_rank if self.ep > 1 else None)
 
     def file_ranks(self) -> list[tuple[int, int, int]]:
-        """Every ``(tp_rank, pp_rank, ep_rank)`` that has a file, pipeline stage by stage."""
+        """Every ``(tp_rank, pp_rank, ep_rank)`` that has a file, pipeline stage by stage
+        (with whole experts one per EP rank, :meth:`file_tp_ranks`)."""
         return [(t, p, e) for p in range(self.pp) for e in range(self.ep)
-                for t in range(self.tp)]
+                for t in self.file_tp_ranks(e)]
 
 
 def microbatch_rows(iteration: int, global_batch: int, micro_batch: int, dp_rank: int,

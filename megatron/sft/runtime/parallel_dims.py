@@ -58,7 +58,8 @@ class ParallelDims:
         """Exactly one rank writes each (tp, pp[, ep]) file: weights are replicated over DP and
         CP, so their rank 0 does; with expert parallelism a file holds one EP rank's experts
         too, which are replicated over the expert-data-parallel ranks (DP x CP / EP), so their
-        rank 0 does (with expert TP = TP there is one such rank per (tp, pp, ep))."""
+        rank 0 does (with expert TP = TP there is one such rank per (tp, pp, ep); with expert
+        TP 1 one per (pp, ep), which is TP rank ``ep mod TP``: ``ParallelLayout.file_ranks``)."""
         if self.layout.ep > 1:
             return self.expert_dp_rank == 0
         return self.dp_rank == 0 and self.cp_rank == 0

@@ -16,7 +16,9 @@ from megatron.sft.model.context_parallel.split import take_tokens
 from megatron.sft.runtime.layout import microbatch_rows  # noqa: F401  (how a batch is cut)
 
 #: the per-token tensors of a micro-batch that context parallelism cuts (and their padding value)
-PER_TOKEN = {"tokens": 0, "labels": 0, "loss_mask": 0.0, "position_ids": 0}
+#: (``padding_mask``: MoE routing's, True = padding, only in MoE batches)
+PER_TOKEN = {"tokens": 0, "labels": 0, "loss_mask": 0.0, "position_ids": 0,
+             "padding_mask": True}
 
 
 def valid_cu_seqlens(cu_row: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ def masked_loss_sum(per_token_loss: torch.Tensor, loss_mask: torch.Tensor
 
 def local_micro_batch(batch: dict[str, Any], index: Optional[torch.Tensor]) -> dict[str, Any]:
     """This context-parallel rank's part of a collated micro-batch: ``tokens``, ``labels``,
-    ``loss_mask`` and ``position_ids`` taken at ``index`` (``AttentionInputs.local_index``;
+    ``loss_mask``, ``position_ids`` (and a MoE batch's ``padding_mask``) taken at ``index`` (``AttentionInputs.local_index``;
     ``-1`` = padding: token 0, no loss); ``None`` keeps the batch whole. The labels were shifted
     before the cut, so every kept token keeps its own next-token target.
 
@@ -48,5 +50,6 @@ def local_micro_batch(batch: dict[str, Any], index: Optional[torch.Tensor]) -> d
         return batch
     out = dict(batch)
     for key, fill in PER_TOKEN.items():
-        out[key] = take_tokens(batch[key], index, fill)
+        if key in batch:
+            out[key] = take_tokens(batch[key], index, fill)
     return out

@@ -28,6 +28,7 @@ class ForwardLoss:
         for micro in rows:
             batch = collate_sft([dataset[r % len(dataset)] for r in micro])
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch.update(moe.routing_padding(batch, self.shape))  # whole rows, cut with them
             attention = self.impl.attention_inputs(
                 batch["cu_seqlens"] if self.cfg.packing else None, len(micro),
                 self.cfg.seq_length, self.shape.sliding_window, cp_size=self.dims.cp_size,

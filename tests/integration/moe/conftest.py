@@ -25,6 +25,8 @@ EXTRA_LAYOUTS = {"EP4": ("Qwen2MoeForCausalLM", ParallelLayout(1, 1, ep=4)),
 #: the training runs' model: a sigmoid-gated shared expert, top-2 without renormalisation,
 #: dense layers (0, 2) between the MoE ones (1, 3)
 TRAIN_ARCH = "Qwen2MoeForCausalLM"
+#: the clipping threshold the gradient-norm probes clip to (below the first norm, about 2.2)
+CLIP = 0.5
 
 
 def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
@@ -79,7 +81,8 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     def run(ckpt, **overrides):
         cfg = dict(load=ckpt, data_path=sft_assets["data"], seq_length=128, micro_batch_size=2,
                    global_batch_size=8, train_iters=5, lr=1e-3, lr_decay_style="constant",
-                   no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01)
+                   no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01,
+                   moe_z_loss_coeff=1e-3)
         return dict(cfg, **overrides)
 
     # --eval-generate at EP2: large random weights (varied tokens, decisive logits), loaded
@@ -87,12 +90,15 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     gen_hf = make_random_hf_model(TRAIN_ARCH, root / "gen-hf", seed=3,
                                   overrides=dict(vocab_size=vocab, initializer_range=0.3))
     save = root / "run"
+    etp1 = dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
+                expert_tensor_parallel_size=1, train_iters=3, use_distributed_optimizer=True)
     resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
                   lr_warmup_iters=1, use_distributed_optimizer=True)
     return str(hf), {
-        "ep1": run(c["ep1"]),
+        # probe_clip: the gradient norm and clipping of global batch 0 first (clip_probe)
+        "ep1": run(c["ep1"], probe_clip=CLIP),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
-                      sequence_parallel=True),
+                      sequence_parallel=True, probe_clip=CLIP),
         "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",
                        **resume),
         # from the save at iteration 2 (the tracker pointed back at it), other experts impl
@@ -132,6 +138,13 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         # sequence parallelism on a later pipeline stage: its padding mask is split there
         "tp2pp2": run(c["tp2pp2"], tensor_model_parallel_size=2,
                       pipeline_model_parallel_size=2, sequence_parallel=True, train_iters=3),
+        # context parallelism with experts split over the CP x DP ranks, from the HF directory
+        "cp2ep2_hf": run(str(hf), context_parallel_size=2, expert_model_parallel_size=2),
+        # whole experts (ETP 1) under TP2 with SP, from the HF directory, saved every iteration
+        # with the distributed optimizer, and resumed from 1 (step 2 uses the restored state)
+        "tp2etp1ep2_hf": run(str(hf), probe_clip=CLIP, save=str(root / "etp1_run"),
+                             save_interval=1, keep_last=0, **etp1),
+        "etp1_resumed": run(str(root / "etp1_run"), rewind_to=1, **etp1),
     }
 
 

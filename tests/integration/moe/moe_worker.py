@@ -14,6 +14,8 @@ training run in one 4-rank launch (starting processes is what costs on a 2-core 
   name starts with ``aux``: ``hf_loss`` (transformers' masked loss, each packed sample on its
   own) and ``hand_aux`` (megatron-core's load-balancing formula by hand from transformers'
   router logits of the same tokens, per MoE layer, averaged over micro-batches and DP ranks).
+  A run's ``probe_clip: MAX`` first measures the gradient norm and clipping of global batch 0
+  (``clip_probe``; result ``NAME/clip``).
 
 Between cases of different layouts the model-parallel state is rebuilt on the same process
 group.
@@ -135,6 +137,46 @@ def references(hf_dir, dataset, cfg, dp_size, moe_layers, top_k):
     return loss_sum / count, count, {layer: sum(v) / len(v) for layer, v in aux.items()}
 
 
+def clip_probe(trainer, max_norm: float) -> dict:
+    """One forward/backward of global batch 0 before training, then the gradient norm and the
+    clipping as megatron-core's ``ChainedOptimizer.step`` does them (dense and expert
+    optimizers). ``hand_norm``: ``sqrt(sum g^2)`` over this rank's parameters, the whole
+    model's at TP1 PP1 EP1 (the single-rank reference); ``norm``: the optimizer's;
+    ``clipped_norm``: the optimizer's after clipping to ``max_norm``; ``scale_dev``: the worst
+    relative deviation over every parameter, on every rank, of its gradient's scale from
+    ``max_norm / norm``."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for m in trainer.model:
+        m.train()
+        m.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    trainer.forward_loss(trainer.train_ds, trainer._rows(0), forward_only=False)
+    if trainer.moe_metrics is not None:  # drop the probe's routing statistics
+        trainer.moe_metrics.collect(len(trainer._rows(0)))
+    opt = trainer.optimizer
+    opt.prepare_grads()
+    parts = getattr(opt, "chained_optimizers", [opt])  # dense and expert optimizers
+    params = [p for o in parts for p in o.get_parameters()]
+    before = [p.grad.detach().double().norm() for p in params]
+    hand = float(torch.stack(before).square().sum().sqrt())
+    norm = opt.get_grad_norm()
+    for o in parts:
+        clip_grad_by_total_norm_fp32(o.get_parameters(), max_norm=max_norm, total_norm=norm)
+    scale = max_norm / (norm + 1e-6)  # megatron-core's clip coefficient
+    dev = torch.tensor(max((float(p.grad.double().norm()) / float(b) / scale - 1.0) ** 2
+                           for p, b in zip(params, before) if b > 0) ** 0.5)
+    dist.all_reduce(dev, op=dist.ReduceOp.MAX)
+    out = {"hand_norm": hand, "norm": float(norm), "clipped_norm": float(opt.get_grad_norm()),
+           "scale_dev": float(dev), "params": len(params), "max_norm": max_norm}
+    for m in trainer.model:
+        m.zero_grad_buffer()
+    opt.zero_grad()
+    return out
+
+
 def run_training(runs, hf) -> dict:
     import torch.distributed as dist
 
@@ -149,6 +191,7 @@ def run_training(runs, hf) -> dict:
         use_layout(None)
         fields = dict(fields)
         rewind = fields.pop("rewind_to", None)
+        probe = fields.pop("probe_clip", None)
         if rewind is not None and dist.get_rank() == 0:
             Path(fields["load"], "latest_checkpointed_iteration.txt").write_text(f"{rewind}\n")
         reshard = fields.pop("reshard_from", None)
@@ -162,6 +205,8 @@ def run_training(runs, hf) -> dict:
         dist.barrier()
         trainer = Trainer(TrainConfig(**fields), log=lambda m: None)
         trainer.setup()
+        if probe is not None:
+            results[f"{name}/clip"] = clip_probe(trainer, probe)
         history = trainer.train()
         if trainer.run_lock is not None:
             trainer.run_lock.release()

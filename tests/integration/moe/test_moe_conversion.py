@@ -81,6 +81,48 @@ def test_tp_pp_ep_and_reshard_roundtrips(arch, moe_models, tmp_path):
     _assert_identical(_tensors(moe_models[(arch, "per-expert")]), _tensors(tmp_path / "hf"))
 
 
+def test_whole_experts_with_tp_have_megatron_lms_files_and_roundtrip(moe_models, tmp_path):
+    """ETP=1 with TP=2: one file per EP rank ``e``, named by TP rank ``e mod 2`` (Megatron-LM's
+    files, written by its expert-data-parallel rank 0), with that TP rank's dense shard (equal
+    to the TP=ETP checkpoint's) and EP rank ``e``'s experts whole (its TP shards joined).
+    Export, and reshard to TP=ETP, are bit-identical."""
+    src = moe_models[("Qwen3MoeForCausalLM", "fused")]
+    whole, split = ParallelLayout(2, 2, ep=4, etp=1), ParallelLayout(2, 2, ep=4)
+    for name, layout in (("whole", whole), ("split", split)):
+        convert_hf_to_megatron(src, tmp_path / name, ConvertOptions(layout=layout,
+                                                                    progress=False))
+    it = "iter_0000001"
+    files = sorted(p.name for p in (tmp_path / "whole" / it).glob("mp_rank_*"))
+    assert files == sorted(f"mp_rank_{e % 2:02d}_{p:03d}_{e:03d}" for p in (0, 1)
+                           for e in range(4))
+    assert sorted(whole.rank_dir_name(*r) for r in whole.file_ranks()) == files
+
+    def state(name, t, p, e):
+        return torch.load(tmp_path / name / it / f"mp_rank_{t:02d}_{p:03d}_{e:03d}" /
+                          "model_optim_rng.pt", weights_only=True)["model"]
+
+    for t, p, e in whole.file_ranks():
+        mine, shards = state("whole", t, p, e), [state("split", r, p, e) for r in (0, 1)]
+        assert sorted(mine) == sorted(shards[t])
+        for n, tensor in mine.items():
+            if ".local_experts." not in n:
+                assert torch.equal(tensor, shards[t][n]), n  # TP rank t's dense shard
+            elif "linear_fc2" in n:  # row-parallel: TP shards are column blocks
+                assert torch.equal(tensor, torch.cat([s[n] for s in shards], dim=1)), n
+            else:  # gate/up: each TP shard holds its gate rows, then its up rows
+                halves = [s[n].chunk(2) for s in shards]
+                assert torch.equal(tensor, torch.cat([h[0] for h in halves]
+                                                     + [h[1] for h in halves])), n
+    # export, and reshard to TP=ETP at other sizes, from the whole-expert files
+    reshard_checkpoint(tmp_path / "whole", tmp_path / "back", ParallelLayout(2, 1, ep=2),
+                       progress=False)
+    per_expert = _tensors(moe_models[("Qwen3MoeForCausalLM", "per-expert")])
+    for name in ("whole", "back"):
+        export_megatron_to_hf(tmp_path / name, tmp_path / f"hf_{name}", src,
+                              ExportOptions(progress=False))
+        _assert_identical(per_expert, _tensors(tmp_path / f"hf_{name}"))
+
+
 @pytest.mark.parametrize("form", ["per-expert", "fused"])
 def test_every_source_byte_is_read_once(form, moe_models, tmp_path, monkeypatch):
     reads = []
@@ -109,8 +151,11 @@ def test_bad_expert_input_is_refused_before_anything_is_written(moe_models, tmp_
     per_expert, fused = (moe_models[("Qwen3MoeForCausalLM", f)] for f in ("per-expert", "fused"))
     with pytest.raises(LayoutError, match="EP=3 does not divide num_experts=8"):
         convert(per_expert, ParallelLayout(1, 1, ep=3))
-    with pytest.raises(LayoutError, match="ETP=1 with TP=2: .*use ETP=2 or leave it unset"):
-        convert(per_expert, ParallelLayout(2, 1, ep=2, etp=1))
+    with pytest.raises(LayoutError, match="ETP=1 with TP=2 and EP=1: .*so EP must be a "
+                                          "multiple of TP; use EP=2 or ETP=2"):
+        convert(per_expert, ParallelLayout(2, 1, ep=1, etp=1))
+    with pytest.raises(LayoutError, match="ETP=2 with TP=4: .*use ETP=4, ETP=1 or leave it"):
+        convert(per_expert, ParallelLayout(4, 1, ep=2, etp=2))
 
     bad = tmp_path / "bad"
     shutil.copytree(per_expert, bad)

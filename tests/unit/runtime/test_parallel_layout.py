@@ -150,3 +150,24 @@ def test_one_writer_per_file_even_with_context_parallel_ranks(dp_rank, cp_rank, 
     dims = ParallelDims(ParallelLayout(1, 1, cp=2), world_size=4, rank=0, tp_rank=0,
                         pp_rank=0, dp_rank=dp_rank, dp_size=2, cp_rank=cp_rank)
     assert dims.writes_rank_file is writes
+
+
+def test_whole_experts_with_tp_use_megatron_lms_files():
+    """ETP=1 with TP=2: Megatron-LM's files are written by expert-data-parallel rank 0, the
+    ranks ``0 .. EP-1`` of a stage; rank ``l`` is TP rank ``l mod TP`` and EP rank ``l``."""
+    layout = ParallelLayout(2, 1, ep=4, etp=1)
+    layout.check_files()
+    assert layout.whole_experts and not ParallelLayout(2, 1, ep=4).whole_experts
+    assert layout.file_ranks() == [(0, 0, 0), (1, 0, 1), (0, 0, 2), (1, 0, 3)]
+    assert [layout.rank_dir_name(*r) for r in layout.file_ranks()] == [
+        "mp_rank_00_000", "mp_rank_01_001", "mp_rank_00_002", "mp_rank_01_003"]
+    # a reader of EP rank 3 takes TP rank 1 from its own file, TP rank 0 from EP rank 0's
+    assert [layout.reader_ep_rank(t, 3) for t in (0, 1)] == [0, 3]
+    assert len(ParallelLayout(2, 2, ep=2).file_ranks()) == 8  # TP = ETP: every (t, p, e)
+    with pytest.raises(LayoutError, match="ETP=1 with TP=4 and EP=2: .* use EP=4 or ETP=4"):
+        ParallelLayout(4, 1, ep=2, etp=1).check_files()
+    with pytest.raises(LayoutError, match="--expert-tensor-parallel-size 2 with "
+                                          "--tensor-model-parallel-size 4: .*use "
+                                          "--expert-tensor-parallel-size 4, "
+                                          "--expert-tensor-parallel-size 1 or leave it unset"):
+        ParallelLayout(4, 1, ep=2, etp=2).check_files(FLAGS)

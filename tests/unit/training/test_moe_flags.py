@@ -66,10 +66,10 @@ def test_what_a_moe_run_refuses():
     assert moe_config_overrides(_cfg(moe_router_freeze=True), moe) == {
         "moe_router_bias_update_rate": 0.0}
     check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True, lora_rank=4), moe)
-    with pytest.raises(ValueError, match="--context-parallel-size 2 with a Mixture-of-Experts "
-                                         "model .* use --context-parallel-size 1"):
-        check_moe_run(_cfg(context_parallel_size=2), moe)
-    check_moe_run(_cfg(context_parallel_size=2), dense)  # CP itself is fine on a dense model
+    check_moe_run(_cfg(context_parallel_size=2), moe)  # MoE + CP: tests/integration/moe
+    with pytest.raises(ValueError, match="--lora-rank with --expert-tensor-parallel-size 1"):
+        check_moe_run(_cfg(tensor_model_parallel_size=2, sequence_parallel=True,
+                           expert_tensor_parallel_size=1, lora_rank=4), moe)
     assert moe_config_overrides(_cfg(), moe) == {}  # the architecture's defaults stand
     assert moe_config_overrides(_cfg(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=1e-3,
                                      moe_token_dispatcher_type="allgather"), moe) == {
@@ -91,6 +91,28 @@ def test_a_checkpoint_at_another_ep_is_refused_with_the_fix():
 def test_routing_padding_mask_marks_what_follows_the_last_sample():
     cu = torch.tensor([[0, 3, 5], [0, 6, -1]], dtype=torch.int32)  # collate_sft's padding
     assert routing_padding_mask(cu, 6).tolist() == [[False] * 5 + [True], [False] * 6]
+
+
+def test_context_parallel_ranks_get_the_padding_mask_of_their_own_tokens():
+    """The mask is made on whole rows and cut like the tokens: CP2 of a row of 8 whose sample
+    ends at 5 -> rank 0 holds positions [0, 1, 6, 7], rank 1 [2, 3, 4, 5]; the padding the THD
+    layout inserts (index -1) is padding too."""
+    from megatron.sft.model.context_parallel.split import local_token_index
+    from megatron.sft.model.moe.settings import routing_padding
+    from megatron.sft.training.batch import local_micro_batch
+
+    batch = {"tokens": torch.arange(8).view(1, 8), "labels": torch.arange(8).view(1, 8),
+             "loss_mask": torch.ones(1, 8), "position_ids": torch.arange(8).view(1, 8),
+             "cu_seqlens": torch.tensor([[0, 2, 5, -1]], dtype=torch.int32)}
+    batch.update(routing_padding(batch, _shape()))
+    masks = [local_micro_batch(batch, local_token_index(1, 8, 2, r))["padding_mask"].tolist()
+             for r in (0, 1)]
+    assert masks == [[[False, False, True, True]], [[False, False, False, True]]]
+    te = local_micro_batch(batch, torch.tensor([[0, -1, 4, 5]]))["padding_mask"].tolist()
+    assert te == [[False, True, False, True]]
+    assert routing_padding(batch, get_architecture("Qwen2ForCausalLM").shape(
+        {"architectures": ["Qwen2ForCausalLM"],
+         **get_architecture("Qwen2ForCausalLM").tiny_config})) == {}
 
 
 def test_console_summary():

@@ -80,8 +80,8 @@ class MoEMetrics:
             values = (tracker[name]["values"].to(torch.float64).clone() if name in tracker
                       else torch.zeros(self.num_layers, dtype=torch.float64, device=device))
             dist.all_reduce(values, group=g["pp"])  # each layer lives on one stage
-            # Partial sums of the ranks sharing a micro-batch: megatron-core's router reduces
-            # its aux loss over tp_cp, and pre-divides the z-loss by the tp_cp size.
+            # Shares of the ranks sharing a micro-batch (tp_cp): megatron-core's aux loss and
+            # our router's z-loss (router.SplitBatchRouter) sum to the micro-batch's values.
             dist.all_reduce(values, group=g["tp_cp"])
             dist.all_reduce(values, group=g["dp"])
             values /= dist.get_world_size(g["dp"]) * max(num_microbatches, 1)

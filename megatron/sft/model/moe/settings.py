@@ -62,16 +62,16 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
         raise ValueError(f"--tensor-model-parallel-size {cfg.tensor_model_parallel_size} with "
                          f"a Mixture-of-Experts model ({shape.architecture}) needs "
                          "--sequence-parallel")
+    if cfg.lora_rank and cfg.expert_tensor_parallel_size == 1 and \
+            cfg.tensor_model_parallel_size > 1:
+        # Adapter files are per (TP, PP) rank; with whole experts a TP rank has no file of
+        # some EP ranks (ParallelLayout.file_tp_ranks), which the adapter code does not read.
+        raise ValueError("--lora-rank with --expert-tensor-parallel-size 1 and "
+                         "--tensor-model-parallel-size > 1: not supported; leave "
+                         "--expert-tensor-parallel-size unset (= TP)")
     if cfg.moe_expert_capacity_factor is not None and cfg.moe_expert_capacity_factor <= 0:
         raise ValueError(f"--moe-expert-capacity-factor {cfg.moe_expert_capacity_factor}: must "
                          "be positive (leave it unset for dropless routing)")
-    if cfg.context_parallel_size > 1:
-        # The routing padding mask and the per-layer routing statistics are computed on whole
-        # rows; with CP each rank holds two chunks of a row, which nothing here slices for yet.
-        raise ValueError(f"--context-parallel-size {cfg.context_parallel_size} with a "
-                         f"Mixture-of-Experts model ({shape.architecture}): not supported yet "
-                         "(routing of packed-row padding is not split over CP ranks); use "
-                         "--context-parallel-size 1 and shard with EP, TP (+ SP) or PP")
 
 
 def routing_padding_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -96,14 +96,26 @@ def stage_padding_mask(mask: torch.Tensor, model, sequence_parallel: bool) -> to
         .transpose(0, 1).contiguous()
 
 
+def routing_padding(batch: dict, shape: ModelShape) -> dict[str, torch.Tensor]:
+    """``{"padding_mask": [b, s]}`` of a collated micro-batch's whole rows (``{}`` for dense
+    models). Made before the batch is cut for context parallelism and cut with the tokens
+    (``training.batch.local_micro_batch``; the padding the ``te`` backend's THD layout inserts
+    is padding here too), so each CP rank routes its own tokens and counts only its real ones
+    in the routing losses, which ``router.SplitBatchRouter`` weighs over the CP group."""
+    if shape.moe is None:
+        return {}
+    return {"padding_mask": routing_padding_mask(batch["cu_seqlens"], batch["tokens"].shape[1])}
+
+
 def routing_inputs(batch: dict, shape: ModelShape, model, flatten_rows: bool,
                    sequence_parallel: bool) -> dict[str, torch.Tensor]:
     """``GPTModel.forward`` keyword arguments a MoE model's micro-batch needs:
-    ``{"padding_mask": ...}`` shaped like the tokens it is called with (``[1, b*s]`` when the
-    attention backend flattens rows), split for this pipeline stage; ``{}`` for dense models."""
+    ``{"padding_mask": ...}`` (this CP rank's, from :func:`routing_padding`) shaped like the
+    tokens it is called with (``[1, b*s]`` when the attention backend flattens rows), split
+    for this pipeline stage; ``{}`` for dense models."""
     if shape.moe is None:
         return {}
-    mask = routing_padding_mask(batch["cu_seqlens"], batch["tokens"].shape[1])
+    mask = batch["padding_mask"]
     if flatten_rows:
         mask = mask.reshape(1, -1)
     return {"padding_mask": stage_padding_mask(mask, model, sequence_parallel)}
