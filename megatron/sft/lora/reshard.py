@@ -41,7 +41,7 @@ from megatron.sft.bridge.convert import save_stage
 from megatron.sft.bridge.integrity import write_checksums
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.bridge.reader import CheckpointReader
-from megatron.sft.bridge.reshard import reshard_checkpoint
+from megatron.sft.bridge.reshard import reshard_checkpoint as reshard_full_checkpoint
 from megatron.sft.bridge.reshard import write_resharded
 from megatron.sft.lora.merge import LoRARunReader, open_checkpoint
 from megatron.sft.lora.peft_export import PeftAdapters, read_run_adapters
@@ -87,7 +87,7 @@ def reshard_any(ckpt_dir: "str | Path", out_dir: "str | Path", target: ParallelL
         raise ValueError("Can't provide both --lora-base and --merge-lora: --merge-lora writes a "
                          "full checkpoint, which needs no base. Choose one.")
     if not is_run or merge_lora:
-        return reshard_checkpoint(reader, out_dir, target, force=force, progress=progress)
+        return reshard_full_checkpoint(reader, out_dir, target, force=force, progress=progress)
     target.validate(reader.shape)
     check_output_separate(out_dir, "--save-dir", {**reader.input_dirs(),
                                                   "--lora-base": lora_base})

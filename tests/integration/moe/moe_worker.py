@@ -196,11 +196,11 @@ def run_training(runs, hf) -> dict:
             Path(fields["load"], "latest_checkpointed_iteration.txt").write_text(f"{rewind}\n")
         reshard = fields.pop("reshard_from", None)
         if reshard is not None and dist.get_rank() == 0:
-            from megatron.sft.lora.reshard import reshard_checkpoint
+            from megatron.sft.lora.reshard import reshard_any
             from megatron.sft.runtime.layout import ParallelLayout
 
             source, iteration, ep = reshard
-            reshard_checkpoint(source, fields["load"], ParallelLayout(1, 1, ep=ep),
+            reshard_any(source, fields["load"], ParallelLayout(1, 1, ep=ep),
                                iteration=iteration, progress=False)
         dist.barrier()
         trainer = Trainer(TrainConfig(**fields), log=lambda m: None)

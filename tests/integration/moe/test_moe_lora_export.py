@@ -32,7 +32,7 @@ from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
 from megatron.sft.bridge.random_hf_model import make_random_hf_model
 from megatron.sft.lora.merge import open_checkpoint
 from megatron.sft.lora.peft_export import export_lora_adapter
-from megatron.sft.lora.reshard import reshard_checkpoint
+from megatron.sft.lora.reshard import reshard_any
 from megatron.sft.lora.run_format import LoRACheckpointInfo, base_fingerprint, write_lora_info
 from megatron.sft.lora.settings import LoRASettings
 from megatron.sft.runtime.layout import ParallelLayout
@@ -101,14 +101,14 @@ def test_peft_loads_the_moe_adapter_and_matches_the_merged_export(arch, tmp_path
 
     # reshard to EP1 x TP2 (and back to EP2 from there): the same adapter and merged model
     out = tmp_path / "ep1tp2"
-    reshard_checkpoint(run, out, ParallelLayout(2, 1), progress=False)
+    reshard_any(run, out, ParallelLayout(2, 1), progress=False)
     export_megatron_to_hf(open_checkpoint(out), tmp_path / "merged2", hf,
                           ExportOptions(progress=False))
     for name, t in _hf_tensors(tmp_path / "merged").items():
         torch.testing.assert_close(_hf_tensors(tmp_path / "merged2")[name], t, rtol=0,
                                    atol=1e-6, msg=name)
     back = tmp_path / "ep2"
-    reshard_checkpoint(out, back, ParallelLayout(1, 1, ep=2), progress=False)
+    reshard_any(out, back, ParallelLayout(1, 1, ep=2), progress=False)
     for ep in (0, 1):
         got = load_rank_state(iteration_dir(back), ParallelLayout(1, 1, ep=2), 0, 0, ep)["model"]
         assert sorted(got) == sorted(per_rank[ep])
