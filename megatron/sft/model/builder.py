@@ -51,6 +51,10 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     config = transformer_config(
         shape, dims.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
         architecture_overrides=settings.transformer, **config_overrides)
+    if config.softmax_type == "learnable":  # GPT-OSS's sinks: refuse te/dense before building
+        from megatron.sft.model.attention.sinks import check_sink_backend
+
+        check_sink_backend(impl.attention)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
     vpp = dims.layout.vpp
     chunks = []
