@@ -75,6 +75,11 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
             vp_stage=chunk if vpp else None,
             **kwargs,
         )
+        if shape.rope.yarn is not None:
+            from megatron.sft.model.yarn import YarnConfig, apply_yarn
+
+            apply_yarn(model, YarnConfig(**dict(shape.rope.yarn)), shape.rope.theta,
+                       shape.head_dim)
         # Built without initialisation, megatron-core 0.16 leaves TP-split weights unmarked and
         # its grad norm (and clipping) would skip their shards on TP ranks > 0.
         mark_tensor_parallel_weights(model)
