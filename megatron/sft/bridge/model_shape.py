@@ -54,6 +54,8 @@ class MoEShape:
     shared_expert_gate: bool = False
     #: the HF config's ``router_aux_loss_coef``: the default of ``--moe-aux-loss-coeff``
     aux_loss_coeff: float = 0.0
+    #: the experts' linears have biases (GPT-OSS); megatron-core runs them at ETP 1 only
+    expert_bias: bool = False
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.layers

@@ -25,7 +25,8 @@ What maps where (megatron-core names; the model side is ``model.attention.sinks`
   false).
 
 Not supported, refused: a ``swiglu_alpha`` other than 1.702; ``layer_types`` other than
-sliding/full.
+sliding/full; TP > 1 (megatron-core 0.16.1 runs expert biases at expert TP 1 only, and our
+rank files split the experts over TP like the rest: ``ParallelLayout.shape_problems``).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ GPT_OSS = register(ArchitectureSpec(
     fused_experts=_fused(),
     export_fused_experts=True,
     moe=MoEConfigKeys(num_experts="num_local_experts", ffn="intermediate_size",
-                      renormalize=True, sparse_layers=False),
+                      renormalize=True, sparse_layers=False, expert_bias=True),
     configure=gpt_oss_settings,
     qkv_bias="attention_bias",
     # 4 experts top-2 on 4 layers (sliding, full, sliding, full; a window of 8 shorter than
