@@ -286,10 +286,6 @@ class ParallelLayout:
             if moe.ffn_hidden_size % self.expert_tp:
                 out.append(f"{s.size('etp', self.expert_tp)} does not divide the experts' "
                            f"intermediate size {moe.ffn_hidden_size}")
-            if getattr(moe, "expert_bias", False) and self.expert_tp > 1:  # GPT-OSS
-                out.append(f"{s.size('etp', self.expert_tp)}: experts with biases run at "
-                           "expert tensor parallel size 1 only in megatron-core 0.16.1; use "
-                           f"{s.size('tp', 1)} (expert parallelism splits the experts)")
         elif self.ep > 1:
             out.append(f"{s.size('ep', self.ep)}: this model has no experts; use "
                        f"{s.size('ep', 1)}")

@@ -86,8 +86,10 @@ def test_unsupported_settings_are_refused():
     spec = get_architecture(ARCH)
     with pytest.raises(UnsupportedModelError, match="swiglu_alpha=1.5"):
         spec.megatron_settings(_hf_config(swiglu_alpha=1.5).to_dict())
-    _, shape = spec, spec.shape(_hf_config().to_dict())
-    problems = ParallelLayout(2, 1, ep=2).problems(shape)
-    assert any("experts with biases run at expert tensor parallel size 1" in p
-               for p in problems)
-    assert not ParallelLayout(1, 2, ep=2).problems(shape)
+    from megatron.sft.model.builder import check_expert_bias_layout
+
+    shape = spec.shape(_hf_config().to_dict())
+    with pytest.raises(LayoutError, match="experts with biases run at expert tensor parallel "
+                                          "size 1 only.*--tensor-model-parallel-size 1"):
+        check_expert_bias_layout(shape, ParallelLayout(2, 1, ep=2))
+    check_expert_bias_layout(shape, ParallelLayout(1, 2, ep=2))

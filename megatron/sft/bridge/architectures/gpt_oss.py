@@ -25,8 +25,9 @@ What maps where (megatron-core names; the model side is ``model.attention.sinks`
   false).
 
 Not supported, refused: a ``swiglu_alpha`` other than 1.702; ``layer_types`` other than
-sliding/full; TP > 1 (megatron-core 0.16.1 runs expert biases at expert TP 1 only, and our
-rank files split the experts over TP like the rest: ``ParallelLayout.shape_problems``).
+sliding/full; running at TP > 1 (megatron-core 0.16.1 runs expert biases at expert TP 1 only,
+and our rank files split the experts over TP like the rest; conversion and export at any TP
+work, the model builder refuses).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class InterleavedGateUp(WeightRule):
     """One expert's ``gate_up_proj [hidden, 2F]`` (or its bias ``[2F]``), interleaved ->
     megatron-core's gated ``linear_fc1`` (``[gate; up]`` per TP rank)."""
 
+    #: ``rank_shard`` reads the expert's whole block (it gathers rows or columns, not both)
+    reads_whole = True
+
     def to_megatron(self, hf, ctx):
         gate, up = deinterleave(hf[0])
         return T.fuse_gate_up(gate, up, ctx.tp_size)
@@ -86,6 +90,8 @@ class InterleavedGateUp(WeightRule):
 @dataclasses.dataclass(frozen=True)
 class TransposedRowParallel(WeightRule):
     """One expert's ``down_proj [F, hidden]`` -> ``linear_fc2 [hidden, F]``, split by columns."""
+
+    reads_whole = True
 
     def to_megatron(self, hf, ctx):
         return T.split_tp(hf[0].transpose(0, 1).contiguous(), ctx.tp_size, 1)
