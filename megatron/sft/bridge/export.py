@@ -26,6 +26,7 @@ from megatron.sft.bridge.checkpoint_io import (
 )
 from megatron.sft.bridge.convert import load_hf_config, refuse_non_finite
 from megatron.sft.bridge.fused_export import fused_export
+from megatron.sft.bridge.mxfp4 import drop_quantization_config
 from megatron.sft.bridge.reader import CheckpointReader, CoverageError  # noqa: F401
 from megatron.sft.bridge.safetensors_io import (
     StreamingShardWriter,
@@ -175,6 +176,7 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
         if hf_ref_dir is not None:
             _copy_reference_files(Path(hf_ref_dir), staging)
         config = dict(reader.meta.hf_config)
+        drop_quantization_config(config, log=tqdm.write)  # MXFP4 in, bf16 out (bridge.mxfp4)
         out_dtype = dtype_name(cast_to or entries[0][1])
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:
