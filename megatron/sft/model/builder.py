@@ -34,14 +34,23 @@ def check_layout_matches(meta: CheckpointMetadata) -> None:
         raise CheckpointError(str(e)) from None
 
 
-def check_expert_bias_layout(shape, layout) -> None:
+def check_expert_bias_layout(shape, layout, experts: str = "grouped_mm") -> None:
     """GPT-OSS's expert biases: megatron-core 0.16.1 runs them at expert TP 1 only (its config
-    asserts), and our rank files split the experts over TP like the rest, so TP must be 1."""
-    if shape.moe is not None and shape.moe.expert_bias and layout.expert_tp > 1:
+    asserts), and our rank files split the experts over TP like the rest, so TP must be 1. Its
+    ``SequentialMLP`` adds the bias in place on a view without EP (autograd refuses it in
+    backward), so ``sequential`` needs EP > 1."""
+    if shape.moe is None or not shape.moe.expert_bias:
+        return
+    if layout.expert_tp > 1:
         raise LayoutError(f"{shape.architecture}: experts with biases run at expert tensor "
                           f"parallel size 1 only in megatron-core 0.16.1 (this layout has "
                           f"{layout.expert_tp}); use --tensor-model-parallel-size 1 and split "
                           "the experts with --expert-model-parallel-size")
+    if experts == "sequential" and layout.ep == 1:
+        raise LayoutError(f"{shape.architecture}: --moe-experts-impl sequential cannot train "
+                          "experts with biases at --expert-model-parallel-size 1 (megatron-core "
+                          "0.16.1 adds the bias in place on a view); use --moe-experts-impl "
+                          "grouped_mm")
 
 
 def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
@@ -58,7 +67,7 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     if shape.moe is not None:  # alltoall moves only the routed tokens; allgather all of them
         config_overrides.setdefault("moe_token_dispatcher_type",
                                     "alltoall" if dims.layout.ep > 1 else "allgather")
-    check_expert_bias_layout(shape, dims.layout)
+    check_expert_bias_layout(shape, dims.layout, impl.experts)
     config = transformer_config(
         shape, dims.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
         architecture_overrides=settings.transformer, **config_overrides)

@@ -92,4 +92,7 @@ def test_unsupported_settings_are_refused():
     with pytest.raises(LayoutError, match="experts with biases run at expert tensor parallel "
                                           "size 1 only.*--tensor-model-parallel-size 1"):
         check_expert_bias_layout(shape, ParallelLayout(2, 1, ep=2))
-    check_expert_bias_layout(shape, ParallelLayout(1, 2, ep=2))
+    with pytest.raises(LayoutError, match="sequential cannot train experts with biases"):
+        check_expert_bias_layout(shape, ParallelLayout(), "sequential")
+    check_expert_bias_layout(shape, ParallelLayout(1, 2, ep=2), "sequential")
+    check_expert_bias_layout(shape, ParallelLayout(), "grouped_mm")
