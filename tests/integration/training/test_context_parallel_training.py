@@ -67,6 +67,14 @@ def results(sft_assets, checkpoints, tmp_path_factory):
     qwen = {f"TP{tp}PP{pp}": checkpoints[(tp, pp)] for tp, pp in ((1, 1), (2, 1), (1, 2))}
     gpt_oss = make_random_hf_model("GptOssForCausalLM", tmp / "hf-gpt-oss", seed=13)
     convert_hf_to_megatron(gpt_oss, tmp / "gpt-oss", ConvertOptions(progress=False))
+    # the trainer's first loss on the SFT data (the tokenizer's vocabulary), a sample a row
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(sft_assets["tokenizer"]))
+    gpt_oss_sft = make_random_hf_model("GptOssForCausalLM", tmp / "hf-gpt-oss-sft", seed=14,
+                                       overrides=dict(vocab_size=vocab))
+    convert_hf_to_megatron(gpt_oss_sft, tmp / "gpt-oss-sft", ConvertOptions(progress=False))
+    gpt_oss_run = dict(packing=False, moe_experts_impl="grouped_mm")
     data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
     one = checkpoints[(1, 1)]
     lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
@@ -98,6 +106,10 @@ def results(sft_assets, checkpoints, tmp_path_factory):
          "hf_loss": True, "hf": str(sft_assets["hf"])},
         {**_train("cp4_unpacked_hf", one, data, context_parallel_size=4, packing=False),
          "hf_loss": True, "hf": str(sft_assets["hf"])},
+        {**_train("gpt_oss_cp1_hf", str(tmp / "gpt-oss-sft"), data, **gpt_oss_run),
+         "hf_loss": True, "hf": str(gpt_oss_sft)},
+        {**_train("gpt_oss_cp2_hf", str(tmp / "gpt-oss-sft"), data, context_parallel_size=2,
+                  **gpt_oss_run), "hf_loss": True, "hf": str(gpt_oss_sft)},
     ]
     spec = {"out": str(tmp / "results.json"),
             "model": {"models": [{"name": "qwen2-tied", "hf": str(sft_assets["hf"]),
@@ -213,7 +225,9 @@ def test_sequence_parallel_curve_equals_tp2_with_and_without_lora(results):
 
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("name, layout", [("cp2_tp2_sp_chunked_hf", "TP2 PP1 CP2"),
-                                          ("cp4_unpacked_hf", "TP1 PP1 CP4")])
+                                          ("cp4_unpacked_hf", "TP1 PP1 CP4"),
+                                          ("gpt_oss_cp1_hf", "TP1 PP1"),
+                                          ("gpt_oss_cp2_hf", "TP1 PP1 CP2")])
 def test_trainer_loss_equals_transformers(results, name, layout):
     """CP2 x TP2 with SP and the chunked loss on packed rows; CP4 on unpacked (padded) rows."""
     run = results["train"][name]

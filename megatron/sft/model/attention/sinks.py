@@ -196,9 +196,14 @@ def varlen_sink_attention(q, k, v, segments, scale: float, window: Optional[int]
         cu_q = cu_k = segments.cu_seqlens_q
         max_q = max_k = segments.max_document_length
     names = {a.name for a in _varlen_ops()[0]._schema.arguments}
+    if window is not None and "window_size" not in names:
+        raise ValueError(f"torch {torch.__version__}'s varlen attention has no window_size; "
+                         "use --attention-backend flex for GPT-OSS's sliding windows")
     if "enable_gqa" not in names:
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    values = dict(cu_seq_q=cu_q, cu_seq_k=cu_k, max_q=max_q, max_k=max_k, is_causal=True,
+    # as torch's own varlen_attn: causal is window (-1, 0); a window (W - 1, 0) is causal too
+    values = dict(cu_seq_q=cu_q, cu_seq_k=cu_k, max_q=max_q, max_k=max_k,
+                  is_causal=window is None,
                   scale=scale, window_size=[window - 1 if window else -1, 0],
                   enable_gqa=k.shape[1] != q.shape[1], seqused_k=None, block_table=None,
                   num_splits=None)
@@ -224,4 +229,8 @@ def check_sink_backend(backend: str) -> None:
 
 def sink_kernel(backend: str, cp_size: int) -> Callable:
     check_sink_backend(backend)
+    if backend == "varlen" and _varlen_ops() is None:
+        raise ValueError(f"torch {torch.__version__} has no varlen flash ops "
+                         "(torch.ops.torch_attn) for attention sinks; use --attention-backend "
+                         "flex")
     return SINK_KERNELS[backend][1 if cp_size > 1 else 0]
