@@ -37,9 +37,11 @@ def test_dequantiser_equals_transformers_on_our_quantisers_layout():
         == [-12.0, 2.0]
 
 
-def _release(tmp_path):
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
     """A random GPT-OSS model, its experts quantised into the released layout; and the same
     model with the dequantised experts (what conversion must equal)."""
+    tmp_path = tmp_path_factory.mktemp("mxfp4")
     hf = make_random_hf_model(ARCH, tmp_path / "hf", dtype=torch.bfloat16)
     state = load_file(hf / "model.safetensors")
     released, dequantised = {}, {}
@@ -69,9 +71,9 @@ def _rank_files(ckpt):
             for p in sorted((ckpt / "iter_0000001").glob("mp_rank_*"))}
 
 
-def test_release_layout_converts_to_the_dequantised_model(tmp_path):
-    d = _release(tmp_path)
-    layout = ParallelLayout(1, 2, ep=2)
+def test_release_layout_converts_to_the_dequantised_model(release, tmp_path):
+    d = release
+    layout = ParallelLayout(1, 1, ep=2)
     for kind in d:
         convert_hf_to_megatron(d[kind], tmp_path / f"mg-{kind}",
                                ConvertOptions(layout=layout, progress=False))
@@ -91,11 +93,11 @@ def test_release_layout_converts_to_the_dequantised_model(tmp_path):
     assert all(torch.equal(exported[n], want[n]) for n in want)
 
 
-def test_direct_load_reads_the_release_as_converted(tmp_path):
+def test_direct_load_reads_the_release_as_converted(release, tmp_path):
     from megatron.sft.bridge.hf_source import hf_checkpoint_metadata
     from megatron.sft.bridge.rank_shard import rank_state
 
-    d = _release(tmp_path)
+    d = release
     layout = ParallelLayout(1, 1, ep=2)
     convert_hf_to_megatron(d["dequantised"], tmp_path / "mg",
                            ConvertOptions(layout=layout, progress=False))
