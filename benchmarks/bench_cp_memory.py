@@ -29,14 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_assets, when imported as a module
 
 
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+
+from bench_assets import proc_status_bytes  # noqa: E402
 
 
 def make_checkpoint(root: Path, args) -> Path:
@@ -115,13 +112,13 @@ def measure(ckpt: str, args) -> None:
 
     chunks[0].train()
     weights = {p.untyped_storage().data_ptr() for p in chunks[0].parameters()}
-    before = _proc_status("VmRSS")
+    before = proc_status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([0]),
                                 model=chunks[0], num_microbatches=1, seq_length=s,
                                 micro_batch_size=1, forward_only=False)
-    peak = _proc_status("VmHWM") - before
+    peak = proc_status_bytes("VmHWM") - before
     activations = sum(n for ptr, n in saved.items() if ptr not in weights)
     stats = torch.tensor([activations, peak], dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)

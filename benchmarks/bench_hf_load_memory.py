@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_assets, when imported as a module
 
 
 #: DeepSeek-R1-Distill-Qwen-1.5B's shape (untied embeddings)
@@ -34,6 +35,9 @@ R1_1_5B_CONFIG = dict(vocab_size=151936, hidden_size=1536, intermediate_size=896
                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                       max_position_embeddings=131072, rms_norm_eps=1e-6,
                       tie_word_embeddings=False, rope_theta=10000.0)
+
+
+from bench_assets import proc_status_bytes  # noqa: E402
 
 
 def make_model(out: Path, size: str) -> None:
@@ -60,12 +64,6 @@ def make_model(out: Path, size: str) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
 
 def worker(source: str, kind: str, out: str) -> None:
     """One rank: build the model from ``source`` and write its numbers (rank 0 gathers)."""
@@ -85,13 +83,13 @@ def worker(source: str, kind: str, out: str) -> None:
     initialize_distributed(ParallelLayout(int(os.environ["WORLD_SIZE"]), 1), seed=0)
     impl = resolve_layer_impl("local", "sdpa", "cpu")
     dist.barrier()
-    baseline = _status_bytes("VmRSS")
+    baseline = proc_status_bytes("VmRSS")
     build = dict(impl=impl, params_dtype=torch.bfloat16, seq_length=1024)
     if kind == "hf":
         chunks, _ = build_model_from_hf(source, log=lambda m: None, **build)
     else:
         chunks, _, _ = build_model_from_checkpoint(source, **build)
-    peak = _status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     shard = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     mine = {"rank": dist.get_rank(), "baseline": baseline, "shard": shard, "peak": peak}
     every = [None] * dist.get_world_size()

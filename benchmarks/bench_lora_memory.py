@@ -30,6 +30,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+from bench_assets import proc_status_bytes  # noqa: E402
+
+
 def measure(ckpt: str, data: str, rank: int, args) -> dict:
     from megatron.sft.training.arguments import TrainConfig
     from megatron.sft.training.trainer import Trainer
@@ -61,18 +64,11 @@ def measure(ckpt: str, data: str, rank: int, args) -> dict:
                 memory_kind="CUDA allocated" if torch.cuda.is_available() else "CPU resident")
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
 
 def _memory_now() -> int:
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated()
-    return _proc_status_kib("VmRSS")
+    return proc_status_bytes("VmRSS")
 
 
 def _reset_peak() -> None:
@@ -86,7 +82,7 @@ def _reset_peak() -> None:
 def _peak_memory() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    return _proc_status_kib("VmHWM")
+    return proc_status_bytes("VmHWM")
 
 
 def main() -> int:

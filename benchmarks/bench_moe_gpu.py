@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_assets, when imported as a module
 
 QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
                      moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
@@ -98,29 +99,14 @@ def available_experts(device: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ model part
 def make_assets(work: Path, shape: dict, seq: int, rows: int) -> tuple[Path, str]:
+    """A converted random MoE model and rows of seq/4 to seq random tokens (made once)."""
     import numpy as np
-    import torch
 
-    from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-    from megatron.sft.bridge.random_hf_model import make_random_hf_model
-    from megatron.sft.data.indexed_writer import IndexedPairWriter
+    from bench_assets import converted_random_model, random_token_dataset
 
-    ckpt = work / "megatron"
-    if not (ckpt / "latest_checkpointed_iteration.txt").exists():
-        hf = make_random_hf_model("Qwen3MoeForCausalLM", work / "hf", config=shape,
-                                  dtype=torch.bfloat16)
-        convert_hf_to_megatron(hf, ckpt, ConvertOptions(progress=False))
-    prefix = str(work / f"data-{seq}")
-    if not Path(prefix + "_text_document.idx").exists():
-        rng = np.random.default_rng(1)
-        with IndexedPairWriter(prefix, shape["vocab_size"]) as writer:
-            for _ in range(rows):
-                n = int(rng.integers(seq // 4, seq + 1))
-                mask = np.zeros(n, np.uint8)
-                mask[n // 5:] = 1
-                writer.add(rng.integers(0, shape["vocab_size"], n, dtype=np.int64), mask)
-            writer.commit()
-    return ckpt, prefix
+    ckpt = converted_random_model(work, "Qwen3MoeForCausalLM", shape)
+    lengths = np.random.default_rng(1).integers(seq // 4, seq + 1, size=rows)
+    return ckpt, random_token_dataset(str(work / f"data-{seq}"), shape["vocab_size"], lengths)
 
 
 def run_model(args, ckpt: Path, data: str, seq: int, experts: str, work: Path) -> dict:

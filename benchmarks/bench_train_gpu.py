@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_assets, when imported as a module
 
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -93,30 +94,13 @@ def reasoning_lengths(n: int, max_len: int, seed: int = 0):
 
 
 def make_assets(work: Path, shape: dict, max_len: int, documents: int) -> tuple[Path, str]:
-    """A converted random model and a tokenized dataset (made once per work directory)."""
-    import numpy as np
-    import torch
+    """A converted random model and a tokenized dataset of long-tailed documents (made once
+    per work directory)."""
+    from bench_assets import converted_random_model, random_token_dataset
 
-    from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-    from megatron.sft.bridge.random_hf_model import make_random_hf_model
-    from megatron.sft.data.indexed_writer import IndexedPairWriter
-
-    ckpt = work / "megatron"
-    if not (ckpt / "latest_checkpointed_iteration.txt").exists():
-        hf = make_random_hf_model("Qwen2ForCausalLM", work / "hf", config=shape,
-                                  dtype=torch.bfloat16)
-        convert_hf_to_megatron(hf, ckpt, ConvertOptions(progress=False))
-    prefix = str(work / f"data-{max_len}")
-    if not Path(prefix + "_text_document.idx").exists():
-        rng = np.random.default_rng(1)
-        lengths = reasoning_lengths(documents, max_len + 1)
-        with IndexedPairWriter(prefix, shape["vocab_size"]) as writer:
-            for n in lengths:
-                ids = rng.integers(0, shape["vocab_size"], n, dtype=np.int64)
-                mask = np.zeros(n, np.uint8)
-                mask[n // 5:] = 1  # a prompt, then the learned response
-                writer.add(ids, mask)
-            writer.commit()
+    ckpt = converted_random_model(work, "Qwen2ForCausalLM", shape)
+    prefix = random_token_dataset(str(work / f"data-{max_len}"), shape["vocab_size"],
+                                  reasoning_lengths(documents, max_len + 1))
     return ckpt, prefix
 
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron.sft.bridge.checkpoint_io import iteration_dir
     from megatron.sft.bridge.reader import CheckpointReader
-    from megatron.sft.lora.reshard import reshard_checkpoint
+    from megatron.sft.lora.reshard import reshard_any
     from megatron.sft.lora.run_format import read_lora_info
     from megatron.sft.runtime.layout import ParallelLayout
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                                        args.target_pipeline_parallel_size,
                                        args.target_num_layers_per_virtual_pipeline_stage, layers,
                                        ep=args.target_expert_model_parallel_size)
-    meta = reshard_checkpoint(args.load_dir, args.save_dir, target, args.iteration, args.force,
+    meta = reshard_any(args.load_dir, args.save_dir, target, args.iteration, args.force,
                               progress=not args.no_progress, lora_base=args.lora_base,
                               merge_lora=args.merge_lora, verify=not args.no_verify)
     print(f"wrote {args.save_dir}: {meta.layout.describe()}")

@@ -14,21 +14,11 @@
 # FSDP=1 shards weights, gradients and optimizer state over the data-parallel GPUs (ZeRO-3).
 set -euo pipefail
 
-MODE=${1:-}
-if [[ "$MODE" != "train" ]]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${ASSETS_DIR:=$REPO/assets}"
-: "${PYTHON:=python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+sft_usage "$0" "${1:-}"
 
-# --- cluster layout (torchrun's multi-node rendezvous)
-: "${GPUS_PER_NODE:=8}"
-: "${NNODES:=1}"
-: "${NODE_RANK:=0}"
-: "${MASTER_ADDR:=localhost}"
-: "${MASTER_PORT:=6000}"
+# --- cluster layout (torchrun's multi-node rendezvous; one node unless set)
+sft_cluster_defaults
 
 # --- parallelism: the converted checkpoint must be split the same way (convert_*.sh SIZE TP PP);
 # CP (context parallelism) splits every row over CP GPUs and never changes the checkpoint
@@ -81,22 +71,10 @@ fi
 
 # --- resume from our own latest checkpoint when there is one, else start from HF_MODEL (read
 # directly, each GPU its shard) or the conversion
-LOAD=${HF_MODEL:-$CKPT}
-if [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
-  LOAD=$SAVE_DIR
-fi
-if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" && ! ( -n "$HF_MODEL" && -f "$LOAD/config.json" ) ]]; then
-  if [[ -n "$HF_MODEL" ]]; then
-    echo "error: HF_MODEL=$HF_MODEL has no config.json; download it first: python scripts/checkpoints/download_hf_models.py --model-card deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" >&2
-  else
-    echo "error: no checkpoint at $LOAD; set HF_MODEL=assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B to load the HF model directly, or convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 1.5B $TP $PP" >&2
-  fi
-  exit 2
-fi
-if [[ ! -f "${DATA_PATH}_text_document.idx" ]]; then
-  echo "error: no tokenized data at ${DATA_PATH}_text_document.idx; run scripts/data/tokenize_dataset.sh first" >&2
-  exit 2
-fi
+sft_pick_load "$CKPT" "$SAVE_DIR" assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_1.5B \
+  "bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 1.5B $TP $PP" \
+  "python scripts/checkpoints/download_hf_models.py --model-card deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+sft_require_data "$DATA_PATH" "run scripts/data/tokenize_dataset.sh first"
 mkdir -p "$SAVE_DIR"
 
 # --- rows are cut into 2 x CP chunks, and each GPU's tokens over TP with sequence parallelism
@@ -142,6 +120,4 @@ if [[ "$FSDP" == 1 ]]; then
 else
   export CUDA_DEVICE_MAX_CONNECTIONS=1
 fi
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  "$REPO/tools/train_sft.py" "${args[@]}"
+sft_launch "${args[@]}"

@@ -10,21 +10,11 @@
 #        model) or export_lora_adapter.sh (PEFT adapter). Every knob is an environment override.
 set -euo pipefail
 
-MODE=${1:-}
-if [[ "$MODE" != "train" ]]; then
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${ASSETS_DIR:=$REPO/assets}"
-: "${PYTHON:=python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+sft_usage "$0" "${1:-}"
 
-# --- cluster layout (torchrun's multi-node rendezvous)
-: "${GPUS_PER_NODE:=8}"
-: "${NNODES:=1}"
-: "${NODE_RANK:=0}"
-: "${MASTER_ADDR:=localhost}"
-: "${MASTER_PORT:=6000}"
+# --- cluster layout (torchrun's multi-node rendezvous; one node unless set)
+sft_cluster_defaults
 
 # --- parallelism: the converted checkpoint must be split the same way (convert_*.sh 14B TP PP).
 # TP=2 holds the frozen bf16 base (28 GB) in 14 GB per GPU. CP splits each row over CP GPUs.
@@ -72,18 +62,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 : "${WANDB_PROJECT:=}"
 
 # --- resume from our own latest checkpoint (its lora.json names the base), else start at the base
-LOAD=${HF_MODEL:-$CKPT}
-if [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
-  LOAD=$SAVE_DIR
-fi
-if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" && ! ( -n "$HF_MODEL" && -f "$LOAD/config.json" ) ]]; then
-  echo "error: no checkpoint at $LOAD; set HF_MODEL=assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_14B to load the HF model directly, or convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 14B $TP $PP" >&2
-  exit 2
-fi
-if [[ ! -f "${DATA_PATH}_text_document.idx" ]]; then
-  echo "error: no tokenized data at ${DATA_PATH}_text_document.idx; run scripts/data/tokenize_dataset.sh first" >&2
-  exit 2
-fi
+sft_pick_load "$CKPT" "$SAVE_DIR" assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_14B \
+  "bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 14B $TP $PP" \
+  "python scripts/checkpoints/download_hf_models.py --model-card deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"
+sft_require_data "$DATA_PATH" "run scripts/data/tokenize_dataset.sh first"
 mkdir -p "$SAVE_DIR"
 
 args=(
@@ -107,6 +89,4 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 
 # --- launch one process per GPU on every node
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets TP communication overlap compute
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  "$REPO/tools/train_sft.py" "${args[@]}"
+sft_launch "${args[@]}"

@@ -8,24 +8,15 @@
 #        (a prefix from scripts/data/tokenize_dataset.sh with the Qwen3 tokenizer).
 # Writes assets/checkpoints/SFT_Qwen3_30B_A3B/ (iter_*/, train_log.jsonl with the per-layer
 #        aux loss and load imbalance, tensorboard/). Re-running resumes from the latest there.
+# HF_MODEL=DIR reads the downloaded HF model directly (no conversion step).
 # Every knob is an environment override (EP, TP, PP, MOE_EXPERTS_IMPL, MOE_DISPATCHER, ...).
 set -euo pipefail
 
-MODE=${1:-}
-if [[ "$MODE" != "train" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${ASSETS_DIR:=$REPO/assets}"
-: "${PYTHON:=python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+sft_usage "$0" "${1:-}"
 
-# --- cluster layout (torchrun's multi-node rendezvous)
-: "${GPUS_PER_NODE:=8}"
-: "${NNODES:=1}"
-: "${NODE_RANK:=0}"
-: "${MASTER_ADDR:=localhost}"
-: "${MASTER_PORT:=6000}"
+# --- cluster layout (torchrun's multi-node rendezvous; one node unless set)
+sft_cluster_defaults
 
 # --- parallelism: the converted checkpoint must be split the same way (TP x PP x EP files).
 # Experts are carved out of data parallelism: 8 GPUs at TP1 PP1 EP8 are DP8 for attention and
@@ -57,21 +48,17 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # --- paths
 : "${CKPT:=$ASSETS_DIR/checkpoints/Qwen_Qwen3_30B_A3B_Megatron_TP${TP}PP${PP}EP${EP}}"
 : "${DATA_PATH:=}"
+: "${HF_MODEL:=}"              # an HF model directory: --load it directly (converted in memory)
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_Qwen3_30B_A3B}"
 : "${SAVE_INTERVAL:=500}"
 : "${EVAL_INTERVAL:=500}"
 
-# --- resume from our own latest checkpoint when there is one, else start from the conversion
-LOAD=$CKPT
-[[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]] && LOAD=$SAVE_DIR
-if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" ]]; then
-  echo "error: no checkpoint at $LOAD; convert first: EP=$EP bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP $CKPT" >&2
-  exit 2
-fi
-if [[ -z "$DATA_PATH" || ! -f "${DATA_PATH}_text_document.idx" ]]; then
-  echo "error: DATA_PATH='${DATA_PATH}' has no ${DATA_PATH}_text_document.idx; tokenize with scripts/data/tokenize_dataset.sh and set DATA_PATH to its prefix" >&2
-  exit 2
-fi
+# --- resume from our own latest checkpoint when there is one, else start from HF_MODEL (read
+# directly, each GPU its shard) or the conversion
+sft_pick_load "$CKPT" "$SAVE_DIR" assets/checkpoints/Qwen_Qwen3_30B_A3B \
+  "EP=$EP bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP $CKPT" \
+  "python scripts/checkpoints/download_hf_models.py --model-card Qwen/Qwen3-30B-A3B"
+sft_require_data "$DATA_PATH" "tokenize with scripts/data/tokenize_dataset.sh and set DATA_PATH to its prefix"
 mkdir -p "$SAVE_DIR"
 
 args=(
@@ -96,6 +83,4 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 
 # --- launch one process per GPU on every node
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets TP communication overlap compute
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  "$REPO/tools/train_sft.py" "${args[@]}"
+sft_launch "${args[@]}"

@@ -7,24 +7,15 @@
 #        assets/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-...-7B-32768_{text,loss_mask}_document
 # Writes assets/checkpoints/SFT_R1_7B_32k/ (iter_*/, latest_checkpointed_iteration.txt,
 #        tensorboard/, train_log.jsonl). Re-running resumes from the latest checkpoint there.
+# HF_MODEL=DIR reads the downloaded HF model directly (no conversion step).
 # Every knob is an environment override, e.g.  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 CP=4 bash ...
 set -euo pipefail
 
-MODE=${1:-}
-if [[ "$MODE" != "train" ]]; then
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${ASSETS_DIR:=$REPO/assets}"
-: "${PYTHON:=python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+sft_usage "$0" "${1:-}"
 
-# --- cluster layout (torchrun's multi-node rendezvous)
-: "${GPUS_PER_NODE:=8}"
-: "${NNODES:=1}"
-: "${NODE_RANK:=0}"
-: "${MASTER_ADDR:=localhost}"
-: "${MASTER_PORT:=6000}"
+# --- cluster layout (torchrun's multi-node rendezvous; one node unless set)
+sft_cluster_defaults
 
 # --- parallelism. 32k tokens of a 7B model do not fit one GPU's activations: CP=2 gives each
 # GPU 16k tokens of every row (K/V all-gathered per layer, small with 4 KV heads), TP=2 with
@@ -58,24 +49,18 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # --- paths
 : "${CKPT:=$ASSETS_DIR/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_7B_Megatron_TP${TP}PP${PP}}"
 : "${DATA_PATH:=$ASSETS_DIR/data/Vinnnf-Hybrid-OpenThoughts2-1M-1.5B/Tokenized-Vinnnf-Hybrid-OpenThoughts2-1M-1.5B-deepseek_ai_DeepSeek_R1_Distill_Qwen_7B-${MAX_LEN}}"
+: "${HF_MODEL:=}"              # an HF model directory: --load it directly (converted in memory)
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_R1_7B_32k}"
 : "${SAVE_INTERVAL:=200}"
 : "${EVAL_INTERVAL:=200}"
 : "${WANDB_PROJECT:=}"
 
-# --- resume from our own latest checkpoint when there is one, else start from the conversion
-LOAD=$CKPT
-if [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
-  LOAD=$SAVE_DIR
-fi
-if [[ ! -f "$LOAD/latest_checkpointed_iteration.txt" ]]; then
-  echo "error: no checkpoint at $LOAD; convert first: bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 7B $TP $PP" >&2
-  exit 2
-fi
-if [[ ! -f "${DATA_PATH}_text_document.idx" ]]; then
-  echo "error: no tokenized data at ${DATA_PATH}_text_document.idx; run scripts/data/tokenize_dataset.sh assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_7B DATA.json $MAX_LEN first" >&2
-  exit 2
-fi
+# --- resume from our own latest checkpoint when there is one, else start from HF_MODEL (read
+# directly, each GPU its shard) or the conversion
+sft_pick_load "$CKPT" "$SAVE_DIR" assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_7B \
+  "bash scripts/checkpoints/convert_deepseek_r1_to_megatron.sh 7B $TP $PP" \
+  "python scripts/checkpoints/download_hf_models.py --model-card deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+sft_require_data "$DATA_PATH" "run scripts/data/tokenize_dataset.sh assets/checkpoints/deepseek_ai_DeepSeek_R1_Distill_Qwen_7B DATA.json $MAX_LEN first"
 mkdir -p "$SAVE_DIR"
 
 # --- rows are cut into 2 x CP chunks, and each GPU's tokens over TP with sequence parallelism:
@@ -106,6 +91,4 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 
 # --- launch one process per GPU on every node
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # lets TP communication overlap compute
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  "$REPO/tools/train_sft.py" "${args[@]}"
+sft_launch "${args[@]}"

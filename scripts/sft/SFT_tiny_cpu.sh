@@ -15,12 +15,10 @@
 #              HF_MODEL=DIR (e.g. runs/demo/hf_tiny_qwen2: load the HF model directly, no conversion).
 set -euo pipefail
 
-if [[ "${1:-}" != "train" ]]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${PYTHON:=$REPO/.venv/bin/python}"
+# the venv `make demo` builds, unless PYTHON says otherwise
+: "${PYTHON:=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.venv/bin/python}"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+sft_usage "$0" "${1:-}"
 : "${DEMO_DIR:=$REPO/runs/demo}"
 : "${NPROC:=2}"
 : "${TP:=2}"

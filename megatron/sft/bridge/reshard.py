@@ -9,7 +9,7 @@ layout-specific and is not carried: it starts fresh.
 
 This module reshards whatever a :class:`CheckpointReader` yields as the model (a LoRA run's
 reader yields the merged model). Keeping a LoRA run adapters-only is
-``megatron.sft.lora.reshard``, which is also the entry point that accepts any checkpoint.
+``megatron.sft.lora.reshard``, whose ``reshard_any`` is the entry point that accepts any checkpoint.
 """
 
 from __future__ import annotations

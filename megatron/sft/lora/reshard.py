@@ -41,7 +41,7 @@ from megatron.sft.bridge.convert import save_stage
 from megatron.sft.bridge.integrity import write_checksums
 from megatron.sft.bridge.model_shape import ModelShape
 from megatron.sft.bridge.reader import CheckpointReader
-from megatron.sft.bridge.reshard import reshard_checkpoint as reshard_model
+from megatron.sft.bridge.reshard import reshard_checkpoint
 from megatron.sft.bridge.reshard import write_resharded
 from megatron.sft.lora.merge import LoRARunReader, open_checkpoint
 from megatron.sft.lora.peft_export import PeftAdapters, read_run_adapters
@@ -61,11 +61,15 @@ from megatron.sft.runtime.path_overlap import check_output_separate
 LORA_BASE_SUBDIR = "base"
 
 
-def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: ParallelLayout,
+def reshard_any(ckpt_dir: "str | Path", out_dir: "str | Path", target: ParallelLayout,
                        iteration: Optional[int] = None, force: bool = False,
                        progress: bool = True, lora_base: "str | Path | None" = None,
                        merge_lora: bool = False, verify: bool = True) -> CheckpointMetadata:
     """Write ``ckpt_dir`` at layout ``target`` into ``out_dir``; returns the output's metadata.
+
+    The one entry point for every kind of checkpoint (``tools/reshard_checkpoint.py`` calls it).
+    It lives here, not in ``bridge/``, because only this tier knows both kinds: ``bridge``
+    cannot import ``lora`` (``tests/unit/test_layering.py``).
 
     For a LoRA run: an adapter-only run at ``target`` whose base is ``out_dir/base`` (the run's
     base, resharded) or ``lora_base`` (an existing checkpoint of the same model at ``target``);
@@ -82,7 +86,7 @@ def reshard_checkpoint(ckpt_dir: "str | Path", out_dir: "str | Path", target: Pa
         raise ValueError("Can't provide both --lora-base and --merge-lora: --merge-lora writes a "
                          "full checkpoint, which needs no base. Choose one.")
     if not is_run or merge_lora:
-        return reshard_model(reader, out_dir, target, force=force, progress=progress)
+        return reshard_checkpoint(reader, out_dir, target, force=force, progress=progress)
     target.validate(reader.shape)
     check_output_separate(out_dir, "--save-dir", {**reader.input_dirs(),
                                                   "--lora-base": lora_base})

@@ -212,10 +212,11 @@ def _use_local_norms(spec) -> None:
 # ---------------------------------------------------------------------------- the factory
 def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = "auto",
                        device_type: Optional[str] = None, moe_experts: str = "sequential",
-                       dtype: torch.dtype = torch.float32, cp: int = 1) -> LayerImpl:
+                       dtype: torch.dtype = torch.float32, cp: int = 1,
+                       pp: int = 1) -> LayerImpl:
     """Flag values -> :class:`LayerImpl` (``moe_experts``: ``--moe-experts-impl``, resolved by
     :func:`megatron.sft.model.moe.experts.resolve_experts_impl` for ``dtype``; ``cp``: the
-    context-parallel size the attention backend must support).
+    context-parallel size the attention backend must support with ``pp`` pipeline stages).
 
     ``auto`` linear = TE when it imports and a GPU is in use, else local. ``auto`` attention =
     the first registered backend by ``auto_rank`` that runs here: ``te`` with TE layers, else
@@ -245,14 +246,14 @@ def resolve_layer_impl(transformer_impl: str = "auto", attention_backend: str = 
     else:
         linear = "local"
     if attention_backend == "auto":
-        spec = auto_backend(linear, device_type, cp)
+        spec = auto_backend(linear, device_type, cp, pp)
         if spec is None:
             raise LayerImplError(f"no attention backend runs with {linear} layers on "
                                  f"{device_type}" + (f" at context parallel size {cp}" if cp > 1
                                                      else "") + "; give --attention-backend")
     else:
         spec = get_attention_backend(attention_backend)
-        reason = spec.check(linear, device_type, cp)
+        reason = spec.check(linear, device_type, cp, pp)
         if reason is not None:
             raise LayerImplError(reason)
     try:

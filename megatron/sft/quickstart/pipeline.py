@@ -98,8 +98,65 @@ def _torchrun(nproc: int, script: str, args: list[str], log: Path,
         raise StageFailed(f"{script} failed (exit {proc.returncode}); log {log}:\n{tail}")
 
 
+def _write_jsonl(path: Path, records: list) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _first_line_with(log: Path, text: str) -> str:
+    """The first line of a tool's log that holds ``text`` ("" when none does)."""
+    return next((line for line in log.read_text().splitlines() if text in line), "")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPaths:
+    """Where each stage writes, fixed before the first stage runs (the summary lists them)."""
+
+    tokenizer: Path
+    hf: Path
+    data: Path
+    heldout: Path
+    ckpt: Path
+    run: Path
+    export: Path
+    log: Path
+    png: Path
+    logs: Path
+    lora_data: Path
+    lora_run: Path
+    lora_export: Path
+    lora_log: Path
+
+    @classmethod
+    def under(cls, w: Path, cfg: DemoConfig) -> "DemoPaths":
+        tp = cfg.tensor_model_parallel_size
+        return cls(tokenizer=w / "tokenizer",
+                   hf=w / ("hf_tiny_qwen3_moe" if cfg.moe else "hf_tiny_qwen2"),
+                   data=w / "data" / "repeat.jsonl", heldout=w / "data" / "heldout.json",
+                   ckpt=w / (f"megatron_TP1PP1EP{tp}" if cfg.moe else f"megatron_TP{tp}PP1"),
+                   run=w / "sft_run", export=w / "export_hf", log=w / "train_log.jsonl",
+                   png=w / "loss_curve.png", logs=w / "logs",
+                   lora_data=w / "data" / "next.jsonl", lora_run=w / "lora_run",
+                   lora_export=w / "export_hf_lora", lora_log=w / "train_log_lora.jsonl")
+
+    def listed(self, lora: bool) -> dict[str, str]:
+        """The paths the summary JSON names (``lora_*`` only when the LoRA stages run)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("heldout", "logs") or (f.name.startswith("lora_") and not lora):
+                continue
+            out[f.name] = str(getattr(self, f.name))
+        return out
+
+
 @dataclasses.dataclass
 class Demo:
+    """Runs the stages in order; each stage is a method returning its one-line result.
+
+    State that later stages need (the vocabulary size, the dataset prefixes) is kept on the
+    instance as each stage produces it, so a stage reads as what it does, top to bottom."""
+
     cfg: DemoConfig
     say: Callable[[str], None] = print
     #: where training's progress goes (a live line in a terminal, else every ``log_interval``
@@ -107,6 +164,22 @@ class Demo:
     progress: Optional[TextIO] = dataclasses.field(default_factory=lambda: sys.stdout)
     rows: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        self.paths = DemoPaths.under(c.workdir, c)
+        self.arch, self._arch_config, self.arch_name = _MODELS[c.moe]
+        self.nproc = c.tensor_model_parallel_size
+        # The ranks split the experts when there are any, else the layers' heads and FFN.
+        from megatron.sft.runtime.layout import ParallelLayout
+
+        self.layout = (ParallelLayout(1, 1, ep=self.nproc) if c.moe
+                       else ParallelLayout(self.nproc, 1))
+        self.split = self.layout.describe().replace(" ", "").replace("PP1", "")
+        self.parallel_flags = (["--expert-model-parallel-size", str(self.nproc)] if c.moe
+                               else ["--tensor-model-parallel-size", str(self.nproc)])
+        self.records, self.heldout = make_task(c.task)
+        self.lora_records, self.lora_heldout = make_task(dataclasses.replace(c.task, kind="next"))
 
     def stage(self, name: str, fn: Callable[[], str]) -> None:
         self.say(f"==> {name}")
@@ -116,228 +189,205 @@ class Demo:
         self.rows.append((name, seconds, detail))
         self.say(f"    {detail} ({seconds:.1f}s)")
 
-    # ---------------------------------------------------------------- paths
     @property
     def w(self) -> Path:
         return self.cfg.workdir
 
+    def stages(self) -> list[tuple[str, Callable[[], str]]]:
+        """The pipeline as data: (what the console calls it, the call that does it)."""
+        p = self.paths
+        out = [
+            ("make tokenizer", self.make_tokenizer),
+            ("make tiny HF model", self.make_model),
+            ("make SFT data", self.make_data),
+            ("accuracy before SFT",
+             lambda: self.accuracy(p.hf, self.heldout, "accuracy_before", p.tokenizer)),
+            ("convert HF -> Megatron", self.convert),
+            ("logits parity (converted)", lambda: self.parity(p.ckpt, p.hf, "converted")),
+            ("pre-tokenize", self.tokenize),
+            ("SFT training", self.train),
+            ("export Megatron -> HF", lambda: self.export(p.run, p.export)),
+            ("logits parity (exported)", lambda: self.parity(p.run, p.export, "exported")),
+            ("accuracy after SFT", lambda: self.accuracy(p.export, self.heldout, "accuracy_after")),
+            ("loss curve", self.plot),
+        ]
+        if self.cfg.lora_rank:
+            out += [
+                ("LoRA: make + tokenize data", self.make_lora_data),
+                ("LoRA: accuracy before",
+                 lambda: self.accuracy(p.export, self.lora_heldout, "lora_accuracy_before")),
+                ("LoRA: training", self.lora_train),
+                ("LoRA: export merged -> HF", lambda: self.export(p.lora_run, p.lora_export)),
+                ("LoRA: accuracy after",
+                 lambda: self.accuracy(p.lora_export, self.lora_heldout, "lora_accuracy_after")),
+            ]
+        return out
+
     def run(self) -> dict[str, Any]:
-        c = self.cfg
         if self.w.exists():
             shutil.rmtree(self.w)
-        (self.w / "logs").mkdir(parents=True)
-        tp = c.tensor_model_parallel_size
-        arch, arch_config, arch_name = _MODELS[c.moe]
-        # The ranks split the experts when there are any, else the layers' heads and FFN.
-        from megatron.sft.runtime.layout import ParallelLayout
-
-        layout = ParallelLayout(1, 1, ep=tp) if c.moe else ParallelLayout(tp, 1)
-        split = layout.describe().replace(" ", "").replace("PP1", "")
-        parallel = (["--expert-model-parallel-size", str(tp)] if c.moe
-                    else ["--tensor-model-parallel-size", str(tp)])
-        paths = dict(tokenizer=self.w / "tokenizer",
-                     hf=self.w / ("hf_tiny_qwen3_moe" if c.moe else "hf_tiny_qwen2"),
-                     data=self.w / "data" / "repeat.jsonl",
-                     ckpt=self.w / ("megatron_TP1PP1EP%d" % tp if c.moe else f"megatron_TP{tp}PP1"),
-                     run=self.w / "sft_run", export=self.w / "export_hf",
-                     log=self.w / "train_log.jsonl", png=self.w / "loss_curve.png")
-        self.results["paths"] = {k: str(v) for k, v in paths.items()}
-        records, heldout = make_task(c.task)
-
-        def tokenizer():
-            from megatron.sft.data.tiny_tokenizer import save_tiny_tokenizer
-
-            save_tiny_tokenizer(paths["tokenizer"], template="chatml", corpus=tokenizer_corpus(),
-                                vocab_size=512)
-            from transformers import AutoTokenizer
-
-            self.vocab = len(AutoTokenizer.from_pretrained(paths["tokenizer"]))
-            return f"byte-level BPE, {self.vocab} tokens, ChatML template"
-
-        def model():
-            from megatron.sft.bridge.random_hf_model import make_random_hf_model
-
-            make_random_hf_model(arch, paths["hf"], seed=c.task.seed, overrides=dict(
-                vocab_size=self.vocab, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                **arch_config(c)))
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(paths["tokenizer"] / name, paths["hf"] / name)
-            experts = f", {c.num_experts} experts (top-2)" if c.moe else ""
-            return (f"{arch_name}, {c.num_layers} layers, hidden {c.hidden_size}{experts}, "
-                    "random weights")
-
-        def data():
-            paths["data"].parent.mkdir(parents=True)
-            with open(paths["data"], "w") as f:
-                for r in records:
-                    f.write(json.dumps(r) + "\n")
-            (self.w / "data" / "heldout.json").write_text(json.dumps(heldout, indent=1))
-            return (f"{len(records)} conversations ('Repeat: w1 w2 ...'), {len(heldout)} held-out "
-                    "prompts never seen in training")
-
-        def accuracy_before():
-            from megatron.sft.quickstart.evaluate import generation_accuracy
-
-            acc, _ = generation_accuracy(paths["hf"], paths["tokenizer"], heldout)
-            self.results["accuracy_before"] = acc
-            return f"exact match {acc:.0%} on held-out prompts"
-
-        def convert():
-            from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
-
-            meta = convert_hf_to_megatron(paths["hf"], paths["ckpt"], ConvertOptions(
-                layout=layout, progress=False))
-            return f"{split}: vocab padded {self.vocab} -> {meta.padded_vocab_size}"
-
-        def parity(ckpt: Path, hf: Path, tag: str):
-            def run():
-                out = self.w / "logs" / f"parity_{tag}.json"
-                _torchrun(tp, "tools/check_hf_parity.py", ["--load", str(ckpt), "--hf-model",
-                          str(hf), "--output-json", str(out)], self.w / "logs" / f"parity_{tag}.log")
-                diff = json.loads(out.read_text())["max_abs_diff"]
-                self.results[f"parity_{tag}"] = diff
-                return f"megatron-core on {tp} gloo ranks vs transformers: max |dlogits| {diff:.1e}"
-            return run
-
-        def pretokenize(data: Path):
-            from megatron.sft.data.preprocess import PreprocessConfig, preprocess
-            from megatron.sft.data.render import RenderConfig
-
-            return preprocess(PreprocessConfig(
-                input=str(data), tokenizer_model=str(paths["tokenizer"]),
-                render=RenderConfig(max_length=c.seq_length), progress=False))
-
-        def tokenize():
-            stats = pretokenize(paths["data"])
-            self.data_prefix = stats.output_prefix
-            self.results["tokens"] = stats.tokens
-            return (f"{stats.samples_written} samples, {stats.tokens} tokens, {stats.loss_tokens} "
-                    f"loss tokens -> {Path(stats.output_prefix).name}_*.bin/.idx")
-
-        def train_run(load: Path, save: Path, data_prefix: str, iters: int, lr: float,
-                      log_json: Path, log_name: str, extra: list[str],
-                      global_batch_size: Optional[int] = None) -> list[dict]:
-            args = ["--load", str(load), "--save", str(save),
-                    "--data-path", data_prefix, "--split", "98,2,0",
-                    "--seq-length", str(c.seq_length), "--micro-batch-size", str(c.micro_batch_size),
-                    "--global-batch-size", str(global_batch_size or c.global_batch_size), "--train-iters", str(iters),
-                    "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-decay-style", "cosine",
-                    "--lr-warmup-iters", str(max(1, iters // 20)),
-                    *parallel, "--attention-backend", "sdpa",
-                    "--eval-interval", str(c.eval_interval),
-                    "--eval-iters", "2", "--log-interval", str(c.log_interval),
-                    "--log-json", str(log_json), "--no-progress", *extra]
-            view = None
-            if self.progress is not None:
-                follower = LogFollower(log_json)
-                view = TrainingView("LoRA" if "lora" in log_name else "SFT", iters,
-                                    self.progress, live=self.progress.isatty(),
-                                    every=c.log_interval)
-            try:
-                _torchrun(tp, "tools/train_sft.py", args, self.w / "logs" / log_name,
-                          watch=(lambda: view.update(follower.new_records())) if view else None)
-            finally:
-                if view is not None:
-                    view.close()
-            return [json.loads(line) for line in log_json.read_text().splitlines()]
-
-        def train():
-            log = train_run(paths["ckpt"], paths["run"], self.data_prefix, c.train_iters, c.lr,
-                            paths["log"], "train.log", [])
-            self.results["loss_start"], self.results["loss_end"] = log[0]["loss"], log[-1]["loss"]
-            rows = next((line for line in (self.w / "logs" / "train.log").read_text().splitlines()
-                         if "packing efficiency" in line), "")
-            eff = rows.split("packing efficiency ")[-1].split(")")[0] if rows else "?"
-            self.results["packing_efficiency"] = eff
-            return (f"{c.train_iters} iterations, {split} on {tp} gloo ranks, packing efficiency "
-                    f"{eff}; loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
-
-        def export(run: Path, out: Path):
-            def go():
-                from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
-                from megatron.sft.lora.merge import open_checkpoint
-
-                export_megatron_to_hf(open_checkpoint(run), out, paths["hf"],
-                                      ExportOptions(progress=False))
-                return f"{out}"
-            return go
-
-        def accuracy(model: Path, prompts: list, key: str):
-            def go():
-                from megatron.sft.quickstart.evaluate import generation_accuracy
-
-                acc, examples = generation_accuracy(model, model, prompts)  # its own tokenizer
-                self.results[key] = acc
-                self.results[key + "_examples"] = examples[:3]
-                sample = "; ".join(f"{p!r} -> {g!r}" for p, _, g in examples[:2])
-                return f"exact match {acc:.0%} on held-out prompts (e.g. {sample})"
-            return go
-
-        # ---- LoRA: adapt the fine-tuned model to the "Next:" task with adapters only
-        lora_records, lora_heldout = make_task(dataclasses.replace(c.task, kind="next"))
-        lora_paths = dict(data=self.w / "data" / "next.jsonl", run=self.w / "lora_run",
-                          export=self.w / "export_hf_lora", log=self.w / "train_log_lora.jsonl")
-        if c.lora_rank:
-            self.results["paths"].update({f"lora_{k}": str(v) for k, v in lora_paths.items()})
-
-        def lora_data():
-            with open(lora_paths["data"], "w") as f:
-                for r in lora_records:
-                    f.write(json.dumps(r) + "\n")
-            stats = pretokenize(lora_paths["data"])
-            self.lora_prefix = stats.output_prefix
-            return (f"{stats.samples_written} conversations ('Next: w1 w2 ...' -> the following "
-                    f"words), {stats.tokens} tokens")
-
-        def lora_train():
-            r = c.lora_rank
-            log = train_run(paths["run"], lora_paths["run"], self.lora_prefix, c.lora_train_iters,
-                            c.lora_lr, lora_paths["log"], "train_lora.log",
-                            ["--lora-rank", str(r), "--lora-alpha", str(2 * r),
-                             "--transformer-impl", "local"], c.lora_global_batch_size)
-            summary = next((line for line in (self.w / "logs" / "train_lora.log").read_text()
-                            .splitlines() if "trainable of" in line), "")
-            self.results["lora_loss_start"] = log[0]["loss"]
-            self.results["lora_loss_end"] = log[-1]["loss"]
-            trainable = summary.split("LoRA: ")[-1].split(" on this rank")[0] if summary else "?"
-            return (f"rank {r} on linear_qkv/proj/fc1/fc2 of the fine-tuned model ({trainable} "
-                    f"per rank), {c.lora_train_iters} iterations; loss {log[0]['loss']:.3f} -> "
-                    f"{log[-1]['loss']:.3f}")
-
-        def plot():
-            env = dict(os.environ, PYTHONPATH=str(REPO))
-            subprocess.run([sys.executable, str(REPO / "tools" / "plot_training_log.py"),
-                            str(paths["log"]), str(paths["png"]), "--title",
-                            f"Megatron-SFT demo: tiny {arch_name.split('-shaped')[0]} learns "
-                            "'Repeat:'"],
-                           check=True, env=env, capture_output=True)
-            return str(paths["png"])
-
-        self.stage("make tokenizer", tokenizer)
-        self.stage("make tiny HF model", model)
-        self.stage("make SFT data", data)
-        self.stage("accuracy before SFT", accuracy_before)
-        self.stage("convert HF -> Megatron", convert)
-        self.stage("logits parity (converted)", parity(paths["ckpt"], paths["hf"], "converted"))
-        self.stage("pre-tokenize", tokenize)
-        self.stage("SFT training", train)
-        self.stage("export Megatron -> HF", export(paths["run"], paths["export"]))
-        self.stage("logits parity (exported)", parity(paths["run"], paths["export"], "exported"))
-        self.stage("accuracy after SFT", accuracy(paths["export"], heldout, "accuracy_after"))
-        self.stage("loss curve", plot)
-        if c.lora_rank:
-            self.stage("LoRA: make + tokenize data", lora_data)
-            self.stage("LoRA: accuracy before", accuracy(paths["export"], lora_heldout,
-                                                         "lora_accuracy_before"))
-            self.stage("LoRA: training", lora_train)
-            self.stage("LoRA: export merged -> HF", export(lora_paths["run"],
-                                                           lora_paths["export"]))
-            self.stage("LoRA: accuracy after", accuracy(lora_paths["export"], lora_heldout,
-                                                        "lora_accuracy_after"))
+        self.paths.logs.mkdir(parents=True)
+        self.results["paths"] = self.paths.listed(lora=bool(self.cfg.lora_rank))
+        for name, fn in self.stages():
+            self.stage(name, fn)
         self.results["stages"] = [{"name": n, "seconds": s, "detail": d} for n, s, d in self.rows]
         (self.w / "summary.json").write_text(json.dumps(self.results, indent=2))
         return self.results
+
+    # ------------------------------------------------------------------ stages
+    def make_tokenizer(self) -> str:
+        from megatron.sft.data.tiny_tokenizer import save_tiny_tokenizer
+        from transformers import AutoTokenizer
+
+        save_tiny_tokenizer(self.paths.tokenizer, template="chatml", corpus=tokenizer_corpus(),
+                            vocab_size=512)
+        self.vocab = len(AutoTokenizer.from_pretrained(self.paths.tokenizer))
+        return f"byte-level BPE, {self.vocab} tokens, ChatML template"
+
+    def make_model(self) -> str:
+        from megatron.sft.bridge.random_hf_model import make_random_hf_model
+
+        c, p = self.cfg, self.paths
+        make_random_hf_model(self.arch, p.hf, seed=c.task.seed, overrides=dict(
+            vocab_size=self.vocab, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            **self._arch_config(c)))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(p.tokenizer / name, p.hf / name)
+        experts = f", {c.num_experts} experts (top-2)" if c.moe else ""
+        return (f"{self.arch_name}, {c.num_layers} layers, hidden {c.hidden_size}{experts}, "
+                "random weights")
+
+    def make_data(self) -> str:
+        self.paths.data.parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(self.paths.data, self.records)
+        self.paths.heldout.write_text(json.dumps(self.heldout, indent=1))
+        return (f"{len(self.records)} conversations ('Repeat: w1 w2 ...'), {len(self.heldout)} "
+                "held-out prompts never seen in training")
+
+    def convert(self) -> str:
+        from megatron.sft.bridge.convert import ConvertOptions, convert_hf_to_megatron
+
+        meta = convert_hf_to_megatron(self.paths.hf, self.paths.ckpt, ConvertOptions(
+            layout=self.layout, progress=False))
+        return f"{self.split}: vocab padded {self.vocab} -> {meta.padded_vocab_size}"
+
+    def parity(self, ckpt: Path, hf: Path, tag: str) -> str:
+        out = self.paths.logs / f"parity_{tag}.json"
+        _torchrun(self.nproc, "tools/check_hf_parity.py",
+                  ["--load", str(ckpt), "--hf-model", str(hf), "--output-json", str(out)],
+                  self.paths.logs / f"parity_{tag}.log")
+        diff = json.loads(out.read_text())["max_abs_diff"]
+        self.results[f"parity_{tag}"] = diff
+        return f"megatron-core on {self.nproc} gloo ranks vs transformers: max |dlogits| {diff:.1e}"
+
+    def tokenize(self) -> str:
+        stats = self._pretokenize(self.paths.data)
+        self.data_prefix = stats.output_prefix
+        self.results["tokens"] = stats.tokens
+        return (f"{stats.samples_written} samples, {stats.tokens} tokens, {stats.loss_tokens} "
+                f"loss tokens -> {Path(stats.output_prefix).name}_*.bin/.idx")
+
+    def train(self) -> str:
+        c, p = self.cfg, self.paths
+        log = self._train_run(p.ckpt, p.run, self.data_prefix, c.train_iters, c.lr, p.log,
+                              "train.log", [])
+        self.results["loss_start"], self.results["loss_end"] = log[0]["loss"], log[-1]["loss"]
+        line = _first_line_with(p.logs / "train.log", "packing efficiency")
+        eff = line.split("packing efficiency ")[-1].split(")")[0] if line else "?"
+        self.results["packing_efficiency"] = eff
+        return (f"{c.train_iters} iterations, {self.split} on {self.nproc} gloo ranks, packing "
+                f"efficiency {eff}; loss {log[0]['loss']:.3f} -> {log[-1]['loss']:.3f}")
+
+    def export(self, run: Path, out: Path) -> str:
+        from megatron.sft.bridge.export import ExportOptions, export_megatron_to_hf
+        from megatron.sft.lora.merge import open_checkpoint
+
+        export_megatron_to_hf(open_checkpoint(run), out, self.paths.hf,
+                              ExportOptions(progress=False))
+        return f"{out}"
+
+    def accuracy(self, model: Path, prompts: list, key: str,
+                 tokenizer: Optional[Path] = None) -> str:
+        """Greedy exact match on held-out prompts; an exported model brings its own tokenizer."""
+        from megatron.sft.quickstart.evaluate import generation_accuracy
+
+        acc, examples = generation_accuracy(model, tokenizer or model, prompts)
+        self.results[key] = acc
+        if tokenizer is not None:  # the untrained model: its answers are noise, not worth a line
+            return f"exact match {acc:.0%} on held-out prompts"
+        self.results[key + "_examples"] = examples[:3]
+        sample = "; ".join(f"{q!r} -> {g!r}" for q, _, g in examples[:2])
+        return f"exact match {acc:.0%} on held-out prompts (e.g. {sample})"
+
+    def plot(self) -> str:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, str(REPO / "tools" / "plot_training_log.py"),
+                        str(self.paths.log), str(self.paths.png), "--title",
+                        f"Megatron-SFT demo: tiny {self.arch_name.split('-shaped')[0]} learns "
+                        "'Repeat:'"],
+                       check=True, env=env, capture_output=True)
+        return str(self.paths.png)
+
+    # ------------------------------------------------- LoRA: the "Next:" task, adapters only
+    def make_lora_data(self) -> str:
+        _write_jsonl(self.paths.lora_data, self.lora_records)
+        stats = self._pretokenize(self.paths.lora_data)
+        self.lora_prefix = stats.output_prefix
+        return (f"{stats.samples_written} conversations ('Next: w1 w2 ...' -> the following "
+                f"words), {stats.tokens} tokens")
+
+    def lora_train(self) -> str:
+        c, p = self.cfg, self.paths
+        r = c.lora_rank
+        log = self._train_run(p.run, p.lora_run, self.lora_prefix, c.lora_train_iters, c.lora_lr,
+                              p.lora_log, "train_lora.log",
+                              ["--lora-rank", str(r), "--lora-alpha", str(2 * r),
+                               "--transformer-impl", "local"], c.lora_global_batch_size)
+        summary = _first_line_with(p.logs / "train_lora.log", "trainable of")
+        self.results["lora_loss_start"] = log[0]["loss"]
+        self.results["lora_loss_end"] = log[-1]["loss"]
+        trainable = summary.split("LoRA: ")[-1].split(" on this rank")[0] if summary else "?"
+        return (f"rank {r} on linear_qkv/proj/fc1/fc2 of the fine-tuned model ({trainable} "
+                f"per rank), {c.lora_train_iters} iterations; loss {log[0]['loss']:.3f} -> "
+                f"{log[-1]['loss']:.3f}")
+
+    # ------------------------------------------------------------------ shared steps
+    def _pretokenize(self, data: Path):
+        from megatron.sft.data.preprocess import PreprocessConfig, preprocess
+        from megatron.sft.data.render import RenderConfig
+
+        return preprocess(PreprocessConfig(
+            input=str(data), tokenizer_model=str(self.paths.tokenizer),
+            render=RenderConfig(max_length=self.cfg.seq_length), progress=False))
+
+    def _train_run(self, load: Path, save: Path, data_prefix: str, iters: int, lr: float,
+                   log_json: Path, log_name: str, extra: list[str],
+                   global_batch_size: Optional[int] = None) -> list[dict]:
+        c = self.cfg
+        args = ["--load", str(load), "--save", str(save),
+                "--data-path", data_prefix, "--split", "98,2,0",
+                "--seq-length", str(c.seq_length), "--micro-batch-size", str(c.micro_batch_size),
+                "--global-batch-size", str(global_batch_size or c.global_batch_size),
+                "--train-iters", str(iters),
+                "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-decay-style", "cosine",
+                "--lr-warmup-iters", str(max(1, iters // 20)),
+                *self.parallel_flags, "--attention-backend", "sdpa",
+                "--eval-interval", str(c.eval_interval),
+                "--eval-iters", "2", "--log-interval", str(c.log_interval),
+                "--log-json", str(log_json), "--no-progress", *extra]
+        view = None
+        if self.progress is not None:
+            follower = LogFollower(log_json)
+            view = TrainingView("LoRA" if "lora" in log_name else "SFT", iters,
+                                self.progress, live=self.progress.isatty(), every=c.log_interval)
+        try:
+            _torchrun(self.nproc, "tools/train_sft.py", args, self.paths.logs / log_name,
+                      watch=(lambda: view.update(follower.new_records())) if view else None)
+        finally:
+            if view is not None:
+                view.close()
+        return [json.loads(line) for line in log_json.read_text().splitlines()]
 
     def summary(self) -> str:
         width = max(len(r[0]) for r in self.rows)

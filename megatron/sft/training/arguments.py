@@ -30,15 +30,6 @@ from megatron.sft.model.layer_impl import TRANSFORMER_IMPLS
 from megatron.sft.runtime.layout import FLAGS, FSDP_STRATEGIES, ParallelLayout
 
 
-#: TE's CP pads every document to 2·CP, so a rank's THD tokens vary per micro-batch and the
-#: pipeline's fixed activation shape cannot carry them (checked here for --attention-backend te,
-#: and by the trainer once ``auto`` has chosen)
-TE_CP_PIPELINE = ("--attention-backend te with --context-parallel-size > 1 and "
-                  "--pipeline-model-parallel-size > 1: TE pads each document to 2 x CP, so the "
-                  "tokens per rank change per micro-batch and cannot cross pipeline stages; use "
-                  "--attention-backend varlen (or flex) with --transformer-impl local, or PP 1")
-
-
 def _field(default: Any, help: Union[str, Callable[[], str]], *, flag: Optional[str] = None,
            choices: Union[tuple, Callable[[], tuple], None] = None) -> Any:
     """A config field with its ``--help`` text; ``flag`` overrides the generated flag name
@@ -398,10 +389,8 @@ class TrainConfig:
         if self.attention_backend == "auto" or \
                 self.attention_backend not in attention_backend_choices():
             return None
-        spec = get_attention_backend(self.attention_backend)
-        if spec.cp_native and self.pipeline_model_parallel_size > 1:
-            return TE_CP_PIPELINE
-        return None if spec.supports_cp else spec.check("local", "cpu", cp)
+        return get_attention_backend(self.attention_backend).cp_problem(
+            cp, self.pipeline_model_parallel_size)
 
     def warmup_iters(self, total: int) -> int:
         if self.lr_warmup_iters is not None:

@@ -27,7 +27,7 @@ from megatron.sft.model.moe.metrics import MoEMetrics, moe_metrics_for
 from megatron.sft.runtime.distributed import RuntimeInfo, initialize_distributed
 from megatron.sft.runtime.parallel_dims import ParallelDims
 from megatron.sft.training import hf_output
-from megatron.sft.training.arguments import TE_CP_PIPELINE, TrainConfig
+from megatron.sft.training.arguments import TrainConfig
 from megatron.sft.training.checkpointer import Checkpointer
 from megatron.sft.training.chunked_loss import defer_output_layer, use_chunked_loss
 from megatron.sft.training.data_parallel import DataParallelModel, wrap_for_data_parallel
@@ -123,9 +123,7 @@ class Trainer:
         self.impl = resolve_layer_impl(cfg.transformer_impl, cfg.attention_backend,
                                        self.info.device.type, cfg.moe_experts_impl,
                                        torch.bfloat16 if cfg.bf16 else torch.float32,
-                                       cp=self.dims.cp_size)
-        if self.impl.attention == "te" and self.dims.cp_size > 1 and self.dims.layout.pp > 1:
-            raise ValueError(TE_CP_PIPELINE)
+                                       cp=self.dims.cp_size, pp=self.dims.layout.pp)
         self.log(f"layers: {self.impl.describe()}"
                  + (f", {self.impl.experts} experts" if self.shape.moe else ""))
         self.source.check_adapters()

@@ -32,7 +32,7 @@ from megatron.sft.bridge.export import export_megatron_to_hf as _export_reader
 from megatron.sft.bridge.random_hf_model import make_random_hf_model
 from megatron.sft.lora.merge import open_checkpoint
 from megatron.sft.lora.peft_export import export_lora_adapter
-from megatron.sft.lora.reshard import reshard_checkpoint
+from megatron.sft.lora.reshard import reshard_any
 from megatron.sft.lora.run_format import (
     LoRACheckpointInfo,
     base_fingerprint,
@@ -120,7 +120,7 @@ def _assert_same_model_as_source(source, out, tmp_path):
 @pytest.mark.parametrize("tp, pp, vpp", [(2, 1, None), (1, 2, None), (2, 2, 2)])
 def test_lora_run_reshards_with_its_base(source, tmp_path, tp, pp, vpp):
     out = tmp_path / "out"
-    meta = reshard_checkpoint(source["run"], out, ParallelLayout(tp, pp, vpp), progress=False)
+    meta = reshard_any(source["run"], out, ParallelLayout(tp, pp, vpp), progress=False)
     assert meta.layout == ParallelLayout(tp, pp, vpp)
     run_iter = iteration_dir(out)
     assert run_iter.name == f"iter_{RUN_ITERATION:07d}"
@@ -143,7 +143,7 @@ def test_lora_run_reshards_with_its_base(source, tmp_path, tp, pp, vpp):
     _assert_same_model_as_source(source, out, tmp_path)
     # And back to TP1: the very tensors of the source run.
     back = tmp_path / "back"
-    reshard_checkpoint(out, back, ParallelLayout(1, 1), progress=False)
+    reshard_any(out, back, ParallelLayout(1, 1), progress=False)
     want = load_rank_state(iteration_dir(source["run"]), ParallelLayout(), 0, 0)["model"]
     got = load_rank_state(iteration_dir(back), ParallelLayout(), 0, 0)["model"]
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
@@ -155,7 +155,7 @@ def test_lora_base_option_and_its_refusals(source, tmp_path):
     convert_hf_to_megatron(source["hf"], own, ConvertOptions(layout=ParallelLayout(2, 1),
                                                              progress=False))
     out = tmp_path / "out"
-    reshard_checkpoint(source["run"], out, ParallelLayout(2, 1), progress=False, lora_base=own)
+    reshard_any(source["run"], out, ParallelLayout(2, 1), progress=False, lora_base=own)
     info = read_lora_info(iteration_dir(out))
     assert info.base_checkpoint == str(own.resolve()) and not (out / "base").exists()
     assert check_base(info, read_metadata(iteration_dir(out)), out) == iteration_dir(own)
@@ -164,7 +164,7 @@ def test_lora_base_option_and_its_refusals(source, tmp_path):
     def refused(match, **kwargs):
         dest = tmp_path / "refused"
         with pytest.raises((CheckpointError, ValueError), match=match):
-            reshard_checkpoint(source["run"], dest, ParallelLayout(2, 1), progress=False,
+            reshard_any(source["run"], dest, ParallelLayout(2, 1), progress=False,
                                **kwargs)
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("refused")) == []
 
@@ -181,11 +181,11 @@ def test_lora_base_option_and_its_refusals(source, tmp_path):
             r"differs from the run's base's \(max abs difference", lora_base=other)
     refused("Can't provide both --lora-base and --merge-lora", lora_base=own, merge_lora=True)
     with pytest.raises(ValueError, match="is inside the input base_checkpoint of lora.json"):
-        reshard_checkpoint(source["run"], source["base"] / "tp2", ParallelLayout(2, 1),
+        reshard_any(source["run"], source["base"] / "tp2", ParallelLayout(2, 1),
                            progress=False)
     with pytest.raises(ValueError, match="--lora-base applies to a LoRA run, but .* is a full "
                                          "checkpoint"):
-        reshard_checkpoint(own, tmp_path / "x", ParallelLayout(1, 1), lora_base=own,
+        reshard_any(own, tmp_path / "x", ParallelLayout(1, 1), lora_base=own,
                            progress=False)
     # The CLI passes the flag through (its one-line error output is run_cli's, tested elsewhere).
     with pytest.raises(CheckpointError, match="is not the base the adapters were trained on"):
@@ -214,13 +214,13 @@ def test_a_failure_midway_leaves_nothing(source, tmp_path, monkeypatch):
 
     monkeypatch.setattr(reshard, "write_adapter_run", fail)
     with pytest.raises(RuntimeError, match="disk full"):
-        reshard_checkpoint(source["run"], tmp_path / "out", ParallelLayout(2, 1), progress=False)
+        reshard_any(source["run"], tmp_path / "out", ParallelLayout(2, 1), progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_merge_lora_writes_the_merged_model(source, tmp_path):
     out = tmp_path / "merged_tp2"
-    reshard_checkpoint(source["run"], out, ParallelLayout(2, 1), progress=False,
+    reshard_any(source["run"], out, ParallelLayout(2, 1), progress=False,
                        merge_lora=True)
     assert read_lora_info(iteration_dir(out)) is None
     got = _hf_tensors(export_megatron_to_hf(out, tmp_path / "hf", source["hf"],
@@ -234,7 +234,7 @@ def test_training_loads_the_resharded_run(source, sft_assets, tmp_path):
     """``--load OUT --lora-rank 4`` at TP2 builds the resharded base, loads the re-split
     adapters, and its loss on a batch is the merged source model's loss in transformers."""
     out = tmp_path / "tp2"
-    reshard_checkpoint(source["run"], out, ParallelLayout(2, 1), progress=False)
+    reshard_any(source["run"], out, ParallelLayout(2, 1), progress=False)
     config = dict(load=str(out), data_path=sft_assets["data"], seq_length=128,
                   micro_batch_size=2, global_batch_size=2, train_iters=1, no_progress=True,
                   split="90,10,0", attention_backend="sdpa", transformer_impl="local",

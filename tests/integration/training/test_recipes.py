@@ -155,3 +155,25 @@ def test_recipe_with_fsdp_uses_megatron_fsdp_and_refuses_a_pipeline(tmp_path):
     r = run_tool(RECIPE, "train", env={**env, "PP": "2"})
     assert r.returncode == 2 and "error: FSDP=1 with PP=2: megatron-core's Megatron-FSDP does " \
         "not support pipeline parallelism" in r.stderr
+
+
+def test_every_gpu_recipe_takes_hf_model_directly(tmp_path):
+    """The shared preamble gives each recipe the same HF_MODEL=DIR path and the same errors."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    prefix = tmp_path / "tok"
+    (tmp_path / "tok_text_document.idx").write_text("")
+    for recipe in ("scripts/sft/SFT_Qwen3_30B_A3B_MoE.sh", "scripts/sft/SFT_R1_7B_32k_CP.sh",
+                   "scripts/sft/SFT_LoRA_R1_14B.sh"):
+        env = {"ASSETS_DIR": str(tmp_path / "assets"), "PYTHON": "echo", "HF_MODEL": str(hf),
+               "DATA_PATH": str(prefix), "TRAIN_ITERS": "3", "SAVE_DIR": str(tmp_path / "run")}
+        r = run_tool(recipe, "train", env=env)
+        assert r.returncode == 0, (recipe, r.stderr)
+        cmd = r.stdout.split()
+        assert cmd[cmd.index("--load") + 1] == str(hf), recipe
+        assert cmd[cmd.index("--data-path") + 1] == str(prefix), recipe
+        r = run_tool(recipe, "train", env={**env, "DATA_PATH": str(tmp_path / "missing")})
+        assert r.returncode == 2 and "no tokenized data at" in r.stderr, (recipe, r.stderr)
+        r = run_tool(recipe, "train", env={**env, "HF_MODEL": str(tmp_path / "nothing")})
+        assert r.returncode == 2 and "has no config.json" in r.stderr, (recipe, r.stderr)

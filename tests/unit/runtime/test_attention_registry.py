@@ -246,3 +246,26 @@ def test_document_segments_is_megatron_cores_packed_seq_params():
     assert isinstance(seg, DocumentSegments) and isinstance(seg, PackedSeqParams)
     assert dataclasses.is_dataclass(seg) and seg.bounds == (0, 3, 5, 6, 12)
     assert pickle.loads(pickle.dumps(seg)).bounds == seg.bounds
+
+
+def test_context_parallel_with_pipeline_is_decided_in_one_place(monkeypatch):
+    """TE's own CP cannot cross pipeline stages: the flag check, ``auto`` and an explicit choice
+    all get that answer from ``AttentionBackendSpec.cp_problem`` (no second copy elsewhere)."""
+    from megatron.sft.training.arguments import parse_config
+
+    te = get_attention_backend("te")
+    assert te.cp_problem(2, 2).startswith("--attention-backend te with --context-parallel-size")
+    assert te.cp_problem(2, 1) is None and te.cp_problem(1, 4) is None
+    assert "has no context parallelism" in get_attention_backend("dense").cp_problem(2)
+    monkeypatch.setattr(layer_impl, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(attention.backends, "varlen_available", lambda: True)
+    assert resolve_layer_impl("auto", "auto", "cuda", cp=2) == LayerImpl("te", "te")
+    # auto passes over te at CP x PP and takes the next backend that does CP through stages
+    assert resolve_layer_impl("auto", "auto", "cuda", cp=2, pp=2).attention == "varlen"
+    with pytest.raises(LayerImplError, match="cannot cross pipeline stages"):
+        resolve_layer_impl("auto", "te", "cuda", cp=2, pp=2)
+    cfg = parse_config(["--load", "/c", "--data-path", "/d", "--train-iters", "2",
+                        "--attention-backend", "te", "--context-parallel-size", "2",
+                        "--pipeline-model-parallel-size", "2", "--seq-length", "64"])
+    with pytest.raises(ValueError, match="cannot cross pipeline stages"):
+        cfg.validate(world_size=4)

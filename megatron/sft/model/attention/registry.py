@@ -15,6 +15,14 @@ from megatron.sft.model.attention.segments import document_segments
 
 
 # --------------------------------------------------------------------------------- registry
+#: TE's CP pads every document to 2·CP, so a rank's THD tokens vary per micro-batch and the
+#: pipeline's fixed activation shape cannot carry them (``AttentionBackendSpec.cp_problem``)
+TE_CP_PIPELINE = ("--attention-backend te with --context-parallel-size > 1 and "
+                  "--pipeline-model-parallel-size > 1: TE pads each document to 2 x CP, so the "
+                  "tokens per rank change per micro-batch and cannot cross pipeline stages; use "
+                  "--attention-backend varlen (or flex) with --transformer-impl local, or PP 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionInputs:
     """What one micro-batch passes to ``GPTModel.forward`` besides tokens.
@@ -108,16 +116,32 @@ class AttentionBackendSpec:
         return self.cp_kernel is not None or self.cp_native
 
     # ------------------------------------------------------------------ can it run here
-    def check(self, linear: str, device_type: str, cp: int = 1) -> Optional[str]:
-        """Why this backend cannot run with ``linear`` layers (``"te"`` / ``"local"``) on
-        ``device_type`` (at context parallel size ``cp``), naming the alternative; ``None``
-        when it can."""
-        if cp > 1 and not self.supports_cp:
-            others = [s.name for s in attention_backends() if s.supports_cp
-                      and s.check(linear, device_type, cp) is None]
+    def cp_problem(self, cp: int, pp: int = 1, linear: Optional[str] = None,
+                   device_type: Optional[str] = None) -> Optional[str]:
+        """Why this backend cannot do context parallelism ``cp`` with ``pp`` pipeline stages,
+        naming the alternative; ``None`` when it can. The one place that decides "is CP allowed
+        with this attention": the flag check (before the device is known), ``auto``'s choice and
+        the layer factory all ask it."""
+        if cp <= 1:
+            return None
+        if not self.supports_cp:
+            others = [s.name for s in attention_backends() if s.supports_cp and (
+                s.check(linear, device_type, cp, pp) is None if linear and device_type
+                else s.cp_problem(cp, pp) is None)]
             return (f"--attention-backend {self.name} has no context parallelism "
                     f"(--context-parallel-size {cp}); use --attention-backend "
                     f"{' or '.join(others) or 'sdpa'}")
+        if self.cp_native and pp > 1:
+            return TE_CP_PIPELINE
+        return None
+
+    def check(self, linear: str, device_type: str, cp: int = 1, pp: int = 1) -> Optional[str]:
+        """Why this backend cannot run with ``linear`` layers (``"te"`` / ``"local"``) on
+        ``device_type`` (at context parallel size ``cp`` with ``pp`` pipeline stages), naming
+        the alternative; ``None`` when it can."""
+        reason = self.cp_problem(cp, pp, linear, device_type)
+        if reason is not None:
+            return reason
         if self.needs_te_layers and linear != "te":
             return (f"--attention-backend {self.name} needs Transformer Engine layers; use "
                     "--transformer-impl transformer_engine (NVIDIA PyTorch container), or "
@@ -192,10 +216,11 @@ def auto_order() -> tuple[AttentionBackendSpec, ...]:
     return tuple(sorted(ranked, key=lambda s: s.auto_rank))
 
 
-def auto_backend(linear: str, device_type: str, cp: int = 1) -> Optional[AttentionBackendSpec]:
+def auto_backend(linear: str, device_type: str, cp: int = 1,
+                 pp: int = 1) -> Optional[AttentionBackendSpec]:
     """``auto``: the first backend of :func:`auto_order` that runs here, at context parallel
-    size ``cp`` (``None`` if none)."""
-    return next((s for s in auto_order() if s.check(linear, device_type, cp) is None), None)
+    size ``cp`` with ``pp`` pipeline stages (``None`` if none)."""
+    return next((s for s in auto_order() if s.check(linear, device_type, cp, pp) is None), None)
 
 
 def attention_backend_help() -> str:
