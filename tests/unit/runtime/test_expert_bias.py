@@ -1,6 +1,7 @@
 """GPT-OSS's expert biases in ``GroupedMMExperts``: with ``add_bias_linear`` and the clamped
 SwiGLU (quick_gelu, clamp 7, +1), its outputs equal megatron-core's ``SequentialMLP`` and, with
-gradients (inputs, weights, biases), a per-token loop written here (fp32: grouped_mm has no fp64), on one process."""
+gradients (inputs, weights, biases), a per-token loop written here (fp32: grouped_mm has no
+fp64), on one process."""
 
 import pytest
 import torch
