@@ -120,3 +120,80 @@ def test_backends_without_sinks_are_refused(backend):
     with pytest.raises(ValueError, match=f"--attention-backend {backend} has no learnable "
                                          "attention sinks.*use --attention-backend sdpa"):
         sinks.check_sink_backend(backend)
+
+
+class _Schema:
+    """What ``sinks._call`` reads of an op: its argument names."""
+
+    def __init__(self, names):
+        self.arguments = [type("Arg", (), {"name": n, "has_default_value": lambda self: True})()
+                          for n in names]
+        self.name = "fake"
+
+
+def _flash_pair():
+    """A flash kernel's contract written out in torch (varlen, causal, bottom-right): forward
+    ``(out, lse [h, t], rng)``; backward recomputes ``P = exp(S - lse)`` and uses
+    ``D = rowsum(dO * out)`` from the ``out`` and ``lse`` it is given, as flash does."""
+    def scores(q, k, cu_q, cu_k, scale, window, a):
+        (qa, qb), (ka, kb) = (cu_q[a].item(), cu_q[a + 1].item()), (cu_k[a].item(),
+                                                                     cu_k[a + 1].item())
+        s = torch.einsum("qhd,khd->hqk", q[qa:qb], k[ka:kb]) * scale
+        i = torch.arange(qb - qa)[:, None] + (kb - ka) - (qb - qa)
+        j = torch.arange(kb - ka)[None, :]
+        ok = (j <= i) & ((i - j <= window[0]) if window[0] >= 0 else True)
+        return s.masked_fill(~ok, float("-inf")), (qa, qb, ka, kb)
+
+    def forward(query, key, value, cu_seq_q, cu_seq_k, scale, window_size, **_):
+        out, lse = torch.zeros_like(query), torch.zeros(query.shape[1], query.shape[0],
+                                                        dtype=query.dtype)
+        for a in range(len(cu_seq_q) - 1):
+            s, (qa, qb, ka, kb) = scores(query, key, cu_seq_q, cu_seq_k, scale, window_size, a)
+            lse[:, qa:qb] = torch.logsumexp(s, -1)
+            out[qa:qb] = torch.einsum("hqk,khd->qhd", s.softmax(-1), value[ka:kb])
+        return out, lse, torch.zeros(2)
+
+    def backward(grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, scale,
+                 window_size, **_):
+        dq, dk, dv = (torch.zeros_like(x) for x in (query, key, value))
+        for a in range(len(cu_seq_q) - 1):
+            s, (qa, qb, ka, kb) = scores(query, key, cu_seq_q, cu_seq_k, scale, window_size, a)
+            p = torch.exp(s - lse[:, qa:qb, None])
+            go = grad_out[qa:qb]
+            dv[ka:kb] += torch.einsum("hqk,qhd->khd", p, go)
+            dp = torch.einsum("qhd,khd->hqk", go, value[ka:kb])
+            ds = p * (dp - (go * out[qa:qb]).sum(-1).transpose(0, 1)[..., None])
+            dq[qa:qb] += torch.einsum("hqk,khd->qhd", ds, key[ka:kb]) * scale
+            dk[ka:kb] += torch.einsum("hqk,qhd->khd", ds, query[qa:qb]) * scale
+        return dq, dk, dv
+
+    names = ("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal",
+             "scale", "window_size", "enable_gqa", "grad_out", "out", "lse", "rng_state")
+    fwd = type("Op", (), {"_schema": _Schema(names),
+                          "__call__": lambda self, **kw: forward(**kw)})()
+    bwd = type("Op", (), {"_schema": _Schema(names),
+                          "__call__": lambda self, **kw: backward(**kw)})()
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+@pytest.mark.parametrize("window", [None, 5])
+def test_flash_backward_with_the_sinked_out_and_lse_is_exact(monkeypatch, cp, window):
+    """``LseKernelWithSink`` (the varlen path) on a flash kernel written out in torch: values
+    and gradients of q, k, v and the sinks equal the softmax with the sink column, at CP1 and
+    CP2 (its pieces as varlen sequences), with and without a window."""
+    monkeypatch.setattr(sinks, "_varlen_ops", _flash_pair)
+    q, k, v, sink = _inputs(seed=5, hq=4, hkv=4)  # the fake kernel takes no grouped K/V
+    bounds = segments_from_cu_seqlens(CU, 2, S)
+    monkeypatch.setattr(sinks, "_FLASH_DTYPES", (torch.float64,))  # the fake kernel is fp64
+    if cp == 1:
+        out = sinks.varlen_sink_attention(q, k, v, document_segments(CU, 2, S, CPU), 0.3,
+                                          window, sink)
+    else:
+        out = simulate_context_parallel(
+            lambda *a: sinks.varlen_sink_attention(*a, sink), q, k, v,
+            lambda r: document_segments(CU, 2, S, CPU, cp_size=2, cp_rank=r), 2, 0.3, window)
+    ref = reference(q, k, v, bounds, 0.3, window, sink)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(_grads(out, (q, k, v, sink)), _grads(ref, (q, k, v, sink))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

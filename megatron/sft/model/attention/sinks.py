@@ -158,11 +158,12 @@ class LseKernelWithSink(torch.autograd.Function):
         result = _call(forward, dict(values, query=q, key=k, value=v))
         out, lse, rng = result[0], result[1], result[2]
         heads_first = lse.shape[0] == q.shape[1] and lse.shape[1] == q.shape[0]
-        s = sinks.float().view(-1, 1) if heads_first else sinks.float().view(1, -1)
-        lse2 = torch.logaddexp(lse.float(), s)
-        w = torch.exp(lse.float() - lse2)
+        dtype = torch.promote_types(lse.dtype, torch.float32)
+        s = sinks.to(dtype).view(-1, 1) if heads_first else sinks.to(dtype).view(1, -1)
+        lse2 = torch.logaddexp(lse.to(dtype), s)
+        w = torch.exp(lse.to(dtype) - lse2)
         w = w.transpose(0, 1) if heads_first else w
-        out2 = (out.float() * w.unsqueeze(-1)).to(out.dtype)
+        out2 = (out.to(dtype) * w.unsqueeze(-1)).to(out.dtype)
         lse2 = lse2.to(lse.dtype)
         ctx.save_for_backward(q, k, v, sinks, out2, lse2, rng)
         ctx.values, ctx.heads_first = values, heads_first
@@ -175,10 +176,15 @@ class LseKernelWithSink(torch.autograd.Function):
         grad = grad.contiguous()
         dq, dk, dv = _call(backward, dict(ctx.values, grad_out=grad, query=q, key=k, value=v,
                                           out=out2, lse=lse2, rng_state=rng))
-        lse_t = lse2.float().transpose(0, 1) if ctx.heads_first else lse2.float()  # [t, h]
-        p_sink = torch.exp(sinks.float().view(1, -1) - lse_t)
-        dsink = -(p_sink * (grad.float() * out2.float()).sum(-1)).sum(0)
+        dtype = torch.promote_types(lse2.dtype, torch.float32)
+        lse_t = lse2.to(dtype).transpose(0, 1) if ctx.heads_first else lse2.to(dtype)  # [t, h]
+        p_sink = torch.exp(sinks.to(dtype).view(1, -1) - lse_t)
+        dsink = -(p_sink * (grad.to(dtype) * out2.to(dtype)).sum(-1)).sum(0)
         return dq, dk, dv, dsink.to(sinks.dtype), None
+
+
+#: what the flash kernels take; other dtypes (fp32 parity runs) use ``sdpa``'s exact path
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def varlen_sink_attention(q, k, v, segments, scale: float, window: Optional[int],
@@ -186,7 +192,7 @@ def varlen_sink_attention(q, k, v, segments, scale: float, window: Optional[int]
     """``varlen`` with sinks, CP1 and CP > 1 (half precision; fp32 runs use ``sdpa``'s)."""
     from megatron.sft.model.context_parallel import kernels as cp_kernels
 
-    if q.dtype not in (torch.float16, torch.bfloat16) or _varlen_ops() is None:
+    if q.dtype not in _FLASH_DTYPES or _varlen_ops() is None:
         kernel = sdpa_cp_sink_attention if segments.cp_size > 1 else sdpa_sink_attention
         return kernel(q, k, v, segments, scale, window, sinks)
     if segments.cp_size > 1:
