@@ -168,6 +168,12 @@ def _rope_from_config(cfg: dict[str, Any]) -> RopeConfig:
     if rope_type == "yarn":
         keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                 "truncate", "attention_factor", "mscale", "mscale_all_dim")
+        params.setdefault("original_max_position_embeddings",
+                          cfg.get("original_max_position_embeddings"))
+        missing = [k for k in keys[:2] if params.get(k) is None]
+        if missing:
+            raise UnsupportedModelError(f"rope_type 'yarn' without {', '.join(missing)} is not "
+                                        "supported")
         yarn = tuple((k, params[k]) for k in keys if params.get(k) is not None)
         return RopeConfig(theta=float(theta), yarn=yarn)
     raise UnsupportedModelError(
