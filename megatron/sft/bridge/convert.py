@@ -35,6 +35,7 @@ from megatron.sft.bridge.integrity import FileDigest, write_checksums
 from megatron.sft.bridge.expert_layout import ExpertLayoutError, ExpertLayoutSource
 from megatron.sft.bridge.reader import CoverageError
 from megatron.sft.bridge.rules import ShardContext
+from megatron.sft.bridge.mxfp4 import mxfp4_source
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
 from megatron.sft.bridge.stage_mapping import build_stage, expected_hf_shapes
 from megatron.sft.bridge.transforms import padded_vocab_size
@@ -147,7 +148,7 @@ def open_source(hf_dir: Path, spec, shape) -> "tuple[ExpertLayoutSource, dict]":
     expected = expected_hf_shapes(spec, shape)
     experts = shape.moe.num_experts if shape.moe is not None else 0
     try:
-        source = ExpertLayoutSource(SafetensorsSource(hf_dir), spec.fused_experts,
+        source = ExpertLayoutSource(mxfp4_source(SafetensorsSource(hf_dir)), spec.fused_experts,
                                     shape.num_layers, experts, expected)
     except ExpertLayoutError as e:
         raise CoverageError(f"weights in {hf_dir}: {e}") from None

@@ -66,7 +66,7 @@ class _Slice:
     #: first element and element count of this part inside the fused tensor
     start: int
     count: int
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
 
 
 def part_slice(fused_shape: tuple[int, ...], expert: int, row_start: int, rows: int
@@ -111,11 +111,16 @@ class ExpertLayoutSource:
                     continue
                 parts = [[p.format(i=layer, e=e) for p in f.parts] for e in range(num_experts)]
                 shapes = [expected.get(p) for p in parts[0]]
+                vector = len(shapes) == 1 and shapes[0] is not None and len(shapes[0]) == 1
+                if vector:  # one 1-D part per expert ([E, n]: GPT-OSS's expert biases)
+                    shapes = [(1, shapes[0][0])]
                 if any(s is None or len(s) != 2 for s in shapes):
                     problems.append(f"{name} is not a tensor of this model")
                     continue
                 want = (num_experts, sum(s[0] for s in shapes), shapes[0][1])
                 have = tuple(source.meta(name).shape)
+                if vector and len(have) == 2:
+                    have = (have[0], 1, have[1])
                 if have != want or any(s[1] != want[2] for s in shapes):
                     problems.append(f"{name} has shape {have}, expected {want} ({num_experts} "
                                     f"experts x [{' + '.join(str(s[0]) for s in shapes)} rows, "
@@ -127,7 +132,8 @@ class ExpertLayoutSource:
                         if part in source:
                             problems.append(f"{part} is stored both on its own and in {name}")
                         start, count = part_slice(have, e, row, s[0])
-                        self._slices[part] = _Slice(name, start, count, (s[0], s[1]))
+                        self._slices[part] = _Slice(name, start, count,
+                                                    (s[1],) if vector else (s[0], s[1]))
                         row += s[0]
                 hidden.add(name)
             for fused_name, canonical in layout.renames:

@@ -25,6 +25,8 @@ from megatron.sft.bridge.checkpoint_io import (
     write_staged,
 )
 from megatron.sft.bridge.convert import load_hf_config, refuse_non_finite
+from megatron.sft.bridge.fused_export import fused_export
+from megatron.sft.bridge.mxfp4 import drop_quantization_config
 from megatron.sft.bridge.reader import CheckpointReader, CoverageError  # noqa: F401
 from megatron.sft.bridge.safetensors_io import (
     StreamingShardWriter,
@@ -137,6 +139,9 @@ def export_megatron_to_hf(source: "str | Path | CheckpointReader", out_dir: "str
 def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | Path | None",
                    opts: ExportOptions) -> Path:
     entries = reader.check_coverage()
+    fused = fused_export(reader.spec, reader.shape)  # GPT-OSS: experts as [E, ...] tensors
+    if fused is not None:
+        entries = fused.entries(entries)
     cast_to = opts.dtype
     if cast_to is not None:
         entries = [(n, cast_to if d.is_floating_point else d, s) for n, d, s in entries]
@@ -148,7 +153,7 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
     bar = tqdm(total=len(entries), unit="tensor", desc="export", disable=not opts.progress)
 
     def write(staging: Path) -> None:
-        stream = reader.tensors()
+        stream = reader.tensors() if fused is None else fused.stream(reader.tensors())
         weight_map, total = {}, 0
         for fname, shard in zip(files, shards):
             writer = StreamingShardWriter(staging / fname, shard, {"format": "pt"})
@@ -171,6 +176,7 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
         if hf_ref_dir is not None:
             _copy_reference_files(Path(hf_ref_dir), staging)
         config = dict(reader.meta.hf_config)
+        drop_quantization_config(config, log=tqdm.write)  # MXFP4 in, bf16 out (bridge.mxfp4)
         out_dtype = dtype_name(cast_to or entries[0][1])
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:

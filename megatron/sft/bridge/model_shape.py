@@ -21,6 +21,8 @@ class RopeConfig:
     theta: float
     #: llama3-style frequency scaling (Llama 3.1/3.2); ``None`` for plain RoPE.
     llama3_factor: Optional[float] = None
+    #: YaRN (GPT-OSS): ``model.yarn.YarnConfig`` keyword arguments, ``None`` without
+    yarn: Optional[tuple[tuple[str, Any], ...]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class MoEShape:
     shared_expert_gate: bool = False
     #: the HF config's ``router_aux_loss_coef``: the default of ``--moe-aux-loss-coeff``
     aux_loss_coeff: float = 0.0
+    #: the experts' linears have biases (GPT-OSS); megatron-core runs them at ETP 1 only
+    expert_bias: bool = False
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.layers
@@ -77,6 +81,10 @@ class ModelShape:
     qk_layernorm: bool
     #: Mistral-style sliding-window attention width, ``None`` for full causal attention.
     sliding_window: Optional[int] = None
+    #: per-layer windows (GPT-OSS's ``layer_types``: ``True`` = this layer has the window of
+    #: ``layer_window``); empty when every layer is alike (``sliding_window`` says which)
+    window_layers: tuple[bool, ...] = ()
+    layer_window: Optional[int] = None
     #: the Mixture-of-Experts block, ``None`` for a dense model
     moe: Optional[MoEShape] = None
 
@@ -94,9 +102,11 @@ class ModelShape:
             "head_dim": self.head_dim,
             "q": self.num_attention_heads * self.head_dim,
             "kv": self.num_query_groups * self.head_dim,
+            "heads": self.num_attention_heads,
         }
         if self.moe is not None:
             sizes.update(experts=self.moe.num_experts, expert_ffn=self.moe.ffn_hidden_size,
+                         expert_gate_up=2 * self.moe.ffn_hidden_size,
                          shared_ffn=self.moe.shared_expert_ffn_hidden_size or 0)
         try:
             return sizes[symbol]
@@ -155,8 +165,19 @@ def _rope_from_config(cfg: dict[str, Any]) -> RopeConfig:
                     f"megatron-core implements it with {key}={expected} only"
                 )
         return RopeConfig(theta=float(theta), llama3_factor=float(params["factor"]))
+    if rope_type == "yarn":
+        keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                "truncate", "attention_factor", "mscale", "mscale_all_dim")
+        params.setdefault("original_max_position_embeddings",
+                          cfg.get("original_max_position_embeddings"))
+        missing = [k for k in keys[:2] if params.get(k) is None]
+        if missing:
+            raise UnsupportedModelError(f"rope_type 'yarn' without {', '.join(missing)} is not "
+                                        "supported")
+        yarn = tuple((k, params[k]) for k in keys if params.get(k) is not None)
+        return RopeConfig(theta=float(theta), yarn=yarn)
     raise UnsupportedModelError(
-        f"rope_type {rope_type!r} is not supported (supported: default, llama3)"
+        f"rope_type {rope_type!r} is not supported (supported: default, llama3, yarn)"
     )
 
 
@@ -184,6 +205,13 @@ def shape_from_hf_config(
     window = cfg.get("sliding_window")
     if cfg.get("use_sliding_window") is False:
         window = None
+    types = cfg.get("layer_types") or ()
+    window_layers: tuple[bool, ...] = ()
+    if window and types and len(set(types)) > 1:  # windowed and full layers mixed
+        window_layers = tuple(t == "sliding_attention" for t in types)
+        layer_window, window = int(window), None
+    else:
+        layer_window = None
     return ModelShape(
         architecture=architecture,
         num_layers=int(_require(cfg, "num_hidden_layers")),
@@ -200,5 +228,7 @@ def shape_from_hf_config(
         qkv_bias=bias,
         qk_layernorm=qk_layernorm,
         sliding_window=int(window) if window else None,
+        window_layers=window_layers,
+        layer_window=layer_window,
         moe=moe,
     )

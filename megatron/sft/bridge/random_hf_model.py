@@ -66,9 +66,10 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                param.normal_(0.0, 0.1)
-            elif name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight")):
+            elif name.endswith((".bias", "_bias", ".sinks")):  # GPT-OSS: expert biases, sinks
+                param.normal_(0.0, 0.1 if not name.endswith(".sinks") else 1.0)
+            elif name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight",
+                                ".mlp.router.weight")):
                 param.normal_(0.0, 0.2)
     model = model.to(dtype)
     out = Path(out_dir)

@@ -95,6 +95,8 @@ def shard_tensor(source, rule: WeightRule, hf_names: tuple[str, ...], ctx: Shard
     """``rule.to_megatron(<the HF tensors>, ctx)[tp_rank]``, reading only what that needs.
     The shard is allocated once and filled run by run, ``BLOCK_BYTES`` at a time, so memory is
     the shard plus one block."""
+    if getattr(rule, "reads_whole", False):  # transposing rules: one GPT-OSS expert's block
+        return rule.to_megatron(tuple(source.read(n) for n in hf_names), ctx)[tp_rank]
     metas = tuple(source.meta(n) for n in hf_names)
     axis, shard = _split_axis(rule, metas, ctx, tp_rank)
     codes = _probe(rule, metas, ctx, tp_rank, axis)

@@ -34,6 +34,25 @@ def check_layout_matches(meta: CheckpointMetadata) -> None:
         raise CheckpointError(str(e)) from None
 
 
+def check_expert_bias_layout(shape, layout, experts: str = "grouped_mm") -> None:
+    """GPT-OSS's expert biases: megatron-core 0.16.1 runs them at expert TP 1 only (its config
+    asserts), and our rank files split the experts over TP like the rest, so TP must be 1. Its
+    ``SequentialMLP`` adds the bias in place on a view without EP (autograd refuses it in
+    backward), so ``sequential`` needs EP > 1."""
+    if shape.moe is None or not shape.moe.expert_bias:
+        return
+    if layout.expert_tp > 1:
+        raise LayoutError(f"{shape.architecture}: experts with biases run at expert tensor "
+                          f"parallel size 1 only in megatron-core 0.16.1 (this layout has "
+                          f"{layout.expert_tp}); use --tensor-model-parallel-size 1 and split "
+                          "the experts with --expert-model-parallel-size")
+    if experts == "sequential" and layout.ep == 1:
+        raise LayoutError(f"{shape.architecture}: --moe-experts-impl sequential cannot train "
+                          "experts with biases at --expert-model-parallel-size 1 (megatron-core "
+                          "0.16.1 adds the bias in place on a view); use --moe-experts-impl "
+                          "grouped_mm")
+
+
 def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
                 params_dtype: Optional[torch.dtype] = None, seq_length: Optional[int] = None,
                 parallel_output: bool = True, **config_overrides: Any) -> list:
@@ -48,9 +67,14 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
     if shape.moe is not None:  # alltoall moves only the routed tokens; allgather all of them
         config_overrides.setdefault("moe_token_dispatcher_type",
                                     "alltoall" if dims.layout.ep > 1 else "allgather")
+    check_expert_bias_layout(shape, dims.layout, impl.experts)
     config = transformer_config(
         shape, dims.layout, impl, params_dtype=dtype, cpu=cpu_mode_active(),
         architecture_overrides=settings.transformer, **config_overrides)
+    if config.softmax_type == "learnable":  # GPT-OSS's sinks: refuse te/dense before building
+        from megatron.sft.model.attention.sinks import check_sink_backend
+
+        check_sink_backend(impl.attention)
     kwargs = gpt_model_kwargs(shape, meta.padded_vocab_size, seq_length)
     vpp = dims.layout.vpp
     chunks = []
@@ -71,6 +95,11 @@ def build_model(meta: CheckpointMetadata, impl: LayerImpl, *,
             vp_stage=chunk if vpp else None,
             **kwargs,
         )
+        if shape.rope.yarn is not None:
+            from megatron.sft.model.yarn import YarnConfig, apply_yarn
+
+            apply_yarn(model, YarnConfig(**dict(shape.rope.yarn)), shape.rope.theta,
+                       shape.head_dim)
         # Built without initialisation, megatron-core 0.16 leaves TP-split weights unmarked and
         # its grad norm (and clipping) would skip their shards on TP ranks > 0.
         mark_tensor_parallel_weights(model)

@@ -53,9 +53,25 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImp
         batch_p2p_comm=not cpu,
     )
     kwargs.update(impl.config_overrides(cpu=cpu, sliding_window=shape.sliding_window))
+    kwargs.update(_per_layer_attention(shape))
     kwargs.update(dict(architecture_overrides))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _per_layer_attention(shape: ModelShape) -> dict[str, Any]:
+    """Per-layer windows as megatron-core spells them (``attention.core.layer_window`` reads
+    them) and YaRN's score factor in the softmax scale (``model.yarn``)."""
+    out: dict[str, Any] = {}
+    if shape.window_layers:
+        out.update(window_size=(shape.layer_window - 1, 0),
+                   window_attn_skip_freq=[int(w) for w in shape.window_layers])
+    if shape.rope.yarn is not None:
+        from megatron.sft.model.yarn import YarnConfig
+
+        m = YarnConfig(**dict(shape.rope.yarn)).scores_factor()
+        out["softmax_scale"] = m * m / shape.head_dim ** 0.5
+    return out
 
 
 def gpt_model_kwargs(shape: ModelShape, padded_vocab_size: int,

@@ -112,10 +112,10 @@ def run_model_layout(pair, layout, sp, chunked, data, seq):
 
     dims = parallel_dims()
     tokens, labels, positions, cu, mask, vocab = data
-    impl = LayerImpl("local", "sdpa")
+    impl = LayerImpl("local", "sdpa", pair.get("experts", "sequential"))
     chunks, _, _ = build_model_from_checkpoint(
         pair["ckpts"][f"TP{layout.tp}PP{layout.pp}"], impl=impl, seq_length=seq,
-        sequence_parallel=sp, calculate_per_token_loss=True)
+        sequence_parallel=sp, calculate_per_token_loss=True, **pair.get("overrides", {}))
     if chunked:
         defer_output_layer(chunks)
     attention = impl.attention_inputs(cu, tokens.shape[0], seq, None, cp_size=layout.cp,
@@ -195,13 +195,15 @@ def run_models(spec):
         data = (tokens, labels, positions, cu, mask, vocab)
         cp1_grads = {}
         results = {}
-        for tp, pp, cp, sp in spec["layouts"]:
+        layouts = pair.get("layouts", spec["layouts"])
+        for tp, pp, cp, sp in layouts:
             name = f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "")
             layout = ParallelLayout(tp, pp, cp=cp)
             reinit(layout)
             logits, loss, grads, index = run_model_layout(pair, layout, sp, False, data, seq)
             c_loss, c_grads = loss, grads  # the chunked loss where the spec asks for it
-            if [tp, pp, cp, sp] in spec.get("chunked_layouts", spec["layouts"]):
+            if [tp, pp, cp, sp] in pair.get("chunked_layouts",
+                                             spec.get("chunked_layouts", layouts)):
                 _, c_loss, c_grads, _ = run_model_layout(pair, layout, sp, True, data, seq)
             _log(f"{pair['name']} {name}")
             if cp == 1:

@@ -40,6 +40,8 @@ LAYOUTS = [(1, 1, 1, False), (1, 1, 2, False), (1, 1, 4, False), (2, 1, 1, False
            (2, 1, 2, True), (1, 2, 1, False), (1, 2, 2, False)]
 CP_LAYOUTS = [f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in LAYOUTS
               if cp > 1]
+#: GPT-OSS (EP1: its TP is 1, see bridge.architectures.gpt_oss): CP1, then CP2
+GPT_OSS_LAYOUTS = [(1, 1, 1, False), (1, 1, 2, False)]
 #: the chunked loss vs the unchunked one: TP1, and TP2 with SP, CP and PP each in one layout
 CHUNKED = [(1, 1, 1, False), (2, 1, 2, True), (1, 2, 2, False)]
 
@@ -63,6 +65,16 @@ def results(sft_assets, checkpoints, tmp_path_factory):
         convert_hf_to_megatron(llama, llama_ckpts[f"TP{tp}PP{pp}"],
                                ConvertOptions(layout=ParallelLayout(tp, pp), progress=False))
     qwen = {f"TP{tp}PP{pp}": checkpoints[(tp, pp)] for tp, pp in ((1, 1), (2, 1), (1, 2))}
+    gpt_oss = make_random_hf_model("GptOssForCausalLM", tmp / "hf-gpt-oss", seed=13)
+    convert_hf_to_megatron(gpt_oss, tmp / "gpt-oss", ConvertOptions(progress=False))
+    # the trainer's first loss on the SFT data (the tokenizer's vocabulary), a sample a row
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(sft_assets["tokenizer"]))
+    gpt_oss_sft = make_random_hf_model("GptOssForCausalLM", tmp / "hf-gpt-oss-sft", seed=14,
+                                       overrides=dict(vocab_size=vocab))
+    convert_hf_to_megatron(gpt_oss_sft, tmp / "gpt-oss-sft", ConvertOptions(progress=False))
+    gpt_oss_run = dict(packing=False, moe_experts_impl="grouped_mm")
     data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
     one = checkpoints[(1, 1)]
     lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
@@ -94,12 +106,23 @@ def results(sft_assets, checkpoints, tmp_path_factory):
          "hf_loss": True, "hf": str(sft_assets["hf"])},
         {**_train("cp4_unpacked_hf", one, data, context_parallel_size=4, packing=False),
          "hf_loss": True, "hf": str(sft_assets["hf"])},
+        {**_train("gpt_oss_cp1_hf", str(tmp / "gpt-oss-sft"), data, **gpt_oss_run),
+         "hf_loss": True, "hf": str(gpt_oss_sft)},
+        # (the trainer's CP2 for MoE models waits for MoE x CP in the trainer, issue 29; the
+        # model's CP2 is proven on packed rows above: "gpt-oss")
     ]
     spec = {"out": str(tmp / "results.json"),
             "model": {"models": [{"name": "qwen2-tied", "hf": str(sft_assets["hf"]),
                                   "ckpts": qwen},
                                  {"name": "llama-untied", "hf": str(llama),
-                                  "ckpts": llama_ckpts}],
+                                  "ckpts": llama_ckpts},
+                                 # sinks and windows (8) on documents crossing CP2's chunks;
+                                 # no aux loss: its statistics are per rank's tokens
+                                 {"name": "gpt-oss", "hf": str(gpt_oss),
+                                  "ckpts": {"TP1PP1": str(tmp / "gpt-oss")},
+                                  "layouts": GPT_OSS_LAYOUTS, "chunked_layouts": [],
+                                  "overrides": {"moe_aux_loss_coeff": 0.0},
+                                  "experts": "grouped_mm"}],
                       "layouts": LAYOUTS, "chunked_layouts": CHUNKED, "rows": ROWS,
                       "seq_length": SEQ},
             "train": train}
@@ -122,6 +145,21 @@ def test_logits_and_loss_equal_transformers_at_every_layout(results, model):
         assert r["logits_abs_max"] > 0.1, (name, "degenerate reference")
         assert r["logits_max_abs_diff"] <= 1e-4, (name, r)
         assert abs(r["loss_sum"] - r["hf_loss_sum"]) <= 1e-5 * r["hf_loss_sum"], (name, r)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_gpt_oss_sinks_and_windows_at_cp2_equal_transformers_and_cp1(results):
+    """Logits and the masked loss equal transformers' (each document run alone) at CP1 and
+    CP2, and CP2's gradients (sinks included) equal CP1's, on packed rows whose documents cross
+    the CP chunks, with windowed layers between full ones."""
+    layouts = results["model"]["gpt-oss"]
+    assert set(layouts) == {"TP1PP1CP1", "TP1PP1CP2"}
+    for name, r in layouts.items():
+        assert r["logits_abs_max"] > 0.1, (name, "degenerate reference")
+        assert r["logits_max_abs_diff"] <= 1e-4, (name, r)
+        assert abs(r["loss_sum"] - r["hf_loss_sum"]) <= 1e-5 * r["hf_loss_sum"], (name, r)
+        assert r["same_grad_keys"] and r["grad_abs_max"] > 1e-3, (name, r)
+        assert r["grad_max_abs_diff_vs_cp1"] <= 1e-5 * max(1.0, r["grad_abs_max"]), (name, r)
 
 
 @pytest.mark.xdist_group("multiprocess")
@@ -187,7 +225,8 @@ def test_sequence_parallel_curve_equals_tp2_with_and_without_lora(results):
 
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("name, layout", [("cp2_tp2_sp_chunked_hf", "TP2 PP1 CP2"),
-                                          ("cp4_unpacked_hf", "TP1 PP1 CP4")])
+                                          ("cp4_unpacked_hf", "TP1 PP1 CP4"),
+                                          ("gpt_oss_cp1_hf", "TP1 PP1")])
 def test_trainer_loss_equals_transformers(results, name, layout):
     """CP2 x TP2 with SP and the chunked loss on packed rows; CP4 on unpacked (padded) rows."""
     run = results["train"][name]

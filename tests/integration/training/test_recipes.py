@@ -165,7 +165,7 @@ def test_every_gpu_recipe_takes_hf_model_directly(tmp_path):
     prefix = tmp_path / "tok"
     (tmp_path / "tok_text_document.idx").write_text("")
     for recipe in ("scripts/sft/SFT_Qwen3_30B_A3B_MoE.sh", "scripts/sft/SFT_R1_7B_32k_CP.sh",
-                   "scripts/sft/SFT_LoRA_R1_14B.sh"):
+                   "scripts/sft/SFT_LoRA_R1_14B.sh", "scripts/sft/SFT_GPT_OSS_20B.sh"):
         env = {"ASSETS_DIR": str(tmp_path / "assets"), "PYTHON": "echo", "HF_MODEL": str(hf),
                "DATA_PATH": str(prefix), "TRAIN_ITERS": "3", "SAVE_DIR": str(tmp_path / "run")}
         r = run_tool(recipe, "train", env=env)
@@ -177,3 +177,24 @@ def test_every_gpu_recipe_takes_hf_model_directly(tmp_path):
         assert r.returncode == 2 and "no tokenized data at" in r.stderr, (recipe, r.stderr)
         r = run_tool(recipe, "train", env={**env, "HF_MODEL": str(tmp_path / "nothing")})
         assert r.returncode == 2 and "has no config.json" in r.stderr, (recipe, r.stderr)
+
+
+def test_gpt_oss_recipe_runs_ep8_with_sinks_capable_attention_and_refuses_tp(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (tmp_path / "tok_text_document.idx").write_text("")
+    env = {"ASSETS_DIR": str(tmp_path / "assets"), "PYTHON": "echo", "HF_MODEL": str(hf),
+           "DATA_PATH": str(tmp_path / "tok"), "SAVE_DIR": str(tmp_path / "run")}
+    r = run_tool("scripts/sft/SFT_GPT_OSS_20B.sh", "train", env=env)
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+
+    def value(flag):
+        return cmd[cmd.index(flag) + 1]
+
+    assert value("--expert-model-parallel-size") == "8" and value("--nproc-per-node") == "8"
+    assert value("--tensor-model-parallel-size") == "1"
+    assert value("--attention-backend") == "flex" and value("--moe-experts-impl") == "grouped_mm"
+    r = run_tool("scripts/sft/SFT_GPT_OSS_20B.sh", "train", env={**env, "TP": "2"})
+    assert r.returncode == 2 and "gpt-oss trains at TP=1" in r.stderr

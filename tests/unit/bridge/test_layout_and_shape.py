@@ -69,14 +69,21 @@ def test_rope_spellings_agree():
     with pytest.raises(UnsupportedModelError, match="high_freq_factor=2.0 is not supported"):
         arch.shape(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8,
                                             "high_freq_factor": 2.0}))
-    with pytest.raises(UnsupportedModelError, match="rope_type 'yarn' is not supported"):
+    with pytest.raises(UnsupportedModelError, match="rope_type 'dynamic' is not supported"):
+        arch.shape(dict(base, rope_scaling={"rope_type": "dynamic", "factor": 4}))
+    with pytest.raises(UnsupportedModelError, match="'yarn' without "
+                                                    "original_max_position_embeddings"):
         arch.shape(dict(base, rope_scaling={"rope_type": "yarn", "factor": 4}))
+    yarn = arch.shape(dict(base, rope_scaling={"rope_type": "yarn", "factor": 4,
+                                               "original_max_position_embeddings": 64}))
+    assert dict(yarn.rope.yarn) == {"factor": 4, "original_max_position_embeddings": 64}
     with pytest.raises(UnsupportedModelError, match="hidden_act 'gelu'"):
         arch.shape(dict(base, hidden_act="gelu"))
 
 
 def test_architecture_flags():
-    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM",
+    assert supported_architectures() == ["GptOssForCausalLM", "LlamaForCausalLM",
+                                         "MistralForCausalLM",
                                          "MixtralForCausalLM", "Qwen2ForCausalLM",
                                          "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
                                          "Qwen3MoeForCausalLM"]

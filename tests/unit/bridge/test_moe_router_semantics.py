@@ -12,6 +12,12 @@ from megatron.sft.bridge.random_hf_model import _config_class
 from sft_testing import ARCHITECTURES
 
 MOE = [a for a in ARCHITECTURES if get_architecture(a).moe is not None]
+#: families that always renormalise (no ``norm_topk_prob``): Mixtral, GPT-OSS
+ALWAYS = {a for a in MOE if isinstance(get_architecture(a).moe.renormalize, bool)}
+
+
+def _router(block):
+    return block.router if hasattr(block, "router") else block.gate  # GPT-OSS: mlp.router
 
 
 def _hf_moe_block(arch, **overrides):
@@ -25,7 +31,7 @@ def _hf_moe_block(arch, **overrides):
     shape = spec.shape(cfg.to_dict())
     block = model.model.layers[shape.moe.layers[0]].mlp
     with torch.no_grad():
-        block.gate.weight.normal_(0, 1.0)
+        _router(block).weight.normal_(0, 1.0)
     return spec, cfg, block
 
 
@@ -40,12 +46,12 @@ def _megatron_routing(settings, logits):
 
 
 @pytest.mark.parametrize("arch, renormalize", [
-    (a, r) for a in MOE for r in ((True,) if a == "MixtralForCausalLM" else (True, False))])
+    (a, r) for a in MOE for r in ((True,) if a in ALWAYS else (True, False))])
 def test_routing_equals_transformers(arch, renormalize):
-    overrides = {} if arch == "MixtralForCausalLM" else {"norm_topk_prob": renormalize}
+    overrides = {} if arch in ALWAYS else {"norm_topk_prob": renormalize}
     spec, cfg, block = _hf_moe_block(arch, **overrides)
     x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
-    logits, weights, chosen = block.gate(x)  # transformers: [T, E], [T, k], [T, k]
+    logits, weights, chosen = _router(block)(x)  # transformers: [T, E], [T, k], [T, k]
     settings = spec.megatron_settings(cfg.to_dict())
     probs, routing_map = _megatron_routing(settings, logits.detach())
     hf_map = torch.zeros_like(routing_map).scatter(1, chosen, True)
@@ -57,7 +63,7 @@ def test_routing_equals_transformers(arch, renormalize):
                    moe_router_pre_softmax=not settings.transformer["moe_router_pre_softmax"])
     other, _ = _megatron_routing(type(settings)(flipped, settings.layer_spec), logits.detach())
     assert (other.gather(1, chosen) - weights.detach()).abs().max() > 1e-2
-    if arch == "MixtralForCausalLM":
+    if arch in ALWAYS:
         assert settings.transformer["moe_router_pre_softmax"] is False  # always renormalised
         return
     assert settings.transformer["moe_router_pre_softmax"] is (not renormalize)

@@ -81,6 +81,8 @@ class MoEConfigKeys:
     shared_ffn: Optional[str] = None
     shared_expert_gate: bool = False
     sparse_layers: bool = True
+    #: the experts' linears have biases (``MoEShape.expert_bias``)
+    expert_bias: bool = False
 
     def __call__(self, cfg: dict[str, Any]) -> Optional[MoEShape]:
         keys = (self.num_experts,) if isinstance(self.num_experts, str) else self.num_experts
@@ -108,7 +110,8 @@ class MoEConfigKeys:
                         layers=moe_layers, shared_expert_ffn_hidden_size=shared,
                         renormalize=renorm, shared_expert_gate=shared is not None
                         and self.shared_expert_gate,
-                        aux_loss_coeff=float(cfg.get("router_aux_loss_coef") or 0.0))
+                        aux_loss_coeff=float(cfg.get("router_aux_loss_coef") or 0.0),
+                        expert_bias=self.expert_bias)
 
 
 @dataclasses.dataclass(frozen=True)

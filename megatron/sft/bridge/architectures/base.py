@@ -112,6 +112,9 @@ class ArchitectureSpec:
     #: the fused form of the routed experts (``[E, rows, cols]`` tensors) that checkpoints may
     #: hold instead of the per-expert tensors the rules name
     fused_experts: Optional[FusedExpertLayout] = None
+    #: export writes the routed experts in the ``fused_experts`` form: the HF class loads no
+    #: other (GPT-OSS); otherwise one tensor per expert, as ``save_pretrained`` writes them
+    export_fused_experts: bool = False
 
     def shape(self, hf_config: dict[str, Any]) -> ModelShape:
         return shape_from_hf_config(

@@ -177,13 +177,22 @@ def _flex_block_mask(segments: DocumentSegments, window: Optional[int], device):
                              device=device, _compile=device.type == "cuda")
 
 
+def flex_block_mask(segments: DocumentSegments, window: Optional[int], device):
+    """The micro-batch's BlockMask for ``window``, built once and shared by every layer with
+    that window (GPT-OSS alternates windowed and full layers: one mask each)."""
+    if segments.block_mask is None:
+        segments.block_mask = {}
+    if window not in segments.block_mask:
+        segments.block_mask[window] = _flex_block_mask(segments, window, device)
+    return segments.block_mask[window]
+
+
 def flex_attention_packed(q, k, v, segments: DocumentSegments, scale: float,
                           window: Optional[int] = None) -> torch.Tensor:
-    if segments.block_mask is None:  # built once per micro-batch, shared by all layers
-        segments.block_mask = _flex_block_mask(segments, window, q.device)
+    block_mask = flex_block_mask(segments, window, q.device)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, t, d]
     flex = _compiled_flex() if q.device.type == "cuda" else _eager_flex()
-    out = flex(qh, kh, vh, block_mask=segments.block_mask, scale=scale,
+    out = flex(qh, kh, vh, block_mask=block_mask, scale=scale,
                enable_gqa=qh.shape[1] != kh.shape[1])
     return out.squeeze(0).transpose(0, 1)
 

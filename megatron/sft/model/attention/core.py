@@ -13,6 +13,25 @@ from megatron.sft.model.attention.registry import get_attention_backend
 from megatron.sft.model.attention.segments import _document_segments_class, document_segments
 
 
+def layer_window(config, layer_number: int) -> Optional[int]:
+    """The sliding window of layer ``layer_number`` (1-based, global) from megatron-core's
+    ``window_size`` and ``window_attn_skip_freq`` (GPT-OSS's ``layer_types``: windowed and
+    full layers alternating), as megatron-core's own attention reads them; ``None``: full.
+
+    >>> from types import SimpleNamespace as C
+    >>> [layer_window(C(window_size=(127, 0), window_attn_skip_freq=2), n) for n in (1, 2)]
+    [128, None]
+    """
+    size = getattr(config, "window_size", None)
+    if not size:
+        return None
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    if is_layer_window_attention(size, config.window_attn_skip_freq, layer_number):
+        return int(size[0]) + 1
+    return None
+
+
 # --------------------------------------------------------------------------------- module
 class PackedCoreAttention(torch.nn.Module):
     """Drop-in for megatron-core's ``DotProductAttention`` in a layer spec, running a packed
@@ -47,9 +66,33 @@ class PackedCoreAttention(torch.nn.Module):
         self.config = config
         self.backend = backend
         self.kernel = kernel
-        self.window = window
+        self.window = window if window is not None else layer_window(config, layer_number)
+        #: learnable attention sinks (``softmax_type="learnable"``, GPT-OSS), one per local head
+        #: under megatron-core's name; ``None`` without (``attention.sinks``)
+        self.softmax_offset = None
+        if getattr(config, "softmax_type", "vanilla") == "learnable":
+            self._add_sinks(config, backend)
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(
             config.kv_channels)
+
+    def _add_sinks(self, config, backend: str) -> None:
+        from megatron.sft.model.attention import sinks
+
+        self.kernel = sinks.sink_kernel(backend, self.cp_size)
+        heads = config.num_attention_heads // config.tensor_model_parallel_size
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() \
+            else torch.cuda.current_device()
+        self.softmax_offset = torch.nn.Parameter(
+            torch.zeros(heads, dtype=config.params_dtype, device=device))
+        # split over TP ranks by heads, as the query heads are
+        self.softmax_offset.tensor_model_parallel = True
+        self.softmax_offset.partition_dim = 0
+        self.softmax_offset.partition_stride = 1
+
+    def _run(self, q, k, v, segments):
+        if self.softmax_offset is None:
+            return self.kernel(q, k, v, segments, self.scale, self.window)
+        return self.kernel(q, k, v, segments, self.scale, self.window, self.softmax_offset)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -63,7 +106,7 @@ class PackedCoreAttention(torch.nn.Module):
             segments = document_segments(None, b, s, query.device)
         # [s, b, h, d] -> [b*s, h, d]: documents are contiguous runs of the flattened rows.
         q, k, v = (x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (query, key, value))
-        out = self.kernel(q, k, v, segments, self.scale, self.window)
+        out = self._run(q, k, v, segments)
         return out.reshape(b, s, hq * d).transpose(0, 1).contiguous()
 
     def _context_parallel(self, query, key, value, segments):
@@ -83,5 +126,5 @@ class PackedCoreAttention(torch.nn.Module):
         key, value = (gather_sequence(x, s, self.cp_group) for x in (key, value))
         q = query.transpose(0, 1).reshape(b * s_local, hq, d)
         k, v = (x.transpose(0, 1).reshape(b * s, x.shape[2], d) for x in (key, value))
-        out = self.kernel(q, k, v, segments, self.scale, self.window)
+        out = self._run(q, k, v, segments)
         return out.reshape(b, s_local, hq * d).transpose(0, 1).contiguous()

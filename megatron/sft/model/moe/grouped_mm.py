@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron.sft.model.moe.expert_bias import expert_bias_rows
 from megatron.sft.model.moe.experts import ExpertsImplError, grouped_linear
 
 
@@ -29,7 +30,7 @@ class GroupedMMExperts(SequentialMLP):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         cfg = self.config
         unsupported = [name for name, on in (
-            ("add_bias_linear", cfg.add_bias_linear), ("fp8", cfg.fp8), ("fp4", cfg.fp4),
+            ("fp8", cfg.fp8), ("fp4", cfg.fp4),
             ("moe_latent_size", cfg.moe_latent_size)) if on]
         if unsupported:
             raise ExpertsImplError(f"--moe-experts-impl grouped_mm does not support "
@@ -59,9 +60,14 @@ class GroupedMMExperts(SequentialMLP):
         fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F/tp]
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0).to(torch.int32)
         h = self._with_lora("linear_fc1", grouped_linear(x, fc1, offs), x, offs)
+        if (b1 := expert_bias_rows(self, "linear_fc1", tokens_per_expert)) is not None:
+            h = h + b1  # expert biases (GPT-OSS): as megatron-core's expert MLP adds them
         h = _glu(self.config, h)
         h = (h * probs.unsqueeze(-1)).to(h.dtype)
-        return self._with_lora("linear_fc2", grouped_linear(h, fc2, offs), h, offs), None
+        out = self._with_lora("linear_fc2", grouped_linear(h, fc2, offs), h, offs)
+        if (b2 := expert_bias_rows(self, "linear_fc2", tokens_per_expert)) is not None:
+            out = out + (b2 * probs.unsqueeze(-1)).to(out.dtype)
+        return out, None
 
     def _with_lora(self, linear: str, out: torch.Tensor, x: torch.Tensor,
                    offs: torch.Tensor) -> torch.Tensor:
