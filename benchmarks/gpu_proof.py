@@ -20,11 +20,13 @@ setup           30 install ``--wheels``; versions; attention backends and       
                    experts implementations that can run here
 gpu tests      100 ``pytest -x -q tests/gpu`` (4 xdist workers: the parity tests    ~60 s
                    launch torchrun per case, ~15 s each)
-throughput     170 5 configurations x (3 warm-up + 5 measured iterations), then     ~170 s
+throughput     160 5 configurations x (3 warm-up + 5 measured iterations), then     ~160 s
                    a profile of 2 iterations of the best 4k configuration
-recipe         150 R1 recipe: train 4 iterations (saves 2, 4), re-run to 6         ~140 s
+recipe         140 R1 recipe: train 4 iterations (saves 2, 4), re-run to 6         ~130 s
                    (resumes from 4), merge_and_export.sh, a transformers forward
-moe             30 ``bench_moe_gpu.py --parts layer`` if the MoE work has landed    ~20 s
+moe             25 ``bench_moe_gpu.py --parts layer`` if the MoE work has landed    ~20 s
+kernels         25 ``bench_attention_kernels.py``: varlen/flex fwd+bwd at 4k/16k    ~20 s
+                   for the dense shape, GPT-OSS sinks (and window) and MLA 192/128
 =========== ====== ============================================================= ===========
 
 One background process does the setup probe, then prepares every input on the CPU while the

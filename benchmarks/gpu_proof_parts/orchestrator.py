@@ -10,7 +10,7 @@ import time
 from typing import Any, Optional
 
 from gpu_proof_parts import step_gpu_tests
-from gpu_proof_parts import step_moe
+from gpu_proof_parts import step_kernels, step_moe
 from gpu_proof_parts import step_recipe
 from gpu_proof_parts import step_setup
 from gpu_proof_parts import step_throughput
@@ -89,7 +89,8 @@ class Proof:
                  f"({_free_gb(self.work):.0f} GB free)")
         steps = {"setup": step_setup.step_setup, "gpu_tests": step_gpu_tests.step_gpu_tests,
                  "throughput": step_throughput.step_throughput,
-                 "recipe": step_recipe.step_recipe, "moe": step_moe.step_moe}
+                 "recipe": step_recipe.step_recipe, "moe": step_moe.step_moe,
+                 "kernels": step_kernels.step_kernels}
 
         def on_signal(signum, frame):
             raise Interrupted(signal.Signals(signum).name)

@@ -12,7 +12,8 @@ ENTRY = BENCH / "gpu_proof.py"
 
 #: (key, title, budget in seconds); the total is the default --budget
 STEPS = (("setup", "setup", 30), ("gpu_tests", "gpu tests", 100),
-         ("throughput", "throughput", 170), ("recipe", "recipe", 150), ("moe", "moe", 30))
+         ("throughput", "throughput", 160), ("recipe", "recipe", 140), ("moe", "moe", 25),
+         ("kernels", "kernels", 25))
 TOTAL_BUDGET = sum(b for _, _, b in STEPS)
 
 #: throughput configurations (full-size sequence length, attention backend, recompute), in the

@@ -29,7 +29,7 @@ def test_dry_run_runs_every_step(tmp_path):
     summary = lines[start:]
     assert summary[-1].split()[0] == "total"
     table = " ".join(summary)
-    for step in ("1 setup", "2 gpu tests", "3 throughput", "4 recipe", "5 moe"):
+    for step in ("1 setup", "2 gpu tests", "3 throughput", "4 recipe", "5 moe", "6 kernels"):
         assert step in table
 
     results = json.loads((out / "results.json").read_text())
@@ -39,6 +39,8 @@ def test_dry_run_runs_every_step(tmp_path):
     assert status["gpu_tests"] == "skipped" and steps["gpu_tests"]["key"] == "skipped: no CUDA"
     assert status["moe"] == "skipped" and steps["moe"]["key"] in (
         "skipped: MoE not in this build", "skipped: no CUDA (bench_moe_gpu.py takes --parts layer)")
+    assert steps["kernels"] == {**steps["kernels"], "status": "skipped",
+                                "key": "skipped: no CUDA (bench_attention_kernels.py)"}
     assert steps["setup"]["details"]["attention"]["sdpa"] == "ok"
 
     rows = {r["key"]: r for r in results["throughput"]}
