@@ -73,7 +73,7 @@ def check_coverage(source: "SafetensorsSource | ExpertLayoutSource",
     missing = [n for n in expected if n not in source]
     unexpected = [
         n for n in source.names()
-        if n not in needed and not spec.is_ignored(n)
+        if n not in needed and not spec.is_ignored(n) and not spec.is_mtp(n, shape)
         and not (shape.tie_word_embeddings and n == "lm_head.weight")
     ]
     wrong = [f"{n} has shape {tuple(source.meta(n).shape)}, expected {dims}"
@@ -222,8 +222,15 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
         * torch.empty((), dtype=dtype).element_size()
     check_free_space(out_dir.parent, needed, f"the converted checkpoint {out_dir.name}")
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        want = torch.float32 if spec.keeps_fp32(name) else dtype
+        return t.to(want) if t.is_floating_point() and t.dtype != want else t
+
+    mtp = sorted({".".join(n.split(".")[:3]) for n in source.names() if spec.is_mtp(n, shape)})
+    if mtp:
+        opts.log(f"note: the multi-token-prediction layer(s) {', '.join(m + '.*' for m in mtp)} "
+                 "are not converted (MTP is not trained here); export puts them back unchanged "
+                 "from the HF reference directory")
 
     def finite(name: str, t: torch.Tensor) -> torch.Tensor:
         refuse_non_finite(name, t, f"the HF checkpoint in {hf_dir} is damaged: download or "
@@ -250,7 +257,7 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
         for pp_rank in range(layout.pp):
             # One stage in memory at a time: write_stage's locals die with it.
             digests += write_stage(partial, pp_rank, opts.iteration, meta,
-                                   lambda n: finite(n, cast(source.read(n))), spec, shape, ctx,
+                                   lambda n: finite(n, cast(n, source.read(n))), spec, shape, ctx,
                                    on_tensor=lambda n: bar.update(1))
         write_metadata(partial, meta)
         write_checksums(partial, digests)

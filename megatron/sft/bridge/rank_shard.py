@@ -161,8 +161,9 @@ def rank_tensors(source, spec: ArchitectureSpec, shape: ModelShape, layout: Para
         key = layout.model_key(chunk)
         for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank):
             t = shard_tensor(source, rule, hf_names, ctx, tp_rank)
-            if t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
+            want = torch.float32 if spec.keeps_fp32(mname) else dtype
+            if t.is_floating_point() and t.dtype != want:
+                t = t.to(want)
             _refuse_non_finite(mname, t, f"the HF checkpoint in {source.dir} is damaged: "
                                         "download or copy it again")
             yield key, mname, t
