@@ -76,7 +76,8 @@ def test_rope_spellings_agree():
 
 
 def test_architecture_flags():
-    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM",
+    assert supported_architectures() == ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                                         "LlamaForCausalLM", "MistralForCausalLM",
                                          "MixtralForCausalLM", "Qwen2ForCausalLM",
                                          "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
                                          "Qwen3MoeForCausalLM"]
