@@ -5,7 +5,8 @@ group stays).
 ``cp_worker.py SPEC.json``; SPEC holds ``out`` (JSON written by global rank 0) and
 
 - ``model``: ``{"models": [{name, hf, ckpts: {"TPxPPy": dir}}], "layouts": [[tp, pp, cp, sp]],
-  "rows", "seq_length"}``. For every model and layout, one packed micro-batch (``rows`` =
+  "rows", "seq_length"}`` (a model's own ``layouts`` replace the spec's). For every model and
+  layout, one packed micro-batch (``rows`` =
   document lengths per row) forward and backward through megatron-core's schedule with the
   ``sdpa`` backend: the max |logits - transformers| over this rank's real tokens (HF runs each
   document alone), the masked loss sum over the CP group vs transformers', and every
@@ -195,7 +196,7 @@ def run_models(spec):
         data = (tokens, labels, positions, cu, mask, vocab)
         cp1_grads = {}
         results = {}
-        for tp, pp, cp, sp in spec["layouts"]:
+        for tp, pp, cp, sp in pair.get("layouts", spec["layouts"]):
             name = f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "")
             layout = ParallelLayout(tp, pp, cp=cp)
             reinit(layout)
