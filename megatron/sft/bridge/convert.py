@@ -33,6 +33,7 @@ from megatron.sft.bridge.checkpoint_io import (
 )
 from megatron.sft.bridge.integrity import FileDigest, write_checksums
 from megatron.sft.bridge.expert_layout import ExpertLayoutError, ExpertLayoutSource
+from megatron.sft.bridge.fp8_source import Fp8ConfigError, dequantizing_source
 from megatron.sft.bridge.reader import CoverageError
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.safetensors_io import SafetensorsSource
@@ -141,13 +142,19 @@ def refuse_non_finite(name: str, t: torch.Tensor, fix: str) -> None:
                          f"{t.numel()}); {fix}")
 
 
-def open_source(hf_dir: Path, spec, shape) -> "tuple[ExpertLayoutSource, dict]":
-    """``hf_dir``'s tensors under the table's names (fused experts presented per expert) and
-    the table's ``{name: shape}``, after checking every tensor is there once with its shape."""
+def open_source(hf_dir: Path, spec, shape, dtype: Optional[torch.dtype] = None
+                ) -> "tuple[ExpertLayoutSource, dict]":
+    """``hf_dir``'s tensors under the table's names (fused experts presented per expert, block
+    FP8 weights dequantised to ``dtype``: ``fp8_source``) and the table's ``{name: shape}``,
+    after checking every tensor is there once with its shape."""
     expected = expected_hf_shapes(spec, shape)
     experts = shape.moe.num_experts if shape.moe is not None else 0
     try:
-        source = ExpertLayoutSource(SafetensorsSource(hf_dir), spec.fused_experts,
+        tensors = dequantizing_source(SafetensorsSource(hf_dir), load_hf_config(hf_dir), dtype)
+    except Fp8ConfigError as e:
+        raise CoverageError(str(e)) from None
+    try:
+        source = ExpertLayoutSource(tensors, spec.fused_experts,
                                     shape.num_layers, experts, expected)
     except ExpertLayoutError as e:
         raise CoverageError(f"weights in {hf_dir}: {e}") from None
@@ -213,7 +220,10 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
 def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: dict, spec,
                     shape) -> CheckpointMetadata:
     layout = opts.layout
-    source, expected = open_source(hf_dir, spec, shape)
+    source, expected = open_source(hf_dir, spec, shape, opts.params_dtype)
+    if getattr(source.source, "scales", None):
+        opts.log(f"note: {len(source.source.scales)} block-FP8 weights are dequantised "
+                 "(fp8 x weight_scale_inv per block, in fp32) and written in the run's dtype")
     required = list(expected)
     dtype = opts.params_dtype or _checkpoint_dtype(source, required, opts.log)
     ctx = ShardContext(shape, layout.tp,

@@ -25,6 +25,8 @@ EXTRA_LAYOUTS = {"EP4": ("Qwen2MoeForCausalLM", ParallelLayout(1, 1, ep=4)),
 #: the training runs' model: a sigmoid-gated shared expert, top-2 without renormalisation,
 #: dense layers (0, 2) between the MoE ones (1, 3)
 TRAIN_ARCH = "Qwen2MoeForCausalLM"
+#: DeepSeek-V3's expert-bias update rate in the training runs
+BIAS_RATE = 0.01
 
 
 def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
@@ -52,6 +54,10 @@ def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
                     cases.append({"name": "control/Qwen2-MoE with its shared-expert gate "
                                   "weight zeroed", "ckpt": ckpt, "hf": hf,
                                   "experts": "grouped_mm", "zero": "shared_experts.gate_weight"})
+                if arch == "DeepseekV3ForCausalLM":
+                    cases.append({"name": "control/DeepSeek-V3 without routed_scaling_factor",
+                                  "ckpt": ckpt, "hf": hf, "experts": "grouped_mm",
+                                  "overrides": {"moe_router_topk_scaling_factor": None}})
                 if arch == "Qwen3MoeForCausalLM":
                     cases.append({"name": "control/Qwen3-MoE softmax before top-k (not "
                                   "renormalised)", "ckpt": ckpt, "hf": hf,
@@ -81,10 +87,23 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                    no_progress=True, split="90,10,0", clip_grad=0.0, moe_aux_loss_coeff=0.01)
         return dict(cfg, **overrides)
 
+    # DeepSeek-V3 (MLA, sigmoid routing with an expert bias) at EP2: the bias updated at a
+    # rate, and frozen
+    ds = make_random_hf_model("DeepseekV3ForCausalLM", root / "hf-dsv3", seed=5,
+                              overrides=dict(vocab_size=vocab))
+    c["dsv3"] = str(root / "dsv3")
+    convert_hf_to_megatron(ds, c["dsv3"], ConvertOptions(layout=ParallelLayout(1, 1, ep=2),
+                                                         progress=False))
     save = root / "run"
     resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
                   lr_warmup_iters=1, use_distributed_optimizer=True)
+    deepseek = dict(expert_model_parallel_size=2, train_iters=3, save_interval=3,
+                    moe_aux_loss_coeff=0.0)
     return str(hf), {
+        "dsv3_bias": run(c["dsv3"], save=str(root / "dsv3-bias"),
+                         moe_router_bias_update_rate=BIAS_RATE, **deepseek),
+        "dsv3_frozen": run(c["dsv3"], save=str(root / "dsv3-frozen"),
+                           moe_router_freeze_expert_bias=True, **deepseek),
         "ep1": run(c["ep1"]),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
                       sequence_parallel=True),
@@ -116,4 +135,4 @@ def moe_launch(tiny_hf_models, sft_assets, tmp_path_factory):
     proc = run_torchrun(4, WORKER, str(root / "spec.json"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     out = json.loads((root / "out.json").read_text())
-    return {**out, "hf": hf, "root": root, "cases": spec["parity"]}
+    return {**out, "hf": hf, "root": root, "cases": spec["parity"], "bias_rate": BIAS_RATE}

@@ -25,7 +25,8 @@ from megatron.sft.bridge.stage_mapping import build_stage
 from megatron.sft.runtime.layout import LayoutError, ParallelLayout
 from sft_testing import ARCHITECTURES
 
-MOE = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM")
+MOE = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
+       "DeepseekV3ForCausalLM")
 LAYOUTS = [ParallelLayout(2, 2), ParallelLayout(1, 2, 2), ParallelLayout(2, 1, ep=2)]
 
 
