@@ -109,8 +109,11 @@ def make_model(out: Path, cfg: dict) -> int:
         writer = StreamingShardWriter(out / fname, shard, {"format": "pt"})
         for name, dtype, s in shard:
             n = math.prod(s)
-            start = (len(weight_map) * 7919) % pool.numel()  # tiles of the random pool
-            t = torch.roll(pool, start).repeat(-(-n // pool.numel()))[:n].reshape(s)
+            start = (len(weight_map) * 7919) % (pool.numel() // 2)  # a window of the pool
+            if start + n <= pool.numel():
+                t = pool[start:start + n].reshape(s)
+            else:
+                t = pool.repeat(-(-n // pool.numel()))[:n].reshape(s)
             if dtype == torch.float8_e4m3fn:
                 t = (t.float() * (448 / 0.1)).clamp(-448, 448)
             elif dtype == torch.float32 and name.endswith("_scale_inv"):
