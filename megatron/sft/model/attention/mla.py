@@ -84,6 +84,16 @@ class MLACoreAttention(PackedCoreAttention):
         return out.view(out.shape[0], b, h, dk)[..., :dv].reshape(out.shape[0], b, h * dv)
 
 
+def mla_attention(kernel, q, k, v, segments, scale: float, window: Optional[int] = None
+                  ) -> torch.Tensor:
+    """A registered packed ``kernel`` on MLA's head dims: ``q``/``k`` ``[t, h, dk]``, ``v``
+    ``[t, h, dv]`` -> ``[t, h, dv]`` (V zero-padded to ``dk``, the output cut back; what
+    :class:`MLACoreAttention` does inside ``PackedCoreAttention``). The kernels' tests use it."""
+    dv = v.shape[-1]
+    return kernel(q, k, MLACoreAttention.pad_value(v, q.shape[-1]), segments, scale,
+                  window)[..., :dv]
+
+
 @functools.lru_cache(maxsize=None)
 def mla_core_attention_class(backend: str, window: Optional[int] = None) -> type:
     """:class:`MLACoreAttention` bound to ``backend`` and ``window`` as a class: the Attention
