@@ -146,9 +146,10 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=10.0, help="source size to aim at (GiB)")
     p.add_argument("--fp8", action="store_true", help="the block-FP8 release format")
-    p.add_argument("--ep", type=int, default=8)
-    p.add_argument("--pp", type=int, default=2)
-    p.add_argument("--workdir", default="/tmp/bench_dsv3")
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel size to convert to")
+    p.add_argument("--pp", type=int, default=2, help="pipeline stages to convert to")
+    p.add_argument("--workdir", default="/tmp/bench_dsv3",
+                   help="where the model and the outputs go (about 3x the source's size)")
     p.add_argument("--keep", action="store_true", help="keep the model and outputs")
     p.add_argument("--make-model", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -22,11 +22,11 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-model", required=True, help="HF model directory (its config.json)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (must divide the layers)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    p.add_argument("--seq-length", type=int, default=4096, help="tokens per packed row")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch")
     args = p.parse_args(argv)
     from megatron.sft.bridge.model_shape import UnsupportedModelError
     from megatron.sft.training.memory_plan import plan_memory
