@@ -33,6 +33,7 @@ from megatron.sft.bridge.checkpoint_io import (
 )
 from megatron.sft.bridge.integrity import FileDigest, write_checksums
 from megatron.sft.bridge.expert_layout import ExpertLayoutError, ExpertLayoutSource
+from megatron.sft.bridge.fp8_source import Fp8ConfigError, dequantizing_source
 from megatron.sft.bridge.reader import CoverageError
 from megatron.sft.bridge.rules import ShardContext
 from megatron.sft.bridge.mxfp4 import mxfp4_source
@@ -74,7 +75,7 @@ def check_coverage(source: "SafetensorsSource | ExpertLayoutSource",
     missing = [n for n in expected if n not in source]
     unexpected = [
         n for n in source.names()
-        if n not in needed and not spec.is_ignored(n)
+        if n not in needed and not spec.is_ignored(n) and not spec.is_mtp(n, shape)
         and not (shape.tie_word_embeddings and n == "lm_head.weight")
     ]
     wrong = [f"{n} has shape {tuple(source.meta(n).shape)}, expected {dims}"
@@ -142,13 +143,19 @@ def refuse_non_finite(name: str, t: torch.Tensor, fix: str) -> None:
                          f"{t.numel()}); {fix}")
 
 
-def open_source(hf_dir: Path, spec, shape) -> "tuple[ExpertLayoutSource, dict]":
-    """``hf_dir``'s tensors under the table's names (fused experts presented per expert) and
-    the table's ``{name: shape}``, after checking every tensor is there once with its shape."""
+def open_source(hf_dir: Path, spec, shape, dtype: Optional[torch.dtype] = None
+                ) -> "tuple[ExpertLayoutSource, dict]":
+    """``hf_dir``'s tensors under the table's names (fused experts presented per expert, block
+    FP8 weights dequantised to ``dtype``: ``fp8_source``) and the table's ``{name: shape}``,
+    after checking every tensor is there once with its shape."""
     expected = expected_hf_shapes(spec, shape)
     experts = shape.moe.num_experts if shape.moe is not None else 0
     try:
-        source = ExpertLayoutSource(mxfp4_source(SafetensorsSource(hf_dir)), spec.fused_experts,
+        tensors = dequantizing_source(mxfp4_source(SafetensorsSource(hf_dir)), load_hf_config(hf_dir), dtype)
+    except Fp8ConfigError as e:
+        raise CoverageError(str(e)) from None
+    try:
+        source = ExpertLayoutSource(tensors, spec.fused_experts,
                                     shape.num_layers, experts, expected)
     except ExpertLayoutError as e:
         raise CoverageError(f"weights in {hf_dir}: {e}") from None
@@ -218,7 +225,10 @@ def convert_hf_to_megatron(hf_dir: "str | Path", out_dir: "str | Path",
 def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: dict, spec,
                     shape) -> CheckpointMetadata:
     layout = opts.layout
-    source, expected = open_source(hf_dir, spec, shape)
+    source, expected = open_source(hf_dir, spec, shape, opts.params_dtype)
+    if getattr(source.source, "scales", None):
+        opts.log(f"note: {len(source.source.scales)} block-FP8 weights are dequantised "
+                 "(fp8 x weight_scale_inv per block, in fp32) and written in the run's dtype")
     required = list(expected)
     dtype = opts.params_dtype or _checkpoint_dtype(source, required, opts.log)
     ctx = ShardContext(shape, layout.tp,
@@ -228,8 +238,15 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
         * torch.empty((), dtype=dtype).element_size()
     check_free_space(out_dir.parent, needed, f"the converted checkpoint {out_dir.name}")
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        want = torch.float32 if spec.keeps_fp32(name) else dtype
+        return t.to(want) if t.is_floating_point() and t.dtype != want else t
+
+    mtp = sorted({".".join(n.split(".")[:3]) for n in source.names() if spec.is_mtp(n, shape)})
+    if mtp:
+        opts.log(f"note: the multi-token-prediction layer(s) {', '.join(m + '.*' for m in mtp)} "
+                 "are not converted (MTP is not trained here); export puts them back unchanged "
+                 "from the HF reference directory")
 
     def finite(name: str, t: torch.Tensor) -> torch.Tensor:
         refuse_non_finite(name, t, f"the HF checkpoint in {hf_dir} is damaged: download or "
@@ -256,7 +273,7 @@ def _convert_locked(hf_dir: Path, out_dir: Path, opts: ConvertOptions, config: d
         for pp_rank in range(layout.pp):
             # One stage in memory at a time: write_stage's locals die with it.
             digests += write_stage(partial, pp_rank, opts.iteration, meta,
-                                   lambda n: finite(n, cast(source.read(n))), spec, shape, ctx,
+                                   lambda n: finite(n, cast(n, source.read(n))), spec, shape, ctx,
                                    on_tensor=lambda n: bar.update(1))
         write_metadata(partial, meta)
         write_checksums(partial, digests)

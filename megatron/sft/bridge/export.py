@@ -9,10 +9,11 @@ time, one pipeline stage mapped at a time.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -26,7 +27,6 @@ from megatron.sft.bridge.checkpoint_io import (
 )
 from megatron.sft.bridge.convert import load_hf_config, refuse_non_finite
 from megatron.sft.bridge.fused_export import fused_export
-from megatron.sft.bridge.mxfp4 import drop_quantization_config
 from megatron.sft.bridge.reader import CheckpointReader, CoverageError  # noqa: F401
 from megatron.sft.bridge.safetensors_io import (
     StreamingShardWriter,
@@ -55,6 +55,47 @@ class ExportOptions:
     progress: bool = True
     #: check every rank file against the checkpoint's checksums first (``--no-verify``)
     verify: bool = True
+    #: where notices go (a dropped quantization_config, put-back MTP layers)
+    log: Callable[[str], None] = print
+
+
+@dataclasses.dataclass
+class _MtpTensors:
+    """The HF reference's multi-token-prediction tensors, for export to put back."""
+
+    source: object
+    entries: list
+    dequantised: bool
+
+    def tensors(self):
+        for name, dtype, _ in self.entries:
+            t = self.source.read(name)
+            yield name, (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
+
+
+def mtp_tensors(config: dict, hf_ref_dir: "str | Path | None",
+                dtype: torch.dtype) -> "Optional[_MtpTensors]":
+    """DeepSeek-V3's MTP layer(s) (``model.layers.{num_hidden_layers}...``), never converted,
+    read from ``hf_ref_dir`` as they are (dequantised and cast to ``dtype`` when FP8);
+    ``None`` without MTP layers or without a reference holding them."""
+    from megatron.sft.bridge.architectures import shape_of
+    from megatron.sft.bridge.fp8_source import dequantizing_source
+    from megatron.sft.bridge.safetensors_io import SafetensorsSource
+
+    spec, shape = shape_of(config)
+    if shape.mla is None or not shape.mla.mtp_layers or hf_ref_dir is None:
+        return None
+    try:
+        ref_config = load_hf_config(Path(hf_ref_dir))
+        source = dequantizing_source(SafetensorsSource(hf_ref_dir), ref_config, dtype)
+    except (OSError, ValueError):
+        return None
+    names = [n for n in source.names() if spec.is_mtp(n, shape)]
+    if not names:
+        return None
+    entries = [(n, dtype if source.dtype(n).is_floating_point else source.dtype(n),
+                tuple(source.meta(n).shape)) for n in names]
+    return _MtpTensors(source, entries, bool(getattr(source, "scales", None)))
 
 
 def _check_reference(meta: CheckpointMetadata, ref_dir: Path) -> None:
@@ -145,6 +186,21 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
     cast_to = opts.dtype
     if cast_to is not None:
         entries = [(n, cast_to if d.is_floating_point else d, s) for n, d, s in entries]
+    config = dict(reader.meta.hf_config)
+    mtp = mtp_tensors(config, hf_ref_dir, cast_to or getattr(torch, reader.meta.params_dtype))
+    if mtp is not None:
+        entries += mtp.entries
+        opts.log(f"note: the multi-token-prediction layer(s) ({len(mtp.entries)} tensors) are "
+                 f"put back unchanged from {hf_ref_dir}" + (" (dequantised)" if mtp.dequantised
+                                                           else ""))
+    elif config.get("num_nextn_predict_layers"):
+        opts.log(f"warning: the checkpoint's HF config has num_nextn_predict_layers="
+                 f"{config['num_nextn_predict_layers']} but no HF reference holding those "
+                 "layers was given: the export has none, and its config says 0")
+        config["num_nextn_predict_layers"] = 0
+    if config.pop("quantization_config", None) is not None:
+        opts.log(f"note: the weights are written in {dtype_name(cast_to or entries[0][1])}, "
+                 "not re-quantised: quantization_config is removed from config.json")
     shards = plan_shards(entries, parse_size(opts.max_shard_size))
     files = shard_file_names(len(shards))
     needed = sum(int(torch.Size(shape).numel()) * torch.empty((), dtype=d).element_size()
@@ -154,6 +210,7 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
 
     def write(staging: Path) -> None:
         stream = reader.tensors() if fused is None else fused.stream(reader.tensors())
+        stream = itertools.chain(stream, mtp.tensors() if mtp else ())
         weight_map, total = {}, 0
         for fname, shard in zip(files, shards):
             writer = StreamingShardWriter(staging / fname, shard, {"format": "pt"})
@@ -175,8 +232,6 @@ def _export_locked(reader: CheckpointReader, out_dir: Path, hf_ref_dir: "str | P
                                                                   + "\n")
         if hf_ref_dir is not None:
             _copy_reference_files(Path(hf_ref_dir), staging)
-        config = dict(reader.meta.hf_config)
-        drop_quantization_config(config, log=tqdm.write)  # MXFP4 in, bf16 out (bridge.mxfp4)
         out_dtype = dtype_name(cast_to or entries[0][1])
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:

@@ -118,7 +118,7 @@ def hf_checkpoint_metadata(hf_dir: "str | Path", layout: ParallelLayout, *,
     config = load_hf_config(hf_dir)
     spec, shape = shape_of(config)
     layout.validate(shape)
-    source, expected = open_source(hf_dir, spec, shape)
+    source, expected = open_source(hf_dir, spec, shape, params_dtype)
     dtype = params_dtype or _checkpoint_dtype(source, list(expected), log)
     meta = CheckpointMetadata(
         architecture=spec.hf_architecture, hf_config=config, layout=layout,

@@ -55,10 +55,53 @@ class MoEShape:
     #: the HF config's ``router_aux_loss_coef``: the default of ``--moe-aux-loss-coeff``
     aux_loss_coeff: float = 0.0
     #: the experts' linears have biases (GPT-OSS); megatron-core runs them at ETP 1 only
+    linear_bias: bool = False
+    #: ``softmax`` (above) or ``sigmoid`` (DeepSeek-V3: ``sigmoid(logits)``, top-k chosen on
+    #: ``sigmoid + expert_bias``, weighted by the sigmoid alone, renormalised)
+    score_function: str = "softmax"
+    #: a per-expert selection bias (DeepSeek-V3's ``e_score_correction_bias``)
     expert_bias: bool = False
+    #: group-limited routing: experts in ``num_groups`` groups, top-k among the best
+    #: ``group_topk`` groups (DeepSeek's ``n_group`` / ``topk_group``); ``None``: off
+    num_groups: Optional[int] = None
+    group_topk: Optional[int] = None
+    #: the routing weights are multiplied by this (``routed_scaling_factor``); ``None``: 1
+    scaling_factor: Optional[float] = None
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAShape:
+    """Multi-latent attention (DeepSeek-V2/V3): queries through a ``q_lora_rank`` latent (or
+    one ``q_proj`` when ``None``), keys and values through a shared ``kv_lora_rank`` latent,
+    head dims ``qk_nope + qk_rope`` for q/k and ``v_head_dim`` for v; RoPE on the
+    ``qk_rope`` part only, plain or YaRN (``rope_type``)."""
+
+    q_lora_rank: Optional[int]
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    #: ``rope`` or ``yarn`` (megatron-core's MLA names)
+    rope_type: str = "rope"
+    yarn_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    #: YaRN's cos/sin factor numerator (``None``: transformers' default ``0.1 ln(factor) + 1``)
+    mscale: Optional[float] = None
+    #: YaRN's ``mscale_all_dim``: the softmax scale is multiplied by
+    #: ``(0.1 * mscale_all_dim * ln(factor) + 1)^2``; 0 = off
+    mscale_all_dim: float = 0.0
+    #: multi-token-prediction layers the checkpoint holds after the decoder
+    #: (``num_nextn_predict_layers``): not converted, put back unchanged on export
+    mtp_layers: int = 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +130,8 @@ class ModelShape:
     layer_window: Optional[int] = None
     #: the Mixture-of-Experts block, ``None`` for a dense model
     moe: Optional[MoEShape] = None
+    #: multi-latent attention, ``None`` for q/k/v attention
+    mla: Optional[MLAShape] = None
 
     def dim(self, symbol: str) -> int:
         """Sizes named in weight tables: ``hidden``, ``ffn``, ``vocab``, ``head_dim``, ``q``
@@ -108,6 +153,13 @@ class ModelShape:
             sizes.update(experts=self.moe.num_experts, expert_ffn=self.moe.ffn_hidden_size,
                          expert_gate_up=2 * self.moe.ffn_hidden_size,
                          shared_ffn=self.moe.shared_expert_ffn_hidden_size or 0)
+        if self.mla is not None:  # DeepSeek's names: q_a/q_b, kv_a (with the rope key), kv_b
+            m, heads = self.mla, self.num_attention_heads
+            sizes.update(q_lora=m.q_lora_rank or 0, kv_lora=m.kv_lora_rank,
+                         q_heads=heads * m.qk_head_dim,
+                         kv_a=m.kv_lora_rank + m.qk_rope_head_dim,
+                         kv_b=heads * (m.qk_nope_head_dim + m.v_head_dim),
+                         o_in=heads * m.v_head_dim)
         try:
             return sizes[symbol]
         except KeyError:
@@ -135,6 +187,8 @@ class ModelShape:
             "tied": self.tie_word_embeddings,
             "shared_expert": self.moe is not None
             and self.moe.shared_expert_ffn_hidden_size is not None,
+            "q_lora": self.mla is not None and self.mla.q_lora_rank is not None,
+            "no_q_lora": self.mla is not None and self.mla.q_lora_rank is None,
         }
         return conditions[name]
 
@@ -148,11 +202,18 @@ _MCORE_LLAMA3_FIXED = {
 }
 
 
-def _rope_from_config(cfg: dict[str, Any]) -> RopeConfig:
+def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE settings in either spelling: transformers 5's ``rope_parameters`` or the hub's
+    ``rope_scaling`` (+ ``rope_theta``)."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or {}
     if not params and scaling:
         params = dict(scaling)
+    return params
+
+
+def _rope_from_config(cfg: dict[str, Any]) -> RopeConfig:
+    params = rope_parameters(cfg)
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type == "default":
@@ -189,10 +250,11 @@ def _require(cfg: dict[str, Any], key: str) -> Any:
 
 def shape_from_hf_config(
     cfg: dict[str, Any], *, architecture: str, qkv_bias: "bool | str", qk_layernorm: bool,
-    moe: Optional[MoEShape] = None,
+    moe: Optional[MoEShape] = None, mla: Optional[MLAShape] = None,
 ) -> ModelShape:
     """Build a :class:`ModelShape`; ``qkv_bias`` is a constant or the config key that holds it;
-    ``moe`` is the experts block an architecture reads from its own config keys."""
+    ``moe`` is the experts block an architecture reads from its own config keys, ``mla`` its
+    multi-latent attention (whose RoPE, YaRN included, it has read: ``rope`` keeps the base)."""
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only SwiGLU/silu)")
@@ -200,7 +262,7 @@ def shape_from_hf_config(
         raise UnsupportedModelError("mlp_bias=true is not supported")
     heads = int(_require(cfg, "num_attention_heads"))
     hidden = int(_require(cfg, "hidden_size"))
-    head_dim = cfg.get("head_dim") or hidden // heads
+    head_dim = (mla.v_head_dim if mla is not None else cfg.get("head_dim") or hidden // heads)
     bias = bool(cfg.get(qkv_bias, False)) if isinstance(qkv_bias, str) else bool(qkv_bias)
     window = cfg.get("sliding_window")
     if cfg.get("use_sliding_window") is False:
@@ -223,7 +285,8 @@ def shape_from_hf_config(
         vocab_size=int(_require(cfg, "vocab_size")),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope=_rope_from_config(cfg),
+        rope=_rope_from_config(cfg) if mla is None else RopeConfig(theta=float(
+            rope_parameters(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0)))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bias,
         qk_layernorm=qk_layernorm,
@@ -231,4 +294,5 @@ def shape_from_hf_config(
         window_layers=window_layers,
         layer_window=layer_window,
         moe=moe,
+        mla=mla,
     )

@@ -71,6 +71,9 @@ def make_random_hf_model(architecture: str, out_dir: "str | Path", *,
             elif name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight",
                                 ".mlp.router.weight")):
                 param.normal_(0.0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith(".e_score_correction_bias"):  # DeepSeek-V3's selection bias
+                buffer.normal_(0.0, 0.05)
     model = model.to(dtype)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)

@@ -164,8 +164,9 @@ def rank_tensors(source, spec: ArchitectureSpec, shape: ModelShape, layout: Para
         for rule, mname, hf_names in _chunk_rules(spec, shape, layout, pp_rank, chunk, ep_rank):
             rule_ctx = ctx.for_rule(rule)  # experts over expert TP (whole with expert TP 1)
             t = shard_tensor(source, rule, hf_names, rule_ctx, tp_rank % rule_ctx.tp_size)
-            if t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
+            want = torch.float32 if spec.keeps_fp32(mname) else dtype
+            if t.is_floating_point() and t.dtype != want:
+                t = t.to(want)
             _refuse_non_finite(mname, t, f"the HF checkpoint in {source.dir} is damaged: "
                                         "download or copy it again")
             yield key, mname, t

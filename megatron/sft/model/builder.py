@@ -39,7 +39,7 @@ def check_expert_bias_layout(shape, layout, experts: str = "grouped_mm") -> None
     asserts), and our rank files split the experts over TP like the rest, so TP must be 1. Its
     ``SequentialMLP`` adds the bias in place on a view without EP (autograd refuses it in
     backward), so ``sequential`` needs EP > 1."""
-    if shape.moe is None or not shape.moe.expert_bias:
+    if shape.moe is None or not shape.moe.linear_bias:
         return
     if layout.expert_tp > 1:
         raise LayoutError(f"{shape.architecture}: experts with biases run at expert tensor "

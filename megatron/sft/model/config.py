@@ -22,7 +22,10 @@ from megatron.sft.model.layer_impl import LayerImpl
 def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImpl, *,
                        params_dtype: torch.dtype, cpu: bool,
                        architecture_overrides: Mapping[str, Any] = (), **overrides: Any):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
 
     kwargs: dict[str, Any] = dict(
         num_layers=shape.num_layers,
@@ -56,7 +59,11 @@ def transformer_config(shape: ModelShape, layout: ParallelLayout, impl: LayerImp
     kwargs.update(_per_layer_attention(shape))
     kwargs.update(dict(architecture_overrides))
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    # Multi-latent attention (DeepSeek-V2/V3) reads its dims and YaRN from megatron-core's
+    # MLA config class; the architecture sets ``multi_latent_attention`` and those fields.
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else \
+        TransformerConfig
+    return config_class(**kwargs)
 
 
 def _per_layer_attention(shape: ModelShape) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from megatron.sft.model.moe import experts as E
+from megatron.sft.model.attention.mla import check_mla_layers, use_mla
 from megatron.sft.model.attention import (  # noqa: F401  AttentionInputs: re-exported
     AttentionBackendSpec,
     AttentionInputs,
@@ -82,7 +83,10 @@ def _rename(name: str, pairs) -> str:
 def _fuses_pre_mlp_norm(name: str, state: dict[str, Any]) -> bool:
     """Whether TE would fuse this local ``pre_mlp_layernorm`` into ``linear_fc1``: only in a
     layer with a dense MLP. A MoE layer keeps its own norm module under both specs, so its
-    checkpoint name is ``pre_mlp_layernorm.weight`` too."""
+    checkpoint name is ``pre_mlp_layernorm.weight`` too. Likewise ``input_layernorm`` fuses
+    into ``linear_qkv`` only where there is one (not in multi-latent attention layers)."""
+    if ".input_layernorm." in name:
+        return name.split(".input_layernorm.")[0] + ".self_attention.linear_qkv.weight" in state
     if ".pre_mlp_layernorm." not in name:
         return True
     return name.split(".pre_mlp_layernorm.")[0] + ".mlp.linear_fc1.weight" in state
@@ -109,6 +113,9 @@ class LayerImpl:
         from megatron.core.models.gpt import gpt_layer_specs as specs
 
         moe = spec_args.get("num_experts") is not None
+        mla = bool(spec_args.pop("multi_latent_attention", False))
+        if mla and (reason := check_mla_layers(self.linear)):
+            raise LayerImplError(reason)
         if moe:
             spec_args = dict(spec_args, moe_grouped_gemm=self.experts == "te")
         if self.linear == "te":
@@ -130,6 +137,8 @@ class LayerImpl:
             spec.submodules.mlp.submodules.experts.module = GroupedMMExperts
         if self.linear == "local":
             _use_local_norms(spec)
+        if mla:  # DeepSeek-V2/V3: megatron-core's MLA with our packed core attention
+            use_mla(spec, self.backend, sliding_window)
         return spec
 
     def final_norm(self):

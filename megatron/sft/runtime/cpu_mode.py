@@ -31,6 +31,10 @@ which is how this project tests the engine in CI.
     ``tensor_parallel.mappings._gather_along_first_dim``; NCCL handles those). The patched
     helpers pad to the largest part and gather, or all-reduce and keep this rank's part: the
     same numbers (:func:`_uneven_collectives_on_gloo`);
+(h) megatron-core's ``YarnRotaryEmbedding`` (multi-latent attention with YaRN) builds its
+    frequencies inside ``with torch.device(torch.cuda.current_device())`` unless told
+    ``use_cpu_initialization``, which ``MultiLatentAttention`` does not pass; it is passed here
+    (:func:`_yarn_rope_on_cpu`).
 (g) custom autograd functions' ``backward`` run under the mode too (``loss.backward()`` runs the
     engine inside the mode's own handler, where the mode is off the stack), so megatron-core's
     TP collectives that allocate on ``current_device()`` in their backward stay on the CPU.
@@ -279,6 +283,23 @@ def _uneven_collectives_on_gloo() -> None:
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
 
+def _yarn_rope_on_cpu() -> None:
+    """See (h) in the module docstring."""
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+
+    cls = yarn.YarnRotaryEmbedding
+    if getattr(cls.__init__, "_sft_cpu_mode", False):
+        return
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        kwargs["use_cpu_initialization"] = True
+        original(self, *args, **kwargs)
+
+    __init__._sft_cpu_mode = True
+    cls.__init__ = __init__
+
+
 def cpu_mode_active() -> bool:
     return _ACTIVE_MODE is not None
 
@@ -299,6 +320,7 @@ def enable_cpu_mode(force: bool = False) -> bool:
     _numpy_split_sizes_on_cpu()
     _uneven_collectives_on_gloo()
     _redirect_custom_backward()
+    _yarn_rope_on_cpu()
     mode = _CudaToCpuMode()
     mode.__enter__()
     _ACTIVE_MODE = mode

@@ -188,6 +188,13 @@ class TrainConfig:
         None, "load-balancing loss coefficient (default: the HF config's router_aux_loss_coef; "
               "megatron-core's loss is per layer and summed over layers, see README)")
     moe_z_loss_coeff: Optional[float] = _field(None, "router z-loss coefficient (default: off)")
+    moe_router_bias_update_rate: Optional[float] = _field(
+        None, "routers with an expert bias (DeepSeek-V3's e_score_correction_bias): after each "
+              "step the bias of every expert above the mean load goes down by this much, the "
+              "others up, as megatron-core does (default: megatron-core's 1e-3)")
+    moe_router_freeze_expert_bias: bool = _field(
+        False, "keep the routers' expert bias at the checkpoint's values (no update; the log's "
+               "moe/expert_bias_drift stays 0)")
     moe_expert_capacity_factor: Optional[float] = _field(
         None, "drop tokens beyond this factor of each expert's even share (default: dropless)")
     moe_experts_impl: str = _field("auto", MOE_EXPERTS_HELP, choices=MOE_EXPERTS_IMPLS)

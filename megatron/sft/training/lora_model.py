@@ -102,6 +102,15 @@ def refuse_lora_checkpoint(load: str) -> None:
             f"{','.join(s.targets)}, or export it merged with merge_and_export.sh first")
 
 
+def refuse_lora_on_mla(meta: CheckpointMetadata) -> None:
+    """LoRA targets q/k/v attention's ``linear_qkv``; multi-latent attention has none."""
+    from megatron.sft.bridge.architectures import shape_of
+
+    if shape_of(meta.hf_config)[1].mla is not None:
+        raise CheckpointError(f"--lora-rank: LoRA on multi-latent attention ({meta.architecture})"
+                              " is not supported; train the model in full (--lora-rank 0)")
+
+
 def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: int,
                      hf_base: bool = False, save: Optional[str] = None,
                      **build_kwargs: Any) -> tuple[list, CheckpointMetadata, LoRACheckpointInfo,
@@ -113,6 +122,7 @@ def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: i
     writes it at the first save)."""
     if hf_base:
         chunks, meta = build_model_from_hf(load, impl=impl, log=lambda m: None, **build_kwargs)
+        refuse_lora_on_mla(meta)
         base = Path(save or ".").resolve() / HF_BASE_DIR
         info = LoRACheckpointInfo(settings, str(base), 1, "")
         attach_lora(chunks, settings)
@@ -132,6 +142,7 @@ def build_lora_model(load: str, settings: LoRASettings, impl: LayerImpl, seed: i
     chunks, meta, _ = build_model_from_checkpoint(base_dir.parent,
                                                   int(base_dir.name.split("_")[1]), impl=impl,
                                                   **build_kwargs)
+    refuse_lora_on_mla(meta)
     attach_lora(chunks, settings)
     init_adapters(chunks, settings, seed)
     if run is not None:

@@ -27,6 +27,8 @@ EXTRA_LAYOUTS = {"EP4": ("Qwen2MoeForCausalLM", ParallelLayout(1, 1, ep=4)),
 TRAIN_ARCH = "Qwen2MoeForCausalLM"
 #: the clipping threshold the gradient-norm probes clip to (below the first norm, about 2.2)
 CLIP = 0.5
+#: DeepSeek-V3's expert-bias update rate in the training runs
+BIAS_RATE = 0.01
 
 
 def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
@@ -41,10 +43,13 @@ def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
     for name, layout in PARITY_LAYOUTS.items():
         for arch in MOE:
             if layout.tp > 1 and get_architecture(arch).moe(
-                    get_architecture(arch).tiny_config).expert_bias:
+                    get_architecture(arch).tiny_config).linear_bias:
                 continue  # GPT-OSS: expert biases run at ETP 1 only (refused, unit-tested)
             ckpt, hf = checkpoint(arch, name, layout), str(tiny_hf_models[arch])
-            for experts in ("grouped_mm", "sequential"):
+            # (MLA families: the sequential experts at EP2 only; their attention is the same)
+            impls = ("grouped_mm", "sequential") if get_architecture(arch).mla is None \
+                or name == "EP2" else ("grouped_mm",)
+            for experts in impls:
                 cases.append({"name": f"{arch}/{name}/{experts}", "ckpt": ckpt, "hf": hf,
                               "experts": experts})
             if name == "EP2":
@@ -65,6 +70,10 @@ def parity_cases(tiny_hf_models, root: Path) -> list[dict]:
                                              "window_size": None}})):
                         cases.append({"name": f"control/GPT-OSS {what}", "ckpt": ckpt,
                                       "hf": hf, "experts": "grouped_mm", **change})
+                if arch == "DeepseekV3ForCausalLM":
+                    cases.append({"name": "control/DeepSeek-V3 without routed_scaling_factor",
+                                  "ckpt": ckpt, "hf": hf, "experts": "grouped_mm",
+                                  "overrides": {"moe_router_topk_scaling_factor": None}})
                 if arch == "Qwen3MoeForCausalLM":
                     cases.append({"name": "control/Qwen3-MoE softmax before top-k (not "
                                   "renormalised)", "ckpt": ckpt, "hf": hf,
@@ -100,12 +109,25 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
     # from the HF directory, exported at iteration 2 for transformers' generate
     gen_hf = make_random_hf_model(TRAIN_ARCH, root / "gen-hf", seed=3,
                                   overrides=dict(vocab_size=vocab, initializer_range=0.3))
+    # DeepSeek-V3 (MLA, sigmoid routing with an expert bias) at EP2: the bias updated at a
+    # rate, and frozen
+    ds = make_random_hf_model("DeepseekV3ForCausalLM", root / "hf-dsv3", seed=5,
+                              overrides=dict(vocab_size=vocab))
+    c["dsv3"] = str(root / "dsv3")
+    convert_hf_to_megatron(ds, c["dsv3"], ConvertOptions(layout=ParallelLayout(1, 1, ep=2),
+                                                         progress=False))
     save = root / "run"
     etp1 = dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_model_parallel_size=2,
                 expert_tensor_parallel_size=1, train_iters=3, use_distributed_optimizer=True)
     resume = dict(expert_model_parallel_size=2, train_iters=4, lr_decay_style="cosine",
                   lr_warmup_iters=1, use_distributed_optimizer=True)
+    deepseek = dict(expert_model_parallel_size=2, train_iters=3, save_interval=3,
+                    moe_aux_loss_coeff=0.0)
     return str(hf), {
+        "dsv3_bias": run(c["dsv3"], save=str(root / "dsv3-bias"),
+                         moe_router_bias_update_rate=BIAS_RATE, **deepseek),
+        "dsv3_frozen": run(c["dsv3"], save=str(root / "dsv3-frozen"),
+                           moe_router_freeze_expert_bias=True, **deepseek),
         # probe_clip: the gradient norm and clipping of global batch 0 first (clip_probe)
         "ep1": run(c["ep1"], probe_clip=CLIP),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
@@ -171,4 +193,4 @@ def moe_launch(tiny_hf_models, sft_assets, tmp_path_factory):
     proc = run_torchrun(4, WORKER, str(root / "spec.json"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     out = json.loads((root / "out.json").read_text())
-    return {**out, "hf": hf, "root": root, "cases": spec["parity"]}
+    return {**out, "hf": hf, "root": root, "cases": spec["parity"], "bias_rate": BIAS_RATE}

@@ -257,3 +257,35 @@ def _lora_checks(lora_run, hf, tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(hf)(tokens).logits
     assert (merged - plain).abs().max() > 1e-4  # the adapters learned something
     assert (merged - peft).abs().max() <= 1e-4
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_deepseek_expert_bias_updates_as_megatron_core_does_or_stays_frozen(moe_launch):
+    """DeepSeek-V3 at EP2, 3 steps: with ``--moe-router-bias-update-rate r`` every expert's bias
+    (converted from ``e_score_correction_bias``) moved by a whole number of ``±r`` steps, one
+    per step at most (megatron-core's sign update in ``finalize_model_grads``), and the log's
+    per-layer drift is the largest move; with ``--moe-router-freeze-expert-bias`` the saved
+    bias is the release's, bit for bit, and the drift 0."""
+    import torch
+    from safetensors.torch import load_file
+
+    r, root, rate = moe_launch["train"], moe_launch["root"], moe_launch["bias_rate"]
+    released = load_file(str(root / "hf-dsv3" / "model.safetensors"))
+    for run, frozen in (("dsv3_bias", False), ("dsv3_frozen", True)):
+        history = r[run]
+        assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
+        saved = torch.load(root / run.replace("_", "-") / "iter_0000003" / "mp_rank_00_001"
+                           / "model_optim_rng.pt", weights_only=True)["model"]
+        for layer in (1, 2, 3):  # layer 0 is dense (first_k_dense_replace=1)
+            start = released[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]
+            bias = saved[f"decoder.layers.{layer}.mlp.router.expert_bias"]
+            assert bias.dtype == torch.float32
+            drift = history[-1][f"moe/expert_bias_drift/layer_{layer:02d}"]
+            if frozen:
+                assert torch.equal(bias, start) and drift == 0.0
+                continue
+            steps = (bias.double() - start.double()) / rate
+            assert torch.allclose(steps, steps.round(), atol=1e-4), steps
+            whole = steps.round().abs()
+            assert whole.max() <= 3 and whole.max() >= 1, steps
+            assert drift == pytest.approx((bias - start).abs().max().item(), abs=1e-7)

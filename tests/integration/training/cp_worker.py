@@ -5,7 +5,8 @@ group stays).
 ``cp_worker.py SPEC.json``; SPEC holds ``out`` (JSON written by global rank 0) and
 
 - ``model``: ``{"models": [{name, hf, ckpts: {"TPxPPy": dir}}], "layouts": [[tp, pp, cp, sp]],
-  "rows", "seq_length"}``. For every model and layout, one packed micro-batch (``rows`` =
+  "rows", "seq_length"}`` (a model's own ``layouts`` replace the spec's). For every model and
+  layout, one packed micro-batch (``rows`` =
   document lengths per row) forward and backward through megatron-core's schedule with the
   ``sdpa`` backend: the max |logits - transformers| over this rank's real tokens (HF runs each
   document alone), the masked loss sum over the CP group vs transformers', and every

@@ -5,7 +5,8 @@ layout):
 - logits and the SFT loss equal transformers' at CP2, CP4, CP2 x TP2 with SP and CP2 x PP2 (and
   their CP1 layouts), on packed rows with a document longer than a chunk, a 1-token document, a
   document spanning the chunk pair of a rank and padding; tied (Qwen2) and untied (Llama, with
-  llama3 RoPE scaling) embeddings;
+  llama3 RoPE scaling) embeddings; and DeepSeek-V3's multi-latent attention (q/k head dim !=
+  v head dim, YaRN, sigmoid-routed experts) at CP1 and CP2;
 - parameter gradients summed over CP equal CP1's, and the chunked loss (chunks of 7 tokens)
   gives the same loss and gradients as the unchunked one at TP1, CP2 x TP2 with SP and
   CP2 x PP2;
@@ -42,6 +43,8 @@ CP_LAYOUTS = [f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in
               if cp > 1]
 #: GPT-OSS (EP1: its TP is 1, see bridge.architectures.gpt_oss): CP1, then CP2
 GPT_OSS_LAYOUTS = [(1, 1, 1, False), (1, 1, 2, False)]
+#: DeepSeek-V3's multi-latent attention: CP1 and CP2 on the same packed rows
+MLA_LAYOUTS = [(1, 1, 1, False), (1, 1, 2, False)]
 #: the chunked loss vs the unchunked one: TP1, and TP2 with SP, CP and PP each in one layout
 CHUNKED = [(1, 1, 1, False), (2, 1, 2, True), (1, 2, 2, False)]
 
@@ -75,6 +78,9 @@ def results(sft_assets, checkpoints, tmp_path_factory):
                                        overrides=dict(vocab_size=vocab))
     convert_hf_to_megatron(gpt_oss_sft, tmp / "gpt-oss-sft", ConvertOptions(progress=False))
     gpt_oss_run = dict(packing=False, moe_experts_impl="grouped_mm")
+    # multi-latent attention (q/k head 24 != v head 12, YaRN) with sigmoid-routed experts
+    deepseek = make_random_hf_model("DeepseekV3ForCausalLM", tmp / "hf-deepseek", seed=13)
+    convert_hf_to_megatron(deepseek, tmp / "deepseek-tp1pp1", ConvertOptions(progress=False))
     data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
     one = checkpoints[(1, 1)]
     lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
@@ -122,7 +128,10 @@ def results(sft_assets, checkpoints, tmp_path_factory):
                                   "ckpts": {"TP1PP1": str(tmp / "gpt-oss")},
                                   "layouts": GPT_OSS_LAYOUTS, "chunked_layouts": [],
                                   "overrides": {"moe_aux_loss_coeff": 0.0},
-                                  "experts": "grouped_mm"}],
+                                  "experts": "grouped_mm"},
+                                 {"name": "deepseek-v3-mla", "hf": str(deepseek),
+                                  "ckpts": {"TP1PP1": str(tmp / "deepseek-tp1pp1")},
+                                  "layouts": MLA_LAYOUTS}],
                       "layouts": LAYOUTS, "chunked_layouts": CHUNKED, "rows": ROWS,
                       "seq_length": SEQ},
             "train": train}
@@ -137,10 +146,10 @@ def _curve(results, name):
 
 
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied"])
+@pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied", "deepseek-v3-mla"])
 def test_logits_and_loss_equal_transformers_at_every_layout(results, model):
     layouts = results["model"][model]
-    assert set(CP_LAYOUTS) <= set(layouts)
+    assert set(CP_LAYOUTS if model != "deepseek-v3-mla" else ["TP1PP1CP2"]) <= set(layouts)
     for name, r in layouts.items():
         assert r["logits_abs_max"] > 0.1, (name, "degenerate reference")
         assert r["logits_max_abs_diff"] <= 1e-4, (name, r)
@@ -163,9 +172,10 @@ def test_gpt_oss_sinks_and_windows_at_cp2_equal_transformers_and_cp1(results):
 
 
 @pytest.mark.xdist_group("multiprocess")
-@pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied"])
+@pytest.mark.parametrize("model", ["qwen2-tied", "llama-untied", "deepseek-v3-mla"])
 def test_gradients_equal_cp1_and_the_chunked_loss_is_exact(results, model):
-    chunked = {f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in CHUNKED}
+    chunked = {f"TP{tp}PP{pp}CP{cp}" + ("SP" if sp else "") for tp, pp, cp, sp in CHUNKED
+               if model != "deepseek-v3-mla" or cp == 1 and tp == pp == 1}
     assert chunked <= set(results["model"][model])
     for name, r in results["model"][model].items():
         assert r["same_grad_keys"], name

@@ -60,11 +60,17 @@ def test_megatron_settings_name_transformer_config_fields_and_spec_parameters(ar
     import inspect
 
     from megatron.core.models.gpt import gpt_layer_specs as specs
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
 
     spec = get_architecture(arch)
     settings = spec.megatron_settings({"architectures": [arch], **spec.tiny_config})
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    # model.config builds megatron-core's MLA config class for multi-latent attention
+    config_class = MLATransformerConfig if settings.transformer.get("multi_latent_attention") \
+        else TransformerConfig
+    fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = set(settings.transformer) - fields
     assert not unknown, f"{arch}: {sorted(unknown)} are not TransformerConfig fields"
     for builder in (specs.get_gpt_layer_local_spec,

@@ -82,7 +82,8 @@ def test_rope_spellings_agree():
 
 
 def test_architecture_flags():
-    assert supported_architectures() == ["GptOssForCausalLM", "LlamaForCausalLM",
+    assert supported_architectures() == ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                                         "GptOssForCausalLM", "LlamaForCausalLM",
                                          "MistralForCausalLM",
                                          "MixtralForCausalLM", "Qwen2ForCausalLM",
                                          "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",

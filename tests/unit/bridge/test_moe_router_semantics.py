@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from megatron.sft.bridge.architectures import get_architecture
+from megatron.sft.bridge.architectures._moe import MoEConfigKeys
 from megatron.sft.bridge.random_hf_model import _config_class
 from sft_testing import ARCHITECTURES
 
-MOE = [a for a in ARCHITECTURES if get_architecture(a).moe is not None]
+#: the softmax top-k families (DeepSeek's routers: test_deepseek_routing.py)
+MOE = [a for a in ARCHITECTURES if isinstance(get_architecture(a).moe, MoEConfigKeys)]
 #: families that always renormalise (no ``norm_topk_prob``): Mixtral, GPT-OSS
 ALWAYS = {a for a in MOE if isinstance(get_architecture(a).moe.renormalize, bool)}
 

@@ -1,4 +1,4 @@
-"""The two megatron-core 0.16.1 fixes MoE needs without Transformer Engine, each shown broken
+"""The megatron-core 0.16.1 fixes MoE needs without Transformer Engine, each shown broken
 first and fixed after (in one fresh interpreter: both patch process-wide module state, and
 starting one costs seconds)."""
 
@@ -46,6 +46,23 @@ def test_router_without_te_and_alltoall_split_sizes_on_cpu():
             out = helper(sizes, as_numpy=True)
             assert isinstance(out, np.ndarray) and out.tolist() == [3, 5]
             assert helper(sizes) is sizes  # without as_numpy: unchanged
+
+        # (3) the expert-bias token count with a [tokens] padding mask (DeepSeek-V3)
+        import types
+        from megatron.core.transformer.moe.router import TopKRouter
+        router = types.SimpleNamespace(enable_expert_bias=True,
+                                       local_tokens_per_expert=torch.zeros(3))
+        routing_map = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]]).bool()
+        padding = torch.tensor([False, False, True, False])  # token 2 is padding
+        try:
+            TopKRouter._apply_expert_bias(router, routing_map, padding)
+            raise SystemExit("expected megatron-core 0.16.1's broadcast error")
+        except RuntimeError as e:
+            assert "size of tensor" in str(e) or "broadcast" in str(e), e
+        from megatron.sft.runtime.mcore_compat import fix_expert_bias_padding_mask
+        assert fix_expert_bias_padding_mask() and not fix_expert_bias_padding_mask()
+        TopKRouter._apply_expert_bias(router, routing_map, padding)
+        assert router.local_tokens_per_expert.tolist() == [1.0, 1.0, 3.0]  # by hand
         print("ok")
     """)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -35,11 +35,21 @@ for _module in architecture_modules():
     importlib.import_module(_module)
 
 
+#: architectures known and refused, with why (before anything is read or written)
+REFUSED = {
+    "DeepseekV32ForCausalLM": "DeepSeek-V3.2's sparse attention (the DSA lightning indexer and "
+                              "its top-k key selection) is not supported; DeepSeek-V3/V3.1/R1 "
+                              "(DeepseekV3ForCausalLM) are",
+}
+
+
 def supported_architectures() -> list[str]:
     return list(registered_specs())
 
 
 def get_architecture(name: str) -> ArchitectureSpec:
+    if name in REFUSED:
+        raise UnsupportedModelError(f"architecture {name!r}: {REFUSED[name]}")
     try:
         return registered_specs()[name]
     except KeyError:

@@ -81,8 +81,8 @@ class MoEConfigKeys:
     shared_ffn: Optional[str] = None
     shared_expert_gate: bool = False
     sparse_layers: bool = True
-    #: the experts' linears have biases (``MoEShape.expert_bias``)
-    expert_bias: bool = False
+    #: the experts' linears have biases (``MoEShape.linear_bias``)
+    linear_bias: bool = False
 
     def __call__(self, cfg: dict[str, Any]) -> Optional[MoEShape]:
         keys = (self.num_experts,) if isinstance(self.num_experts, str) else self.num_experts
@@ -111,7 +111,7 @@ class MoEConfigKeys:
                         renormalize=renorm, shared_expert_gate=shared is not None
                         and self.shared_expert_gate,
                         aux_loss_coeff=float(cfg.get("router_aux_loss_coef") or 0.0),
-                        expert_bias=self.expert_bias)
+                        linear_bias=self.linear_bias)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,6 +115,11 @@ class ArchitectureSpec:
     #: export writes the routed experts in the ``fused_experts`` form: the HF class loads no
     #: other (GPT-OSS); otherwise one tensor per expert, as ``save_pretrained`` writes them
     export_fused_experts: bool = False
+    #: ``hf_config -> MLAShape | None``: multi-latent attention (DeepSeek-V2/V3)
+    mla: Optional[Callable[[dict[str, Any]], Any]] = dataclasses.field(default=None, hash=False)
+    #: HF and Megatron name patterns kept in float32 whatever the run's dtype (DeepSeek-V3's
+    #: expert bias: megatron-core's router holds it in fp32, bf16 would change the routing)
+    keep_fp32: tuple[str, ...] = ()
 
     def shape(self, hf_config: dict[str, Any]) -> ModelShape:
         return shape_from_hf_config(
@@ -123,7 +128,21 @@ class ArchitectureSpec:
             qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_layernorm,
             moe=self.moe(hf_config) if self.moe is not None else None,
+            mla=self.mla(hf_config) if self.mla is not None else None,
         )
+
+    def keeps_fp32(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep_fp32)
+
+    @staticmethod
+    def is_mtp(name: str, shape: ModelShape) -> bool:
+        """Whether HF tensor ``name`` belongs to a multi-token-prediction layer after the
+        decoder (DeepSeek-V3's ``model.layers.61.*``): never converted, put back on export."""
+        mtp = shape.mla.mtp_layers if shape.mla is not None else 0
+        parts = name.split(".")
+        return (mtp > 0 and len(parts) > 2 and parts[:2] == ["model", "layers"]
+                and parts[2].isdigit()
+                and shape.num_layers <= int(parts[2]) < shape.num_layers + mtp)
 
     def megatron_settings(self, hf_config: dict[str, Any]) -> MegatronSettings:
         """``transformer_overrides`` plus what ``configure`` computes for this checkpoint."""

@@ -156,7 +156,7 @@ GPT_OSS = register(ArchitectureSpec(
     fused_experts=_fused(),
     export_fused_experts=True,
     moe=MoEConfigKeys(num_experts="num_local_experts", ffn="intermediate_size",
-                      renormalize=True, sparse_layers=False, expert_bias=True),
+                      renormalize=True, sparse_layers=False, linear_bias=True),
     configure=gpt_oss_settings,
     qkv_bias="attention_bias",
     # 4 experts top-2 on 4 layers (sliding, full, sliding, full; a window of 8 shorter than

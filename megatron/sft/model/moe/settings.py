@@ -38,6 +38,11 @@ def moe_config_overrides(cfg, shape: ModelShape) -> dict[str, Any]:
     if cfg.moe_expert_capacity_factor is not None:
         out["moe_expert_capacity_factor"] = cfg.moe_expert_capacity_factor
     out.update(freeze_overrides(cfg.moe_router_freeze))
+    if shape.moe.expert_bias and not cfg.moe_router_freeze:  # updated in finalize_model_grads
+        if cfg.moe_router_freeze_expert_bias:
+            out["moe_router_bias_update_rate"] = 0.0
+        elif cfg.moe_router_bias_update_rate is not None:
+            out["moe_router_bias_update_rate"] = cfg.moe_router_bias_update_rate
     return out
 
 
@@ -51,11 +56,24 @@ def check_moe_run(cfg, shape: ModelShape) -> None:
                                 ("--moe-router-freeze", cfg.moe_router_freeze or None),
                                 ("--moe-experts-freeze", cfg.moe_experts_freeze or None))
                  if v is not None]
+    bias_flags = [f for f, v in (("--moe-router-bias-update-rate",
+                                  cfg.moe_router_bias_update_rate is not None),
+                                 ("--moe-router-freeze-expert-bias",
+                                  cfg.moe_router_freeze_expert_bias)) if v]
     if shape.moe is None:
-        if moe_flags:
-            raise ValueError(f"{', '.join(moe_flags)}: {shape.architecture} has no experts; "
-                             "drop the flag(s)")
+        if moe_flags or bias_flags:
+            raise ValueError(f"{', '.join(moe_flags + bias_flags)}: {shape.architecture} has no "
+                             "experts; drop the flag(s)")
         return
+    if bias_flags and not shape.moe.expert_bias:
+        raise ValueError(f"{', '.join(bias_flags)}: {shape.architecture}'s router has no "
+                         "expert bias (DeepSeek-V3's e_score_correction_bias); drop the flag(s)")
+    if len(bias_flags) == 2:
+        raise ValueError("--moe-router-bias-update-rate with --moe-router-freeze-expert-bias: "
+                         "give one (a frozen bias is not updated)")
+    if cfg.moe_router_bias_update_rate is not None and cfg.moe_router_bias_update_rate < 0:
+        raise ValueError(f"--moe-router-bias-update-rate {cfg.moe_router_bias_update_rate}: "
+                         "must be >= 0")
     if cfg.tensor_model_parallel_size > 1 and not cfg.sequence_parallel:
         # Without it every TP rank sends the same tokens to the experts, whose gradients would
         # then count each token TP times; megatron-core's MoE layer refuses to train so.
