@@ -183,6 +183,9 @@ class GreedyGenerator:
                  "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
                  "cu_seqlens": torch.stack([torch.zeros_like(lengths), lengths], dim=1)}
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        # MoE: the routing padding mask of the whole rows, cut with the tokens below, as the
+        # trainer's batches (the positions after each prompt are padding to the router)
+        batch.update(moe.routing_padding(batch, self.shape))
         attention = self.impl.attention_inputs(None, b, s, self.shape.sliding_window,
                                                cp_size=self.dims.cp_size,
                                                cp_rank=self.dims.cp_rank)
