@@ -14,7 +14,8 @@ def _cfg(**kw):
     base = dict(moe_token_dispatcher_type=None, moe_aux_loss_coeff=None, moe_z_loss_coeff=None,
                 moe_expert_capacity_factor=None, moe_router_bias_update_rate=None,
                 moe_router_freeze_expert_bias=False, tensor_model_parallel_size=1,
-                sequence_parallel=False, lora_rank=0, context_parallel_size=1)
+                sequence_parallel=False, lora_rank=0, context_parallel_size=1,
+                moe_router_freeze=False, moe_experts_freeze=False, expert_tensor_parallel_size=None)
     return types.SimpleNamespace(**{**base, **kw})
 
 
