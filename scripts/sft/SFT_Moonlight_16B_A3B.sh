@@ -12,21 +12,11 @@
 #        the end). Re-running resumes from the latest there.
 set -euo pipefail
 
-MODE=${1:-}
-if [[ "$MODE" != "train" ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-: "${ASSETS_DIR:=$REPO/assets}"
-: "${PYTHON:=python3}"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+sft_usage "$0" "${1:-}"
 
 # --- one node
-: "${GPUS_PER_NODE:=8}"
-: "${NNODES:=1}"
-: "${NODE_RANK:=0}"
-: "${MASTER_ADDR:=localhost}"
-: "${MASTER_PORT:=6000}"
+sft_cluster_defaults
 
 # --- parallelism: 64 experts over EP8 (8 per GPU), attention data-parallel over the 8 GPUs.
 # 27 layers: PP must divide them (1, 3, 9, 27); MoE with TP > 1 needs sequence parallelism.
@@ -66,10 +56,10 @@ if [[ -z "$HF_MODEL" || ! -f "$HF_MODEL/config.json" ]]; then
   echo "error: HF_MODEL='${HF_MODEL}' has no config.json; set HF_MODEL to the downloaded model (scripts/checkpoints/download_hf_models.py --model-card moonshotai/Moonlight-16B-A3B-Instruct)" >&2
   exit 2
 fi
-if [[ -z "$DATA_PATH" || ! -f "${DATA_PATH}_text_document.idx" ]]; then
-  echo "error: DATA_PATH='${DATA_PATH}' has no ${DATA_PATH}_text_document.idx; tokenize with scripts/data/tokenize_dataset.sh and set DATA_PATH to its prefix" >&2
-  exit 2
-fi
+sft_require_data "$DATA_PATH" "tokenize with scripts/data/tokenize_dataset.sh and set DATA_PATH to its prefix"
+# a re-run resumes from the run's own latest checkpoint, else starts from HF_MODEL
+LOAD=$HF_MODEL
+[[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]] && LOAD=$SAVE_DIR
 mkdir -p "$SAVE_DIR"
 
 # --- the layout and its memory, before launch
@@ -77,7 +67,7 @@ mkdir -p "$SAVE_DIR"
   --tp "$TP" --pp "$PP" --ep "$EP" --seq-length "$SEQ_LEN" --micro-batch-size "$MBS"
 
 args=(
-  --load "$HF_MODEL" --save "$SAVE_DIR" --save-interval "$SAVE_INTERVAL"
+  --load "$LOAD" --save "$SAVE_DIR" --save-interval "$SAVE_INTERVAL"
   --data-path "$DATA_PATH" --split 99,1,0 --seq-length "$SEQ_LEN"
   --micro-batch-size "$MBS" --global-batch-size "$GBS"
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
@@ -98,6 +88,4 @@ if [[ -n "$TRAIN_ITERS" ]]; then args+=(--train-iters "$TRAIN_ITERS"); else args
 
 # --- launch one process per GPU
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  "$REPO/tools/train_sft.py" "${args[@]}"
+sft_launch "${args[@]}"
