@@ -118,13 +118,39 @@ def destroy_distributed(wait_for_peers: bool = False) -> None:
     failed would wait for the full timeout).
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     if wait_for_peers and dist.is_initialized():
         dist.barrier()
 
+    release_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def release_model_parallel() -> None:
+    """Forget megatron-core's parallel state *and* close its process groups, so the next
+    ``initialize_distributed`` (another layout in the same process) starts clean.
+
+    ``parallel_state.destroy_model_parallel`` only drops its references: every gloo group keeps
+    its worker threads, which poll. A process that switches layouts many times (the test
+    workers run tens of trainers in one launch) otherwise accumulates hundreds of them and
+    the machine's load with them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and dist.is_initialized():
+        world = dist.group.WORLD
+        seen: list = []
+        for value in list(vars(ps).values()):
+            for group in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(group, dist.ProcessGroup) and group is not world \
+                        and not any(group is g for g in seen):
+                    seen.append(group)
+        for group in seen:
+            try:
+                dist.destroy_process_group(group)
+            except (ValueError, RuntimeError):  # not a group this process registered
+                pass
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     set_parallel_dims(None)
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -35,7 +35,9 @@ def main() -> None:
         layout = read_metadata(iteration_dir(pair["ckpt"])).layout
         current = parallel_dims_or_none()
         if current is not None and current.layout != layout:
-            ps.destroy_model_parallel()
+            from megatron.sft.runtime.distributed import release_model_parallel
+
+            release_model_parallel()  # closes the gloo groups too
             set_parallel_dims(None)
             get_cuda_rng_tracker().reset()
         initialize_distributed(layout)

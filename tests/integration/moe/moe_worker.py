@@ -22,6 +22,7 @@ group.
 """
 
 import json
+import os
 import sys
 from itertools import groupby
 from pathlib import Path
@@ -37,7 +38,9 @@ def use_layout(layout) -> None:
     from megatron.sft.runtime.parallel_dims import set_parallel_dims
 
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        from megatron.sft.runtime.distributed import release_model_parallel
+
+        release_model_parallel()  # closes the gloo groups too
         set_parallel_dims(None)
     if layout is not None:
         initialize_distributed(layout)
@@ -214,6 +217,8 @@ def run_training(runs, hf) -> dict:
         dist.all_gather_object(gathered, history if trainer.is_logger else None)
         results[name] = next(h for h in gathered if h is not None)
         results["seconds"][name] = round(time.perf_counter() - start, 2)
+        # threads of this process after each run: layout switches must not leak gloo groups
+        results.setdefault("threads", []).append(len(os.listdir("/proc/self/task")))
         if hf and name.startswith("aux") and "hand_aux" not in results and dist.get_rank() == 0:
             shape = trainer.shape
             loss, tokens, aux = references(hf, trainer.train_ds, fields, trainer.dp_size,

@@ -289,3 +289,12 @@ def test_deepseek_expert_bias_updates_as_megatron_core_does_or_stays_frozen(moe_
             whole = steps.round().abs()
             assert whole.max() <= 3 and whole.max() >= 1, steps
             assert drift == pytest.approx((bias - start).abs().max().item(), abs=1e-7)
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_switching_layouts_in_one_process_leaks_no_process_groups(moe_launch):
+    """Tens of trainers at different layouts in one launch: the thread count stays flat
+    (``release_model_parallel`` closes megatron-core's gloo groups; dropping them leaked ~50
+    polling threads per switch)."""
+    threads = moe_launch["train"]["threads"]
+    assert len(threads) > 10 and max(threads) - threads[0] <= 40, threads

@@ -51,7 +51,9 @@ def reset():
     from megatron.sft.runtime.parallel_dims import set_parallel_dims
 
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        from megatron.sft.runtime.distributed import release_model_parallel
+
+        release_model_parallel()  # closes the gloo groups too
     set_parallel_dims(None)
 
 
