@@ -153,4 +153,16 @@ def release_model_parallel() -> None:
                 pass
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    # what destroy_model_parallel leaves behind keeps the groups' C++ objects (and threads)
+    # alive: 0.16.1 does not reset the *_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP* globals,
+    # and the MoE logging tracker holds each metric's reduce group
+    for name, value in list(vars(ps).items()):
+        if isinstance(value, dist.ProcessGroup) and value is not dist.group.WORLD:
+            setattr(ps, name, None)
+    try:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    except ImportError:  # pragma: no cover - older megatron-core
+        pass
+    else:
+        get_moe_layer_wise_logging_tracker().clear()
     set_parallel_dims(None)

@@ -21,6 +21,31 @@ class DataParallelModel:
     tconfig: Any                        # their TransformerConfig, with the sync functions set
     overlap_param_gather: bool          # parameters reach modules in their forward pre-hooks
 
+    def release(self) -> None:
+        """Break the cycle megatron-core's DDP forms through autograd: its gradient hooks live
+        on C++ grad-accumulator nodes the wrapper keeps in ``grad_accs``, and close over the
+        wrapper, so Python's collector never frees the model or the process groups it holds
+        (each gloo group keeps polling threads). A process that builds trainers one after
+        another (tests, the demo) calls this through ``Trainer.close``; the DDP wrappers are
+        unusable afterwards."""
+        for m in self.chunks:
+            accumulators = getattr(m, "grad_accs", None)
+            if isinstance(accumulators, list):
+                accumulators.clear()
+            for module in m.modules():
+                _drop_graph_tensors(module)
+                # RotaryEmbedding.forward is an lru_cache keyed on the module (and its CP group)
+                cache_clear = getattr(type(module).forward, "cache_clear", None)
+                if cache_clear is not None:
+                    cache_clear()
+            if type(m).__name__ == "DistributedDataParallel":
+                # the hooks stay on grad-accumulator nodes any leftover graph still reaches;
+                # emptied, the wrapper they close over holds nothing (no model, no groups)
+                vars(m).clear()
+        for name in ("no_sync_func", "grad_sync_func", "param_sync_func"):
+            if getattr(self.tconfig, name, None) is not None:
+                setattr(self.tconfig, name, None)
+
     @contextlib.contextmanager
     def parameters_in_sync(self):
         """With overlapped parameter gathering the newest weights reach a module only in its
@@ -36,6 +61,21 @@ class DataParallelModel:
         finally:
             for m in self.chunks:
                 m.enable_forward_pre_hook()
+
+
+def _drop_graph_tensors(module) -> None:
+    """Forget tensors that still carry an autograd graph from the last forward: megatron-core's
+    MoE token dispatchers keep the routing probabilities of the last step, whose graph reaches
+    the parameters' grad accumulators and, through DDP's hooks there, the wrapper itself: a
+    cycle through C++ that the collector cannot see."""
+    import torch
+
+    holders = [module] + [v for v in vars(module).values()
+                          if hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, type))]
+    for holder in holders:
+        for name, value in list(vars(holder).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(holder, name, None)
 
 
 def wrap_for_data_parallel(chunks: list, cfg, dp_size: int, device) -> DataParallelModel:

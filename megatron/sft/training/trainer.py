@@ -293,3 +293,14 @@ class Trainer:
             stop.restore()
         self.log(f"done: {self.iteration} iterations in {time.perf_counter() - start_time:.1f}s")
         return self.history
+
+    def close(self) -> None:
+        """Let go of what this trainer holds so the same process can build another one (the
+        test workers run tens of layouts in one launch; the demo trains in stages): the run
+        lock, and the DDP wrappers' hook cycle that would otherwise keep the model and its
+        process groups alive. The trainer is unusable afterwards."""
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
+        if getattr(self, "data_parallel", None) is not None:
+            self.data_parallel.release()

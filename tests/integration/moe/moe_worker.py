@@ -211,8 +211,6 @@ def run_training(runs, hf) -> dict:
         if probe is not None:
             results[f"{name}/clip"] = clip_probe(trainer, probe)
         history = trainer.train()
-        if trainer.run_lock is not None:
-            trainer.run_lock.release()
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, history if trainer.is_logger else None)
         results[name] = next(h for h in gathered if h is not None)
@@ -224,6 +222,7 @@ def run_training(runs, hf) -> dict:
             loss, tokens, aux = references(hf, trainer.train_ds, fields, trainer.dp_size,
                                            shape.moe.layers, shape.moe.top_k)
             results.update(hf_loss=loss, hf_tokens=tokens, hand_aux=aux)
+        trainer.close()
         del trainer
     return results
 

@@ -269,8 +269,7 @@ def run_trainings(entries):
         if cfg.save and dist.get_rank() == 0:  # the files of the last save
             last = sorted(Path(cfg.save).glob("iter_*"))[-1]
             result["files"] = sorted(str(f.relative_to(last)) for f in last.rglob("*.pt"))
-        if trainer.run_lock is not None:
-            trainer.run_lock.release()
+        trainer.close()
         out[entry["name"]] = result
         _log(entry["name"])
         del trainer

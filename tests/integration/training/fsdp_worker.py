@@ -47,9 +47,8 @@ def main() -> None:
             if not isinstance(e, ValueError):
                 entry["traceback"] = traceback.format_exc()
         finally:
-            lock = getattr(trainer, "run_lock", None)
-            if lock is not None:
-                lock.release()
+            if trainer is not None:
+                trainer.close()
         entry["seconds"] = time.perf_counter() - t0
         results[name] = entry
         return trainer

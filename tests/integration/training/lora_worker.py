@@ -119,8 +119,7 @@ def run(spec: dict) -> None:
                                                   for p in adapter_parameters(trainer.model))}
     if out:
         Path(spec["out"]).write_text(json.dumps(out))
-    if trainer.run_lock is not None:
-        trainer.run_lock.release()
+    trainer.close()
 
 
 if __name__ == "__main__":

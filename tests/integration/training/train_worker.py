@@ -117,8 +117,7 @@ def run(spec: dict) -> None:
                                                      "rng": rng_fingerprint()}))
         elif trainer.is_logger:
             Path(spec["out"]).write_text(json.dumps(history))
-    if trainer.run_lock is not None:
-        trainer.run_lock.release()
+    trainer.close()
 
 
 if __name__ == "__main__":
