@@ -81,6 +81,9 @@ def results(sft_assets, checkpoints, tmp_path_factory):
     # multi-latent attention (q/k head 24 != v head 12, YaRN) with sigmoid-routed experts
     deepseek = make_random_hf_model("DeepseekV3ForCausalLM", tmp / "hf-deepseek", seed=13)
     convert_hf_to_megatron(deepseek, tmp / "deepseek-tp1pp1", ConvertOptions(progress=False))
+    deepseek_sft = make_random_hf_model("DeepseekV3ForCausalLM", tmp / "hf-deepseek-sft",
+                                        seed=14, overrides=dict(vocab_size=vocab))
+    convert_hf_to_megatron(deepseek_sft, tmp / "deepseek-sft", ConvertOptions(progress=False))
     data, tp2 = sft_assets["data"], checkpoints[(2, 1)]
     one = checkpoints[(1, 1)]
     lora = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2)
@@ -112,10 +115,14 @@ def results(sft_assets, checkpoints, tmp_path_factory):
          "hf_loss": True, "hf": str(sft_assets["hf"])},
         {**_train("cp4_unpacked_hf", one, data, context_parallel_size=4, packing=False),
          "hf_loss": True, "hf": str(sft_assets["hf"])},
-        {**_train("gpt_oss_cp1_hf", str(tmp / "gpt-oss-sft"), data, **gpt_oss_run),
-         "hf_loss": True, "hf": str(gpt_oss_sft)},
-        # (the trainer's CP2 for MoE models waits for MoE x CP in the trainer, issue 29; the
-        # model's CP2 is proven on packed rows above: "gpt-oss")
+        # the 2026 MoE families' first loss through the trainer, a sample a row, at CP1 and CP2
+        # (sinks and windows; MLA with q/k head != v head); packed rows at CP2 are the model
+        # proofs above ("gpt-oss", "deepseek-v3-mla")
+        *({**_train(f"{name}_cp{cp}_hf", str(tmp / ckpt), data, context_parallel_size=cp,
+                    **gpt_oss_run), "hf_loss": True, "hf": str(hf)}
+          for name, ckpt, hf in (("gpt_oss", "gpt-oss-sft", gpt_oss_sft),
+                                 ("deepseek", "deepseek-sft", deepseek_sft))
+          for cp in (1, 2)),
     ]
     spec = {"out": str(tmp / "results.json"),
             "model": {"models": [{"name": "qwen2-tied", "hf": str(sft_assets["hf"]),
@@ -236,9 +243,13 @@ def test_sequence_parallel_curve_equals_tp2_with_and_without_lora(results):
 @pytest.mark.xdist_group("multiprocess")
 @pytest.mark.parametrize("name, layout", [("cp2_tp2_sp_chunked_hf", "TP2 PP1 CP2"),
                                           ("cp4_unpacked_hf", "TP1 PP1 CP4"),
-                                          ("gpt_oss_cp1_hf", "TP1 PP1")])
+                                          ("gpt_oss_cp1_hf", "TP1 PP1"),
+                                          ("gpt_oss_cp2_hf", "TP1 PP1 CP2"),
+                                          ("deepseek_cp1_hf", "TP1 PP1"),
+                                          ("deepseek_cp2_hf", "TP1 PP1 CP2")])
 def test_trainer_loss_equals_transformers(results, name, layout):
-    """CP2 x TP2 with SP and the chunked loss on packed rows; CP4 on unpacked (padded) rows."""
+    """CP2 x TP2 with SP and the chunked loss on packed rows; CP4 on unpacked (padded) rows;
+    GPT-OSS and DeepSeek-V3 (MoE) at CP1 and CP2."""
     run = results["train"][name]
     r = run["result"]
     assert run["chunked_loss"] == (name == "cp2_tp2_sp_chunked_hf") and layout in run["describe"]
