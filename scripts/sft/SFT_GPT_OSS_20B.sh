@@ -20,8 +20,8 @@ sft_usage "$0" "${1:-}"
 # --- cluster layout (one node unless set)
 sft_cluster_defaults
 
-# --- parallelism: TP stays 1 (megatron-core 0.16.1 runs expert biases at expert TP 1 only);
-# 8 GPUs at EP8 are DP8 for attention and 4 of the 32 experts each. Per GPU about 4.3B
+# --- parallelism: experts stay whole (megatron-core 0.16.1 runs expert biases at expert TP 1
+# only), so TP > 1 splits attention only, over ETP 1 with sequence parallelism; 8 GPUs at EP8 are DP8 for attention and 4 of the 32 experts each. Per GPU about 4.3B
 # parameters (2.4B of experts + 1.9B replicated): bf16 weights 8.6 GB, fp32 gradients 17 GB,
 # Adam states of the experts 29 GB and of the dense part (sharded over DP8) 3 GB: ~58 GB
 # before activations, so rows of 4096 with full recompute on 80 GB GPUs.
@@ -51,22 +51,24 @@ sft_cluster_defaults
 : "${RECOMPUTE:=full}"           # full | selective | none
 
 # --- paths
-: "${CKPT:=$ASSETS_DIR/checkpoints/openai_gpt_oss_20b_Megatron_TP${TP}PP${PP}EP${EP}}"
+if (( TP > 1 )); then ETP_NAME=ETP1; else ETP_NAME=; fi
+: "${CKPT:=$ASSETS_DIR/checkpoints/openai_gpt_oss_20b_Megatron_TP${TP}PP${PP}EP${EP}${ETP_NAME}}"
 : "${DATA_PATH:=}"
 : "${HF_MODEL:=}"              # an HF model directory (MXFP4 or bf16): --load it directly
 : "${SAVE_DIR:=$ASSETS_DIR/checkpoints/SFT_GPT_OSS_20B}"
 : "${SAVE_INTERVAL:=500}"
 : "${EVAL_INTERVAL:=500}"
 
-if (( TP != 1 )); then
-  echo "error: TP=$TP: gpt-oss trains at TP=1 (megatron-core 0.16.1 runs expert biases at expert TP 1 only); split the experts with EP" >&2
-  exit 2
+# TP > 1: attention split by head over whole experts (the rank files then hold them whole: ETP=1)
+ETP_ARGS=()
+if (( TP > 1 )); then
+  ETP_ARGS=(--expert-tensor-parallel-size 1 --sequence-parallel)
 fi
 
 # --- resume from our own latest checkpoint when there is one, else start from HF_MODEL (read
 # directly, each GPU its shard) or the conversion
 sft_pick_load "$CKPT" "$SAVE_DIR" assets/checkpoints/openai_gpt_oss_20b \
-  "EP=$EP bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP $CKPT" \
+  "EP=$EP${ETP_NAME:+ ETP=1} bash scripts/checkpoints/convert_hf_to_megatron.sh HF_DIR $TP $PP $CKPT" \
   "python scripts/checkpoints/download_hf_models.py --model-card openai/gpt-oss-20b"
 sft_require_data "$DATA_PATH" "tokenize with scripts/data/tokenize_dataset.sh and set DATA_PATH to its prefix"
 mkdir -p "$SAVE_DIR"
@@ -78,7 +80,8 @@ args=(
   --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-fraction "$WARMUP_FRACTION"
   --clip-grad "$CLIP_GRAD"
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-  --expert-model-parallel-size "$EP" --moe-token-dispatcher-type "$MOE_DISPATCHER"
+  --expert-model-parallel-size "$EP" ${ETP_ARGS[@]+"${ETP_ARGS[@]}"}
+  --moe-token-dispatcher-type "$MOE_DISPATCHER"
   --moe-experts-impl "$MOE_EXPERTS_IMPL" --transformer-impl "$TRANSFORMER_IMPL"
   --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --eval-interval "$EVAL_INTERVAL" --eval-iters 10 --log-interval 1

@@ -36,7 +36,8 @@ def check_layout_matches(meta: CheckpointMetadata) -> None:
 
 def check_expert_bias_layout(shape, layout, experts: str = "grouped_mm") -> None:
     """GPT-OSS's expert biases: megatron-core 0.16.1 runs them at expert TP 1 only (its config
-    asserts), and our rank files split the experts over TP like the rest, so TP must be 1. Its
+    asserts). TP > 1 for attention works over whole experts (``--expert-tensor-parallel-size 1``,
+    and ``ETP=1`` when converting, since the rank files hold the experts whole then). Its
     ``SequentialMLP`` adds the bias in place on a view without EP (autograd refuses it in
     backward), so ``sequential`` needs EP > 1."""
     if shape.moe is None or not shape.moe.linear_bias:
@@ -44,8 +45,11 @@ def check_expert_bias_layout(shape, layout, experts: str = "grouped_mm") -> None
     if layout.expert_tp > 1:
         raise LayoutError(f"{shape.architecture}: experts with biases run at expert tensor "
                           f"parallel size 1 only in megatron-core 0.16.1 (this layout has "
-                          f"{layout.expert_tp}); use --tensor-model-parallel-size 1 and split "
-                          "the experts with --expert-model-parallel-size")
+                          f"{layout.expert_tp}); keep --tensor-model-parallel-size "
+                          f"{layout.tp} for attention with whole experts, "
+                          "--expert-tensor-parallel-size 1 (convert with ETP=1), or use "
+                          "--tensor-model-parallel-size 1; split the experts with "
+                          "--expert-model-parallel-size")
     if experts == "sequential" and layout.ep == 1:
         raise LayoutError(f"{shape.architecture}: --moe-experts-impl sequential cannot train "
                           "experts with biases at --expert-model-parallel-size 1 (megatron-core "

@@ -19,9 +19,12 @@ MOE = [a for a in ARCHITECTURES if get_architecture(a).moe is not None]
 #: the layouts every family's logits are checked at, under both experts implementations
 PARITY_LAYOUTS = {"EP2": ParallelLayout(1, 1, ep=2), "TP2EP2": ParallelLayout(2, 1, ep=2),
                   "PP2EP2": ParallelLayout(1, 2, ep=2)}
-#: and one family each at these (grouped_mm): one local expert per rank, virtual stages
+#: and one family each at these (grouped_mm): one local expert per rank, virtual stages,
+#: GPT-OSS's attention (sinks and biases split by head) at TP2 over whole experts (ETP 1: its
+#: expert biases run there only)
 EXTRA_LAYOUTS = {"EP4": ("Qwen2MoeForCausalLM", ParallelLayout(1, 1, ep=4)),
-                 "PP2VPP2EP2": ("Qwen3MoeForCausalLM", ParallelLayout(1, 2, 2, ep=2))}
+                 "PP2VPP2EP2": ("Qwen3MoeForCausalLM", ParallelLayout(1, 2, 2, ep=2)),
+                 "TP2ETP1EP2": ("GptOssForCausalLM", ParallelLayout(2, 1, ep=2, etp=1))}
 #: the training runs' model: a sigmoid-gated shared expert, top-2 without renormalisation,
 #: dense layers (0, 2) between the MoE ones (1, 3)
 TRAIN_ARCH = "Qwen2MoeForCausalLM"

@@ -179,7 +179,7 @@ def test_every_gpu_recipe_takes_hf_model_directly(tmp_path):
         assert r.returncode == 2 and "has no config.json" in r.stderr, (recipe, r.stderr)
 
 
-def test_gpt_oss_recipe_runs_ep8_with_sinks_capable_attention_and_refuses_tp(tmp_path):
+def test_gpt_oss_recipe_runs_ep8_with_sinks_capable_attention_and_whole_experts_at_tp2(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
@@ -195,6 +195,15 @@ def test_gpt_oss_recipe_runs_ep8_with_sinks_capable_attention_and_refuses_tp(tmp
 
     assert value("--expert-model-parallel-size") == "8" and value("--nproc-per-node") == "8"
     assert value("--tensor-model-parallel-size") == "1"
+    assert "--expert-tensor-parallel-size" not in cmd
     assert value("--attention-backend") == "flex" and value("--moe-experts-impl") == "grouped_mm"
+    # TP2: attention split, experts whole (megatron-core runs expert biases at ETP 1 only)
     r = run_tool("scripts/sft/SFT_GPT_OSS_20B.sh", "train", env={**env, "TP": "2"})
-    assert r.returncode == 2 and "gpt-oss trains at TP=1" in r.stderr
+    assert r.returncode == 0, r.stderr
+    cmd = r.stdout.split()
+    assert value("--tensor-model-parallel-size") == "2"
+    assert value("--expert-tensor-parallel-size") == "1" and "--sequence-parallel" in cmd
+    # without HF_MODEL, the conversion it names keeps the experts whole too
+    r = run_tool("scripts/sft/SFT_GPT_OSS_20B.sh", "train", env={**env, "TP": "2", "HF_MODEL": ""})
+    assert r.returncode != 0 and "ETP=1 bash scripts/checkpoints/convert_hf_to_megatron.sh" \
+        in r.stderr and "TP2PP1EP8ETP1" in r.stderr

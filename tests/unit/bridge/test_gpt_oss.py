@@ -90,8 +90,9 @@ def test_unsupported_settings_are_refused():
 
     shape = spec.shape(_hf_config().to_dict())
     with pytest.raises(LayoutError, match="experts with biases run at expert tensor parallel "
-                                          "size 1 only.*--tensor-model-parallel-size 1"):
+                                          "size 1 only.*--expert-tensor-parallel-size 1"):
         check_expert_bias_layout(shape, ParallelLayout(2, 1, ep=2))
+    check_expert_bias_layout(shape, ParallelLayout(2, 1, ep=2, etp=1))  # whole experts at TP2
     with pytest.raises(LayoutError, match="sequential cannot train experts with biases"):
         check_expert_bias_layout(shape, ParallelLayout(), "sequential")
     check_expert_bias_layout(shape, ParallelLayout(1, 2, ep=2), "sequential")
