@@ -26,7 +26,7 @@ class DataParallelModel:
         on C++ grad-accumulator nodes the wrapper keeps in ``grad_accs``, and close over the
         wrapper, so Python's collector never frees the model or the process groups it holds
         (each gloo group keeps polling threads). A process that builds trainers one after
-        another (tests, the demo) calls this through ``Trainer.close``; the DDP wrappers are
+        another (the test workers) calls this through ``Trainer.close``; the DDP wrappers are
         unusable afterwards."""
         for m in self.chunks:
             accumulators = getattr(m, "grad_accs", None)

@@ -296,8 +296,7 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of what this trainer holds so the same process can build another one (the
-        test workers run tens of layouts in one launch; the demo trains in stages): the run
-        lock, and the DDP wrappers' hook cycle that would otherwise keep the model and its
+        test workers run tens of layouts in one launch): the run lock, and the DDP wrappers' hook cycle that would otherwise keep the model and its
         process groups alive. The trainer is unusable afterwards."""
         if getattr(self, "run_lock", None) is not None:
             self.run_lock.release()
