@@ -26,7 +26,7 @@ def main() -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from transformers import AutoModelForCausalLM
 
-    from megatron.sft.runtime.parallel_dims import parallel_dims_or_none, set_parallel_dims
+    from megatron.sft.runtime.parallel_dims import parallel_dims_or_none
     from megatron.sft.training.forward_logits import pipeline_logits
     from megatron.sft.model.builder import build_model_from_checkpoint
 
@@ -37,8 +37,7 @@ def main() -> None:
         if current is not None and current.layout != layout:
             from megatron.sft.runtime.distributed import release_model_parallel
 
-            release_model_parallel()  # closes the gloo groups too
-            set_parallel_dims(None)
+            release_model_parallel()  # closes the gloo groups and forgets the parallel dims
             get_cuda_rng_tracker().reset()
         initialize_distributed(layout)
         chunks, meta, _ = build_model_from_checkpoint(pair["ckpt"], seq_length=24)

@@ -32,16 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 
 def use_layout(layout) -> None:
-    from megatron.core import parallel_state as ps
+    from megatron.sft.runtime.distributed import initialize_distributed, release_model_parallel
 
-    from megatron.sft.runtime.distributed import initialize_distributed
-    from megatron.sft.runtime.parallel_dims import set_parallel_dims
-
-    if ps.model_parallel_is_initialized():
-        from megatron.sft.runtime.distributed import release_model_parallel
-
-        release_model_parallel()  # closes the gloo groups too
-        set_parallel_dims(None)
+    release_model_parallel()  # closes the gloo groups and forgets the parallel dims too
     if layout is not None:
         initialize_distributed(layout)
 

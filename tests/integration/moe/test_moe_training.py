@@ -294,7 +294,7 @@ def test_deepseek_expert_bias_updates_as_megatron_core_does_or_stays_frozen(moe_
 @pytest.mark.xdist_group("multiprocess")
 def test_switching_layouts_in_one_process_leaks_no_process_groups(moe_launch):
     """Tens of trainers at different layouts in one launch: the thread count stays flat
-    (``release_model_parallel`` closes megatron-core's gloo groups; dropping them leaked ~50
-    polling threads per switch)."""
+    (``Trainer.close`` breaks DDP's hook cycle through autograd and ``release_model_parallel``
+    closes megatron-core's gloo groups; without them each run leaked ~50 polling threads)."""
     threads = moe_launch["train"]["threads"]
     assert len(threads) > 10 and max(threads) - threads[0] <= 40, threads

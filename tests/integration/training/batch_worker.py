@@ -29,16 +29,11 @@ WORKERS = {"train": train_worker.run, "lora": lora_worker.run}
 
 
 def _fresh_parallel_state() -> None:
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron.sft.runtime.parallel_dims import set_parallel_dims
+    from megatron.sft.runtime.distributed import release_model_parallel
 
-    if ps.model_parallel_is_initialized():
-        from megatron.sft.runtime.distributed import release_model_parallel
-
-        release_model_parallel()  # closes the gloo groups too
-    set_parallel_dims(None)
+    release_model_parallel()  # closes the gloo groups and forgets the parallel dims too
     get_cuda_rng_tracker().reset()
 
 

@@ -46,15 +46,9 @@ def _log(what):
 def reset():
     """Drop megatron-core's parallel state (the process group stays), so the next layout can
     initialise it."""
-    from megatron.core import parallel_state as ps
+    from megatron.sft.runtime.distributed import release_model_parallel
 
-    from megatron.sft.runtime.parallel_dims import set_parallel_dims
-
-    if ps.model_parallel_is_initialized():
-        from megatron.sft.runtime.distributed import release_model_parallel
-
-        release_model_parallel()  # closes the gloo groups too
-    set_parallel_dims(None)
+    release_model_parallel()  # closes the gloo groups and forgets the parallel dims too
 
 
 def reinit(layout):
