@@ -234,6 +234,8 @@ class AdapterSite:
     base: Any
     #: the global index of the routed expert it belongs to (``None``: not a routed expert)
     expert: Optional[int] = None
+    #: the base's weight where ``base`` does not hold it (``GroupedMMExperts``' 3-D parameters)
+    weight: Optional[torch.Tensor] = None
 
 
 #: expert modules whose per-expert linears are ``local_experts.{e}.linear_fc1/2``
@@ -260,28 +262,33 @@ def iter_sites(chunks: list, settings: LoRASettings) -> Iterator[AdapterSite]:
                     "Transformer Engine op on its own weights, so per-expert adapters cannot be "
                     "added; use --moe-experts-impl grouped_mm (or sequential), or "
                     "--moe-experts-freeze to adapt everything but the routed experts")
-            for index, expert in zip(mlp.local_expert_indices, mlp.experts.local_experts):
+            grouped = getattr(mlp.experts, "expert_weight", None)
+            for e, (index, expert) in enumerate(zip(mlp.local_expert_indices,
+                                                    mlp.experts.local_experts)):
                 for name in settings.expert_targets:
-                    yield AdapterSite(layer.layer_number, name, getattr(expert, name), index)
+                    yield AdapterSite(layer.layer_number, name, getattr(expert, name), index,
+                                      grouped(e, name) if grouped is not None else None)
 
 
 def add_adapter(base: torch.nn.Module, target: str, settings: LoRASettings,
-                expert: bool = False) -> "LoRAAdapter":
+                expert: bool = False, weight: Optional[torch.Tensor] = None) -> "LoRAAdapter":
     """Give one base linear a zero-initialised ``lora`` child and the hook that adds its update;
     :class:`megatron.sft.lora.bases.LoRABaseError` if ``base`` cannot carry one (the message
-    says why). ``expert``: ``base`` is a routed expert's linear (module docstring)."""
+    says why). ``expert``: ``base`` is a routed expert's linear (module docstring);
+    ``weight``: its weight where ``base`` does not hold it (``GroupedMMExperts``)."""
     parallel = LORA_TARGETS[target]
-    kind = recognise_base(base, target, parallel, expert=expert)
+    kind = recognise_base(base, target, parallel, expert=expert, weight=weight)
+    weight = base.weight if weight is None else weight
     group = None
     if expert:
         from megatron.core import parallel_state
 
         group = parallel_state.get_expert_tensor_parallel_group()
-    base.lora = LoRAAdapter(parallel, *adapter_shape(base), settings, dtype=base.weight.dtype,
-                            device=base.weight.device,
+    base.lora = LoRAAdapter(parallel, *adapter_shape(base, weight), settings, dtype=weight.dtype,
+                            device=weight.device,
                             sequence_parallel=bool(getattr(base, "sequence_parallel", False)),
                             expert_group=group,
-                            allreduce=bool(getattr(base.weight, "allreduce", True)))
+                            allreduce=bool(getattr(weight, "allreduce", True)))
     base.register_forward_hook(functools.partial(_add_update, kind=kind), with_kwargs=True)
     return base.lora
 
@@ -301,13 +308,14 @@ def attach_lora(chunks: list, settings: LoRASettings) -> int:
                                         f"{BYPASSING_PARENTS[parent]}")
     for site in sites:
         recognise_base(site.base, site.target, LORA_TARGETS[site.target],
-                       expert=site.expert is not None)
+                       expert=site.expert is not None, weight=site.weight)
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
     count = 0
     for site in sites:
-        adapter = add_adapter(site.base, site.target, settings, expert=site.expert is not None)
+        adapter = add_adapter(site.base, site.target, settings, expert=site.expert is not None,
+                              weight=site.weight)
         count += sum(p.numel() for p in adapter.parameters())
     for chunk in chunks:
         embedding = getattr(unwrap_model(chunk), "embedding", None)

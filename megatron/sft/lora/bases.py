@@ -34,7 +34,7 @@ Pure: imports torch only (no process group), so the table and the norm are unit-
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -77,7 +77,8 @@ class LoRABaseError(ValueError):
 
 
 def recognise_base(base: torch.nn.Module, target: str,
-                   split: Literal["column", "row"], expert: bool = False) -> BaseLinear:
+                   split: Literal["column", "row"], expert: bool = False,
+                   weight: Optional[torch.Tensor] = None) -> BaseLinear:
     """The table row for ``base`` after checking it can carry an adapter; else
     :class:`LoRABaseError`.
 
@@ -85,7 +86,8 @@ def recognise_base(base: torch.nn.Module, target: str,
     ``linear_proj``/``linear_fc2`` row); a base split the other way would pair the wrong
     tensor-parallel reduction with it. ``expert``: a routed expert's linear, whose
     communication the token dispatcher does (megatron-core gives such a Transformer Engine
-    linear ``parallel_mode`` ``None``).
+    linear ``parallel_mode`` ``None``). ``weight``: the base's weight where the module does not
+    hold it (``GroupedMMExperts`` keeps its experts' weights in one 3-D parameter).
     """
     name = type(base).__name__
     kind = BASE_LINEARS.get(name)
@@ -99,7 +101,8 @@ def recognise_base(base: torch.nn.Module, target: str,
         raise LoRABaseError(f"{where}: {name} is {kind.split}-parallel but {target} must be "
                             f"{split}-parallel; the model's layer spec is not megatron-core's GPT "
                             "spec")
-    weight = getattr(base, "weight", None)
+    if weight is None:
+        weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise LoRABaseError(f"{where}: this {name} holds no 2-D weight of its own (got "
                             f"{type(weight).__name__}); LoRA needs the base weight allocated "
@@ -127,13 +130,13 @@ def recognise_base(base: torch.nn.Module, target: str,
     return kind
 
 
-def adapter_shape(base: torch.nn.Module) -> tuple[int, int]:
+def adapter_shape(base: torch.nn.Module, weight: Optional[torch.Tensor] = None) -> tuple[int, int]:
     """``(in, out)`` of this rank's adapter: ``A`` is ``[r, in]``, ``B`` is ``[out, r]``.
 
     Hidden 64, 128 fused QKV rows in all, TP 2: ``linear_qkv`` (column) weight ``[64, 64]`` per
     rank -> ``(64, 64)``; ``linear_proj`` (row) weight ``[64, 32]`` per rank -> ``(32, 64)``.
     """
-    out, inp = base.weight.shape
+    out, inp = (base.weight if weight is None else weight).shape
     return int(inp), int(out)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from megatron.sft.model.moe.experts import trains_grouped_experts
 from megatron.sft.training import hf_output
 from megatron.sft.training.checkpointing import (
     load_training_state,
@@ -54,11 +55,19 @@ class Checkpointer:
             and not cfg.no_load_optim else None)
         trainer.data_position = self.plan.data_position
         if self.resume.has_optimizer and not cfg.no_load_optim:
-            check_optimizer_layout(self.resume.optimizer_layout, optimizer_layout(
-                fsdp=cfg.fsdp_strategy, distributed=cfg.use_distributed_optimizer,
-                shards=trainer.dp_size * trainer.dims.layout.cp), cfg.load)
+            # the sharding here, before the model is built; the experts' form once it is
+            saved = {k: v for k, v in (self.resume.optimizer_layout or {}).items()
+                     if k != "experts"}
+            check_optimizer_layout(saved or None, self._optimizer_layout(trainer, False),
+                                   cfg.load)
         trainer.train_ds.extend_to(trainer.data_position + max(
             trainer.train_iters - self.resume.iteration, 0) * cfg.global_batch_size)
+
+    def _optimizer_layout(self, trainer, grouped_experts: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        return optimizer_layout(fsdp=cfg.fsdp_strategy, distributed=cfg.use_distributed_optimizer,
+                                shards=trainer.dp_size * trainer.dims.layout.cp,
+                                grouped_experts=grouped_experts)
 
     def restore(self, trainer) -> None:
         """Optimizer (unless ``--no-load-optim`` or resharded), LR schedule, RNG and counters
@@ -67,6 +76,9 @@ class Checkpointer:
             return
         cfg = self.cfg
         load_optim = self.resume.has_optimizer and not cfg.no_load_optim
+        if load_optim:
+            check_optimizer_layout(self.resume.optimizer_layout, self._optimizer_layout(
+                trainer, trains_grouped_experts(trainer.model)), cfg.load)
         state = load_training_state(cfg.load, trainer.optimizer, trainer.scheduler,
                                     optimizer_state=load_optim,
                                     override_schedule=self.plan.override_schedule,

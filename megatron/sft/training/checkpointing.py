@@ -48,6 +48,7 @@ from megatron.sft.runtime.parallel_dims import parallel_dims
 
 from megatron.sft.lora.run_format import read_lora_info, write_lora_info
 from megatron.sft.lora.settings import adapter_state_dict
+from megatron.sft.model.moe.experts import trains_grouped_experts
 from megatron.sft.training import fsdp
 from megatron.sft.training.resume import optimizer_layout, saved_optimizer_settings
 from megatron.sft.runtime.wrapping import unwrap_model
@@ -196,14 +197,15 @@ def save_checkpoint(save_dir: str, iteration: int, model: list, optimizer, sched
 def _optimizer_layout(model: list, optimizer) -> dict[str, Any]:
     """How this run's optimizer state is saved, as the rank file records it for the resume
     check (``resume.optimizer_layout``; under FSDP plus which shard this rank writes)."""
+    grouped = trains_grouped_experts(model)
     if not fsdp.is_fsdp(model):
         return optimizer_layout(fsdp=None, distributed=uses_distributed_optimizer(optimizer),
-                                shards=1)
+                                shards=1, grouped_experts=grouped)
     import torch.distributed as dist
 
     group = fsdp.shard_group(model[0])
     return {**optimizer_layout(fsdp=model[0].ddp_config.data_parallel_sharding_strategy,
-                               distributed=True, shards=group.size()),
+                               distributed=True, shards=group.size(), grouped_experts=grouped),
             "shard": dist.get_rank(group)}
 
 

@@ -39,6 +39,8 @@ from typing import Any, Optional
 
 import torch
 
+from megatron.sft.model.moe.experts import split_grouped_weights
+
 #: one per FSDP shard (data-parallel x context-parallel rank) in each rank directory
 OPTIM_SHARD_FILE = "fsdp_optim_{:03d}.pt"
 
@@ -107,8 +109,8 @@ def gathered_state_dicts(model: list, keep: bool) -> Optional[list[dict[str, tor
         weights: dict[str, torch.Tensor] = {}
         for group in buffers.parameter_groups:
             for param, tensor in zip(group.params, _gather_group(group, keep)):
-                if keep:
-                    weights[buffers.param_to_name[param]] = tensor
+                if keep:  # grouped experts' 3-D weights under their checkpoint names
+                    weights.update(split_grouped_weights(buffers.param_to_name[param], tensor))
         if not keep:
             out.append(None)
             continue

@@ -230,43 +230,60 @@ def _data_position(cfg, iteration: int, saved: dict, identity: dict, saved_gbs: 
     return position
 
 
-def optimizer_layout(*, fsdp: Optional[str], distributed: bool, shards: int) -> dict[str, Any]:
+def optimizer_layout(*, fsdp: Optional[str], distributed: bool, shards: int,
+                     grouped_experts: bool = False) -> dict[str, Any]:
     """How a run's optimizer state is laid out on disk, as checkpoints record it: Megatron-FSDP's
     per-rank shard files (layout-specific: strategy and shard count), the distributed optimizer's
-    gathered ``distrib_optim.pt`` (any DP size), or the plain optimizer in the rank file.
+    gathered ``distrib_optim.pt`` (any DP size), or the plain optimizer in the rank file; plus
+    ``"experts": "grouped"`` when the routed experts are ``GroupedMMExperts``' 3-D parameters
+    (a parameter list of its own, so its state fits no other; without it: one parameter per
+    expert and projection, as ``sequential``/``te`` and checkpoints from before it).
 
     >>> optimizer_layout(fsdp="optim_grads_params", distributed=True, shards=2)
     {'sharding': 'megatron_fsdp', 'strategy': 'optim_grads_params', 'shards': 2}
+    >>> optimizer_layout(fsdp=None, distributed=True, shards=1, grouped_experts=True)
+    {'sharding': 'distributed', 'experts': 'grouped'}
     """
     if fsdp is not None:
-        return {"sharding": "megatron_fsdp", "strategy": fsdp, "shards": shards}
-    return {"sharding": "distributed" if distributed else "none"}
+        out = {"sharding": "megatron_fsdp", "strategy": fsdp, "shards": shards}
+    else:
+        out = {"sharding": "distributed" if distributed else "none"}
+    return {**out, "experts": "grouped"} if grouped_experts else out
 
 
-def _describe_optimizer(layout: dict[str, Any]) -> str:
+def _describe_optimizer(layout: dict[str, Any], experts: bool = False) -> str:
     if layout["sharding"] == "megatron_fsdp":
-        return (f"--use-megatron-fsdp --data-parallel-sharding-strategy {layout['strategy']} over "
-                f"{layout['shards']} data-parallel rank(s)")
-    return ("--use-distributed-optimizer" if layout["sharding"] == "distributed"
-            else "neither --use-megatron-fsdp nor --use-distributed-optimizer")
+        text = (f"--use-megatron-fsdp --data-parallel-sharding-strategy {layout['strategy']} "
+                f"over {layout['shards']} data-parallel rank(s)")
+    else:
+        text = ("--use-distributed-optimizer" if layout["sharding"] == "distributed"
+                else "neither --use-megatron-fsdp nor --use-distributed-optimizer")
+    if experts:
+        text += (" and the routed experts as one 3-D parameter per projection "
+                 "(--moe-experts-impl grouped_mm)" if layout.get("experts") == "grouped" else
+                 " and one parameter per routed expert and projection (--moe-experts-impl "
+                 "sequential or te, or a checkpoint from before grouped experts)")
+    return text
 
 
 def check_optimizer_layout(saved: Optional[dict[str, Any]], wanted: dict[str, Any],
                            ckpt: str) -> None:
-    """The optimizer state of ``ckpt`` loads only into the sharding it was saved under; raise
-    :class:`ResumeError` naming both and the two fixes. ``saved`` ``None``: nothing to check.
+    """The optimizer state of ``ckpt`` loads only into the sharding (and expert parameter form)
+    it was saved under; raise :class:`ResumeError` naming both and the two fixes. ``saved``
+    ``None``: nothing to check.
 
     Example: an FSDP run resumed without FSDP -> ``ResumeError: the optimizer state of RUN was
     saved with --use-megatron-fsdp ... but this run uses neither ...``.
     """
     if saved is None or saved == wanted:
         return
+    experts = saved.get("experts") != wanted.get("experts")
     raise ResumeError(
         f"the optimizer state of the checkpoint being resumed ({ckpt}) was saved with "
-        f"{_describe_optimizer(saved)}, but this run uses {_describe_optimizer(wanted)}: it "
-        "cannot be loaded. Resume with the checkpoint's setting, or pass --no-load-optim to "
-        "start the optimizer state fresh (weights, iteration, LR schedule and data position "
-        "continue)")
+        f"{_describe_optimizer(saved, experts)}, but this run uses "
+        f"{_describe_optimizer(wanted, experts)}: it cannot be loaded. Resume with the "
+        "checkpoint's setting, or pass --no-load-optim to start the optimizer state fresh "
+        "(weights, iteration, LR schedule and data position continue)")
 
 
 def append_run(path: Path, record: dict[str, Any]) -> dict[str, Any]:

@@ -137,9 +137,13 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                       sequence_parallel=True, probe_clip=CLIP),
         "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",
                        **resume),
-        # from the save at iteration 2 (the tracker pointed back at it), other experts impl
-        "resumed": run(str(save), save=str(root / "run2"), moe_experts_impl="sequential",
+        # from the save at iteration 2 (the tracker pointed back at it)
+        "resumed": run(str(save), save=str(root / "run2"), moe_experts_impl="grouped_mm",
                        rewind_to=2, **resume),
+        # ... under the other experts implementation: its optimizer state has another layout
+        "resumed_sequential": run(str(save), save=str(root / "run3"),
+                                  moe_experts_impl="sequential", rewind_to=2,
+                                  expect_refusal=True, **resume),
         # LoRA with per-expert adapters: one curve at EP1, EP2, EP4, TP2 x EP2 (SP) and
         # PP2 x EP2 (EP4 and TP2 x EP2 with the distributed optimizer); the EP2 run is saved
         # for the checkpoint/export/reshard checks

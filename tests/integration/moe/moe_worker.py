@@ -166,7 +166,8 @@ def clip_probe(trainer, max_norm: float) -> dict:
                            for p, b in zip(params, before) if b > 0) ** 0.5)
     dist.all_reduce(dev, op=dist.ReduceOp.MAX)
     out = {"hand_norm": hand, "norm": float(norm), "clipped_norm": float(opt.get_grad_norm()),
-           "scale_dev": float(dev), "params": len(params), "max_norm": max_norm}
+           "scale_dev": float(dev), "params": len(params),
+           "elements": sum(p.numel() for p in params), "max_norm": max_norm}
     for m in trainer.model:
         m.zero_grad_buffer()
     opt.zero_grad()
@@ -198,8 +199,18 @@ def run_training(runs, hf) -> dict:
             source, iteration, ep = reshard
             reshard_any(source, fields["load"], ParallelLayout(1, 1, ep=ep),
                                iteration=iteration, progress=False)
+        refused = fields.pop("expect_refusal", False)
         dist.barrier()
         trainer = Trainer(TrainConfig(**fields), log=lambda m: None)
+        if refused:  # a run that must stop in setup: its error, as the user would read it
+            try:
+                trainer.setup()
+                results[name] = "set up without an error"
+            except Exception as e:  # noqa: BLE001 - the test asserts which one
+                results[name] = f"{type(e).__name__}: {e}"
+            trainer.close()
+            del trainer
+            continue
         trainer.setup()
         if probe is not None:
             results[f"{name}/clip"] = clip_probe(trainer, probe)

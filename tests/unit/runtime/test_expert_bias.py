@@ -44,12 +44,13 @@ def _by_hand(module, x, tokens, probs):
     rows, start = [], 0
     for e, n in enumerate(tokens.tolist()):
         fc1, fc2 = module.local_experts[e].linear_fc1, module.local_experts[e].linear_fc2
+        w1, w2 = module.linear_fc1_weight[e], module.linear_fc2_weight[e]  # the 3-D parameters
         for t in range(start, start + n):
-            h = x[t] @ fc1.weight.T + fc1.bias
+            h = x[t] @ w1.T + fc1.bias
             gate, up = h.chunk(2)
             gate, up = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
             a = gate * torch.sigmoid(1.702 * gate) * (up + 1) * probs[t]
-            rows.append(a @ fc2.weight.T + fc2.bias * probs[t])
+            rows.append(a @ w2.T + fc2.bias * probs[t])
         start += n
     return torch.stack(rows)
 

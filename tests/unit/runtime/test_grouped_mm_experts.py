@@ -1,6 +1,7 @@
-"""``--moe-experts-impl grouped_mm`` is megatron-core's ``SequentialMLP`` with another forward:
-same parameters (names, shapes, attributes), same outputs and gradients (fp32 within 1e-6;
-on CPU they are bit-identical), on one process (a world of one, no other rank)."""
+"""``--moe-experts-impl grouped_mm`` is megatron-core's ``SequentialMLP`` with each projection
+of its local experts as one 3-D parameter: the same initial weights, the same checkpoint names
+and shapes (each loads the other's state dict), the same outputs and gradients (fp32 within
+1e-6; on CPU they are bit-identical), on one process (a world of one, no other rank)."""
 
 import pytest
 import torch
@@ -45,6 +46,12 @@ def _experts(cls, dtype, experts=4, hidden=32, ffn=16):
     return cls(experts, config, spec.submodules, pg_collection=get_default_pg_collection())
 
 
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for name, value in want.items():  # tensors, and the linears' extra state (None)
+        assert (got[name] is None and value is None) or torch.equal(got[name], value), name
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
 def test_grouped_mm_equals_sequential(world_of_one, dtype, tol):
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -52,13 +59,25 @@ def test_grouped_mm_equals_sequential(world_of_one, dtype, tol):
     from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
 
     ref, fast = _experts(SequentialMLP, dtype), _experts(GroupedMMExperts, dtype)
-    assert [(n, p.shape, getattr(p, "allreduce", None)) for n, p in ref.named_parameters()] == \
-        [(n, p.shape, getattr(p, "allreduce", None)) for n, p in fast.named_parameters()]
+    # built from the same seed: the same initial weights under the same checkpoint names
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    _assert_same_state(fast.state_dict(), ref.state_dict())
+    # but two 3-D parameters, each with the experts' tensor-parallel attributes one dim in
+    params = dict(fast.named_parameters())
+    assert list(params) == ["linear_fc1_weight", "linear_fc2_weight"]
+    assert params["linear_fc1_weight"].shape == (4, 32, 32)
+    assert params["linear_fc2_weight"].shape == (4, 32, 16)
+    assert (params["linear_fc1_weight"].partition_dim, params["linear_fc2_weight"].partition_dim,
+            params["linear_fc1_weight"].allreduce) == (1, 2, True)
+    assert fast.local_experts[0].linear_fc1.weight is None  # nothing held twice
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     fast.load_state_dict(ref.state_dict())  # the same checkpoint names: one loads the other
+    again = _experts(SequentialMLP, dtype)
+    again.load_state_dict(fast.state_dict())  # ... both ways
+    _assert_same_state(again.state_dict(), ref.state_dict())
     tokens = torch.tensor([3, 0, 7, 5])  # an expert without tokens too
     x = torch.randn(int(tokens.sum()), 32, generator=gen).to(dtype)
     probs = torch.rand(int(tokens.sum()), generator=gen)
@@ -69,12 +88,35 @@ def test_grouped_mm_equals_sequential(world_of_one, dtype, tol):
         out, bias = module(xi, tokens, probs)
         assert bias is None
         out.backward(dy)
-        outs.append((out, xi.grad, [p.grad for p in module.parameters()]))
-    (a, ga, wa), (b, gb, wb) = outs
+        outs.append((out, xi.grad))
+    (a, ga), (b, gb) = outs
     assert (a.float() - b.float()).abs().max() <= tol * max(1.0, a.float().abs().max())
     assert (ga.float() - gb.float()).abs().max() <= tol * max(1.0, ga.float().abs().max())
-    for p, q in zip(wa, wb):
+    for linear in ("linear_fc1", "linear_fc2"):
+        p = torch.stack([getattr(e, linear).weight.grad for e in ref.local_experts])
+        q = params[f"{linear}_weight"].grad
         assert (p.float() - q.float()).abs().max() <= tol * max(1.0, p.float().abs().max())
+
+
+def test_grouped_experts_refuse_a_checkpoint_that_does_not_fit(world_of_one):
+    """A missing expert weight or one of another shape is reported as torch reports its own
+    (``load_state_dict`` raises, naming the key), not skipped."""
+    from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
+
+    fast = _experts(GroupedMMExperts, torch.float32)
+    state = fast.state_dict()
+    del state["local_experts.2.linear_fc2.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*local_experts\.2\.linear_fc2"):
+        fast.load_state_dict(state)
+    state = fast.state_dict()
+    state["local_experts.1.linear_fc1.weight"] = torch.zeros(16, 32)
+    with pytest.raises(RuntimeError, match="size mismatch for local_experts.1.linear_fc1.weight"):
+        fast.load_state_dict(state)
+    result = fast.load_state_dict({k: v for k, v in fast.state_dict().items()
+                                   if "local_experts.0." not in k}, strict=False)
+    assert result.missing_keys == ["local_experts.0.linear_fc1.weight",
+                                   "local_experts.0.linear_fc2.weight"]
+    assert result.unexpected_keys == []
 
 
 def test_choices_and_errors():
@@ -115,16 +157,20 @@ def test_expert_adapters_under_grouped_mm_equal_the_hooked_sequential_ones(world
     for cls in (SequentialMLP, GroupedMMExperts):
         m = _experts(cls, torch.float32)
         m.load_state_dict(merged.state_dict())
-        for expert in m.local_experts:
+        for e, expert in enumerate(m.local_experts):
             for target in ("linear_fc1", "linear_fc2"):
-                add_adapter(getattr(expert, target), target, settings, expert=True)
+                weight = m.expert_weight(e, target) if cls is GroupedMMExperts else None
+                add_adapter(getattr(expert, target), target, settings, expert=True,
+                            weight=weight)
         modules.append(m)
     with torch.no_grad():
-        for (name, p), q in zip(modules[0].named_parameters(), modules[1].parameters()):
+        grouped = dict(modules[1].named_parameters())
+        for name, p in modules[0].named_parameters():
             if ".lora." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-                q.copy_(p)
+                grouped[name].copy_(p)
                 assert getattr(p, "allreduce", True) is True  # EP1: reduced over all of DP
+                assert getattr(grouped[name], "allreduce", True) is True
         for expert, adapted in zip(merged.local_experts, modules[0].local_experts):
             for target in ("linear_fc1", "linear_fc2"):
                 lora = getattr(adapted, target).lora

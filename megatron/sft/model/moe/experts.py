@@ -10,7 +10,7 @@ older releases; CPU fp32/bf16 as well as CUDA), so:
 ===========  ==============================================================================
 choice       experts module
 ===========  ==============================================================================
-grouped_mm   ``GroupedMMExperts``: ``SequentialMLP``'s parameters, two grouped GEMMs
+grouped_mm   ``GroupedMMExperts``: one 3-D parameter per projection, two grouped GEMMs
 sequential   megatron-core's ``SequentialMLP``: the reference
 te           megatron-core's ``TEGroupedMLP`` (needs Transformer Engine layers)
 auto         ``te`` with Transformer Engine layers, else ``grouped_mm`` where this torch runs it
@@ -18,16 +18,29 @@ auto         ``te`` with Transformer Engine layers, else ``grouped_mm`` where th
 ===========  ==============================================================================
 
 ``GroupedMMExperts`` (:mod:`megatron.sft.model.moe.grouped_mm`, imported only to build a
-model) *is* a ``SequentialMLP`` (a subclass that keeps its ``__init__``), so
-it has the same module tree, parameter names, shapes, tensor/expert-parallel attributes and
-initialisation: checkpoints, the optimizer state and the distributed optimizer's buffers are the
-same under both, and a run resumes under either. Only ``forward`` differs: the local experts'
-weights are stacked (``[E, 2F/tp, H]`` and ``[E, H, F/tp]``) and every token, already sorted by
-expert by the dispatcher, goes through one grouped GEMM per projection, with ``offs`` the
-cumulative tokens per expert. Example, 3 local experts receiving 2, 0 and 3 tokens::
+model) is a ``SequentialMLP`` (a subclass that keeps its ``__init__``, so the same
+initialisation, the same numbers) whose local experts' weights are then moved into one 3-D
+parameter per projection: ``linear_fc1_weight`` ``[E, 2F/tp, H]`` and ``linear_fc2_weight``
+``[E, H, F/tp]``. Every token, already sorted by expert by the dispatcher, goes through one
+grouped GEMM per projection, with ``offs`` the cumulative tokens per expert. Example, 3 local
+experts receiving 2, 0 and 3 tokens::
 
     x [5, H] rows 0-1 -> expert 0, rows 2-4 -> expert 2;  offs = [2, 2, 5]
     h = grouped_mm(x, W1.transpose(1, 2), offs)   [5, 2F]   (row r uses its expert's W1)
+
+Why one parameter and not a stack of the per-expert ones on each forward: the stack is a copy,
+and autograd keeps it for the backward pass, so every MoE layer in flight holds a second copy
+of its local experts' weights (Qwen3-30B-A3B at EP8: 151 MB a layer, ~7 GB a micro-batch); the
+3-D parameter is read in place, and its gradient is one ``[E, ...]`` tensor where the per-expert
+one was ``E`` tensors of the same bytes (``benchmarks/bench_grouped_experts.py`` measures it).
+
+What stays as it was: the checkpoint names and bytes. ``state_dict`` gives
+``local_experts.{e}.linear_fc1.weight`` (rows of the 3-D parameter) and ``load_state_dict``
+reads them (:data:`GROUPED_WEIGHTS`), so checkpoints and exports are those of ``sequential``
+and ``te``, and one implementation loads the other's weights. The expert linears stay as
+modules (their biases, where a family has them, and LoRA adapters live there) with ``weight``
+``None``. What changes: the parameter list, hence the optimizer state's layout: it resumes
+only under the implementation that saved it (the checkpoint records it; ``resume`` says so).
 
 The TE expert module names its weights ``linear_fc1.weight{e}``; :func:`te_expert_renames`
 maps them to ``SequentialMLP``'s ``local_experts.{e}.linear_fc1.weight``, the checkpoint names.
@@ -156,3 +169,32 @@ def te_expert_renames(state: dict[str, Any], to_checkpoint: bool) -> dict[str, A
             k = f"{m[1]}{m[3]}.weight{m[2]}"
         out[k] = v
     return out
+
+
+#: ``GroupedMMExperts``' 3-D parameter of each expert linear (``[E, out, in]``, local experts)
+GROUPED_WEIGHTS = {"linear_fc1": "linear_fc1_weight", "linear_fc2": "linear_fc2_weight"}
+_GROUPED = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])_weight$")
+
+
+def split_grouped_weights(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A ``GroupedMMExperts`` parameter by its checkpoint names (one row per local expert);
+    any other parameter as it is.
+
+    >>> sorted(split_grouped_weights("decoder.layers.0.mlp.experts.linear_fc2_weight",
+    ...                              torch.zeros(2, 4, 3)))
+    ['decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight', \
+'decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight']
+    """
+    m = _GROUPED.match(name)
+    if m is None:
+        return {name: value}
+    return {f"{m[1]}local_experts.{e}.{m[2]}.weight": value[e] for e in range(value.shape[0])}
+
+
+def trains_grouped_experts(chunks: list) -> bool:
+    """Whether the optimizer of a run over these model chunks holds ``GroupedMMExperts``' 3-D
+    parameters (what its state's layout depends on; frozen experts, as under LoRA or
+    ``--moe-experts-freeze``, are not in it)."""
+    return any(type(m).__name__ == "GroupedMMExperts" and any(
+        getattr(m, name).requires_grad for name in GROUPED_WEIGHTS.values())
+        for c in chunks for m in c.modules())
