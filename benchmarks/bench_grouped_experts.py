@@ -17,10 +17,17 @@ local experts, hidden 2048, expert FFN 768, SwiGLU). Each implementation runs in
 process, so one's allocations cannot hide in another's peak:
 
 - peak: CUDA ``max_memory_allocated`` over the timed steps; on CPU the process' peak resident
-  set (``VmHWM``, reset through ``/proc/self/clear_refs`` before the timed steps);
-- saved: bytes autograd keeps for the backward pass (distinct storages, ``saved_tensors_hooks``);
-- ms: median forward + backward of ``--repeats`` steps after one warm-up. Gradients accumulate
-  into the parameters' ``.grad`` from the warm-up on, as into DDP's persistent buffers.
+  set over them (``VmHWM``, reset through ``/proc/self/clear_refs`` before the timed steps)
+  less its resident set before the module was built (Python, torch and megatron-core), so
+  both count what the experts hold: weights, gradients, activations and transients;
+- saved: bytes autograd keeps for the backward pass beyond the parameters themselves
+  (distinct storages, ``saved_tensors_hooks``);
+- ms: median forward + backward of ``--repeats`` steps after one warm-up.
+
+The module is wrapped in megatron-core's ``DistributedDataParallel`` (a world of one process),
+as the trainer wraps a model chunk: its fp32 gradient buffers (``main_grad``, allocated at
+wrapping, so in every implementation's baseline) and the hooks that add each parameter's
+gradient into them are what a training step runs.
 
 The outputs and input gradients of the three are compared at the end (relative difference of
 their sums of squares), so a fast but wrong implementation shows.
@@ -97,15 +104,11 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------ one process
-def _world_of_one(tmp: str) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+def _world_of_one() -> None:
+    from megatron.sft.runtime.distributed import initialize_distributed
+    from megatron.sft.runtime.layout import ParallelLayout
 
-    from megatron.sft.runtime.mcore_compat import apply_megatron_core_fixes
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
-    ps.initialize_model_parallel(1, 1)
-    apply_megatron_core_fixes()
+    initialize_distributed(ParallelLayout(), seed=0)  # CPU: megatron-core's cuda calls redirected
 
 
 def _stacking_class():
@@ -158,7 +161,14 @@ def _build(impl: str, args, dtype, device):
             for linear in ("linear_fc1", "linear_fc2"):
                 w = state[f"local_experts.{e}.{linear}.weight"]
                 w.copy_((torch.randn(w.shape, generator=gen) * 0.02).to(w.dtype))
-    return module
+    # wrapped as the trainer wraps a model chunk: fp32 gradient buffers (main_grad), the
+    # gradient hooks that add each parameter's gradient into them
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                        use_distributed_optimizer=False,
+                                        average_in_collective=False)
+    return DistributedDataParallel(config=config, ddp_config=ddp, module=module)
 
 
 def _inputs(args, dtype, device):
@@ -203,53 +213,60 @@ def _memory(device) -> dict:
     return {"peak_bytes": fields.get("VmHWM"), "now_bytes": fields.get("VmRSS")}
 
 
+def _step(module, tokens, x, probs, dy, measure_saved: bool = False):
+    """One forward + backward; with ``measure_saved`` also the bytes autograd keeps for the
+    backward pass beyond the parameters themselves (distinct storages)."""
+    import torch
+
+    xi = x.detach().requires_grad_()
+    own = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    if measure_saved:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = module(xi, tokens, probs)
+    else:
+        out, _ = module(xi, tokens, probs)
+    out.backward(dy)
+    return out.detach(), xi.grad, sum(saved.values())
+
+
 def run_child(args) -> dict:
     import torch
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    with tempfile.TemporaryDirectory() as tmp:
-        _world_of_one(tmp)
-        module = _build(args.child, args, dtype, device)
-        tokens, x, probs, dy = _inputs(args, dtype, device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-
-        def step(measure_saved: bool = False):
-            xi = x.detach().requires_grad_()
-            saved = {}
-
-            def pack(t):
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            if measure_saved:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    out, _ = module(xi, tokens, probs)
-            else:
-                out, _ = module(xi, tokens, probs)
-            out.backward(dy)
-            return out.detach(), xi.grad, sum(saved.values())
-
-        out, gx, saved = step(measure_saved=True)  # warm-up (allocates the .grad tensors)
-        check = {"out_sq": float(out.double().square().sum()),
-                 "dx_sq": float(gx.double().square().sum())}
+    _world_of_one()
+    baseline = _memory(device)["now_bytes"] if device.type == "cpu" else 0
+    module = _build(args.child, args, dtype, device)
+    tokens, x, probs, dy = _inputs(args, dtype, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    out, gx, saved = _step(module, tokens, x, probs, dy, measure_saved=True)  # warm-up
+    check = {"out_sq": float(out.double().square().sum()),
+             "dx_sq": float(gx.double().square().sum())}
+    del out, gx
+    before = _memory(device)
+    _reset_peak(device)
+    times = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out, gx, _ = _step(module, tokens, x, probs, dy)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
         del out, gx
-        before = _memory(device)
-        _reset_peak(device)
-        times = []
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out, gx, _ = step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1000)
-            del out, gx
-        mem = _memory(device)
-    return {"impl": args.child, "ms": statistics.median(times), "peak_bytes": mem["peak_bytes"],
-            "before_bytes": before["now_bytes"], "saved_bytes": saved,
+    mem = _memory(device)
+    peak = mem["peak_bytes"] - baseline if mem["peak_bytes"] is not None else None
+    return {"impl": args.child, "ms": statistics.median(times), "peak_bytes": peak,
+            "before_bytes": before["now_bytes"] - baseline, "saved_bytes": saved,
             "weight_bytes": weight_bytes, **check}
 
 
@@ -287,7 +304,9 @@ def main(argv=None) -> int:
             results.append({"status": "ok", **json.loads(out.read_text())})
             r = results[-1]
             print(f"  {impl:<10} {r['ms']:9.1f} ms  peak {_gib(r['peak_bytes'])} GiB  "
-                  f"saved for backward {_gib(r['saved_bytes'])} GiB", flush=True)
+                  f"(weights {_gib(r['weight_bytes'])}, before the step "
+                  f"{_gib(r['before_bytes'])})  saved for backward {_gib(r['saved_bytes'])} GiB",
+                  flush=True)
     ok = {r["impl"]: r for r in results if r["status"] == "ok"}
     summary = {}
     ref = ok.get("sequential")

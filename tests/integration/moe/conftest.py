@@ -133,6 +133,9 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
                            moe_router_freeze_expert_bias=True, **deepseek),
         # probe_clip: the gradient norm and clipping of global batch 0 first (clip_probe)
         "ep1": run(c["ep1"], probe_clip=CLIP),
+        # megatron-core's per-expert loop: the reference for the grouped experts' gradients
+        # (added into DDP's main_grad by the grouped GEMM's backward)
+        "ep1_sequential": run(c["ep1"], moe_experts_impl="sequential"),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
                       sequence_parallel=True, probe_clip=CLIP),
         "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",

@@ -13,6 +13,8 @@
 - an EP2 run (distributed optimizer, grouped_mm experts) resumed from its iteration-2 save
   redoes iterations 3 and 4 exactly; resumed under the sequential experts it is refused (the
   optimizer state's layout differs), naming both implementations and ``--no-load-optim``;
+- the grouped experts (``grouped_mm``) train the per-expert loop's (``sequential``) curve at
+  EP1 within 1e-6: losses, gradient norms, routing statistics;
 - full activation recompute at EP2 gives EP1's curve and per-layer aux loss (the routing losses
   are counted once, in the recomputation), bf16 stays within 3e-2 of fp32;
 - LoRA with per-expert adapters gives one curve at EP1, EP2, EP4, TP2 x EP2 (SP) and
@@ -77,12 +79,23 @@ def test_moe_sft_loss_aux_loss_layouts_and_resume(moe_launch, tmp_path):
                                      for a, b in zip(r["ep1"], r["cp2ep2_hf"])),
         "cp2ep2_vs_ep1_grad_norm_max_rel": max(abs(a["grad_norm"] - b["grad_norm"]) / a["grad_norm"]
                                                for a, b in zip(r["ep1"], r["cp2ep2_hf"])),
+        "grouped_vs_sequential_max_rel": {
+            key: max(abs(a[key] - b[key]) / abs(b[key])
+                     for a, b in zip(r["ep1"], r["ep1_sequential"]))
+            for key in ("loss", "grad_norm")},
         "resume_max_abs": max(abs(a["loss"] - b["loss"])
                               for a, b in zip(r["aux_ep2"][2:], r["resumed"])),
         "recompute_vs_ep1_max_abs": max(abs(a["loss"] - b["loss"])
                                         for a, b in zip(r["ep1"], r["recompute_ep2"])),
         "bf16_vs_fp32_max_rel": max(abs(a["loss"] - b["loss"]) / a["loss"]
                                     for a, b in zip(r["ep1"], r["bf16_ep2"]))}, indent=1))
+
+    # the grouped experts (3-D parameters, weight gradients into main_grad) train the per-expert
+    # loop's curve: losses, gradient norms and routing statistics
+    assert len(r["ep1_sequential"]) == len(r["ep1"]) == 5
+    for a, b in zip(r["ep1"], r["ep1_sequential"]):
+        for key in ("loss", "grad_norm", *(k for k in a if k.startswith("moe/"))):
+            assert abs(a[key] - b[key]) <= 1e-6 * abs(b[key]), (key, a, b)
 
     # exact resume of the EP2 run; under the other experts implementation its optimizer state
     # (one 3-D parameter per projection) does not fit, which the resume says before loading

@@ -200,3 +200,46 @@ def test_expert_adapters_under_grouped_mm_equal_the_hooked_sequential_ones(world
         resolve_experts_impl("te", "te", "cuda", expert_adapters=True)
     assert resolve_experts_impl("auto", "te", "cuda", expert_adapters=True) in (
         "grouped_mm", "sequential")
+
+
+def test_weight_gradient_goes_into_ddp_main_grad_in_chunks(world_of_one, monkeypatch):
+    """Under megatron-core's DDP (a ``main_grad`` buffer and ``grad_added_to_main_grad`` on the
+    parameter) the experts' weight gradients are added straight into ``main_grad``, a few
+    experts per grouped GEMM, and autograd gets an empty sparse gradient (nothing allocated);
+    ``main_grad`` then holds what the per-expert loop's gradients add up to, over two
+    micro-batches, with an expert without tokens and a whole chunk without tokens."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron.sft.model.moe import experts as experts_module
+    from megatron.sft.model.moe.grouped_mm import GroupedMMExperts
+
+    ref, fast = _experts(SequentialMLP, torch.float32), _experts(GroupedMMExperts, torch.float32)
+    fast.load_state_dict(ref.state_dict())
+    params = dict(fast.named_parameters())
+    for p in params.values():  # as DistributedDataParallel sets them up
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+        p.grad_added_to_main_grad = False
+    one_expert = params["linear_fc1_weight"][0].numel() * 4
+    monkeypatch.setattr(experts_module, "WGRAD_CHUNK_BYTES", 2 * one_expert)  # 2 experts a chunk
+    gen = torch.Generator().manual_seed(3)
+    for tokens in (torch.tensor([0, 0, 7, 5]), torch.tensor([3, 0, 4, 1])):
+        n = int(tokens.sum())
+        x = torch.randn(n, 32, generator=gen)
+        probs = torch.rand(n, generator=gen)
+        dy = torch.randn(n, 32, generator=gen)
+        grads = []
+        for module in (ref, fast):
+            xi = x.clone().requires_grad_()
+            out, _ = module(xi, tokens, probs)
+            out.backward(dy)
+            grads.append(xi.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+        for p in params.values():
+            assert p.grad_added_to_main_grad is True
+            assert p.grad.layout == torch.sparse_coo and p.grad._nnz() == 0
+            p.grad = None  # what DDP's hook does once it sees the flag
+    for linear in ("linear_fc1", "linear_fc2"):
+        want = torch.stack([getattr(e, linear).weight.grad for e in ref.local_experts])
+        torch.testing.assert_close(params[f"{linear}_weight"].main_grad, want, rtol=1e-6,
+                                   atol=1e-6)
+    assert params["linear_fc1_weight"].main_grad[1].abs().max() == 0  # no tokens, no gradient

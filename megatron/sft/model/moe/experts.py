@@ -73,24 +73,80 @@ def grouped_mm_function() -> Optional[Callable[..., torch.Tensor]]:
     return fn if fn is not None else getattr(torch, "_grouped_mm", None)
 
 
-class ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: ``grouped_mm``'s
-    backward rejects stride-0 gradients (``y.sum().backward()`` gives one: "Invalid
-    strides/sizes, got [0, 0]" in torch 2.13), which upstream ops may hand it."""
+#: the most bytes of one weight-gradient chunk computed before it is added to ``main_grad``
+WGRAD_CHUNK_BYTES = 64 * 2**20
+
+
+def _accumulates_into_main_grad(weight: torch.Tensor) -> bool:
+    """megatron-core's DDP gave ``weight`` a ``main_grad`` buffer and the
+    ``grad_added_to_main_grad`` flag (instance attributes; Megatron-FSDP's ``main_grad`` is a
+    property that allocates, so it is left to its own hooks)."""
+    own = vars(weight) if isinstance(weight, torch.nn.Parameter) else {}
+    return "main_grad" in own and "grad_added_to_main_grad" in own \
+        and not getattr(weight, "__fsdp_param__", False)
+
+
+class GroupedLinear(torch.autograd.Function):
+    """``[T, K] x [G, N, K] -> [T, N]``, one grouped GEMM forward and one for the input
+    gradient. The weight gradient ``dW_g = dy_g^T x_g`` goes where megatron-core's
+    ``gradient_accumulation_fusion`` puts it: straight into the parameter's fp32 ``main_grad``
+    (DDP's buffer), ``WGRAD_CHUNK_BYTES`` of experts at a time, and the flag
+    ``grad_added_to_main_grad`` tells DDP's hook not to add it again. Returning it instead
+    would materialise one ``[G, N, K]`` tensor per projection on top of the buffer (at 64
+    local experts of Qwen3-30B-A3B's shape, 0.75 GiB in fp32 for ``linear_fc1``), where the
+    per-expert loop only ever holds one expert's. What autograd gets back for the weight is
+    then an empty sparse tensor: DDP's hook needs a gradient to see (it asserts one under
+    ``overlap_grad_reduce``) and a sparse one allocates nothing. Without ``main_grad`` (no
+    DDP; LoRA's stacked factors) the gradient is returned as usual. The incoming gradient is
+    made contiguous (``grouped_mm`` rejects the stride-0 ones ``y.sum().backward()`` gives)."""
 
     @staticmethod
-    def forward(ctx, x):
-        return x
+    def forward(ctx, x, weight, offs):
+        ctx.save_for_backward(x, weight, offs)
+        ctx.param = weight  # the Parameter itself, with its main_grad (saved tensors lose it)
+        return grouped_mm_function()(x, weight.transpose(1, 2), offs=offs)
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+    def backward(ctx, dy):
+        x, weight, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        fn = grouped_mm_function()
+        dx = fn(dy, weight, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            param = ctx.param
+            if _accumulates_into_main_grad(param):
+                _accumulate_wgrad(param.main_grad, dy, x, offs, fn)
+                param.grad_added_to_main_grad = True
+                dw = torch.sparse_coo_tensor(
+                    torch.zeros(weight.dim(), 0, dtype=torch.long, device=weight.device),
+                    torch.zeros(0, dtype=weight.dtype, device=weight.device), weight.shape,
+                    check_invariants=False, is_coalesced=True)
+            else:
+                dw = fn(dy.t(), x, offs=offs)
+        return dx, dw, None
+
+
+def _accumulate_wgrad(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
+                      offs: torch.Tensor, fn) -> None:
+    """``main_grad[g] += dy_g^T x_g`` for every group ``g``, a chunk of groups per grouped GEMM
+    (rows ``offs[g0 - 1]:offs[g1 - 1]``), so at most ``WGRAD_CHUNK_BYTES`` are in flight."""
+    groups = main_grad.shape[0]
+    per_group = main_grad[0].numel() * dy.element_size()
+    step = max(1, WGRAD_CHUNK_BYTES // max(per_group, 1))
+    ends = offs.tolist()
+    for g0 in range(0, groups, step):
+        g1 = min(groups, g0 + step)
+        r0, r1 = (ends[g0 - 1] if g0 else 0), ends[g1 - 1]
+        chunk_offs = offs[g0:g1] - r0
+        main_grad[g0:g1].add_(fn(dy[r0:r1].t(), x[r0:r1], offs=chunk_offs))
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` grouped by ``offs`` (cumulative rows per group), each times its group's
-    ``weights[g].T``: ``[T, K] x [G, N, K] -> [T, N]``, one grouped GEMM."""
-    return ContiguousGrad.apply(grouped_mm_function()(x, weights.transpose(1, 2), offs=offs))
+    ``weights[g].T``: ``[T, K] x [G, N, K] -> [T, N]``, one grouped GEMM
+    (:class:`GroupedLinear`)."""
+    return GroupedLinear.apply(x, weights, offs)
 
 
 @functools.lru_cache(maxsize=None)
