@@ -22,26 +22,39 @@ class DataParallelModel:
     overlap_param_gather: bool          # parameters reach modules in their forward pre-hooks
 
     def release(self) -> None:
-        """Break the cycle megatron-core's DDP forms through autograd: its gradient hooks live
-        on C++ grad-accumulator nodes the wrapper keeps in ``grad_accs``, and close over the
-        wrapper, so Python's collector never frees the model or the process groups it holds
-        (each gloo group keeps polling threads). A process that builds trainers one after
+        """Break the cycle megatron-core's DDP (and Megatron-FSDP) forms through autograd: its
+        gradient hooks live on C++ grad-accumulator nodes the wrapper keeps in ``grad_accs``,
+        and close over the wrapper, so Python's collector never frees the model or the process
+        groups it holds (each gloo group keeps polling threads; an FSDP run left ~48). A process that builds trainers one after
         another (the test workers) calls this through ``Trainer.close``; the DDP wrappers are
         unusable afterwards."""
         for m in self.chunks:
             accumulators = getattr(m, "grad_accs", None)
             if isinstance(accumulators, list):
                 accumulators.clear()
+            wrappers = []
             for module in m.modules():
                 _drop_graph_tensors(module)
                 # RotaryEmbedding.forward is an lru_cache keyed on the module (and its CP group)
                 cache_clear = getattr(type(module).forward, "cache_clear", None)
                 if cache_clear is not None:
                     cache_clear()
-            if type(m).__name__ == "DistributedDataParallel":
+                if type(module).__name__ in _WRAPPERS:
+                    wrappers.append(module)
+            for wrapper in wrappers:
+                # Megatron-FSDP's hooks (on modules, and on every parameter's gradient
+                # accumulation) close over it, as DDP's do: removed
+                for attr in _FSDP_HOOK_DICTS:
+                    hooks = vars(wrapper).get(attr)
+                    if isinstance(hooks, dict):
+                        for handle in hooks.values():
+                            if hasattr(handle, "remove"):
+                                handle.remove()
+                        hooks.clear()
+            for wrapper in wrappers:
                 # the hooks stay on grad-accumulator nodes any leftover graph still reaches;
                 # emptied, the wrapper they close over holds nothing (no model, no groups)
-                vars(m).clear()
+                vars(wrapper).clear()
         for name in ("no_sync_func", "grad_sync_func", "param_sync_func"):
             if getattr(self.tconfig, name, None) is not None:
                 setattr(self.tconfig, name, None)
@@ -61,6 +74,13 @@ class DataParallelModel:
         finally:
             for m in self.chunks:
                 m.enable_forward_pre_hook()
+
+
+#: data-parallel wrappers whose hooks close over them: megatron-core's DDP, its Megatron-FSDP
+#: adapter and Megatron-FSDP itself
+_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "MegatronFSDP")
+#: Megatron-FSDP's dicts of hook handles
+_FSDP_HOOK_DICTS = ("forward_pre_hooks", "forward_hooks", "backward_pre_hooks", "grad_acc_hooks")
 
 
 def _drop_graph_tensors(module) -> None:

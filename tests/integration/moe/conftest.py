@@ -136,6 +136,12 @@ def train_runs(sft_assets, root: Path) -> tuple[str, dict]:
         # megatron-core's per-expert loop: the reference for the grouped experts' gradients
         # (added into DDP's main_grad by the grouped GEMM's backward)
         "ep1_sequential": run(c["ep1"], moe_experts_impl="sequential"),
+        # Megatron-FSDP (ZeRO-3) over the 4 data-parallel ranks, the grouped experts sharded
+        # with the rest; saved at iteration 5 (the gathered rank file)
+        # (a clip far above the norm: megatron-core computes the norm only when clipping)
+        "fsdp_ep1": run(c["ep1"], use_megatron_fsdp=True,
+                        data_parallel_sharding_strategy="optim_grads_params", clip_grad=1e3,
+                        save=str(root / "fsdp-ep1"), save_interval=5),
         "tp2ep2": run(c["tp2ep2"], tensor_model_parallel_size=2, expert_model_parallel_size=2,
                       sequence_parallel=True, probe_clip=CLIP),
         "aux_ep2": run(c["ep2"], save=str(save), save_interval=2, moe_experts_impl="grouped_mm",

@@ -237,6 +237,33 @@ def test_whole_experts_under_tp_train_and_save_as_tp_equal_etp(moe_launch):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), (a, b)
 
 
+@pytest.mark.xdist_group("multiprocess")
+def test_fsdp_shards_the_grouped_experts_and_saves_them_by_checkpoint_name(moe_launch):
+    """Megatron-FSDP (ZeRO-3 over the 4 data-parallel ranks) at EP1, each 3-D expert parameter
+    sharded with the rest: the curve is DDP's (losses, gradient norms, routing statistics within
+    1e-5 over 5 iterations), and the rank file it gathers at iteration 5 holds the converted
+    checkpoint's names and shapes (``local_experts.{e}.linear_fc1.weight``, one per expert),
+    with every expert's weights trained."""
+    import torch
+
+    root, r = moe_launch["root"], moe_launch["train"]
+    assert len(r["fsdp_ep1"]) == len(r["ep1"]) == 5
+    for a, b in zip(r["ep1"], r["fsdp_ep1"]):
+        for key in ("loss", "grad_norm", *(k for k in a if k.startswith("moe/"))):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+    start = torch.load(next((root / "ep1").glob("iter_*/mp_rank_00/model_optim_rng.pt")),
+                       weights_only=True)["model"]
+    saved = torch.load(root / "fsdp-ep1" / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt",
+                       weights_only=True)["model"]
+    tensors = {k for k, v in start.items() if torch.is_tensor(v)}
+    assert tensors == {k for k, v in saved.items() if torch.is_tensor(v)}
+    assert {k: start[k].shape for k in tensors} == {k: saved[k].shape for k in tensors}
+    experts = sorted(k for k in tensors if ".mlp.experts.local_experts." in k)
+    assert len(experts) == 2 * 2 * 4, experts  # 2 MoE layers x 4 experts x 2 linears
+    for k in experts:
+        assert (saved[k] - start[k]).abs().max() > 0, k
+
+
 def _lora_checks(lora_run, hf, tmp_path):
     """What a LoRA run of a MoE model holds (adapters only: attention, dense MLPs, the shared
     expert, each local routed expert; no router), and that its PEFT export is its merged

@@ -55,7 +55,7 @@ def _checkpoint_names(module, destination, prefix, local_metadata) -> None:
     rows = {}
     for linear, name in GROUPED_WEIGHTS.items():
         grouped = tail.pop(prefix + name)
-        rows.update({f"{prefix}local_experts.{e}.{linear}.": grouped[e]
+        rows.update({f"{prefix}local_experts.{e}.{linear}.": _row(grouped, e)
                      for e in range(grouped.shape[0])})
     for key, value in tail.items():
         for row in [r for r in rows if key.startswith(r)]:
@@ -63,6 +63,16 @@ def _checkpoint_names(module, destination, prefix, local_metadata) -> None:
         destination[key] = value
     for row, value in rows.items():  # an expert linear with nothing else to save
         destination[row + "weight"] = value
+
+
+def _row(grouped: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s weight. Under Megatron-FSDP the parameter is a sharded ``DTensor``, whose
+    indexing is a collective, and only the rank-file writer asks for the state dict there
+    (``training.fsdp.gathered_state_dicts``, which gathers the whole parameter itself and puts
+    its rows under these names): the name is what is needed, so the shard stands in."""
+    from torch.distributed.tensor import DTensor
+
+    return grouped if isinstance(grouped, DTensor) else grouped[e]
 
 
 class GroupedMMExperts(SequentialMLP):
