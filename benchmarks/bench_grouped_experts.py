@@ -324,7 +324,9 @@ def main(argv=None) -> int:
             print(f"{impl:<10} {s['time_vs_sequential']:9.2f} {peak:>9}  "
                   f"{s['out_rel_diff']:16.1e} {s['dx_rel_diff']:16.1e}")
         grouped = summary.get("grouped", {}).get("peak_vs_sequential")
-        if grouped is not None:
+        if args.tiny:
+            print("\n(--tiny checks the harness: at this size the peaks are allocator noise)")
+        elif grouped is not None:
             print(f"\ngoal: grouped peak <= {GOAL:.2f} x sequential: "
                   f"{'met' if grouped <= GOAL else 'NOT met'} ({grouped:.3f})")
     if args.output_json:
