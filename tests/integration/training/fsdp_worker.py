@@ -28,8 +28,9 @@ def main() -> None:
     work = Path(spec["work"])
     results = {}
 
-    def run(name, **overrides):
-        """Train with the test's defaults plus ``overrides``; record history, logs, error."""
+    def run(name, inspect=None, **overrides):
+        """Train with the test's defaults plus ``overrides``; record history, logs, error.
+        ``inspect(trainer)``: called after training, before the trainer is released."""
         cfg = dict(load=spec["ckpt"], data_path=spec["data"], seq_length=128,
                    micro_batch_size=1, global_batch_size=4, train_iters=5, lr=1e-3,
                    lr_decay_style="constant", no_progress=True, split="90,10,0",
@@ -42,6 +43,8 @@ def main() -> None:
             trainer.setup()
             entry["start_iteration"] = trainer.iteration
             entry["history"] = trainer.train()
+            if inspect is not None:
+                inspect(trainer)
         except Exception as e:  # the faults under test surface here, as the CLI would see them
             entry["error"] = f"{type(e).__name__}: {e}"
             if not isinstance(e, ValueError):
@@ -59,10 +62,12 @@ def main() -> None:
     #     micro-batches first, a different order of fp32 additions (the bf16 runs below have two)
     one = dict(micro_batch_size=2, eval_interval=5, eval_iters=2)  # + validation at the end
     run("base", use_distributed_optimizer=True, save=str(work / "base"), save_interval=3, **one)
-    trainer = run("fsdp", save=str(work / "fsdp"), save_interval=3, **fsdp, **one)
-    if trainer is not None and results["fsdp"]["error"] is None:
+
+    def sharded(trainer):
         shard = trainer.model[0].module.param_and_grad_buffer.parameter_groups[1]
         results["fsdp_weights_sharded"] = bool(shard.model_weight_buffer.is_data_distributed)
+
+    run("fsdp", inspect=sharded, save=str(work / "fsdp"), save_interval=3, **fsdp, **one)
     files = sorted(p.name for p in (work / "fsdp" / "iter_0000005" / "mp_rank_00").iterdir())
     results["fsdp_files"] = files
 
