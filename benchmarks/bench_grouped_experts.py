@@ -72,7 +72,8 @@ def parse_args(argv=None):
                         "16384 on cuda, 4096 on cpu)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed steps (default 10 on cuda, 3 on cpu)")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                   help="implementations to measure (default: all three)")
     p.add_argument("--tiny", action="store_true",
                    help="8 experts, hidden 64, FFN 32, 256 rows: checks the harness only")
     p.add_argument("--output-json", default=None, help="also write the results here")
