@@ -58,7 +58,9 @@ def _checkpoint_names(module, destination, prefix, local_metadata) -> None:
         rows.update({f"{prefix}local_experts.{e}.{linear}.": _row(grouped, e)
                      for e in range(grouped.shape[0])})
     for key, value in tail.items():
-        for row in [r for r in rows if key.startswith(r)]:
+        parts = key[len(prefix):].split(".")  # local_experts.{e}.{linear}.<bias, lora, ...>
+        row = prefix + ".".join(parts[:3]) + "." if parts[0] == "local_experts" else None
+        if row in rows:
             destination[row + "weight"] = rows.pop(row)
         destination[key] = value
     for row, value in rows.items():  # an expert linear with nothing else to save
