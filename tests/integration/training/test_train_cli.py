@@ -70,7 +70,10 @@ def test_a_slurm_job_saves_at_the_warning_requeues_resumes_and_a_hang_requeues(c
     # rank 1 pauses 5 s in iteration 4, so the warning lands by then however fast the steps
     # are and the save is at 5 at the latest (the stop is agreed on at an iteration's start);
     # unpaused, a loaded CI machine once saved at 7, leaving no iteration for the hang below
-    job = _slurm_job(tmp_path, **paths, MEGATRON_SFT_TEST_HANG="1:4:5")
+    # (the pause is the watchdog's test hook, live with --hang-timeout-minutes; 1 min is far
+    # above the pause)
+    job = _slurm_job(tmp_path, **paths, MEGATRON_SFT_TEST_HANG="1:4:5",
+                     EXTRA_ARGS="--hang-timeout-minutes 1")
     log = Path(str(save) + ".log.jsonl")
     deadline = time.time() + 240
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
