@@ -25,9 +25,9 @@ class DataParallelModel:
         """Break the cycle megatron-core's DDP (and Megatron-FSDP) forms through autograd: its
         gradient hooks live on C++ grad-accumulator nodes the wrapper keeps in ``grad_accs``,
         and close over the wrapper, so Python's collector never frees the model or the process
-        groups it holds (each gloo group keeps polling threads; an FSDP run left ~48). A process that builds trainers one after
-        another (the test workers) calls this through ``Trainer.close``; the DDP wrappers are
-        unusable afterwards."""
+        groups it holds (each gloo group keeps polling threads; an FSDP run left ~48). A
+        process that builds trainers one after another (the test workers) calls this through
+        ``Trainer.close``; the wrappers are unusable afterwards."""
         for m in self.chunks:
             accumulators = getattr(m, "grad_accs", None)
             if isinstance(accumulators, list):

@@ -134,6 +134,9 @@ def _accumulate_wgrad(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.Tensor
     groups = main_grad.shape[0]
     per_group = main_grad[0].numel() * dy.element_size()
     step = max(1, WGRAD_CHUNK_BYTES // max(per_group, 1))
+    if step >= groups:  # one chunk: no row boundaries needed (and no device-to-host sync)
+        main_grad.add_(fn(dy.t(), x, offs=offs))
+        return
     ends = offs.tolist()
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
